@@ -24,19 +24,19 @@ app = typer.Typer(
 def main() -> None:
     """Console entry point: user errors print one line and exit non-zero."""
     try:
-        app(standalone_mode=False)
+        app()
     except CurateError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except __import__("click").ClickException as exc:
-        exc.show()
         sys.exit(exc.exit_code)
 
 
 # --- commands -----------------------------------------------------------------
 # Each command parses its options, calls its stage module, prints the summary.
+
+
+@app.command()
+def version() -> None:
+    """Print curate's version."""
+    from . import __version__
+
+    typer.echo(__version__)
