@@ -1,0 +1,154 @@
+"""Danbooru API-shaped post dicts -> rows of the normalized post schema.
+
+Accepts every schema era seen in the wild (2016-2025): lock flags and pool_string,
+no media_asset, media_asset with variants. Untrusted input: wrong types are
+coerced or nulled, never crash. Hidden posts (no id, or no md5/file_url) are
+reported by `normalize` returning a skip reason instead of a row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from ..schema import POST_SCHEMA, TAG_CATEGORIES
+
+# Before 2022-05-22 Danbooru's rating `s` meant "safe"; it became `g` (general)
+# when the four-level scale arrived and `s` took the meaning "sensitive". The
+# response itself says which era it is from: the lock flags left the API before
+# the cutover. (Dates are no guide: old posts fetched today carry new ratings.)
+_OLD_SCHEMA_KEYS = ("is_rating_locked", "is_note_locked", "is_status_locked")
+_RATING_WORDS = {"general": "g", "safe": "g", "sensitive": "s", "questionable": "q", "explicit": "e"}
+
+
+def normalize(post: dict) -> tuple[dict | None, str | None]:
+    """Return (row, None) or (None, skip_reason)."""
+    if not isinstance(post, dict):
+        return None, "not an object"
+    if not any(k in post for k in ("tag_string", "md5", "file_url", "image_width", "file_ext")):
+        return None, "not a post"
+    pid = to_int(post.get("id"))
+    if pid is None or pid <= 0:
+        return None, "no id"
+    md5 = to_str(post.get("md5"))
+    file_url = to_str(post.get("file_url"))
+    if not md5 or not file_url:
+        return None, "hidden"
+    created = to_time(post.get("created_at"))
+    updated = to_time(post.get("updated_at"))
+    row = {
+        "post_id": pid,
+        "md5": md5.lower(),
+        "width": to_int(post.get("image_width")),
+        "height": to_int(post.get("image_height")),
+        "rating": _rating(post),
+        "fav_count": to_int(post.get("fav_count")),
+        "score": to_int(post.get("score")),
+        "created_at": created,
+        "updated_at": updated,
+        "file_url": file_url,
+        "file_ext": (to_str(post.get("file_ext")) or "").lower() or None,
+        "file_size": to_int(post.get("file_size")),
+        "parent_id": to_int(post.get("parent_id")),
+        "source": to_str(post.get("source")),
+        "is_deleted": bool(post.get("is_deleted") is True),
+        "is_banned": bool(post.get("is_banned") is True),
+        "is_pending": bool(post.get("is_pending") is True),
+        "variants": _variants(post.get("media_asset")),
+    }
+    row.update(split_tags(post))
+    for key in ("width", "height", "fav_count", "score"):
+        if row[key] is not None and not -(2**31) <= row[key] < 2**31:
+            row[key] = None
+    return row, None
+
+
+def split_tags(post: dict) -> dict:
+    """tags_<category> lists from tag_string_<category>; whitespace splits tags."""
+    out = {}
+    any_category = False
+    for cat in TAG_CATEGORIES:
+        value = post.get(f"tag_string_{cat}")
+        if isinstance(value, str):
+            any_category = True
+        out[f"tags_{cat}"] = _tags(value)
+    if not any_category:  # very old dumps: one tag_string, no categories
+        out["tags_general"] = _tags(post.get("tag_string"))
+    return out
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=POST_SCHEMA)
+
+
+def _tags(value) -> list[str]:
+    if isinstance(value, list):
+        value = " ".join(v for v in value if isinstance(v, str))
+    if not isinstance(value, str):
+        return []
+    # Any whitespace (newlines too) separates tags, so none can hold one. Sorted,
+    # as Danbooru's tag_string is, so every source gives the same lists.
+    return sorted({tag.lower() for tag in value.split()})
+
+
+def _rating(post: dict) -> str | None:
+    r = to_str(post.get("rating"))
+    if not r:
+        return None
+    r = _RATING_WORDS.get(r.lower(), r.lower())
+    if r not in ("g", "s", "q", "e"):
+        return None
+    old = any(k in post for k in _OLD_SCHEMA_KEYS)
+    return "g" if r == "s" and old else r
+
+
+def _variants(asset) -> list[dict] | None:
+    if not isinstance(asset, dict) or not isinstance(asset.get("variants"), list):
+        return None
+    out = []
+    for v in asset["variants"]:
+        if isinstance(v, dict) and to_str(v.get("url")):
+            out.append({
+                "type": to_str(v.get("type")), "url": to_str(v.get("url")),
+                "width": to_int(v.get("width")), "height": to_int(v.get("height")),
+                "file_ext": to_str(v.get("file_ext")),
+            })
+    return out
+
+
+def to_int(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**63 else None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def to_str(value) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def to_time(value) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc)

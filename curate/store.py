@@ -1,0 +1,440 @@
+"""curate's local metadata store, built and updated by `curate sync`.
+
+Layout (one generation folder is live; `CURRENT` names it):
+
+    STORE/CURRENT               name of the live generation, swapped atomically
+    STORE/gen-000007/
+        posts.parquet           every post, sorted by post_id, tags as tag ids
+                                (the interchange copy: DuckDB, pandas, Spark)
+        tags.parquet            tag_id, name, category, post_count
+        aliases.parquet         antecedent -> consequent (active aliases)
+        posts.arrow             the same posts, uncompressed Arrow IPC with
+                                query-friendly columns; memory-mapped at query time
+        postings.arrow          tag_id -> rows (inverted index), memory-mapped
+        meta.json               counts, sources, format version
+
+A sync writes a whole new generation next to the live one and then swaps
+CURRENT, so an interrupted sync leaves the previous store readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import __version__
+from .errors import CurateError
+from .schema import POST_SCHEMA, RATINGS, TAG_CATEGORIES, TAG_COLUMNS
+from .tables import csr_gather, list_parts, lists_from_pairs
+
+FORMAT = 1
+NULL_I32 = np.iinfo(np.int32).min
+NULL_I64 = np.iinfo(np.int64).min
+FLAG_DELETED, FLAG_BANNED, FLAG_PENDING = 1, 2, 4
+CATEGORY_CODE = {c: i for i, c in enumerate(TAG_CATEGORIES)}
+
+# Columns kept as they are (nullable) for output rows.
+DETAIL_COLUMNS = ("md5", "updated_at", "file_url", "file_ext", "file_size", "parent_id", "source", "variants")
+
+
+# --- tag dictionary and aliases -------------------------------------------------
+
+
+@dataclass
+class TagDict:
+    names: list[str] = field(default_factory=list)
+    categories: list[int] = field(default_factory=list)
+    ids: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "TagDict":
+        names = table.column("name").to_pylist()
+        cats = [CATEGORY_CODE.get(c, 0) for c in table.column("category").to_pylist()]
+        return cls(names, cats, {n: i for i, n in enumerate(names)})
+
+    def encode(self, names: list[str], category: int) -> np.ndarray:
+        out = np.empty(len(names), dtype=np.int32)
+        for i, name in enumerate(names):
+            tid = self.ids.get(name)
+            if tid is None:
+                tid = self.ids[name] = len(self.names)
+                self.names.append(name)
+                self.categories.append(category)
+            else:
+                self.categories[tid] = category  # the newest source decides
+            out[i] = tid
+        return out
+
+
+def load_aliases(path: str | os.PathLike) -> dict[str, str]:
+    """Active aliases from a /tag_aliases.json dump (JSON array or JSON lines)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CurateError(f"cannot read aliases file {path}: {exc}") from None
+    try:
+        items = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()
+        ]
+    except json.JSONDecodeError as exc:
+        raise CurateError(f"aliases file {path} is not JSON: {exc.msg} (line {exc.lineno})") from None
+    out = {}
+    for item in items:
+        if not isinstance(item, dict) or item.get("status", "active") != "active":
+            continue
+        a, c = item.get("antecedent_name"), item.get("consequent_name")
+        if isinstance(a, str) and isinstance(c, str) and a and c and a != c:
+            out[a.lower()] = c.lower()
+    return resolve_chains(out)
+
+
+def resolve_chains(aliases: dict[str, str]) -> dict[str, str]:
+    """a->b, b->c becomes a->c; cycles are dropped."""
+    out = {}
+    for start in aliases:
+        seen, cur = {start}, aliases[start]
+        while cur in aliases and cur not in seen:
+            seen.add(cur)
+            cur = aliases[cur]
+        if cur not in seen:
+            out[start] = cur
+    return out
+
+
+# --- the store ------------------------------------------------------------------
+
+
+class Store:
+    """A read-only view of the live generation."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        current = self.root / "CURRENT"
+        if not current.is_file():
+            raise CurateError(f"no curate store at {self.root} (run `curate sync SOURCE --store {self.root}`)")
+        self.dir = self.root / current.read_text().strip()
+        try:
+            self.meta = json.loads((self.dir / "meta.json").read_text())
+            self.posts = pa.ipc.open_file(pa.memory_map(str(self.dir / "posts.arrow"))).read_all()
+            self._postings = pa.ipc.open_file(pa.memory_map(str(self.dir / "postings.arrow"))).read_all()
+            tags = pq.read_table(self.dir / "tags.parquet", columns=["name", "category"])
+            aliases = pq.read_table(self.dir / "aliases.parquet")
+        except (OSError, pa.ArrowException, json.JSONDecodeError) as exc:
+            raise CurateError(f"store at {self.root} is damaged: {exc}") from None
+        self.tag_names = tags.column("name").combine_chunks()
+        self.tag_categories = np.array([CATEGORY_CODE.get(c, 0) for c in tags.column("category").to_pylist()], np.int8)
+        self.tag_name_rank = rank_of(self.tag_names)
+        self.aliases = dict(zip(aliases.column("antecedent").to_pylist(), aliases.column("consequent").to_pylist()))
+        lists = self._postings.column("rows").combine_chunks()
+        self.postings_offsets = lists.offsets.to_numpy()
+        self.postings_rows = lists.values.to_numpy()
+        tag_lists = self.posts.column("tag_ids").combine_chunks()
+        self.post_tag_offsets = tag_lists.offsets.to_numpy()
+        self.post_tag_ids = tag_lists.values.to_numpy()
+
+    def __len__(self) -> int:
+        return self.posts.num_rows
+
+    def col(self, name: str) -> np.ndarray:
+        """A query column as numpy (zero-copy from the memory map)."""
+        return self.posts.column(name).chunk(0).to_numpy() if self.posts.num_rows else np.empty(0)
+
+    def tag_ids(self, names: list[str]) -> np.ndarray:
+        """Store ids of the given (alias-resolved) names; -1 where unknown."""
+        idx = pc.index_in(pa.array(names, pa.string()), value_set=self.tag_names)
+        return idx.fill_null(-1).to_numpy().astype(np.int64)
+
+    def rows_with_any(self, names: list[str], category: str | None = None) -> np.ndarray:
+        """Sorted unique row indices of posts carrying any of the tags."""
+        ids = self.tag_ids(names)
+        ids = ids[ids >= 0]
+        if category is not None:
+            ids = ids[self.tag_categories[ids] == CATEGORY_CODE[category]]
+        if len(ids) == 0:
+            return np.empty(0, np.int32)
+        rows, _ = csr_gather(self.postings_offsets, self.postings_rows, ids)
+        return rows if len(ids) == 1 else np.unique(rows)
+
+    def post_tags(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tag ids, owner position in `rows`) for the given rows."""
+        return csr_gather(self.post_tag_offsets, self.post_tag_ids, np.asarray(rows, np.int64))
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """Normalized posts (POST_SCHEMA) for the given rows, in that order."""
+        part = self.posts.take(pa.array(np.asarray(rows, np.int64)))
+        return decode_posts(part, self.tag_names, self.tag_categories, self.tag_name_rank)
+
+    def batches(self, batch_size: int = 50_000) -> Iterator[pa.Table]:
+        for start in range(0, len(self), batch_size):
+            yield self.take(np.arange(start, min(start + batch_size, len(self))))
+
+
+# --- conversions between normalized posts and store rows ------------------------
+
+
+def encode_posts(batch: pa.Table, tags: TagDict, aliases: dict[str, str]) -> pa.Table:
+    """POST_SCHEMA table -> store rows (query columns + tag_ids + details)."""
+    n = batch.num_rows
+    parents, ids = [], []
+    for cat, column in zip(TAG_CATEGORIES, TAG_COLUMNS):
+        p, flat = list_parts(batch.column(column))
+        if len(flat) == 0:
+            continue
+        uniq = pc.unique(flat)
+        names = [aliases.get(t, t) for t in uniq.to_pylist()]
+        codes = tags.encode(names, CATEGORY_CODE[cat])
+        parents.append(p)
+        ids.append(codes[pc.index_in(flat, value_set=uniq).to_numpy()])
+    p = np.concatenate(parents) if parents else np.empty(0, np.int64)
+    t = np.concatenate(ids) if ids else np.empty(0, np.int32)
+    return _store_rows(batch, *dedupe_pairs(p, t), n)
+
+
+def dedupe_pairs(rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort (row, tag id) pairs and drop repeats (aliases can merge two tags)."""
+    order = np.lexsort((ids, rows))
+    rows, ids = rows[order], ids[order]
+    keep = np.ones(len(rows), bool)
+    keep[1:] = (rows[1:] != rows[:-1]) | (ids[1:] != ids[:-1])
+    return rows[keep], ids[keep]
+
+
+def _store_rows(batch: pa.Table, rows: np.ndarray, ids: np.ndarray, n: int) -> pa.Table:
+    def i32(name):
+        return pc.fill_null(batch.column(name), NULL_I32).combine_chunks().cast(pa.int32())
+
+    rating = np.full(n, 255, np.uint8)
+    rvals = batch.column("rating").to_numpy(zero_copy_only=False)
+    for code, r in enumerate(RATINGS):
+        rating[rvals == r] = code
+    flags = np.zeros(n, np.uint8)
+    for flag, name in ((FLAG_DELETED, "is_deleted"), (FLAG_BANNED, "is_banned"), (FLAG_PENDING, "is_pending")):
+        flags[pc.fill_null(batch.column(name), False).to_numpy(zero_copy_only=False)] |= flag
+    created = pc.fill_null(batch.column("created_at").cast(pa.int64()), NULL_I64)
+    cols = {
+        "post_id": batch.column("post_id").combine_chunks(),
+        "width": i32("width"), "height": i32("height"),
+        "fav_count": i32("fav_count"), "score": i32("score"),
+        "rating": pa.array(rating), "flags": pa.array(flags),
+        "created_at": created.combine_chunks(),
+        "tag_ids": lists_from_pairs(rows, pa.array(ids, pa.int32()), n),
+    }
+    for name in DETAIL_COLUMNS:
+        cols[name] = batch.column(name).combine_chunks()
+    return pa.table(cols)
+
+
+def rank_of(names: pa.Array) -> np.ndarray:
+    """Position of each tag in name order (tags come out sorted, as Danbooru's)."""
+    rank = np.empty(len(names), np.int64)
+    rank[pc.sort_indices(names).to_numpy()] = np.arange(len(names))
+    return rank
+
+
+def decode_posts(part: pa.Table, tag_names: pa.Array, tag_categories: np.ndarray, name_rank: np.ndarray) -> pa.Table:
+    """Store rows -> POST_SCHEMA table."""
+    n = part.num_rows
+    parents, flat = list_parts(part.column("tag_ids"))
+    flat = flat.to_numpy() if len(flat) else np.empty(0, np.int32)
+    order = np.lexsort((name_rank[flat], parents)) if len(flat) else np.empty(0, np.int64)
+    parents, flat = parents[order], flat[order]
+    cats = tag_categories[flat] if len(flat) else np.empty(0, np.int8)
+    out = {}
+    for code, column in enumerate(TAG_COLUMNS):
+        m = cats == code
+        out[column] = lists_from_pairs(parents[m], tag_names.take(pa.array(flat[m])), n)
+
+    def nullable(name, sentinel, typ):
+        arr = part.column(name).combine_chunks()
+        return pc.if_else(pc.equal(arr, sentinel), pa.scalar(None, arr.type), arr).cast(typ)
+
+    rating = part.column("rating").to_numpy()
+    flags = part.column("flags").to_numpy()
+    out.update(
+        post_id=part.column("post_id"),
+        width=nullable("width", NULL_I32, pa.int32()), height=nullable("height", NULL_I32, pa.int32()),
+        fav_count=nullable("fav_count", NULL_I32, pa.int32()), score=nullable("score", NULL_I32, pa.int32()),
+        rating=pa.array([RATINGS[r] if r < 4 else None for r in rating], pa.string()),
+        created_at=nullable("created_at", NULL_I64, pa.int64()).cast(POST_SCHEMA.field("created_at").type),
+        is_deleted=pa.array(flags & FLAG_DELETED > 0), is_banned=pa.array(flags & FLAG_BANNED > 0),
+        is_pending=pa.array(flags & FLAG_PENDING > 0),
+    )
+    for name in DETAIL_COLUMNS:
+        out[name] = part.column(name)
+    return pa.table({f.name: out[f.name] for f in POST_SCHEMA}).cast(POST_SCHEMA)
+
+
+# --- sync -----------------------------------------------------------------------
+
+
+@dataclass
+class SyncReport:
+    store: Path
+    read: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    total: int = 0
+    tags: int = 0
+    aliases: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+
+def sync(source, store_path: str | os.PathLike, aliases_file: str | None = None, progress=None) -> SyncReport:
+    """Add new posts from `source` and replace changed ones; write a new generation."""
+    root = Path(store_path)
+    old = Store(root) if (root / "CURRENT").is_file() else None
+    if old is not None:
+        tags = TagDict.from_table(pq.read_table(old.dir / "tags.parquet", columns=["name", "category"]))
+        aliases = dict(old.aliases)
+    else:
+        tags, aliases = TagDict(), {}
+    new_aliases = load_aliases(aliases_file) if aliases_file else {}
+    aliases = resolve_chains({**aliases, **new_aliases})
+    report = SyncReport(store=root)
+
+    parts = []
+    for batch in source.batches():
+        parts.append(encode_posts(batch, tags, aliases))
+        report.read += batch.num_rows
+        if progress is not None:
+            progress(batch.num_rows)
+    report.skipped = Counter(getattr(source, "skipped", {}))
+    new = _latest_per_id(pa.concat_tables(parts) if parts else None)
+
+    if old is not None and len(old):
+        prev = old.posts.select(new.column_names) if new is not None else old.posts
+        if new_aliases:
+            prev = _apply_aliases(prev, tags, aliases)
+        if new is not None:
+            merged, report.added, report.updated, report.unchanged = _merge(prev, new)
+        else:
+            merged = prev
+    else:
+        merged = new if new is not None else None
+        report.added = new.num_rows if new is not None else 0
+    if merged is None:
+        merged = _store_rows(POST_SCHEMA.empty_table(), np.empty(0, np.int64), np.empty(0, np.int32), 0)
+    merged = merged.sort_by("post_id")
+    sources = (old.meta.get("sources", []) if old else []) + [
+        {"source": source.describe(), "at": _now(), "read": report.read}
+    ]
+    write_generation(root, merged, tags, aliases, sources)
+    report.total, report.tags, report.aliases = merged.num_rows, len(tags.names), len(aliases)
+    return report
+
+
+def _latest_per_id(table: pa.Table | None) -> pa.Table | None:
+    """Within one sync, a post seen twice keeps its newest version (last wins on ties)."""
+    if table is None or table.num_rows == 0:
+        return table
+    ids = table.column("post_id").to_numpy()
+    upd = pc.fill_null(table.column("updated_at").cast(pa.int64()), NULL_I64).to_numpy()
+    order = np.lexsort((np.arange(len(ids)), upd, ids))
+    last = np.ones(len(ids), bool)
+    last[:-1] = ids[order][1:] != ids[order][:-1]
+    return table.take(pa.array(order[last]))
+
+
+def _merge(prev: pa.Table, new: pa.Table) -> tuple[pa.Table, int, int, int]:
+    old_ids = prev.column("post_id").to_numpy()
+    new_ids = new.column("post_id").to_numpy()
+    replaced = np.isin(old_ids, new_ids)
+    in_old = np.isin(new_ids, old_ids)
+    # A re-read post whose updated_at did not move counts as unchanged.
+    old_upd = dict(zip(old_ids[replaced].tolist(), pc.fill_null(prev.filter(pa.array(replaced)).column("updated_at").cast(pa.int64()), NULL_I64).to_pylist()))
+    new_upd = pc.fill_null(new.column("updated_at").cast(pa.int64()), NULL_I64).to_numpy()
+    unchanged = sum(1 for i, u in zip(new_ids[in_old].tolist(), new_upd[in_old].tolist()) if old_upd.get(i) == u)
+    merged = pa.concat_tables([prev.filter(pa.array(~replaced)), new])
+    return merged, int((~in_old).sum()), int(in_old.sum()) - unchanged, unchanged
+
+
+def _apply_aliases(table: pa.Table, tags: TagDict, aliases: dict[str, str]) -> pa.Table:
+    """Re-point old posts' tags when new aliases arrived."""
+    remap = np.arange(len(tags.names), dtype=np.int32)
+    for ante, cons in aliases.items():
+        a = tags.ids.get(ante)
+        if a is not None:
+            remap[a] = tags.encode([cons], tags.categories[a])[0]
+    parents, flat = list_parts(table.column("tag_ids"))
+    rows, ids = dedupe_pairs(parents, remap[flat.to_numpy()])
+    col = lists_from_pairs(rows, pa.array(ids, pa.int32()), table.num_rows)
+    return table.set_column(table.column_names.index("tag_ids"), "tag_ids", col)
+
+
+def write_generation(root: Path, posts: pa.Table, tags: TagDict, aliases: dict[str, str], sources: list) -> Path:
+    """Write a complete generation folder, then make it live."""
+    root.mkdir(parents=True, exist_ok=True)
+    current = root / "CURRENT"
+    live = current.read_text().strip() if current.is_file() else None
+    gens = sorted(int(p.name[4:]) for p in root.glob("gen-*") if p.name[4:].isdigit())
+    gen = root / f"gen-{(gens[-1] + 1 if gens else 1):06d}"
+    shutil.rmtree(gen, ignore_errors=True)
+    gen.mkdir()
+
+    posts = posts.combine_chunks()
+    parents, flat = list_parts(posts.column("tag_ids"))
+    flat = flat.to_numpy() if len(flat) else np.empty(0, np.int32)
+    counts = np.bincount(flat, minlength=len(tags.names)) if len(tags.names) else np.empty(0, np.int64)
+    pq.write_table(posts, gen / "posts.parquet", compression="zstd", row_group_size=256_000)
+    pq.write_table(pa.table({
+        "tag_id": pa.array(np.arange(len(tags.names), dtype=np.int32)),
+        "name": pa.array(tags.names, pa.string()),
+        "category": pa.array([TAG_CATEGORIES[c] for c in tags.categories], pa.string()),
+        "post_count": pa.array(counts.astype(np.int64)),
+    }), gen / "tags.parquet")
+    pq.write_table(pa.table({"antecedent": pa.array(list(aliases), pa.string()),
+                             "consequent": pa.array(list(aliases.values()), pa.string())}), gen / "aliases.parquet")
+    _write_arrow(posts, gen / "posts.arrow")
+    # Inverted index: a stable sort by tag keeps each tag's rows ascending.
+    order = np.argsort(flat, kind="stable")
+    rows = parents[order].astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    postings = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(rows, pa.int32()))
+    _write_arrow(pa.table({"rows": postings}), gen / "postings.arrow")
+    (gen / "meta.json").write_text(json.dumps({
+        "format": FORMAT, "version": __version__, "written": _now(), "posts": posts.num_rows,
+        "tags": len(tags.names), "aliases": len(aliases),
+        "max_post_id": int(posts.column("post_id").to_numpy().max()) if posts.num_rows else None,
+        "sources": sources,
+    }, indent=1))
+
+    tmp = root / "CURRENT.tmp"
+    tmp.write_text(gen.name)
+    _fsync_dir(gen)
+    os.replace(tmp, current)
+    _fsync_dir(root)
+    for old in root.glob("gen-*"):  # the previous and any half-written generations
+        if old.name != gen.name:
+            shutil.rmtree(old, ignore_errors=True)
+    return gen
+
+
+def _write_arrow(table: pa.Table, path: Path) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks(), max_chunksize=max(table.num_rows, 1))
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in [path, *path.iterdir()] if path.is_dir() else [path]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
