@@ -41,7 +41,10 @@ def rank_artists(source, copyright: str | None = None, tags: list[str] = (), fav
     if store is not None:
         collect(StoreColumns(store))
     else:
-        for batch in source.batches():
+        from .query import Query
+
+        batches = source.batches_for(Query("artists", 0, None, [rule], "", "")) if hasattr(source, "batches_for") else source.batches()
+        for batch in batches:
             collect(BatchColumns(batch))
             if progress is not None:
                 progress(batch.num_rows)

@@ -280,7 +280,9 @@ def _select_stream(query: Query, source, aliases, progress) -> Selection:
     pools: list[list[pa.Table]] = [[] for _ in query.subsets]
     sizes = [0] * len(query.subsets)
     results = [SubsetResult(s.name, s.count) for s in query.subsets]
-    for batch in source.batches():
+    # A remote source crawls only what the query can match (server-side search).
+    batches = source.batches_for(query) if hasattr(source, "batches_for") else source.batches()
+    for batch in batches:
         cols = BatchColumns(batch)
         for i, (s, limit) in enumerate(zip(query.subsets, limits)):
             rows = np.flatnonzero(eligible(cols, s, aliases))
