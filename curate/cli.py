@@ -34,9 +34,300 @@ def main() -> None:
 # Each command parses its options, calls its stage module, prints the summary.
 
 
+def _bar(desc: str, unit: str = "post"):
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, unit=unit, unit_scale=True, disable=None, leave=False)
+
+
+def _source(spec: str):
+    from .sources import open_source
+
+    return open_source(spec)
+
+
+@app.command()
+def sync(
+    source: str = typer.Argument(..., help="danbooru, hakubooru:PATH, dump:PATH or store:PATH"),
+    store: Path = typer.Option(..., "--store", help="Folder of the local metadata store (created if missing)."),
+    aliases: Optional[Path] = typer.Option(None, "--aliases", help="A /tag_aliases.json dump; active aliases are applied."),
+) -> None:
+    """Build or update curate's local metadata store from a source.
+
+    New posts are added, changed ones replaced, nothing duplicated. The store is
+    written as a new generation and swapped in atomically: an interrupted sync
+    leaves the previous store readable. Query it afterwards with --source store:PATH.
+    """
+    import time
+
+    from .store import sync as run_sync
+
+    src = _source(source)
+    t0 = time.perf_counter()
+    with _bar("sync") as bar:
+        report = run_sync(src, store, aliases_file=str(aliases) if aliases else None, progress=bar.update)
+    dt = time.perf_counter() - t0
+    typer.echo(f"synced {src.describe()} -> {report.store}")
+    typer.echo(f"  read {report.read} posts in {dt:.1f}s ({report.read / max(dt, 1e-9):.0f} posts/s): "
+               f"{report.added} new, {report.updated} updated, {report.unchanged} unchanged")
+    if report.skipped:
+        typer.echo("  skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items())))
+    typer.echo(f"  store now holds {report.total} posts, {report.tags} tags, {report.aliases} aliases")
+
+
+def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: Optional[int],
+               images: Optional[Path], no_images: bool) -> None:
+    from .fetch import fetch as run_fetch
+
+    if out is None:
+        out = Path("manifests") / f"{query.stem}.parquet"
+    src = _source(source)
+    with _bar("select") as bar:
+        result = run_fetch(query, src, out, kind=kind, seed=seed, progress=bar.update)
+    sel = result.selection
+    typer.echo(f"{'build-reg' if kind == 'reg' else 'fetch'}: {result.source} -> {result.out}")
+    typer.echo(f"  {'subset':<24} {'quota':>8} {'eligible':>10} {'selected':>9}")
+    for r in sel.subsets:
+        quota = "all" if r.quota is None else str(r.quota)
+        short = "  (fewer than the quota: took all)" if r.quota is not None and r.selected < r.quota else ""
+        typer.echo(f"  {r.name:<24} {quota:>8} {r.eligible:>10} {r.selected:>9}{short}")
+    if sel.skipped:
+        typer.echo("  skipped from source: " + ", ".join(f"{k} {v}" for k, v in sorted(sel.skipped.items())))
+    typer.echo(f"  {sel.table.num_rows} rows written")
+    if not no_images and images is not None:
+        from . import download
+
+        download.download_cli_hook(result.out, images)  # provided by the download stage
+
+
+_QUERY_HELP = "Query spec (TOML), see DESIGN.md."
+_SOURCE_HELP = "danbooru, hakubooru:PATH, dump:PATH or store:PATH."
+
+
+@app.command()
+def fetch(
+    query: Path = typer.Argument(..., help=_QUERY_HELP),
+    source: str = typer.Option(..., "--source", help=_SOURCE_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Manifest to write (default manifests/<query>.parquet)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override the query's seed."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Download images into this folder."),
+    no_images: bool = typer.Option(False, "--no-images", help="Write the manifest only."),
+) -> None:
+    """Select posts by a query spec and write a manifest (one row per post)."""
+    _run_query(query, source, out, "fetch", seed, images, no_images)
+
+
+@app.command("build-reg")
+def build_reg(
+    query: Path = typer.Argument(..., help=_QUERY_HELP),
+    source: str = typer.Option(..., "--source", help=_SOURCE_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Manifest to write (default manifests/<query>.parquet)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override the query's seed."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Download images into this folder."),
+    no_images: bool = typer.Option(False, "--no-images", help="Write the manifest only."),
+) -> None:
+    """Build a regularization set: like fetch, and records the class token.
+
+    Subsets are disjoint (first subset wins), random order is a seeded keyed-hash
+    sample, so the same source + query + seed always gives the same rows.
+    """
+    _run_query(query, source, out, "reg", seed, images, no_images)
+
+
+@app.command()
+def inspect(
+    manifest: Path = typer.Argument(..., help="Manifest (Parquet)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Show what a manifest holds: rows per subset, stages done, failures, provenance."""
+    import json
+
+    from .inspect import inspect as run_inspect, render
+
+    info = run_inspect(manifest)
+    typer.echo(json.dumps(info, indent=1, default=str) if as_json else render(info))
+
+
+@app.command()
+def artists(
+    source: str = typer.Option(..., "--source", help=_SOURCE_HELP),
+    copyright: Optional[str] = typer.Option(None, "--copyright", help="Copyright tag, e.g. blue_archive."),
+    tags: Optional[str] = typer.Option(None, "--tags", help="Comma-separated tags every post must carry."),
+    fav_count: str = typer.Option(">30", "--fav-count", help="Danbooru range a post's fav_count must be in."),
+    min_posts: int = typer.Option(5, "--min-posts", help="Leave out artists with fewer matching posts."),
+    top: Optional[int] = typer.Option(None, "--top", help="Keep the K artists with the most posts."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write an artists file for a query's artists_file."),
+) -> None:
+    """Rank artists by well-favourited posts in a copyright (or tag set)."""
+    from .artists import rank_artists, write_artists_file
+
+    tag_list = [t.strip() for t in tags.split(",") if t.strip()] if tags else []
+    if not copyright and not tag_list:
+        raise CurateError("give --copyright or --tags (ranking every artist on the site is rarely what you want)")
+    src = _source(source)
+    with _bar("artists") as bar:
+        rows = rank_artists(src, copyright, tag_list, fav_count, min_posts, top, progress=bar.update)
+    typer.echo(f"{len(rows)} artists with >= {min_posts} posts (fav_count {fav_count}) in "
+               f"{copyright or ''}{' + ' if copyright and tag_list else ''}{' '.join(tag_list)} from {src.describe()}")
+    for r in rows[:20]:
+        typer.echo(f"  {r.artist:<40} {r.posts:>6} posts  median fav {r.median_fav:g}")
+    if len(rows) > 20:
+        typer.echo(f"  ... {len(rows) - 20} more")
+    if out is not None:
+        header = (f"curate artists --source {src.describe()} --copyright {copyright or ''} "
+                  f"--tags {','.join(tag_list)} --fav-count '{fav_count}' --min-posts {min_posts}")
+        typer.echo(f"  written: {write_artists_file(rows, out, header)}")
+
+
 @app.command()
 def version() -> None:
     """Print curate's version."""
     from . import __version__
 
     typer.echo(__version__)
+
+
+# --- official CG set: ingest, dedupe, crop (issue 5) --------------------------------
+
+
+def _show_errors(errors: list, limit: int = 5) -> None:
+    for line in errors[:limit]:
+        typer.echo(f"  failed: {line}")
+    if len(errors) > limit:
+        typer.echo(f"  ... {len(errors) - limit} more failures (see the error column)")
+
+
+@app.command()
+def ingest(
+    folder: Path = typer.Argument(..., help="Folder of local images (searched recursively)."),
+    out: Path = typer.Option(..., "--out", help="Manifest to create, or to grow if it exists."),
+    name: Optional[str] = typer.Option(None, "--name", help="Subset name for the rows (default: the folder's name)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)."),
+) -> None:
+    """Local images (official CG, screenshots) -> manifest rows.
+
+    Every image type Pillow reads; key local/<sha256 prefix>; paths relative to the
+    manifest's folder. Unreadable files become rows with an error. Re-running on a
+    grown folder adds only the new files.
+    """
+    from .ingest import run
+
+    s = run(folder, out, name, workers)
+    typer.echo(f"ingest: {s.found} image files in {folder}: {s.added} added, {s.existing} already in the "
+               f"manifest, {s.failed} unreadable (error rows), {s.copies} byte-identical copies")
+    if s.not_images:
+        typer.echo(f"  {s.not_images} non-image files ignored")
+    if s.missing:
+        typer.echo(f"  {s.missing} earlier rows point to files no longer there (rows kept)")
+    _show_errors(s.errors)
+    typer.echo(f"  manifest: {out} ({s.rows} rows)")
+
+
+@app.command()
+def dedupe(
+    manifest: Path = typer.Argument(..., help="Manifest to deduplicate (written back in place)."),
+    against: Optional[List[Path]] = typer.Option(None, "--against", help="Other manifest(s): rows here that duplicate theirs get dup_of = their key. Repeatable."),
+    threshold: Optional[int] = typer.Option(None, "--threshold", help="Max phash Hamming distance (bits) for a near duplicate [default: measured, see dedupe.DEFAULT_THRESHOLD]."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes for hashing (default: all cores)."),
+) -> None:
+    """Mark exact and near duplicates (dup_of); the row with most pixels is kept.
+
+    Exact: same bytes, or same pixels in another encoding. Near: 64-bit perceptual
+    hash within --threshold bits (confirmed by a difference hash), taken inside
+    detected borders so a letterboxed frame matches its clean twin.
+    """
+    from .dedupe import DEFAULT_THRESHOLD, run
+
+    t = DEFAULT_THRESHOLD if threshold is None else threshold
+    s = run(manifest, against or [], t, workers)
+    typer.echo(f"dedupe: {s.rows} rows: {s.hashed} hashed, {s.reused} hashes reused, {s.failed} failed, "
+               f"{s.skipped} skipped (error or no file)")
+    typer.echo(f"  exact pairs: {s.exact_bytes} same bytes, {s.exact_pixels} same pixels; "
+               f"near pairs (<= {s.threshold} bits): {s.near_pairs}")
+    typer.echo(f"  {s.duplicates} rows marked dup_of in {s.clusters} clusters"
+               + (f"; {s.against} of them duplicate rows of --against ({s.against_rows} rows)" if against else ""))
+    _show_errors(s.errors)
+    typer.echo(f"  manifest: {manifest} ({s.rows - s.duplicates} rows kept)")
+
+
+@app.command()
+def crop(
+    manifest: Path = typer.Argument(..., help="Manifest whose images to crop (written back in place)."),
+    max_pixels: Optional[str] = typer.Option(None, "--max-pixels", help="Downscale to at most this area: a pixel count or WxH, e.g. 1280x1280."),
+    trim_borders: bool = typer.Option(True, "--trim-borders/--no-trim-borders", help="Trim letterbox/pillarbox bars and flat borders."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for derived images [default: <manifest>_crops beside the manifest]."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)."),
+) -> None:
+    """Trim borders and downscale into a separate folder (originals untouched).
+
+    Records crop [left, top, right, bottom] in original pixels, points path at the
+    derived file and keeps the original in source_path. Duplicates are skipped.
+    """
+    from .crop import run
+
+    s = run(manifest, max_pixels, trim_borders, out_dir, workers)
+    typer.echo(f"crop: {s.rows} rows: {s.processed} processed ({s.trimmed} trimmed, {s.resized} downscaled, "
+               f"{s.unchanged} unchanged), {s.done_before} done before, {s.failed} failed")
+    typer.echo(f"  skipped: {s.skipped_dups} duplicates, {s.skipped_other} with an error or no file")
+    _show_errors(s.errors)
+    typer.echo(f"  derived images: {s.out_dir}")
+    typer.echo(f"  manifest: {manifest}")
+
+
+@app.command()
+def caption(
+    manifest: Path = typer.Argument(..., help="Manifest to caption (written back in place)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="TOML file with a \\[caption] table (and \\[caption.subsets.NAME]); "
+        "default: the caption tables of the query the manifest was built from."),
+) -> None:
+    """Build each row's caption and write <image stem>.txt (UTF-8, one line) beside its image.
+
+    Order: count tags, character, copyright, (artist), general, quality/rating/year;
+    see the curate.caption module for every caption key. Rows with error or dup_of are skipped.
+    """
+    from .caption import run
+
+    for line in run(manifest, config).lines():
+        typer.echo(line)
+
+
+@app.command()
+def export(
+    manifests: Optional[List[Path]] = typer.Argument(
+        None, help="Captioned manifests; default: the manifests the train config lists."),
+    kohya: Path = typer.Option(..., "--kohya", help="Output folder for sd-scripts (created; "
+                               "a re-export replaces what the last one wrote)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="Train config (TOML, DESIGN layout) whose values to use."),
+    link: str = typer.Option("symlink", "--link", help="How images enter DIR: symlink | hardlink | copy."),
+) -> None:
+    """Write an sd-scripts dataset_config.toml, image folders with .txt captions, and metadata.json."""
+    from .export import run
+
+    for line in run(manifests or [], kohya, config, link).lines():
+        typer.echo(line)
+
+
+@app.command()
+def download(
+    manifest: Path = typer.Argument(..., help="Manifest whose images to download (written back in place)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder, content-addressed <md5 prefix>/<md5>.<ext> (default: images/ beside the manifest)."),
+    from_tars: Optional[str] = typer.Option(None, "--from-tars", help="danbooru2023-style data-XXXX.tar shards (id % 1000): a folder, or an http(s) URL serving the .tar and .json index files (Range requests)."),
+    variant: str = typer.Option("original", "--variant", help="Danbooru variant: original | sample | 720 (falls back to file_url when missing)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Downscale (Lanczos) images bigger than this many pixels when saving."),
+    workers: int = typer.Option(8, "--workers", help="Parallel downloads."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Requests per second per host (default: 2 for *.donmai.us, unlimited elsewhere)."),
+    retries: int = typer.Option(3, "--retries", help="Retries per file for connection errors, 429 and 5xx (with backoff)."),
+) -> None:
+    """Download and verify the images of a manifest; fill path, width, height, error.
+
+    Files are checked (size, md5 when known, full decode) before they get their
+    final name, so a re-run -- even after kill -9 -- skips finished rows and never
+    accepts a broken file. Failed rows stay, with the reason in the error column.
+    """
+    from .download import download_manifest
+
+    s = download_manifest(manifest, images, variant=variant, max_pixels=max_pixels, from_tars=from_tars,
+                          workers=workers, rate=rate, retries=retries)
+    typer.echo("download: " + s.render())

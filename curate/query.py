@@ -30,7 +30,7 @@ FILTER_KEYS = {
     "tags", "any_tags", "exclude_tags", "artists", "artists_file", "fav_count", "score",
     "rating", "orientation", "min_width", "min_height", "min_pixels", "created_after",
     "created_before", "file_ext", "max_per_artist", "order", "include_deleted",
-    "include_banned", "caption",
+    "include_banned", "caption", "count",
 }
 TOP_KEYS = {"name", "seed", "class_token", "description", "subsets"} | FILTER_KEYS
 SUBSET_KEYS = {"name", "count"} | FILTER_KEYS

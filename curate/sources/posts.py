@@ -70,7 +70,7 @@ def split_tags(post: dict) -> dict:
     any_category = False
     for cat in TAG_CATEGORIES:
         value = post.get(f"tag_string_{cat}")
-        if isinstance(value, str):
+        if isinstance(value, (str, list)):
             any_category = True
         out[f"tags_{cat}"] = _tags(value)
     if not any_category:  # very old dumps: one tag_string, no categories

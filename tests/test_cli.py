@@ -1,0 +1,121 @@
+"""The foundation's commands, run as a user runs them (a real subprocess)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from curate.synthetic import make_posts, write_hakubooru_db
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def curate(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "curate", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    posts = make_posts(3000, seed=21)
+    (d / "posts.jsonl").write_text("\n".join(json.dumps(p) for p in posts))
+    write_hakubooru_db(posts, d / "haku.db")
+    (d / "q.toml").write_text("""
+name = "reg"
+seed = 5
+class_token = "solo"
+[[subsets]]
+name = "horizontal"
+tags = ["1girl", "solo"]
+fav_count = ">5"
+orientation = "horizontal"
+count = 30
+[[subsets]]
+name = "vertical"
+tags = ["1girl", "solo"]
+orientation = "vertical"
+artists_file = "artists.txt"
+count = 5000
+""")
+    (d / "artists.txt").write_text("# mine\nartist_1\nartist_2\n")
+    return d
+
+
+def test_help_lists_every_command_and_imports_no_torch():
+    out = curate("--help")
+    assert out.returncode == 0
+    for cmd in ("sync", "fetch", "build-reg", "inspect", "artists"):
+        assert cmd in out.stdout
+        assert curate(cmd, "--help").returncode == 0
+    code = "import sys, curate.cli; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_sync_build_reg_inspect(corpus, tmp_path):
+    out = curate("sync", f"hakubooru:{corpus / 'haku.db'}", "--store", tmp_path / "store")
+    assert out.returncode == 0, out.stderr
+    assert "3000 new" in out.stdout
+    m = tmp_path / "reg.parquet"
+    out = curate("build-reg", corpus / "q.toml", "--source", f"store:{tmp_path / 'store'}", "--out", m, "--no-images")
+    assert out.returncode == 0, out.stderr
+    assert "horizontal" in out.stdout and "fewer than the quota" in out.stdout  # vertical asks for 5000
+    table = pq.read_table(m)
+    meta = json.loads(table.schema.metadata[b"curate"])
+    assert meta["kind"] == "reg" and meta["class_token"] == "solo" and meta["seed"] == 5
+    assert "artists_file" in meta["query_text"] and meta["subsets"]["horizontal"]["selected"] == 30
+    assert table.column("key").to_pylist()[0].startswith("danbooru/")
+    # the same query on the dump gives the same rows
+    m2 = tmp_path / "reg2.parquet"
+    assert curate("build-reg", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}", "--out", m2, "--no-images").returncode == 0
+    assert pq.read_table(m2).column("key").to_pylist() == table.column("key").to_pylist()
+    info = curate("inspect", m, "--json")
+    assert info.returncode == 0
+    data = json.loads(info.stdout)
+    assert data["subsets"]["horizontal"] == 30 and data["provenance"]["class_token"] == "solo"
+    assert data["failures"] == {} and data["stages_filled"]["caption"] == 0
+    human = curate("inspect", m)
+    assert "class token: solo" in human.stdout and "quota 30" in human.stdout
+
+
+def test_fetch_default_out_and_seed_override(corpus, tmp_path):
+    out = curate("fetch", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}", "--no-images", "--seed", "9", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    meta = json.loads(pq.read_table(tmp_path / "manifests" / "q.parquet").schema.metadata[b"curate"])
+    assert meta["seed"] == 9 and meta["kind"] == "fetch"
+
+
+def test_artists_ranks_and_writes_a_usable_file(corpus, tmp_path):
+    out = curate("artists", "--source", f"dump:{corpus / 'posts.jsonl'}", "--copyright", "blue_archive",
+                 "--fav-count", ">3", "--min-posts", "3", "--top", "10", "--out", tmp_path / "a.txt")
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in (tmp_path / "a.txt").read_text().splitlines() if not line.startswith("#")]
+    assert 0 < len(lines) <= 10
+    from curate.query import read_artists_file
+
+    assert len(read_artists_file(tmp_path / "a.txt")) == len(lines)
+    posts = [json.loads(x) for x in (corpus / "posts.jsonl").read_text().splitlines()]
+    top = lines[0].split()[0]
+    n = sum(1 for p in posts if top in p["tag_string_artist"].split() and "blue_archive" in p["tag_string_copyright"].split()
+            and p["fav_count"] > 3 and not p["is_deleted"] and not p["is_banned"] and p["file_ext"] in ("jpg", "png", "webp", "gif"))
+    assert f"posts={n} " in lines[0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["build-reg", "{d}/missing.toml", "--source", "dump:{d}/posts.jsonl"], "query file not found"),
+    (["build-reg", "{d}/bad.toml", "--source", "dump:{d}/posts.jsonl"], "unknown key 'favcount'"),
+    (["build-reg", "{d}/noart.toml", "--source", "dump:{d}/posts.jsonl"], "artists file not found"),
+    (["build-reg", "{d}/q.toml", "--source", "dump:{d}/nope.json"], "dump not found"),
+    (["build-reg", "{d}/q.toml", "--source", "ftp:x"], "unknown source"),
+    (["build-reg", "{d}/q.toml", "--source", "store:{d}/nostore"], "no curate store"),
+    (["inspect", "{d}/q.toml"], "not a readable Parquet manifest"),
+    (["sync", "hakubooru:{d}/posts.jsonl", "--store", "{d}/s"], "not a SQLite database"),
+])
+def test_user_errors_are_one_line_exit_2(corpus, args, needle):
+    (corpus / "bad.toml").write_text('[[subsets]]\nname="a"\nfavcount=">3"\n')
+    (corpus / "noart.toml").write_text('class_token="solo"\n[[subsets]]\nname="a"\nartists_file="gone.txt"\n')
+    out = curate(*[a.format(d=corpus) for a in args])
+    assert out.returncode == 2
+    assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr

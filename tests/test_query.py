@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+
+from curate.errors import CurateError
+from curate.query import Range, load, parse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("text,lo,hi", [
+    ("30", 30, 30), (">30", 31, None), (">=30", 30, None), ("<30", None, 29),
+    ("<=30", None, 30), ("10..20", 10, 20), ("10..", 10, None), ("..20", None, 20), (" > 5 ", 6, None),
+])
+def test_range_syntax(text, lo, hi):
+    r = Range.parse(text, "x")
+    assert (r.lo, r.hi) == (lo, hi)
+
+
+@pytest.mark.parametrize("bad", ["abc", ">>3", "5..2", "", "..", "3.5", True, 1.5, [1]])
+def test_bad_range_names_the_key(bad):
+    with pytest.raises(CurateError, match=r"subsets\[0\]\.fav_count"):
+        parse(f"[[subsets]]\nname='a'\nfav_count = {_toml(bad)}\n")
+
+
+def _toml(v):
+    if isinstance(v, str):
+        return repr(v).replace("'", '"')
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def test_top_level_defaults_and_additive_lists():
+    q = parse("""
+name = "q"
+seed = 7
+rating = ["g", "s"]
+exclude_tags = ["comic"]
+tags = ["1girl"]
+[[subsets]]
+name = "a"
+tags = ["solo"]
+exclude_tags = ["monochrome"]
+[[subsets]]
+name = "b"
+rating = ["e"]
+""")
+    a, b = q.subsets
+    assert a.tags == ["1girl", "solo"] and a.exclude_tags == ["comic", "monochrome"]
+    assert a.rating == ["g", "s"] and b.rating == ["e"] and b.tags == ["1girl"]
+    assert q.seed == 7
+
+
+def test_no_subsets_means_one_subset_named_after_query():
+    q = parse('name = "mine"\ntags = ["1girl"]\ncount = 3\n'.replace("count = 3\n", ""))
+    assert [s.name for s in q.subsets] == ["mine"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('favcount = ">3"', "unknown key 'favcount'"),
+    ('[[subsets]]\nname="a"\nfav_cuont=3', r"subsets\[0\]: unknown key 'fav_cuont'"),
+    ('[[subsets]]\nname="a"\norientation="diagonal"', "orientation"),
+    ('[[subsets]]\nname="a"\norder="newest"', "order"),
+    ('[[subsets]]\nname="a"\nrating=["x"]', "rating"),
+    ('[[subsets]]\nname="a"\ncount=-1', "count"),
+    ('[[subsets]]\nname="a"\n[[subsets]]\nname="a"', "duplicate subset"),
+    ('seed = "x"', "seed"),
+    ("this is = not toml =", "invalid TOML"),
+])
+def test_spec_errors_name_the_key(text, needle):
+    with pytest.raises(CurateError, match=needle):
+        parse(text)
+
+
+def test_artists_file_relative_to_query(tmp_path):
+    (tmp_path / "artists").mkdir()
+    (tmp_path / "artists" / "a.txt").write_text("# header\nfoo bar\n\nbaz  # comment\n")
+    (tmp_path / "q.toml").write_text('[[subsets]]\nname="v"\nartists_file="artists/a.txt"\nartists=["x"]\n')
+    q = load(tmp_path / "q.toml")
+    assert q.subsets[0].artists == ["x", "foo_bar", "baz"]
+
+
+def test_missing_artists_file_names_the_file(tmp_path):
+    (tmp_path / "q.toml").write_text('[[subsets]]\nname="v"\nartists_file="nope.txt"\n')
+    with pytest.raises(CurateError, match="nope.txt"):
+        load(tmp_path / "q.toml")
+
+
+def test_recipe_query_parses():
+    q = load(ROOT / "queries" / "baxl_v3_reg.toml")
+    h, v = q.subsets
+    assert q.class_token == "solo"
+    assert h.orientation == "horizontal" and v.orientation == "vertical"
+    assert h.fav_count == Range(31, None) and {"1girl", "solo"} <= set(h.tags)
+    assert h.count >= 1000 and v.count >= 1000 and v.artists

@@ -1,0 +1,54 @@
+import sqlite3
+
+import pyarrow as pa
+import pytest
+
+from curate.errors import CurateError
+from curate.sources import open_source
+from curate.synthetic import make_posts, write_hakubooru_db
+
+CORE = ["post_id", "md5", "width", "height", "rating", "fav_count", "score", "created_at",
+        "tags_general", "tags_character", "tags_copyright", "tags_artist", "tags_meta",
+        "file_url", "file_ext", "is_deleted", "is_banned"]
+
+
+def test_hakubooru_matches_dump(tmp_path):
+    posts = make_posts(1200, seed=5)
+    db = write_hakubooru_db(posts, tmp_path / "danbooru2023.db")
+    (tmp_path / "d.json").write_text(__import__("json").dumps(posts))
+    haku = pa.concat_tables(list(open_source(f"hakubooru:{db}").batches(batch_size=250)))
+    dump = pa.concat_tables(list(open_source(f"dump:{tmp_path / 'd.json'}").batches()))
+    assert haku.select(CORE).to_pylist() == dump.select(CORE).to_pylist()
+
+
+def test_hakubooru_types_and_ratings(tmp_path):
+    db = tmp_path / "h.db"
+    conn = sqlite3.connect(db)
+    from curate.synthetic import HAKUBOORU_SCHEMA
+
+    conn.executescript(HAKUBOORU_SCHEMA)
+    conn.executemany("INSERT INTO tag VALUES (?,?,?,?)", [
+        (1, "1girl", 0, 5), (2, "some_artist", 1, 1), (3, "hoshino_(blue_archive)", 2, 1),
+        (4, "blue_archive", 3, 1), (5, "highres", 4, 1)])
+    row = [7, "2023-04-01T10:00:00.000-04:00", 1, "", "f" * 32, None, 0, 0, 0, None, 0, 0, 1, 0,
+           1200, 800, 1, "png", 3, 10, 0, 0, 42, None, None, None]
+    conn.execute(f"INSERT INTO post VALUES ({','.join('?' * 26)})", row)
+    conn.executemany("INSERT INTO posttagrelation (post_id, tag_id) VALUES (?, ?)", [(7, t) for t in range(1, 7)])
+    conn.commit()
+    conn.close()
+    (r,) = pa.concat_tables(list(open_source(f"hakubooru:{db}").batches())).to_pylist()
+    assert r["rating"] == "e" and r["fav_count"] == 42 and r["file_url"] is None
+    assert (r["tags_general"], r["tags_artist"], r["tags_character"], r["tags_copyright"], r["tags_meta"]) == (
+        ["1girl"], ["some_artist"], ["hoshino_(blue_archive)"], ["blue_archive"], ["highres"])
+    assert r["created_at"].isoformat() == "2023-04-01T14:00:00+00:00"
+
+
+def test_not_a_hakubooru_db(tmp_path):
+    (tmp_path / "x.db").write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(CurateError, match="not a SQLite database"):
+        open_source(f"hakubooru:{tmp_path / 'x.db'}")
+    conn = sqlite3.connect(tmp_path / "y.db")
+    conn.execute("CREATE TABLE post (id INTEGER)")
+    conn.close()
+    with pytest.raises(CurateError, match="missing tables"):
+        open_source(f"hakubooru:{tmp_path / 'y.db'}")
