@@ -40,10 +40,20 @@ def _bar(desc: str, unit: str = "post"):
     return tqdm(desc=desc, unit=unit, unit_scale=True, disable=None, leave=False)
 
 
-def _source(spec: str):
+def _source(spec: str, **options):
     from .sources import open_source
 
-    return open_source(spec)
+    return open_source(spec, **options)  # options reach the danbooru source only
+
+
+# Options of the live danbooru source (ignored by the local sources).
+_RATE = typer.Option(2.0, "--rate", help="danbooru: requests per second to the API host.")
+_USER_AGENT = typer.Option(None, "--user-agent", help="danbooru: User-Agent (default curate/<version>; make it unique if Cloudflare blocks you).")
+_TAG_LIMIT = typer.Option(None, "--tag-limit", help="danbooru: plain tags per search (default: your account's, from /profile.json; 2 anonymous; 0: no limit).")
+
+
+def _live(rate: float, user_agent: Optional[str], tag_limit: Optional[int], **more) -> dict:
+    return {k: v for k, v in dict(rate=rate, user_agent=user_agent, tag_limit=tag_limit, **more).items() if v is not None}
 
 
 @app.command()
@@ -51,6 +61,10 @@ def sync(
     source: str = typer.Argument(..., help="danbooru, hakubooru:PATH, dump:PATH or store:PATH"),
     store: Path = typer.Option(..., "--store", help="Folder of the local metadata store (created if missing)."),
     aliases: Optional[Path] = typer.Option(None, "--aliases", help="A /tag_aliases.json dump; active aliases are applied."),
+    since_id: Optional[int] = typer.Option(None, "--since-id", help="danbooru: mirror posts after this id (default: the store's highest)."),
+    rate: float = _RATE,
+    user_agent: Optional[str] = _USER_AGENT,
+    tag_limit: Optional[int] = _TAG_LIMIT,
 ) -> None:
     """Build or update curate's local metadata store from a source.
 
@@ -62,10 +76,12 @@ def sync(
 
     from .store import sync as run_sync
 
-    src = _source(source)
+    src = _source(source, **_live(rate, user_agent, tag_limit, since_id=since_id, store=store))
     t0 = time.perf_counter()
     with _bar("sync") as bar:
         report = run_sync(src, store, aliases_file=str(aliases) if aliases else None, progress=bar.update)
+    if hasattr(src, "committed"):  # the live source's spool is in the store now
+        src.committed()
     dt = time.perf_counter() - t0
     typer.echo(f"synced {src.describe()} -> {report.store}")
     typer.echo(f"  read {report.read} posts in {dt:.1f}s ({report.read / max(dt, 1e-9):.0f} posts/s): "
@@ -76,12 +92,12 @@ def sync(
 
 
 def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: Optional[int],
-               images: Optional[Path], no_images: bool) -> None:
+               images: Optional[Path], no_images: bool, live: Optional[dict] = None) -> None:
     from .fetch import fetch as run_fetch
 
     if out is None:
         out = Path("manifests") / f"{query.stem}.parquet"
-    src = _source(source)
+    src = _source(source, **(live or {}))
     with _bar("select") as bar:
         result = run_fetch(query, src, out, kind=kind, seed=seed, progress=bar.update)
     sel = result.selection
@@ -112,9 +128,12 @@ def fetch(
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the query's seed."),
     images: Optional[Path] = typer.Option(None, "--images", help="Download images into this folder."),
     no_images: bool = typer.Option(False, "--no-images", help="Write the manifest only."),
+    rate: float = _RATE,
+    user_agent: Optional[str] = _USER_AGENT,
+    tag_limit: Optional[int] = _TAG_LIMIT,
 ) -> None:
     """Select posts by a query spec and write a manifest (one row per post)."""
-    _run_query(query, source, out, "fetch", seed, images, no_images)
+    _run_query(query, source, out, "fetch", seed, images, no_images, _live(rate, user_agent, tag_limit))
 
 
 @app.command("build-reg")
@@ -125,13 +144,16 @@ def build_reg(
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the query's seed."),
     images: Optional[Path] = typer.Option(None, "--images", help="Download images into this folder."),
     no_images: bool = typer.Option(False, "--no-images", help="Write the manifest only."),
+    rate: float = _RATE,
+    user_agent: Optional[str] = _USER_AGENT,
+    tag_limit: Optional[int] = _TAG_LIMIT,
 ) -> None:
     """Build a regularization set: like fetch, and records the class token.
 
     Subsets are disjoint (first subset wins), random order is a seeded keyed-hash
     sample, so the same source + query + seed always gives the same rows.
     """
-    _run_query(query, source, out, "reg", seed, images, no_images)
+    _run_query(query, source, out, "reg", seed, images, no_images, _live(rate, user_agent, tag_limit))
 
 
 @app.command()
@@ -157,6 +179,9 @@ def artists(
     min_posts: int = typer.Option(5, "--min-posts", help="Leave out artists with fewer matching posts."),
     top: Optional[int] = typer.Option(None, "--top", help="Keep the K artists with the most posts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write an artists file for a query's artists_file."),
+    rate: float = _RATE,
+    user_agent: Optional[str] = _USER_AGENT,
+    tag_limit: Optional[int] = _TAG_LIMIT,
 ) -> None:
     """Rank artists by well-favourited posts in a copyright (or tag set)."""
     from .artists import rank_artists, write_artists_file
@@ -164,7 +189,7 @@ def artists(
     tag_list = [t.strip() for t in tags.split(",") if t.strip()] if tags else []
     if not copyright and not tag_list:
         raise CurateError("give --copyright or --tags (ranking every artist on the site is rarely what you want)")
-    src = _source(source)
+    src = _source(source, **_live(rate, user_agent, tag_limit))
     with _bar("artists") as bar:
         rows = rank_artists(src, copyright, tag_list, fav_count, min_posts, top, progress=bar.update)
     typer.echo(f"{len(rows)} artists with >= {min_posts} posts (fav_count {fav_count}) in "

@@ -11,6 +11,7 @@ Layout (one generation folder is live; `CURRENT` names it):
         posts.arrow             the same posts, uncompressed Arrow IPC with
                                 query-friendly columns; memory-mapped at query time
         postings.arrow          tag_id -> rows (inverted index), memory-mapped
+        tags.arrow              tag names, categories and name order, memory-mapped
         meta.json               counts, sources, format version
 
 A sync writes a whole new generation next to the live one and then swaps
@@ -19,6 +20,7 @@ CURRENT, so an interrupted sync leaves the previous store readable.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -129,13 +131,14 @@ class Store:
             self.meta = json.loads((self.dir / "meta.json").read_text())
             self.posts = pa.ipc.open_file(pa.memory_map(str(self.dir / "posts.arrow"))).read_all()
             self._postings = pa.ipc.open_file(pa.memory_map(str(self.dir / "postings.arrow"))).read_all()
-            tags = pq.read_table(self.dir / "tags.parquet", columns=["name", "category"])
+            tags = pa.ipc.open_file(pa.memory_map(str(self.dir / "tags.arrow"))).read_all()
             aliases = pq.read_table(self.dir / "aliases.parquet")
         except (OSError, pa.ArrowException, json.JSONDecodeError) as exc:
             raise CurateError(f"store at {self.root} is damaged: {exc}") from None
         self.tag_names = tags.column("name").combine_chunks()
-        self.tag_categories = np.array([CATEGORY_CODE.get(c, 0) for c in tags.column("category").to_pylist()], np.int8)
-        self.tag_name_rank = rank_of(self.tag_names)
+        self.tag_categories = tags.column("category").combine_chunks().to_numpy()
+        self.tag_name_rank = tags.column("rank").combine_chunks().to_numpy()
+        self._by_name = tags.column("by_name").combine_chunks().to_numpy()
         self.aliases = dict(zip(aliases.column("antecedent").to_pylist(), aliases.column("consequent").to_pylist()))
         lists = self._postings.column("rows").combine_chunks()
         self.postings_offsets = lists.offsets.to_numpy()
@@ -152,9 +155,17 @@ class Store:
         return self.posts.column(name).chunk(0).to_numpy() if self.posts.num_rows else np.empty(0)
 
     def tag_ids(self, names: list[str]) -> np.ndarray:
-        """Store ids of the given (alias-resolved) names; -1 where unknown."""
-        idx = pc.index_in(pa.array(names, pa.string()), value_set=self.tag_names)
-        return idx.fill_null(-1).to_numpy().astype(np.int64)
+        """Store ids of the given (alias-resolved) names; -1 where unknown.
+
+        Binary search in name order: a handful of lookups among millions of tags
+        without building a hash table per query."""
+        sorted_names = _NameView(self.tag_names, self._by_name)
+        out = np.full(len(names), -1, np.int64)
+        for i, name in enumerate(names):
+            j = bisect.bisect_left(sorted_names, name)
+            if j < len(sorted_names) and sorted_names[j] == name:
+                out[i] = self._by_name[j]
+        return out
 
     def rows_with_any(self, names: list[str], category: str | None = None) -> np.ndarray:
         """Sorted unique row indices of posts carrying any of the tags."""
@@ -179,6 +190,19 @@ class Store:
     def batches(self, batch_size: int = 50_000) -> Iterator[pa.Table]:
         for start in range(0, len(self), batch_size):
             yield self.take(np.arange(start, min(start + batch_size, len(self))))
+
+
+class _NameView:
+    """Tag names in name order, as a sequence `bisect` can search."""
+
+    def __init__(self, names: pa.Array, by_name: np.ndarray):
+        self.names, self.by_name = names, by_name
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def __getitem__(self, i: int) -> str:
+        return self.names[int(self.by_name[i])].as_py()
 
 
 # --- conversions between normalized posts and store rows ------------------------
@@ -395,6 +419,12 @@ def write_generation(root: Path, posts: pa.Table, tags: TagDict, aliases: dict[s
         "category": pa.array([TAG_CATEGORIES[c] for c in tags.categories], pa.string()),
         "post_count": pa.array(counts.astype(np.int64)),
     }), gen / "tags.parquet")
+    names = pa.array(tags.names, pa.string())
+    rank = rank_of(names)
+    by_name = np.empty(len(rank), np.int32)
+    by_name[rank] = np.arange(len(rank), dtype=np.int32)
+    _write_arrow(pa.table({"name": names, "category": pa.array(np.asarray(tags.categories, np.int8)),
+                           "rank": pa.array(rank), "by_name": pa.array(by_name)}), gen / "tags.arrow")
     pq.write_table(pa.table({"antecedent": pa.array(list(aliases), pa.string()),
                              "consequent": pa.array(list(aliases.values()), pa.string())}), gen / "aliases.parquet")
     _write_arrow(posts, gen / "posts.arrow")

@@ -1,0 +1,382 @@
+"""curate caption: recipe rules on real Danbooru tag spellings, hostile tags, reg
+captions, settings from --config and from the query text, real files and CLI."""
+
+import json
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from curate import manifest
+from curate.caption import CaptionSettings, build_caption
+from curate.caption_rules import color_theme, format_tag, prune_overlaps, quality_tag
+from curate.cli import app
+from curate.errors import CurateError
+from curate.schema import MANIFEST_SCHEMA
+
+CURATE = str(Path(sys.executable).with_name("curate"))
+HOSTILE = ["a,b", "line\nbreak", "keep|||split", "zero\u200bwidth", "para\u2028sep",
+           "初音ミク", "don't_say_\"lazy\"", "\\||/", "(unbalanced", " ,,, ", "\x00"]
+
+
+# --- helpers (test_export.py uses them too) -----------------------------------
+
+
+def load_posts(shared_data: Path, name: str) -> dict[int, dict]:
+    return {p["id"]: p for p in json.loads((shared_data / "danbooru" / name).read_text())}
+
+
+def post_row(post: dict, subset: str = "main", **extra) -> dict:
+    """A manifest row from a real Danbooru API post."""
+    row = {
+        "key": f"danbooru/{post['id']}", "post_id": post["id"], "subset": subset,
+        "rating": post.get("rating"), "fav_count": post.get("fav_count"),
+        "created_at": datetime.fromisoformat(post["created_at"]),
+        **{f"tags_{c}": post.get(f"tag_string_{c}", "").split()
+           for c in ("general", "character", "copyright", "artist", "meta")},
+    }
+    row.update(extra)
+    return row
+
+
+def write_manifest(path: Path, rows: list[dict], meta: dict | None = None,
+                   colours: dict | None = None) -> Path:
+    """Write rows as a real Parquet manifest; each row with a `path` gets a real PNG."""
+    colours = colours or {}
+    for row in rows:
+        if row.get("path"):
+            image = path.parent / row["path"]
+            image.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (48, 32), colours.get(row["key"], (200, 200, 200))).save(image)
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    schema = pa.schema([MANIFEST_SCHEMA.field(n) for n in names])
+    table = pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)
+    return manifest.write(table, path, meta or manifest.new_provenance())
+
+
+def captions_of(path: Path) -> dict[str, str]:
+    table, _ = manifest.read(path)
+    return dict(zip(table.column("key").to_pylist(), table.column("caption").to_pylist()))
+
+
+def tags(caption: str) -> list[str]:
+    return [t.strip() for t in caption.replace("|||", ",").split(",") if t.strip()]
+
+
+@pytest.fixture
+def booru(shared_data):
+    return load_posts(shared_data, "booru-rs_posts_2023-03.json")
+
+
+@pytest.fixture
+def feed(shared_data):
+    return load_posts(shared_data, "rust-any2feed_posts_2023-03_limit100.json")
+
+
+# --- rules one by one ------------------------------------------------------------
+
+
+def test_order_count_character_copyright_artist_general_then_quality_rating_year(booru):
+    post = booru[6148686]  # 1girl solo, two asuna characters, blue_archive
+    s = CaptionSettings(artist=True, rating=True, year=True, keep_separator="|||")
+    caption = build_caption(post_row(post), s)
+    fixed, rest = caption.split(" ||| ")
+    assert fixed == ("1girl, solo, asuna \\(blue archive\\), asuna \\(bunny\\) \\(blue archive\\), "
+                     "blue archive, user vfpg3584")
+    assert rest.endswith(", worst quality, sensitive, newest")  # fav 1 <= p10 of s (2)
+    assert "blonde hair" in tags(rest) and "1girl" not in tags(rest)
+
+
+def test_quality_from_fav_count_percentiles_per_rating():
+    assert quality_tag("g", 38) == "masterpiece" and quality_tag("g", 37) == "best quality"
+    assert quality_tag("s", 38) == "great quality"  # same favs, stricter rating (p75 = 30)
+    assert quality_tag("e", 263) == "masterpiece" and quality_tag("e", 9) == "worst quality"
+    assert quality_tag(None, 500) is None and quality_tag("g", None) is None
+
+
+def test_quality_thresholds_are_configurable(booru, tmp_path):
+    config = tmp_path / "caption.toml"
+    config.write_text('[caption]\nquality_labels = ["meh", "great"]\n'
+                      'quality_thresholds = { g = [0], s = [0], q = [0], e = [0] }\n')
+    m = write_manifest(tmp_path / "m.parquet", [post_row(booru[6148686], path="img/a.png"),
+                                                 post_row(booru[6148687], path="img/b.png")])
+    result = CliRunner().invoke(app, ["caption", str(m), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    caps = captions_of(m)
+    assert tags(caps["danbooru/6148686"])[-1] == "great"  # fav 1 > 0
+    assert tags(caps["danbooru/6148687"])[-1] == "meh"    # fav 0
+
+
+def test_recipe_ban_list_and_overfit_drops(booru, feed):
+    s = CaptionSettings(meta=True)
+    assert "comic" not in tags(build_caption(post_row(booru[6148688]), s))
+    assert "speech bubble" not in tags(build_caption(post_row(feed[6141704]), s))
+    hina = tags(build_caption(post_row(booru[6148684]), s))
+    assert "halo" not in hina and "1girl" in hina
+    costume = tags(build_caption(post_row(feed[6141230]), s))
+    assert not [t for t in costume if "official" in t]  # .*official.* (general and meta)
+    focus = tags(build_caption(post_row(feed[6141616]), s))
+    assert not [t for t in focus if "focus" in t]
+    # both lists are configurable: empty lists keep every tag
+    kept = tags(build_caption(post_row(booru[6148684]), CaptionSettings(ban=(), drop=())))
+    assert "halo" in kept
+
+
+def test_drop_matches_whole_tags_only(booru):
+    row = post_row(booru[6148684])
+    row["tags_general"] += ["adjusting_halo", "2boys", "heterochromia"]
+    out = tags(build_caption(row, CaptionSettings()))
+    assert "adjusting halo" in out  # `halo` is not a substring rule
+    assert "heterochromia" not in out and "2boys" not in out  # `.*boy.*`
+
+
+def test_overlapping_tags_pruned(booru):
+    out = tags(build_caption(post_row(booru[6148686]), CaptionSettings()))
+    assert "very long hair" in out and "long hair" not in out
+    assert "absurdly long hair" in out
+    assert prune_overlaps(["holding", "holding_staff", "staff", "solo", "solo_focus"]) == [
+        "holding_staff", "solo", "solo_focus"]
+    # a tagger-only tag never pushes out a source tag
+    assert prune_overlaps(["long_hair", "very_long_hair"], source={"long_hair"}) == [
+        "long_hair", "very_long_hair"]
+    unpruned = tags(build_caption(post_row(booru[6148686]), CaptionSettings(prune_overlaps=False)))
+    assert "long hair" in unpruned
+
+
+def test_underscores_emoticons_and_parentheses(feed, shared_data):
+    caps = [tags(build_caption(post_row(feed[i]), CaptionSettings())) for i in (6141385, 6141439, 6140734)]
+    assert "^_^" in caps[0] and ":d" in caps[0]
+    assert "=_=" in caps[1] and ">_<" in caps[2]
+    eyja = load_posts(shared_data, "imgbrd_posts_2020-07.json")[4018204]
+    out = build_caption(post_row(eyja), CaptionSettings())
+    assert out.startswith("1girl, solo, eyjafjalla \\(arknights\\), arknights")
+    assert "originium arts \\(arknights\\)" in tags(out)
+    assert format_tag("la+_darknesss") == "la+ darknesss"
+    assert format_tag("already_\\(escaped\\)") == "already \\(escaped\\)"
+
+
+def test_hostile_tags_never_split_or_break_a_caption(booru):
+    row = post_row(booru[6148687], tags_general=["1girl", *HOSTILE], tags_character=["x,y\r\nz"])
+    caption = build_caption(row, CaptionSettings(keep_separator="|||"))
+    assert len(caption.splitlines()) == 1 and "\x00" not in caption and "\u200b" not in caption
+    assert caption.count("|||") == 1
+    fixed, rest = caption.split(" ||| ")
+    assert fixed.split(", ") == ["1girl", "x y z", "touhou"]
+    assert rest.split(", ") == [
+        "a b", "line break", "keep split", "zero width", "para sep", "初音ミク",
+        "don't say \"lazy\"", "\\||/", "\\(unbalanced", "worst quality"]
+
+
+def test_colour_theme_from_pixels_placed_first(booru, tmp_path):
+    assert color_theme(Image.new("RGB", (40, 40), (30, 60, 220))) == "blue_theme"
+    assert color_theme(Image.new("RGB", (40, 40), (255, 105, 180))) == "pink_theme"
+    assert color_theme(Image.new("RGB", (40, 40), (8, 8, 8))) == "black_theme"
+    half = Image.new("RGB", (40, 40), (220, 20, 20))
+    half.paste((20, 20, 220), (0, 0, 20, 40))
+    assert color_theme(half) is None  # no dominant colour
+    config = tmp_path / "c.toml"
+    config.write_text('[caption]\ncolor_theme = true\nprefix = ["baxl style"]\n')
+    rows = [post_row(booru[6148686], path="img/blue.png"), post_row(booru[6148687], path="img/red.png")]
+    m = write_manifest(tmp_path / "m.parquet", rows, colours={
+        "danbooru/6148686": (30, 60, 220), "danbooru/6148687": (220, 20, 20)})
+    assert CliRunner().invoke(app, ["caption", str(m), "--config", str(config)]).exit_code == 0
+    caps = captions_of(m)
+    assert caps["danbooru/6148686"].startswith("blue theme, baxl style, 1girl, solo")
+    assert caps["danbooru/6148687"].startswith("red theme, baxl style, 1girl")
+
+
+def test_tagger_tags_merged_source_wins(booru):
+    row = post_row(booru[6148687])  # source: 1girl, red_hair, touhou's onozuka_komachi, no solo
+    row["tagger"] = [
+        {"tag": "solo", "category": "general", "score": 0.97},
+        {"tag": "red_hair", "category": "character", "score": 0.99},  # source has it: source wins
+        {"tag": "smile", "category": "general", "score": 0.2},        # below threshold
+        {"tag": "hakurei_reimu", "category": "character", "score": 0.9},
+        {"tag": "kirisame_marisa", "category": "character", "score": 0.5},
+        {"tag": "general", "category": "rating", "score": 0.99},
+        {"tag": "looking at viewer", "category": "general", "score": 0.6},
+    ]
+    out = tags(build_caption(row, CaptionSettings(keep_separator="|||")))
+    assert out[:4] == ["1girl", "solo", "onozuka komachi", "hakurei reimu"]
+    assert "kirisame marisa" not in out and "smile" not in out and "general" not in out
+    assert out.count("red hair") == 1 and out.index("red hair") > out.index("touhou")
+    assert "looking at viewer" in out
+    assert "solo" not in tags(build_caption(row, CaptionSettings(tagger=False)))
+
+
+def test_reg_caption_is_class_token_alone_or_with_tags(booru):
+    row = post_row(booru[6148686])
+    assert build_caption(row, CaptionSettings(), is_reg=True, class_token="solo") == "solo"
+    with_tags = build_caption(row, CaptionSettings(reg_caption="class+tags"), is_reg=True,
+                              class_token="solo")
+    assert tags(with_tags)[:2] == ["solo", "1girl"] and tags(with_tags).count("solo") == 1
+    with pytest.raises(CurateError):
+        build_caption(row, CaptionSettings(), is_reg=True, class_token="")
+
+
+# --- the stage on real files -------------------------------------------------------
+
+
+def test_stage_writes_txt_beside_images_and_skips_error_and_dup_rows(feed, tmp_path):
+    ids = [6141385, 6141439, 6140734, 6141230, 6140739]
+    rows = [post_row(feed[i], path=f"images/{i}.png") for i in ids]
+    rows[3]["error"] = "download: 404"
+    rows[4]["dup_of"] = "danbooru/6141385"
+    rows.append(post_row(feed[6141704]))  # never downloaded: no path
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    result = CliRunner().invoke(app, ["caption", str(m)])
+    assert result.exit_code == 0, result.output
+    assert "captioned 3 rows" in result.output and "skipped 1: duplicate" in result.output
+    caps = captions_of(m)
+    for i in ids[:3]:
+        txt = tmp_path / "images" / f"{i}.txt"
+        assert txt.read_text(encoding="utf-8") == caps[f"danbooru/{i}"]
+        assert "\n" not in caps[f"danbooru/{i}"]
+    for i in ids[3:]:
+        assert caps[f"danbooru/{i}"] is None and not (tmp_path / "images" / f"{i}.txt").exists()
+    _, meta = manifest.read(m)
+    assert meta["stages"]["caption"]["written"] == 3
+
+
+def test_deterministic_across_runs(feed, tmp_path):
+    rows = [post_row(feed[i], path=f"images/{i}.png") for i in list(feed)[:20]]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    CliRunner().invoke(app, ["caption", str(m)])
+    first = captions_of(m)
+    texts = {p.name: p.read_bytes() for p in (tmp_path / "images").glob("*.txt")}
+    CliRunner().invoke(app, ["caption", str(m)])
+    assert captions_of(m) == first and len(texts) == 20
+    assert {p.name: p.read_bytes() for p in (tmp_path / "images").glob("*.txt")} == texts
+
+
+def test_settings_from_query_text_with_per_subset_tables(booru, tmp_path):
+    query = """
+name = "baxl-v3-reg"
+class_token = "solo"
+[caption]
+reg_caption = "class"
+[[subsets]]
+name = "horizontal"
+tags = ["1girl", "solo"]
+[[subsets]]
+name = "vertical"
+tags = ["1girl", "solo"]
+[subsets.caption]
+reg_caption = "class+tags"
+suffix = ["celluloid style"]
+keep_separator = "|||"
+"""
+    meta = manifest.new_provenance(query_text=query, kind="reg", class_token="solo")
+    rows = [post_row(booru[6148686], "horizontal", path="h/a.png"),
+            post_row(booru[6148684], "vertical", path="v/b.png")]
+    m = write_manifest(tmp_path / "reg.parquet", rows, meta)
+    result = CliRunner().invoke(app, ["caption", str(m)])
+    assert result.exit_code == 0, result.output
+    caps = captions_of(m)
+    assert caps["danbooru/6148686"] == "solo"
+    vertical = caps["danbooru/6148684"]
+    assert vertical.startswith("solo, 1girl, hina") and vertical.endswith(" ||| celluloid style")
+    assert vertical.count("|||") == 2
+    _, meta = manifest.read(m)
+    assert meta["stages"]["caption"]["keep_separators"] == {"horizontal": "", "vertical": "|||"}
+
+
+def test_config_file_per_subset_prefix(booru, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[caption]\nquality = false\n[caption.subsets.cg]\nprefix = ["baxl style"]\n')
+    rows = [post_row(booru[6148680], "cg", path="i/a.png"), post_row(booru[6148679], "other", path="i/b.png")]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    CliRunner().invoke(app, ["caption", str(m), "--config", str(config)])
+    caps = captions_of(m)
+    assert caps["danbooru/6148680"].startswith("baxl style, 1girl, solo, ichikawa hinana")
+    assert caps["danbooru/6148679"].startswith("1girl, solo, tsukahara hibiki")
+    assert "quality" not in caps["danbooru/6148679"]
+
+
+def test_undecodable_image_gets_error_when_colours_are_needed(booru, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[caption]\ncolor_theme = true\n")
+    m = write_manifest(tmp_path / "m.parquet", [post_row(booru[6148686], path="i/a.png"),
+                                                 post_row(booru[6148687], path="i/b.png")])
+    (tmp_path / "i" / "b.png").write_bytes(b"not a png at all")
+    result = CliRunner().invoke(app, ["caption", str(m), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    table, _ = manifest.read(m)
+    errors = dict(zip(table.column("key").to_pylist(), table.column("error").to_pylist()))
+    assert errors["danbooru/6148687"].startswith("caption: decode")
+    assert errors["danbooru/6148686"] is None and captions_of(m)["danbooru/6148686"]
+
+
+@pytest.mark.parametrize("config_text, message", [
+    ("[caption]\nquality_treshold = 3\n", "unknown caption key 'quality_treshold'"),
+    ("[caption]\nban = ['(unclosed']\n", "ban: bad regular expression"),
+    ("[caption]\nartist = 'yes'\n", "caption key 'artist' expects true/false"),
+    ("[caption]\nreg_caption = 'tags'\n", "reg_caption must be one of"),
+    ("[caption]\nquality_thresholds = { g = [3, 1, 2, 4, 5, 6] }\n", "ascending"),
+    ("[other]\n", "no [caption] table"),
+    ("[caption\n", "not valid TOML"),
+])
+def test_bad_config_is_an_error_and_manifest_untouched(booru, tmp_path, config_text, message):
+    config = tmp_path / "c.toml"
+    config.write_text(config_text)
+    m = write_manifest(tmp_path / "m.parquet", [post_row(booru[6148686], path="i/a.png")])
+    before = m.read_bytes()
+    result = CliRunner().invoke(app, ["caption", str(m), "--config", str(config)])
+    assert isinstance(result.exception, CurateError) and message in str(result.exception)
+    assert "\n" not in str(result.exception)
+    assert m.read_bytes() == before and not (tmp_path / "i" / "a.txt").exists()
+
+
+def test_cli_error_is_one_line_exit_2_no_traceback(booru, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[caption]\nquality_treshold = 3\n")
+    m = write_manifest(tmp_path / "m.parquet", [post_row(booru[6148686], path="i/a.png")])
+    proc = subprocess.run([CURATE, "caption", str(m), "--config", str(config)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"error: {config} [caption]: unknown caption key 'quality_treshold'\n"
+
+
+def test_reg_manifest_without_class_token_is_an_error(booru, tmp_path):
+    meta = manifest.new_provenance(kind="reg")
+    m = write_manifest(tmp_path / "m.parquet", [post_row(booru[6148686], path="i/a.png")], meta)
+    result = CliRunner().invoke(app, ["caption", str(m)])
+    assert isinstance(result.exception, CurateError) and "class token" in str(result.exception)
+
+
+def test_captioned_manifest_loads_in_pandas_duckdb_and_datasets(feed, tmp_path, monkeypatch):
+    rows = [post_row(feed[i], path=f"images/{i}.png") for i in list(feed)[:8]]
+    rows[0]["tagger"] = [{"tag": "smile", "category": "general", "score": 0.9}]
+    rows[1]["tags_general"] = rows[1]["tags_general"] + HOSTILE
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    assert CliRunner().invoke(app, ["caption", str(m)]).exit_code == 0
+    expected = captions_of(m)
+
+    import duckdb
+    import pandas as pd
+
+    df = pd.read_parquet(m)
+    assert dict(zip(df["key"], df["caption"])) == expected
+    got = duckdb.sql(f"select key, caption, len(tags_general) n from read_parquet('{m}')").fetchall()
+    assert {k: c for k, c, _ in got} == expected and all(n > 0 for *_, n in got)
+
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    ds = datasets.load_dataset("parquet", data_files=str(m), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert dict(zip(ds["key"], ds["caption"])) == expected
+    assert ds[0]["tagger"] == [{"tag": "smile", "category": "general", "score": pytest.approx(0.9)}]
+
+
+def test_two_images_with_one_stem_share_no_caption_file(booru, tmp_path):
+    rows = [post_row(booru[6148686], path="i/same.png"), post_row(booru[6148687], path="i/same.jpg")]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    result = CliRunner().invoke(app, ["caption", str(m)])
+    assert result.exit_code == 0 and "share the caption file" in result.output
+    caps = captions_of(m)
+    assert (tmp_path / "i" / "same.txt").read_text(encoding="utf-8") == caps["danbooru/6148686"]

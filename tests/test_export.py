@@ -1,0 +1,268 @@
+"""curate export --kohya: the TOML parsed back and checked against sd-scripts'
+documented dataset-config schema; every referenced image exists with its caption."""
+
+import errno
+import json
+import os
+import subprocess
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from curate import manifest
+from curate.cli import app
+from curate.errors import CurateError
+from test_caption import CURATE, HOSTILE, load_posts, post_row, write_manifest
+
+# sd-scripts docs/config_README: which key may appear where, and its type.
+NUMBER = (int, float)
+DATASET_ASCENDABLE = {
+    "batch_size": int, "bucket_no_upscale": bool, "bucket_reso_steps": int, "enable_bucket": bool,
+    "max_bucket_reso": int, "min_bucket_reso": int, "resolution": (int, list),
+}
+SUBSET_ASCENDABLE = {
+    "color_aug": bool, "face_crop_aug_range": list, "flip_aug": bool, "num_repeats": int,
+    "random_crop": bool, "shuffle_caption": bool, "keep_tokens": int, "keep_tokens_separator": str,
+    "secondary_separator": str, "caption_separator": str, "enable_wildcard": bool,
+    "caption_prefix": str, "caption_suffix": str, "resize_interpolation": str,
+    "caption_dropout_every_n_epochs": int, "caption_dropout_rate": NUMBER,
+    "caption_tag_dropout_rate": NUMBER,
+    "caption_extension": str, "class_tokens": str, "cache_info": bool,  # DreamBooth
+}
+SUBSET_ONLY = {"image_dir": str, "is_reg": bool}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def check_sd_scripts_schema(config: dict) -> None:
+    assert set(config) <= {"general", "datasets"}
+    allowed_up = {**DATASET_ASCENDABLE, **SUBSET_ASCENDABLE}
+    for key, value in config.get("general", {}).items():
+        assert key in allowed_up and isinstance(value, allowed_up[key]), key
+    for dataset in config["datasets"]:
+        for key, value in dataset.items():
+            if key != "subsets":
+                assert key in allowed_up and isinstance(value, allowed_up[key]), key
+        assert dataset["subsets"], "a dataset needs subsets"
+        for subset in dataset["subsets"]:
+            allowed = {**SUBSET_ASCENDABLE, **SUBSET_ONLY}
+            for key, value in subset.items():
+                assert key in allowed, f"{key} may not appear in [[datasets.subsets]]"
+                assert isinstance(value, allowed[key]) and not (
+                    isinstance(value, bool) and allowed[key] in (int, NUMBER)), key
+            assert "image_dir" in subset and "metadata_file" not in subset
+        res = dataset.get("resolution", 0)
+        assert isinstance(res, int) or (len(res) == 2 and all(isinstance(r, int) for r in res))
+        step = dataset.get("bucket_reso_steps", 64)
+        assert dataset.get("min_bucket_reso", 256) % step == 0
+        assert dataset.get("max_bucket_reso", 1024) % step == 0
+
+
+def check_layout(config: dict, manifests: list[Path]) -> int:
+    """Every image sd-scripts will glob has its caption; every exported row is there."""
+    ext = config["general"]["caption_extension"]
+    expected = {}
+    for m in manifests:
+        for row in manifest.read(m)[0].to_pylist():
+            if row["caption"] and not row["error"] and not row["dup_of"]:
+                expected[row["key"]] = row["caption"]
+    found = 0
+    for subset in config["datasets"][0]["subsets"]:
+        folder = Path(subset["image_dir"])
+        assert folder.is_absolute() and folder.is_dir()
+        images = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS]
+        assert images and not [p for p in folder.iterdir() if p.is_dir()]
+        for image in images:
+            assert image.resolve().is_file()  # the link resolves to a real image
+            caption = image.with_suffix(ext).read_text(encoding="utf-8")
+            key = image.stem.replace("_", "/", 1)
+            assert caption == expected[key] and len(caption.splitlines()) == 1
+            found += 1
+    assert found == len(expected)
+    return found
+
+
+@pytest.fixture
+def project(shared_data, tmp_path, monkeypatch):
+    """A training manifest and a reg manifest, captioned through the CLI."""
+    monkeypatch.chdir(tmp_path)
+    booru = load_posts(shared_data, "booru-rs_posts_2023-03.json")
+    feed = load_posts(shared_data, "rust-any2feed_posts_2023-03_limit100.json")
+    train_rows = [post_row(p, "official cg", path=f"cg/{p['id']}.png") for p in list(booru.values())[:6]]
+    train_rows[0]["tags_general"] = train_rows[0]["tags_general"] + HOSTILE
+    train_rows[5]["dup_of"] = train_rows[4]["key"]
+    train = write_manifest(tmp_path / "manifests" / "official_cg.parquet", train_rows,
+                           manifest.new_provenance(kind="ingest"))
+    posts = list(feed.values())
+    reg_rows = ([post_row(p, "horizontal", path=f"reg/h/{p['id']}.png") for p in posts[:5]]
+                + [post_row(p, "vertical", path=f"reg/v/{p['id']}.png") for p in posts[5:9]])
+    reg_rows[1]["error"] = "download: HTTP 404"
+    query = '[caption]\nkeep_separator = "|||"\nreg_caption = "class+tags"\n'
+    reg = write_manifest(tmp_path / "manifests" / "baxl_v3_reg.parquet", reg_rows,
+                         manifest.new_provenance(kind="reg", class_token="solo", query_text=query))
+    for m in (train, reg):
+        result = CliRunner().invoke(app, ["caption", str(m)])
+        assert result.exit_code == 0, result.output
+    return tmp_path, train, reg
+
+
+TRAIN_TOML = """
+pretrained = "models/kohaku-xl-delta.safetensors"
+output_dir = "runs/baxl_v3"
+resolution = 1024
+min_bucket_reso = 256
+max_bucket_reso = 4096
+bucket_reso_steps = 32
+train_batch_size = 2
+gradient_accumulation_steps = 32
+learning_rate = 7.5e-6
+lr_scheduler = "constant_with_warmup"
+optimizer_type = "Lion8bit"
+optimizer_args = { weight_decay = 0.1, betas = [0.9, 0.95] }
+mixed_precision = "fp16"
+
+[[datasets]]
+manifest = "manifests/official_cg.parquet"
+num_repeats = 3
+shuffle_caption = true
+keep_tokens = 1
+caption_tag_dropout_rate = 0.1
+flip_aug = true
+
+[[datasets]]
+manifest = "manifests/baxl_v3_reg.parquet"
+is_reg = true
+"""
+
+
+def test_export_with_train_config(project):
+    root, train, reg = project
+    (root / "configs").mkdir()
+    (root / "configs" / "baxl_v3.toml").write_text(TRAIN_TOML)
+    result = CliRunner().invoke(app, ["export", "--kohya", "out", "--config", "configs/baxl_v3.toml"])
+    assert result.exit_code == 0, result.output
+    assert "exported 13 images in 3 subsets" in result.output
+    assert "skipped 1: duplicate" in result.output and "skipped 1: error set" in result.output
+    config = tomllib.loads((root / "out" / "dataset_config.toml").read_text())
+    check_sd_scripts_schema(config)
+    assert check_layout(config, [train, reg]) == 13
+    assert config["general"] == {"caption_extension": ".txt"}
+    (dataset,) = config["datasets"]
+    assert {k: dataset[k] for k in ("resolution", "batch_size", "min_bucket_reso",
+                                    "max_bucket_reso", "bucket_reso_steps")} == {
+        "resolution": 1024, "batch_size": 2, "min_bucket_reso": 256,
+        "max_bucket_reso": 4096, "bucket_reso_steps": 32}
+    cg, horizontal, vertical = dataset["subsets"]
+    assert cg["image_dir"].endswith("official_cg/official_cg")
+    assert (cg["num_repeats"], cg["keep_tokens"], cg["flip_aug"], cg["shuffle_caption"]) == (3, 1, True, True)
+    assert cg["caption_tag_dropout_rate"] == 0.1 and "is_reg" not in cg
+    for sub in (horizontal, vertical):
+        assert sub["is_reg"] is True and sub["class_tokens"] == "solo"
+        assert sub["keep_tokens_separator"] == "|||"
+
+
+def test_export_defaults_without_config_and_metadata_json(project):
+    root, train, reg = project
+    result = CliRunner().invoke(app, ["export", str(train), str(reg), "--kohya", str(root / "k")])
+    assert result.exit_code == 0, result.output
+    config = tomllib.loads((root / "k" / "dataset_config.toml").read_text())
+    check_sd_scripts_schema(config)
+    check_layout(config, [train, reg])
+    cg, horizontal, _ = config["datasets"][0]["subsets"]
+    assert (cg["shuffle_caption"], cg["caption_tag_dropout_rate"], cg["num_repeats"]) == (True, 0.1, 1)
+    assert horizontal["is_reg"] and horizontal["class_tokens"] == "solo"
+    metadata = json.loads((root / "k" / "metadata.json").read_text(encoding="utf-8"))
+    assert len(metadata) == 13
+    for image, entry in metadata.items():
+        assert Path(image).is_absolute() and Path(image).resolve().is_file()
+        assert entry == {"caption": Path(image).with_suffix(".txt").read_text(encoding="utf-8"), "tags": ""}
+    hostile = next(e["caption"] for e in metadata.values() if "初音ミク" in e["caption"])
+    assert "\n" not in hostile and "a b" in hostile.split(", ")
+
+
+def test_reexport_replaces_only_what_it_wrote(project):
+    root, train, reg = project
+    runner = CliRunner()
+    assert runner.invoke(app, ["export", str(train), str(reg), "--kohya", "out"]).exit_code == 0
+    (root / "out" / "notes.md").write_text("mine")
+    # the train manifest loses a row: its exported files must go
+    table, meta = manifest.read(train)
+    errors = table.column("error").to_pylist()
+    errors[1] = "rejected by hand"
+    manifest.write(manifest.with_column(table, "error", errors), train, meta)
+    result = runner.invoke(app, ["export", str(train), str(reg), "--kohya", "out", "--link", "copy"])
+    assert result.exit_code == 0, result.output
+    assert "removed 2 files" in result.output
+    config = tomllib.loads((root / "out" / "dataset_config.toml").read_text())
+    assert check_layout(config, [train, reg]) == 12
+    assert (root / "out" / "notes.md").read_text() == "mine"
+    copied = next(Path(config["datasets"][0]["subsets"][0]["image_dir"]).glob("*.png"))
+    assert not copied.is_symlink()
+
+
+def test_refuses_a_folder_it_did_not_write(project):
+    root, train, _ = project
+    (root / "theirs").mkdir()
+    (root / "theirs" / "x.png").write_bytes(b"keep me")
+    proc = subprocess.run([CURATE, "export", str(train), "--kohya", "theirs"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not written by curate export" in proc.stderr
+    assert "Traceback" not in proc.stderr and (root / "theirs" / "x.png").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('[[datasets]]\nmanifest = "manifests/official_cg.parquet"\nnum_repeat = 2\n', "unknown key 'num_repeat'"),
+    ('[[datasets]]\nmanifest = "manifests/official_cg.parquet"\nresolution = 512\n', "top-level key"),
+    ('[[datasets]]\nmanifest = "manifests/official_cg.parquet"\nnum_repeats = "2"\n', "num_repeats: unexpected value"),
+    ('bucket_reso_steps = 64\nmin_bucket_reso = 96\n', "divisible by bucket_reso_steps"),
+    ('[[datasets]]\nnum_repeats = 2\n', "needs manifest"),
+])
+def test_bad_train_config_is_a_curate_error(project, extra, message):
+    root, train, _ = project
+    (root / "t.toml").write_text(extra)
+    result = CliRunner().invoke(app, ["export", str(train), "--kohya", "out", "--config", "t.toml"])
+    assert isinstance(result.exception, CurateError) and message in str(result.exception)
+    assert "\n" not in str(result.exception) and not (root / "out").exists()
+
+
+def test_uncaptioned_manifest_is_an_error(shared_data, tmp_path):
+    booru = load_posts(shared_data, "booru-rs_posts_2023-03.json")
+    m = write_manifest(tmp_path / "m.parquet", [post_row(booru[6148686], path="i/a.png")])
+    result = CliRunner().invoke(app, ["export", str(m), "--kohya", str(tmp_path / "out")])
+    assert "run curate caption first" in str(result.exception)
+
+
+def test_formats_sd_scripts_cannot_read_are_skipped(shared_data, tmp_path):
+    booru = load_posts(shared_data, "booru-rs_posts_2023-03.json")
+    rows = [post_row(booru[6148686], path="i/a.gif"), post_row(booru[6148687], path="i/b.JPG")]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    assert CliRunner().invoke(app, ["caption", str(m)]).exit_code == 0
+    result = CliRunner().invoke(app, ["export", str(m), "--kohya", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "exported 1 images" in result.output and "skipped 1: .gif files" in result.output
+    config = tomllib.loads((tmp_path / "out" / "dataset_config.toml").read_text())
+    check_sd_scripts_schema(config)
+    assert [p.name for p in Path(config["datasets"][0]["subsets"][0]["image_dir"]).glob("*.jpg")] == [
+        "danbooru_6148687.jpg"]
+
+
+def test_a_failed_export_can_be_run_again(project, monkeypatch):
+    root, train, reg = project
+    real_link, calls = os.link, []
+
+    def flaky_link(source, target):  # the 4th hard link crosses a device
+        calls.append(target)
+        if len(calls) > 3:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", flaky_link)
+    result = CliRunner().invoke(app, ["export", str(train), str(reg), "--kohya", "out", "--link", "hardlink"])
+    assert isinstance(result.exception, CurateError) and "try --link copy" in str(result.exception)
+    result = CliRunner().invoke(app, ["export", str(train), str(reg), "--kohya", "out", "--link", "copy"])
+    assert result.exit_code == 0, result.output
+    config = tomllib.loads((root / "out" / "dataset_config.toml").read_text())
+    assert check_layout(config, [train, reg]) == 13
