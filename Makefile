@@ -13,7 +13,7 @@ REG    ?= manifests/baxl_v3_reg.parquet
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ml]'
 	touch $@
 
 venv: $(VENV)/.installed
