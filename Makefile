@@ -8,7 +8,9 @@ SOURCE ?= danbooru
 QUERY  ?= queries/baxl_v3_reg.toml
 REG    ?= manifests/baxl_v3_reg.parquet
 
-.PHONY: venv test bench reg clean
+DEMO   ?= demo
+
+.PHONY: venv test bench reg demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,15 @@ $(REG): $(QUERY) | venv
 	$(CURATE) build-reg $(QUERY) --source $(SOURCE) --out $@ --no-images
 
 reg: $(REG)
+
+# The main job on an embedded default, offline: a generated Danbooru-like corpus
+# -> local store -> artist ranking -> the BAXL v3 reg set -> inspect.
+demo: venv
+	$(PY) -m curate.synthetic $(DEMO)/corpus --posts 20000
+	$(CURATE) sync hakubooru:$(DEMO)/corpus/danbooru.db --store $(DEMO)/store --aliases $(DEMO)/corpus/tag_aliases.json
+	$(CURATE) artists --source store:$(DEMO)/store --copyright blue_archive --min-posts 20 --top 25 --out $(DEMO)/celluloid.txt
+	$(CURATE) build-reg $(QUERY) --source store:$(DEMO)/store --out $(DEMO)/manifests/baxl_v3_reg.parquet --no-images
+	$(CURATE) inspect $(DEMO)/manifests/baxl_v3_reg.parquet
 
 clean:
 	rm -rf $(VENV) build *.egg-info

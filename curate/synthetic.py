@@ -17,7 +17,7 @@ import numpy as np
 
 COPYRIGHTS = ["blue_archive", "original", "genshin_impact", "hololive", "arknights", "touhou",
               "fate/grand_order", "kantai_collection", "idolmaster", "pokemon"]
-COUNT_TAGS = [("1girl", 0.60), ("solo", 0.50), ("highres", 0.45), ("long_hair", 0.40),
+COUNT_TAGS = [("highres", 0.45), ("long_hair", 0.40),
               ("looking_at_viewer", 0.35), ("smile", 0.30), ("blush", 0.30), ("multiple_girls", 0.15),
               ("2girls", 0.08), ("1boy", 0.12), ("comic", 0.04), ("monochrome", 0.05),
               ("sketch", 0.03), ("greyscale", 0.04), ("text_focus", 0.01)]
@@ -56,6 +56,8 @@ class Vocabulary:
         weights = 1.0 / np.arange(1, n_general + 1) ** 1.1
         self.general_p = weights / weights.sum()
         self.artists = [f"artist_{i}" for i in range(n_artists)]
+        aw = 1.0 / np.arange(1, n_artists + 1) ** 0.9  # a few prolific artists, a long tail
+        self.artist_p = aw / aw.sum()
         self.artist_copyright = rng.integers(0, len(COPYRIGHTS), n_artists)
         self.characters = [f"character_{i}_({COPYRIGHTS[i % len(COPYRIGHTS)].split('/')[0]})" for i in range(n_characters)]
 
@@ -70,8 +72,14 @@ def make_posts(n: int, seed: int = 0, start_id: int = 1, vocab: Vocabulary | Non
     for pid in ids.tolist():
         general = set(rng.choice(vocab.general, size=int(rng.integers(20, 34)), replace=False, p=vocab.general_p).tolist())
         general |= {t for t, p in COUNT_TAGS if rng.random() < p and t != "highres"}
+        if rng.random() < 0.60:  # 1girl on ~60%, solo on ~50%, mostly together
+            general.add("1girl")
+            if rng.random() < 0.75:
+                general.add("solo")
+        elif rng.random() < 0.12:
+            general.add("solo")
         meta = {"highres"} if rng.random() < 0.45 else set()
-        a = int(rng.integers(0, len(vocab.artists)))
+        a = int(rng.choice(len(vocab.artists), p=vocab.artist_p))
         artist = {vocab.artists[a]} if rng.random() < 0.95 else set()
         copyright = {COPYRIGHTS[vocab.artist_copyright[a]] if rng.random() < 0.7 else COPYRIGHTS[int(rng.integers(0, len(COPYRIGHTS)))]}
         character = {vocab.characters[int(rng.integers(0, len(vocab.characters)))]} if rng.random() < 0.7 else set()
@@ -85,7 +93,7 @@ def make_posts(n: int, seed: int = 0, start_id: int = 1, vocab: Vocabulary | Non
         posts.append({
             "id": pid, "created_at": created.isoformat(), "updated_at": (created + timedelta(days=1)).isoformat(),
             "uploader_id": int(rng.integers(1, 10**6)), "score": int(rng.pareto(1.3) * 8),
-            "fav_count": int(rng.pareto(1.2) * 10), "source": f"https://example.invalid/{pid}", "md5": md5,
+            "fav_count": int(rng.pareto(1.1) * 14), "source": f"https://example.invalid/{pid}", "md5": md5,
             "rating": str(rng.choice(["g", "s", "q", "e"], p=[0.45, 0.35, 0.12, 0.08])),
             "image_width": w, "image_height": h, "file_ext": ext, "file_size": int(w * h * 0.3),
             "parent_id": None, "has_children": False, "is_pending": False, "is_flagged": False,
@@ -124,3 +132,30 @@ def write_hakubooru_db(posts: list[dict], path: str | Path) -> Path:
     db.commit()
     db.close()
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m curate.synthetic OUT_DIR [--posts N]`: a demo corpus on disk:
+    posts.jsonl (a dump), danbooru.db (HakuBooru) and tag_aliases.json."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--posts", type=int, default=20_000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    posts = make_posts(args.posts, seed=args.seed)
+    with open(args.out / "posts.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(p) + "\n" for p in posts)
+    (args.out / "danbooru.db").unlink(missing_ok=True)
+    write_hakubooru_db(posts, args.out / "danbooru.db")
+    aliases = [{"id": 1, "antecedent_name": "solo_female", "consequent_name": "1girl", "status": "active"},
+               {"id": 2, "antecedent_name": "monochrome_(medium)", "consequent_name": "monochrome", "status": "active"}]
+    (args.out / "tag_aliases.json").write_text(json.dumps(aliases))
+    print(f"{len(posts)} posts -> {args.out}/posts.jsonl, {args.out}/danbooru.db, {args.out}/tag_aliases.json")
+
+
+if __name__ == "__main__":
+    main()
