@@ -104,3 +104,16 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "al.json").write_text("{{{")
     with pytest.raises(CurateError, match="not JSON"):
         load_aliases(tmp_path / "al.json")
+
+
+def test_store_parquet_is_queryable_with_duckdb(tmp_path):
+    import duckdb
+
+    posts = make_posts(300, seed=8)
+    sync(dump(tmp_path / "a.jsonl", posts), tmp_path / "store")
+    gen = Store(tmp_path / "store").dir
+    n = duckdb.sql(f"""
+        SELECT count(*) FROM read_parquet('{gen / "posts.parquet"}') p
+        WHERE list_contains(p.tag_ids, (SELECT tag_id FROM read_parquet('{gen / "tags.parquet"}') WHERE name = '1girl'))
+    """).fetchone()[0]
+    assert n == sum("1girl" in p["tag_string"].split() for p in posts) > 0
