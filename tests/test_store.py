@@ -115,5 +115,5 @@ def test_store_parquet_is_queryable_with_duckdb(tmp_path):
     n = duckdb.sql(f"""
         SELECT count(*) FROM read_parquet('{gen / "posts.parquet"}') p
         WHERE list_contains(p.tag_ids, (SELECT tag_id FROM read_parquet('{gen / "tags.parquet"}') WHERE name = '1girl'))
-    """).fetchone()[0]
+    """).fetchall()[0][0]
     assert n == sum("1girl" in p["tag_string"].split() for p in posts) > 0
