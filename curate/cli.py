@@ -339,7 +339,7 @@ def download(
     manifest: Path = typer.Argument(..., help="Manifest whose images to download (written back in place)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder, content-addressed <md5 prefix>/<md5>.<ext> (default: images/ beside the manifest)."),
     from_tars: Optional[str] = typer.Option(None, "--from-tars", help="danbooru2023-style data-XXXX.tar shards (id % 1000): a folder, or an http(s) URL serving the .tar and .json index files (Range requests)."),
-    variant: str = typer.Option("original", "--variant", help="Danbooru variant: original | sample | 720 (falls back to file_url when missing)."),
+    variant: str = typer.Option("original", "--variant", help="Danbooru variant: original | sample | 720 (falls back to file_url when missing; not used with --from-tars)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Downscale (Lanczos) images bigger than this many pixels when saving."),
     workers: int = typer.Option(8, "--workers", help="Parallel downloads."),
     rate: Optional[float] = typer.Option(None, "--rate", help="Requests per second per host (default: 2 for *.donmai.us, unlimited elsewhere)."),
@@ -356,3 +356,32 @@ def download(
     s = download_manifest(manifest, images, variant=variant, max_pixels=max_pixels, from_tars=from_tars,
                           workers=workers, rate=rate, retries=retries)
     typer.echo("download: " + s.render())
+
+
+@app.command()
+def tag(
+    manifest: Path = typer.Argument(..., help="Manifest whose images to tag (written back in place)."),
+    model: str = typer.Option(..., "--model", help="WD tagger: a local folder (config.json, model.safetensors, selected_tags.csv; or model.onnx) or a hub id, e.g. SmilingWolf/wd-vit-tagger-v3."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch \\[default: 128 on cuda, 16 on cpu]."),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | auto (cuda when present)."),
+    general_threshold: float = typer.Option(0.35, "--general-threshold", help="Keep general tags scoring above this."),
+    character_threshold: float = typer.Option(0.85, "--character-threshold", help="Keep character tags scoring above this."),
+    use_mcut: bool = typer.Option(False, "--mcut", help="Per image MCut thresholds instead (largest gap in the scores; character >= 0.15)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes \\[default: cores, at most 16, on cuda; half the cores on cpu]; 0: in-process."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (pays off on long GPU runs)."),
+) -> None:
+    """Auto-tag images with a WD v3 tagger into the `tagger` column (tag, category, score).
+
+    Preprocessing as the models were trained (white alpha and padding to square,
+    bicubic resize, BGR). Rating = the best of the four rating labels. A re-run with
+    the same model and thresholds skips tagged rows; other ones re-tag every row.
+    Rows with error or dup_of, or without a path, are skipped.
+    """
+    from .tag import run
+
+    s = run(manifest, model, batch_size=batch_size, device=device, general_threshold=general_threshold,
+            character_threshold=character_threshold, use_mcut=use_mcut, workers=workers, compile=compile)
+    for line in s.lines():
+        typer.echo(line)
+    if s.interrupted:
+        raise typer.Exit(130)
