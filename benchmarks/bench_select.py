@@ -62,15 +62,19 @@ def zipf_ids(rng, n, first, size, s=1.1):
     return (first + np.searchsorted(cdf / cdf[-1], rng.random(n))).astype(np.int32)
 
 
-def generate(n: int, seed: int = 0):
-    """(store rows table, TagDict) for n posts."""
+def generate(n: int, seed: int = 0, chunk: int = 500_000):
+    """(store rows table, TagDict) for n posts, built chunk by chunk to bound memory."""
     rng = np.random.default_rng(seed)
     tags = vocabulary()
+    parts = [_chunk(rng, start, min(chunk, n - start), tags) for start in range(0, n, chunk)]
+    return pa.concat_tables(parts), tags
+
+
+def _chunk(rng, start: int, n: int, tags: TagDict) -> pa.Table:
     base = {c: tags.ids[f"{c}_0"] for c in ("tag", "artist", "character", "copyright")}
     k = rng.integers(24, 34, n)  # general tags; + special, artist, character, copyright ~ 30-40
-    rows = np.repeat(np.arange(n, dtype=np.int64), k)
-    ids = zipf_ids(rng, len(rows), base["tag"], N_GENERAL)
-    parts_r, parts_t = [rows], [ids]
+    parts_r = [np.repeat(np.arange(n, dtype=np.int64), k)]
+    parts_t = [zipf_ids(rng, len(parts_r[0]), base["tag"], N_GENERAL)]
     girl = rng.random(n) < SPECIAL["1girl"]
     solo = girl & (rng.random(n) < SPECIAL["solo"] / SPECIAL["1girl"])
     for name, p in SPECIAL.items():
@@ -84,12 +88,8 @@ def generate(n: int, seed: int = 0):
         r = np.flatnonzero(rng.random(n) < 0.93)
         parts_r.append(r)
         parts_t.append(zipf_ids(rng, len(r), base[cat], size, 1.05))
-    rows = np.concatenate(parts_r)
-    ids = np.concatenate(parts_t)
-    del parts_r, parts_t
-    key = np.unique(rows * 400_000 + ids)  # sort + drop repeats within a post
+    key = np.unique(np.concatenate(parts_r) * 400_000 + np.concatenate(parts_t))  # sorted, repeats dropped
     rows, ids = key // 400_000, (key % 400_000).astype(np.int32)
-    del key
 
     long_side = rng.integers(600, 4000, n)
     ratio = rng.choice([0.56, 0.67, 0.75, 1.0, 1.33, 1.5, 1.78], n)
@@ -98,7 +98,7 @@ def generate(n: int, seed: int = 0):
     height = np.where(wide, long_side / ratio, long_side).astype(np.int32)
     hexed = _hex(rng.integers(0, 256, (n, 16), dtype=np.uint8))
     ext = pa.array(rng.choice(["jpg"] * 70 + ["png"] * 25 + ["webp", "gif", "zip", "mp4", "webm"], n))
-    post_id = np.arange(1, n + 1, dtype=np.int64) * 3 // 2
+    post_id = (start + np.arange(1, n + 1, dtype=np.int64)) * 3 // 2
     batch = pa.table({
         "post_id": pa.array(post_id), "md5": hexed, "width": pa.array(width), "height": pa.array(height),
         "rating": pa.array(rng.choice(np.array(["g", "s", "q", "e"]), n, p=[0.45, 0.35, 0.12, 0.08])),
@@ -112,7 +112,7 @@ def generate(n: int, seed: int = 0):
         "is_deleted": pa.array(rng.random(n) < 0.03), "is_banned": pa.array(rng.random(n) < 0.005),
         "is_pending": pa.array(np.zeros(n, bool)), "variants": pa.nulls(n, POST_SCHEMA.field("variants").type),
     })
-    return _store_rows(batch, rows, ids, n), tags
+    return _store_rows(batch, rows, ids, n)
 
 
 def _hex(raw: np.ndarray) -> pa.Array:
@@ -134,27 +134,19 @@ def write_sqlite(posts: pa.Table, tags: TagDict, path: Path) -> None:
     cat = {0: "general", 1: "character", 2: "copyright", 3: "artist", 4: "meta"}
     db.executemany("INSERT INTO tag VALUES (?,?,?,0)",
                    ((i + 1, name, HAKU_TYPE[cat[c]]) for i, (name, c) in enumerate(zip(tags.names, tags.categories))))
-    n = posts.num_rows
-    rating = posts.column("rating").to_numpy()
-    flags = posts.column("flags").to_numpy()
-    cols = [posts.column(c).to_pylist() for c in ("post_id", "md5", "width", "height", "fav_count", "score", "file_ext", "file_url")]
-    step = 500_000
-    for s in range(0, n, step):
+    for part in posts.to_batches(max_chunksize=250_000):  # bounded memory: one slice at a time
+        c = {name: part.column(name).to_pylist() for name in
+             ("post_id", "md5", "width", "height", "fav_count", "score", "file_ext", "file_url", "rating", "flags")}
         db.executemany(
             f"INSERT INTO post VALUES ({','.join('?' * 26)})",
-            ((cols[0][i], "2020-01-01T00:00:00", 0, "", cols[1][i], None, 0, int(flags[i] & 1), int(flags[i] & 2 > 0), None, 0, 0, 1, 0,
-              cols[2][i], cols[3][i], 0, cols[6][i], int(rating[i]), cols[5][i], 0, 0, cols[4][i], cols[7][i], None, None)
-             for i in range(s, min(s + step, n))))
-    lists = posts.column("tag_ids").combine_chunks()
-    offsets = lists.offsets.to_numpy()
-    values = lists.values.to_numpy()
-    pid = posts.column("post_id").to_numpy()
-    step = 5_000_000
-    for s in range(0, len(values), step):
-        e = min(s + step, len(values))
-        owner = np.searchsorted(offsets, np.arange(s, e), side="right") - 1
+            ((c["post_id"][i], "2020-01-01T00:00:00", 0, "", c["md5"][i], None, 0, c["flags"][i] & 1, int(c["flags"][i] & 2 > 0),
+              None, 0, 0, 1, 0, c["width"][i], c["height"][i], 0, c["file_ext"][i], c["rating"][i], c["score"][i], 0, 0,
+              c["fav_count"][i], c["file_url"][i], None, None) for i in range(part.num_rows)))
+        lists = part.column("tag_ids")
+        lengths = pc.list_value_length(lists).to_numpy()
+        owners = np.repeat(part.column("post_id").to_numpy(), lengths)
         db.executemany("INSERT INTO posttagrelation (post_id, tag_id) VALUES (?,?)",
-                       zip(pid[owner].tolist(), (values[s:e] + 1).tolist()))
+                       zip(owners.tolist(), (lists.flatten().to_numpy() + 1).tolist()))
     db.commit()
     for s in ddl:
         if "INDEX" in s and "tag_name" not in s:

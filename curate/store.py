@@ -402,24 +402,23 @@ def write_generation(root: Path, posts: pa.Table, tags: TagDict, aliases: dict[s
     """Write a complete generation folder, then make it live."""
     root.mkdir(parents=True, exist_ok=True)
     current = root / "CURRENT"
-    live = current.read_text().strip() if current.is_file() else None
     gens = sorted(int(p.name[4:]) for p in root.glob("gen-*") if p.name[4:].isdigit())
     gen = root / f"gen-{(gens[-1] + 1 if gens else 1):06d}"
     shutil.rmtree(gen, ignore_errors=True)
     gen.mkdir()
 
     posts = posts.combine_chunks()
-    parents, flat = list_parts(posts.column("tag_ids"))
-    flat = flat.to_numpy() if len(flat) else np.empty(0, np.int32)
+    tag_lists = posts.column("tag_ids").chunk(0) if posts.num_rows else pa.array([], pa.list_(pa.int32()))
+    flat = tag_lists.flatten().to_numpy() if len(tag_lists.flatten()) else np.empty(0, np.int32)
     counts = np.bincount(flat, minlength=len(tags.names)) if len(tags.names) else np.empty(0, np.int64)
     pq.write_table(posts, gen / "posts.parquet", compression="zstd", row_group_size=256_000)
+    names = pa.array(tags.names, pa.string())
     pq.write_table(pa.table({
         "tag_id": pa.array(np.arange(len(tags.names), dtype=np.int32)),
-        "name": pa.array(tags.names, pa.string()),
+        "name": names,
         "category": pa.array([TAG_CATEGORIES[c] for c in tags.categories], pa.string()),
         "post_count": pa.array(counts.astype(np.int64)),
     }), gen / "tags.parquet")
-    names = pa.array(tags.names, pa.string())
     rank = rank_of(names)
     by_name = np.empty(len(rank), np.int32)
     by_name[rank] = np.arange(len(rank), dtype=np.int32)
@@ -428,10 +427,9 @@ def write_generation(root: Path, posts: pa.Table, tags: TagDict, aliases: dict[s
     pq.write_table(pa.table({"antecedent": pa.array(list(aliases), pa.string()),
                              "consequent": pa.array(list(aliases.values()), pa.string())}), gen / "aliases.parquet")
     _write_arrow(posts, gen / "posts.arrow")
-    # Inverted index: a stable sort by tag keeps each tag's rows ascending.
-    order = np.argsort(flat, kind="stable")
-    rows = parents[order].astype(np.int32)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    post_offsets = tag_lists.offsets.to_numpy() if posts.num_rows else np.zeros(1, np.int32)
+    rows = _postings(flat, post_offsets - post_offsets[0], offsets)
     postings = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(rows, pa.int32()))
     _write_arrow(pa.table({"rows": postings}), gen / "postings.arrow")
     (gen / "meta.json").write_text(json.dumps({
@@ -450,6 +448,24 @@ def write_generation(root: Path, posts: pa.Table, tags: TagDict, aliases: dict[s
         if old.name != gen.name:
             shutil.rmtree(old, ignore_errors=True)
     return gen
+
+
+def _postings(flat: np.ndarray, post_offsets: np.ndarray, tag_offsets: np.ndarray, chunk: int = 8_000_000) -> np.ndarray:
+    """Inverted index rows: for each tag, the rows carrying it, ascending.
+
+    A counting sort in chunks of the (row, tag) pairs, so memory stays near the
+    size of the output instead of a full argsort's int64 index."""
+    rows = np.empty(len(flat), np.int32)
+    fill = tag_offsets[:-1].copy()
+    for start in range(0, len(flat), chunk):
+        ids = flat[start:start + chunk]
+        owner = (np.searchsorted(post_offsets, np.arange(start, start + len(ids)), side="right") - 1).astype(np.int32)
+        order = np.argsort(ids, kind="stable")
+        ids_sorted = ids[order]
+        first = np.searchsorted(ids_sorted, ids_sorted, side="left")  # rank within its tag in this chunk
+        rows[fill[ids_sorted] + (np.arange(len(ids)) - first)] = owner[order]
+        fill += np.bincount(ids, minlength=len(fill))
+    return rows
 
 
 def _write_arrow(table: pa.Table, path: Path) -> None:
