@@ -110,10 +110,10 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
     if sel.skipped:
         typer.echo("  skipped from source: " + ", ".join(f"{k} {v}" for k, v in sorted(sel.skipped.items())))
     typer.echo(f"  {sel.table.num_rows} rows written")
-    if not no_images and images is not None:
-        from . import download
+    if not no_images:  # default: images/ beside the manifest
+        from .download import download_manifest
 
-        download.download_cli_hook(result.out, images)  # provided by the download stage
+        typer.echo(download_manifest(result.out, images).render())
 
 
 _QUERY_HELP = "Query spec (TOML), see DESIGN.md."
@@ -126,7 +126,7 @@ def fetch(
     source: str = typer.Option(..., "--source", help=_SOURCE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Manifest to write (default manifests/<query>.parquet)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the query's seed."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Download images into this folder."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Download images into this folder (default: images/ beside the manifest)."),
     no_images: bool = typer.Option(False, "--no-images", help="Write the manifest only."),
     rate: float = _RATE,
     user_agent: Optional[str] = _USER_AGENT,
@@ -142,7 +142,7 @@ def build_reg(
     source: str = typer.Option(..., "--source", help=_SOURCE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Manifest to write (default manifests/<query>.parquet)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the query's seed."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Download images into this folder."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Download images into this folder (default: images/ beside the manifest)."),
     no_images: bool = typer.Option(False, "--no-images", help="Write the manifest only."),
     rate: float = _RATE,
     user_agent: Optional[str] = _USER_AGENT,
@@ -272,7 +272,7 @@ def dedupe(
     typer.echo(f"  {s.duplicates} rows marked dup_of in {s.clusters} clusters"
                + (f"; {s.against} of them duplicate rows of --against ({s.against_rows} rows)" if against else ""))
     _show_errors(s.errors)
-    typer.echo(f"  manifest: {manifest} ({s.rows - s.duplicates} rows kept)")
+    typer.echo(f"  manifest: {manifest} ({s.rows - s.duplicates - s.skipped - s.failed} distinct images kept)")
 
 
 @app.command()
@@ -369,6 +369,7 @@ def tag(
     use_mcut: bool = typer.Option(False, "--mcut", help="Per image MCut thresholds instead (largest gap in the scores; character >= 0.15)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes \\[default: cores, at most 16, on cuda; half the cores on cpu]; 0: in-process."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (pays off on long GPU runs)."),
+    draft: bool = typer.Option(True, "--draft/--no-draft", help="Decode big JPEGs at reduced scale (much faster; --no-draft: bit-exact reference preprocessing)."),
 ) -> None:
     """Auto-tag images with a WD v3 tagger into the `tagger` column (tag, category, score).
 
@@ -380,8 +381,50 @@ def tag(
     from .tag import run
 
     s = run(manifest, model, batch_size=batch_size, device=device, general_threshold=general_threshold,
-            character_threshold=character_threshold, use_mcut=use_mcut, workers=workers, compile=compile)
+            character_threshold=character_threshold, use_mcut=use_mcut, workers=workers, compile=compile, draft=draft)
     for line in s.lines():
         typer.echo(line)
     if s.interrupted:
         raise typer.Exit(130)
+
+
+# --- training (issue 9) -------------------------------------------------------------
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Train config (TOML), e.g. configs/baxl_v3.toml; see curate.train_config."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="With --resume: the checkpoint folder to continue from.", show_default=False),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve config and data, load no model: buckets, images per bucket, reg balance, steps."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print JSON."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir (or from CHECKPOINT)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Fine-tune SDXL on the config's manifests (kohya-style recipe; see DESIGN.md).
+
+    Writes output_dir/checkpoints/step-N (full state for --resume, plus the model),
+    output_dir/metrics.jsonl, and at the end output_dir/diffusers/ and
+    output_dir/<output_name>.safetensors (single file, ComfyUI/A1111 layout).
+    Multi-GPU: accelerate launch -m curate train CONFIG.
+    """
+    import json
+
+    from . import train_config
+    from .train import dry_run as plan_run, render, train as run_train
+
+    if checkpoint is not None and not resume:
+        raise CurateError("a checkpoint path goes with --resume: curate train CONFIG --resume PATH")
+    if as_json and not dry_run:
+        raise CurateError("--json goes with --dry-run")
+    cfg = train_config.load(config)
+    if dry_run:
+        summary = plan_run(cfg)
+        typer.echo(json.dumps(summary, indent=1) if as_json else "\n".join(render(summary)))
+        return
+    r = run_train(cfg, resume=str(checkpoint) if checkpoint else resume, progress=not quiet, log=typer.echo)
+    typer.echo(f"train: {r['steps']} optimizer steps, last loss {r['loss']:.4f}, {r['steps_per_s']:.2f} steps/s, "
+               f"{100 * r['data_wait_share']:.1f}% of step time waiting for data")
+    typer.echo(f"  checkpoint: {r['checkpoint']}  (continue with --resume)")
+    for kind, path in r["exported"].items():
+        typer.echo(f"  model ({kind}): {path}")
+    typer.echo(f"  metrics: {r['metrics']}")

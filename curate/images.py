@@ -1,26 +1,110 @@
 """Safe image decoding, used by every stage that opens an image.
 
-Untrusted files: a pixel-count guard runs before any pixel is decoded, so a
-decompression bomb is an error row, never a memory blow-up. The result is always
-an RGB image in display orientation (EXIF applied), first frame of animations,
-alpha composited on white.
+Files are untrusted. A pixel-count guard runs on the header before any pixel is
+decoded, so a decompression bomb is an error row, never a memory blow-up. What a
+file is comes from its content, never from its name. `open_image` always returns
+an RGB image in display orientation (EXIF applied), the first frame of an
+animation, CMYK / palette / LA / 16-bit converted, alpha composited on white.
+Every failure is an ImageError whose text is the manifest's `error` value.
+
+    sniff(head) -> kind        what the first bytes are ("jpg", "png", "html", "zip", ...)
+    verify(path) -> (w, h, ext)  full decode of a downloaded file; ext from content
+    probe(path) -> (w, h, fmt)   header only
+    open_image(path) -> RGB Image
+    save_downscaled(src, dst, max_pixels, ext) -> (w, h)
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
 DEFAULT_MAX_PIXELS = 150_000_000  # ~12k x 12k; Danbooru's largest legitimate posts fit
 
 # Our own guard replaces Pillow's global one (which warns, then raises on 2x).
 Image.MAX_IMAGE_PIXELS = None
 
+# Pillow format -> stored extension. Only these are accepted as downloads.
+FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
+if features.check("avif"):
+    FORMAT_EXT["AVIF"] = "avif"
+_OPEN_FORMATS = [f for f in FORMAT_EXT if f != "MPO"]  # JPEG's opener yields MPO itself
+IMAGE_EXTS = frozenset(FORMAT_EXT.values()) | {"jpeg"}
+# Not images at all: Danbooru ugoira (zip), videos, flash. An error, not a decode attempt.
+NOT_IMAGE_EXTS = frozenset({"zip", "mp4", "webm", "swf", "mkv", "mov", "avi", "gz", "rar", "7z", "pdf"})
+
+_MAGIC = [  # (offset, bytes, kind); first match wins
+    (0, b"\xff\xd8\xff", "jpg"),
+    (0, b"\x89PNG\r\n\x1a\n", "png"),
+    (0, b"GIF87a", "gif"),
+    (0, b"GIF89a", "gif"),
+    (8, b"WEBP", "webp"),
+    (4, b"ftypavif", "avif"),
+    (4, b"ftypavis", "avif"),
+    (4, b"ftyp", "mp4"),
+    (0, b"\x1a\x45\xdf\xa3", "webm"),
+    (0, b"PK\x03\x04", "zip"),
+    (0, b"FWS", "swf"),
+    (0, b"CWS", "swf"),
+    (0, b"ZWS", "swf"),
+    (0, b"%PDF", "pdf"),
+    (0, b"\x1f\x8b", "gz"),
+    (0, b"BM", "bmp"),
+    (0, b"II*\x00", "tiff"),
+    (0, b"MM\x00*", "tiff"),
+]
+
 
 class ImageError(Exception):
     """The file is not a usable image; str(exc) is the manifest's `error` text."""
+
+
+def sniff(head: bytes) -> str | None:
+    """What the file is, from its first bytes (64 are plenty); None when unknown."""
+    for offset, magic, kind in _MAGIC:
+        if head[offset : offset + len(magic)] == magic:
+            return kind
+    text = head.lstrip()[:15].lower()
+    if text.startswith((b"<!doctype", b"<html", b"<head", b"<body", b"<?xml", b"<svg")):
+        return "svg" if b"svg" in text else "html"
+    if text.startswith((b"{", b"[")):
+        return "json"
+    return None
+
+
+def verify(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, str]:
+    """Fully decode (first frame) a file meant to be stored; return display (w, h, ext).
+
+    Only whitelisted formats (FORMAT_EXT) are opened at all, so hostile bytes never
+    reach an exotic decoder.
+    """
+    with open(path, "rb") as f:
+        kind = sniff(f.read(64))
+    if kind in NOT_IMAGE_EXTS or kind in ("bmp", "tiff", "svg"):
+        raise ImageError(f"unsupported: {kind}")
+    if kind == "avif" and "AVIF" not in FORMAT_EXT:
+        raise ImageError("unsupported: avif (this Pillow cannot read it)")
+    Image.init()  # register every plugin, or `formats=` trips over unloaded ones
+    try:
+        im = Image.open(path, formats=_OPEN_FORMATS)
+    except Exception as exc:
+        raise ImageError(f"decode: not an image ({kind})" if kind else f"decode: {_reason(exc)}") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageError(f"too many pixels: {w}x{h}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                im.load()
+            orientation = im.getexif().get(0x0112, 1)
+        except Exception as exc:
+            raise ImageError(f"decode: {_reason(exc)}") from None
+        ext = FORMAT_EXT[im.format]
+    return (h, w, ext) if orientation in (5, 6, 7, 8) else (w, h, ext)
 
 
 def probe(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, str]:
@@ -29,7 +113,7 @@ def probe(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tupl
         with Image.open(path) as im:
             w, h = im.size
             fmt = (im.format or "").lower()
-            orientation = im.getexif().get(0x0112, 1) if fmt in ("jpeg", "webp", "png", "tiff") else 1
+            orientation = im.getexif().get(0x0112, 1) if fmt in ("jpeg", "mpo", "webp", "png", "tiff") else 1
     except Exception as exc:  # PIL raises many types for junk input
         raise ImageError(f"decode: {_reason(exc)}") from None
     if w * h > max_pixels:
@@ -55,7 +139,7 @@ def open_image(
             raise ImageError(f"too many pixels: {w}x{h}")
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)
-        if draft_size and im.format == "JPEG":
+        if draft_size and im.format in ("JPEG", "MPO"):
             im.draft("RGB", draft_size)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -69,20 +153,57 @@ def open_image(
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any mode -> RGB; transparency composited on white."""
+    """Any mode -> RGB; transparency composited on white, 16-bit scaled to 8."""
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        im = im.point(lambda v: v / 256).convert("L")
-    if im.mode in ("LA", "PA"):
+    elif im.mode in ("L", "RGB") and "transparency" in im.info:  # tRNS colour key
+        im = im.convert("RGBA")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        im = im.point(lambda v: v / 256).convert("L")  # plain convert would clip, not scale
+    elif im.mode == "F":
+        im = im.point(lambda v: v * 255).convert("L")
+    if im.mode in ("LA", "La", "PA", "RGBa"):
         im = im.convert("RGBA")
     if im.mode == "RGBA":
         bg = Image.new("RGB", im.size, (255, 255, 255))
         bg.paste(im, mask=im.getchannel("A"))
         return bg
     if im.mode != "RGB":
-        im = im.convert("RGB")
+        im = im.convert("RGB")  # CMYK, 1, L, YCbCr, LAB, HSV
     return im
+
+
+def fit_pixels(w: int, h: int, max_pixels: int) -> tuple[int, int]:
+    """Largest (w, h) with the same aspect ratio and w*h <= max_pixels."""
+    if w * h <= max_pixels:
+        return w, h
+    scale = math.sqrt(max_pixels / (w * h))
+    nw, nh = max(1, int(w * scale)), max(1, int(h * scale))
+    return nw, nh
+
+
+_SAVE = {  # stored extension -> (Pillow format, save options); lossless stays lossless
+    "jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    "png": ("PNG", {"compress_level": 6}),
+    "webp": ("WEBP", {"quality": 95, "method": 4}),
+}
+DOWNSCALED_EXT = {"jpg": "jpg", "png": "png", "gif": "png", "webp": "webp", "avif": "webp"}
+
+
+def save_downscaled(src, dst, max_pixels: int, ext: str, guard: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Decode `src`, resize (Lanczos) to fit `max_pixels`, save to `dst` as DOWNSCALED_EXT[ext].
+
+    The result is RGB in display orientation (no EXIF rotation left to apply).
+    """
+    with Image.open(src) as head:
+        w, h = head.size
+    tw, th = fit_pixels(w, h, max_pixels)
+    im = open_image(src, max_pixels=guard, draft_size=(tw, th))
+    if im.size[0] * im.size[1] > max_pixels:
+        im = im.resize(fit_pixels(*im.size, max_pixels), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    fmt, opts = _SAVE[DOWNSCALED_EXT[ext]]
+    im.save(dst, fmt, **opts)
+    return im.size
 
 
 def _reason(exc: Exception) -> str:

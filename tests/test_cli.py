@@ -119,3 +119,40 @@ def test_user_errors_are_one_line_exit_2(corpus, args, needle):
     out = curate(*[a.format(d=corpus) for a in args])
     assert out.returncode == 2
     assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_build_reg_downloads_images_from_a_local_server(tmp_path):
+    import hashlib
+    import http.server
+    import threading
+    from functools import partial
+
+    from PIL import Image
+
+    files = tmp_path / "cdn"
+    files.mkdir()
+    posts = make_posts(40, seed=31)
+    for p in posts:
+        p["file_ext"] = "png"
+        path = files / f"{p['id']}.png"
+        Image.new("RGB", (p["image_width"] // 20, p["image_height"] // 20), (p["id"] % 255, 80, 160)).save(path)
+        p["md5"] = hashlib.md5(path.read_bytes()).hexdigest()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(files))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for p in posts:
+            p["file_url"] = f"http://127.0.0.1:{server.server_port}/{p['id']}.png"
+        (tmp_path / "posts.jsonl").write_text("\n".join(json.dumps(p) for p in posts))
+        (tmp_path / "q.toml").write_text('name="q"\nclass_token="solo"\ntags=["1girl"]\ncount=5\n')
+        out = curate("build-reg", tmp_path / "q.toml", "--source", f"dump:{tmp_path / 'posts.jsonl'}",
+                     "--out", tmp_path / "m" / "reg.parquet", "--images", tmp_path / "m" / "images")
+        assert out.returncode == 0, out.stderr
+        rows = pq.read_table(tmp_path / "m" / "reg.parquet").to_pylist()
+        assert len(rows) == 5 and all(r["error"] is None for r in rows)
+        for r in rows:
+            f = tmp_path / "m" / r["path"]
+            assert f.is_file() and hashlib.md5(f.read_bytes()).hexdigest() == r["md5"]
+    finally:
+        server.shutdown()

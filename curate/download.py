@@ -1,0 +1,508 @@
+"""Download a manifest's images into a content-addressed folder, every file verified.
+
+    download_manifest(manifest, images=None, **options) -> Summary
+        read the manifest, download, write it back (also every 30 s while running).
+        fetch / build-reg call this after selection with their `--images DIR`.
+    download_table(table, base_dir, Options, checkpoint=None) -> (table, Summary)
+        the stage itself: manifest in -> manifest out.
+
+Storage: DIR/<md5[:2]>/<name>.<ext>. <name> is the post's md5 for the original
+file, `<md5>.sample` / `<md5>.720` for a Danbooru variant, plus `.max<N>` when
+--max-pixels N downscaled it; without a source md5, the md5 of the content. <ext>
+comes from the decoded content (jpg png webp gif avif). Metadata (ids, md5,
+file_ext, URLs) is untrusted: names are built only from validated hex and fixed
+words, so nothing is ever written outside DIR. Bytes go to DIR/.part/, are checked
+(size, md5/sha256 when the source gives one, full decode, pixel guard), then renamed
+into place; a file under its final name is therefore complete. After kill -9 a
+re-run finds those files (re-verifying them), drops the dead process's .part files,
+and fetches the rest. Failed rows keep their place with `error` set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import re
+import threading
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from . import images as img
+from .errors import CurateError
+
+VARIANTS = {"original": "original", "sample": "sample", "720": "720x720"}
+CHUNK = 1 << 18
+CHECKPOINT_SECONDS = 30
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass
+class Options:
+    images: Path
+    variant: str = "original"  # original | sample | 720 (Danbooru media_asset variants)
+    max_pixels: int | None = None  # downscale bigger images on save
+    from_tars: str | None = None  # folder or http(s) URL of data-XXXX.tar shards
+    workers: int = 8
+    rate: float | None = None  # requests/s per host; None: http.py's defaults
+    retries: int = 3
+    backoff: float = 0.5
+    timeout: tuple[float, float] = (10.0, 60.0)  # connect, read (between bytes)
+    deadline: float = 600.0  # seconds for one whole file, against slow-drip servers
+    max_bytes: int = 512 << 20
+    guard_pixels: int = img.DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    rows: int = 0
+    downloaded: int = 0  # fetched and stored this run
+    reused: int = 0  # found in DIR (verified) without fetching
+    already: int = 0  # done in the manifest already, untouched
+    failed: Counter = field(default_factory=Counter)  # reason -> rows
+    bytes: int = 0  # size of the files stored this run
+    seconds: float = 0.0
+    images: Path | None = None
+    manifest: Path | None = None
+
+    def render(self) -> str:
+        ok = self.downloaded + self.reused + self.already
+        lines = [
+            f"{self.rows} rows: {ok} with images ({self.downloaded} downloaded, "
+            f"{self.reused} found on disk, {self.already} already done), {sum(self.failed.values())} failed",
+            f"{_size(self.bytes)} newly stored in {self.seconds:.1f} s",
+        ]
+        lines += [f"  {n:>6}  {reason}" for reason, n in self.failed.most_common()]
+        if self.images:
+            lines.append(f"images:   {self.images}")
+        if self.manifest:
+            lines.append(f"manifest: {self.manifest}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Job:
+    rows: list[int]
+    stem: str | None  # final name without extension; None: md5 of the content
+    md5: str | None  # expected md5 of the fetched bytes
+    url: str | None = None
+    post_id: int | None = None
+
+
+class _Fail(Exception):
+    """One item failed; str is the row's `error`."""
+
+
+def download_manifest(manifest, images=None, **options) -> Summary:
+    from . import manifest as mf
+
+    path = Path(manifest)
+    table, meta = mf.read(path)
+    opts = Options(images=Path(images) if images else path.parent / "images", **options)
+    try:
+        table, summary = download_table(table, path.parent, opts, checkpoint=lambda t: mf.write(t, path, meta))
+    except KeyboardInterrupt:
+        raise CurateError(f"interrupted; finished rows are saved in {path}, re-run to go on", 130) from None
+    mf.record_stage(meta, "download", images=str(opts.images), variant=opts.variant,
+                    max_pixels=opts.max_pixels, from_tars=opts.from_tars)
+    mf.write(table, path, meta)
+    summary.manifest = path
+    return summary
+
+
+def download_table(table, base_dir, opts: Options, checkpoint=None):
+    """Fill path / width / height / error for every row that needs an image."""
+    from tqdm import tqdm
+
+    from . import http
+    from .manifest import with_column
+
+    _check_options(opts)
+    started = time.monotonic()
+    base_dir = Path(base_dir).resolve()
+    root = opts.images
+    if root.exists() and not root.is_dir():
+        raise CurateError(f"--images is not a folder: {root}")
+    root.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()
+    cols = {c: table.column(c).to_pylist() for c in
+            ("post_id", "md5", "file_url", "file_ext", "variants", "path", "error", "width", "height")}
+    out = {c: list(cols[c]) for c in ("path", "error", "width", "height")}
+    summary = Summary(rows=table.num_rows, images=root)
+
+    jobs: dict[str, _Job] = {}
+    for i in range(table.num_rows):
+        row = {c: v[i] for c, v in cols.items()}
+        planned = _plan(row, base_dir, opts)
+        if planned == "done":
+            summary.already += 1
+        elif isinstance(planned, str):
+            out["error"][i], out["path"][i] = planned, None
+        else:
+            key = planned.stem or planned.url or f"post {planned.post_id}"
+            jobs.setdefault(key, planned).rows.append(i)  # same file for several rows: one job
+
+    store = _Store(root, opts)
+    if opts.rate is not None:
+        for host in {urlsplit(j.url).hostname for j in jobs.values() if j.url} | store.hosts():
+            http.set_rate(host, opts.rate)
+
+    def apply(job, result):
+        if isinstance(result, str):
+            values = {"error": result, "path": None}
+        else:
+            rel, w, h, fresh, size = result
+            summary.bytes += size
+            values = {"error": None, "path": rel, "width": w, "height": h}
+            if fresh:
+                summary.downloaded += 1
+            else:
+                summary.reused += 1
+        for i in job.rows:
+            for c, v in values.items():
+                out[c][i] = v
+
+    def updated():
+        t = table
+        for c, v in out.items():
+            t = with_column(t, c, v)
+        return t
+
+    bar = tqdm(total=len(jobs), desc="download", unit="img", disable=not opts.progress, dynamic_ncols=True)
+    pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="curate-dl")
+    feed, in_flight = iter(jobs.values()), {}
+    last_save = time.monotonic()
+    try:
+        while True:  # a bounded number of futures in flight: memory stays flat
+            for job in itertools.islice(feed, opts.workers * 4 - len(in_flight)):
+                in_flight[pool.submit(store.run, job, base_dir)] = job
+            if not in_flight:
+                break
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for fut in done:
+                apply(in_flight.pop(fut), fut.result())
+                bar.update(1)
+            if checkpoint and time.monotonic() - last_save > CHECKPOINT_SECONDS:
+                checkpoint(updated())
+                last_save = time.monotonic()
+    except BaseException:  # Ctrl-C or a bug: abandon downloads, keep finished rows
+        store.stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if checkpoint:
+            checkpoint(updated())
+        raise
+    finally:
+        pool.shutdown()
+        bar.close()
+
+    for e in out["error"]:
+        if e:
+            summary.failed[_reason(e)] += 1
+    summary.seconds = time.monotonic() - started
+    return updated(), summary
+
+
+def _check_options(opts: Options) -> None:
+    if opts.variant not in VARIANTS:
+        raise CurateError(f"--variant must be one of {', '.join(VARIANTS)}, not {opts.variant!r}")
+    if opts.max_pixels is not None and opts.max_pixels < 64 * 64:
+        raise CurateError(f"--max-pixels must be at least 4096, not {opts.max_pixels}")
+    if opts.workers < 1:
+        raise CurateError("--workers must be at least 1")
+    if opts.rate is not None and opts.rate <= 0:
+        raise CurateError("--rate must be > 0")
+    tars = opts.from_tars
+    if tars and not str(tars).startswith(("http://", "https://")) and not Path(tars).is_dir():
+        raise CurateError(f"--from-tars: no such folder: {tars}")
+
+
+def _plan(row: dict, base_dir: Path, opts: Options):
+    """'done', an error string, or a _Job."""
+    md5 = (row["md5"] or "").strip().lower() or None
+    if md5 is not None and not _MD5.fullmatch(md5):
+        return "invalid md5"
+    variant = "original" if opts.from_tars else opts.variant
+    stem = md5 if md5 is None or variant == "original" else f"{md5}.{variant}"
+    if row["path"] and not row["error"] and _still_good(row, base_dir, stem, opts):
+        return "done"
+    ext = (row["file_ext"] or "").strip().lower()
+    if ext in img.NOT_IMAGE_EXTS:
+        return f"unsupported: {ext}"
+    if opts.from_tars:
+        pid = row["post_id"]
+        if pid is None or pid < 0:
+            return "no post id (needed for --from-tars)"
+        return _Job([], stem, md5, post_id=pid)
+    url, used = _choose_url(row, VARIANTS[opts.variant])
+    if url is None:  # Danbooru drops md5 and URLs of posts the account may not see
+        return "hidden" if md5 is None else "no url (images of this source need --from-tars)"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "bad url"
+    if md5 is not None and used != "original":
+        return _Job([], stem, None, url=url)
+    return _Job([], md5, md5, url=url)
+
+
+def _still_good(row, base_dir: Path, stem: str | None, opts: Options) -> bool:
+    """A row done before counts as done if its file is there and fits this run's options."""
+    p = Path(row["path"])
+    if not (base_dir / p).is_file():
+        return False
+    if stem is not None and re.sub(r"\.max\d+$", "", p.name.rpartition(".")[0]) != stem:
+        return False  # another variant, or named by content
+    if opts.max_pixels and (row["width"] or 0) * (row["height"] or 0) > opts.max_pixels:
+        return False
+    return True
+
+
+def _choose_url(row: dict, variant_type: str) -> tuple[str | None, str]:
+    for v in row["variants"] or ():
+        if v and v.get("type") == variant_type and v.get("url"):
+            return v["url"], variant_type
+    return (row["file_url"] or None), "original"
+
+
+def _reason(error: str) -> str:
+    """Group errors for the summary: 'decode: truncated' -> 'decode'."""
+    return error if error.startswith("unsupported") else error.split(":")[0]
+
+
+class _Store:
+    """The content-addressed folder and the per-thread work on it."""
+
+    def __init__(self, root: Path, opts: Options):
+        from . import http
+
+        self.root, self.opts = root, opts
+        self.parts = root / ".part"
+        self.parts.mkdir(exist_ok=True)
+        self.stop = threading.Event()
+        self._local = threading.local()
+        self._counter = itertools.count()
+        self._new_session = lambda: http.session(
+            retries=opts.retries, backoff=opts.backoff, timeout=opts.timeout, pool_size=2)
+        self.tars = None
+        if opts.from_tars:
+            from .tars import TarShards
+
+            self.tars = TarShards(opts.from_tars, self._session)
+        self.index = self._scan()
+
+    def hosts(self) -> set[str]:
+        return {urlsplit(self.opts.from_tars).hostname} if self.tars and self.tars.remote else set()
+
+    def _scan(self) -> dict[str, Path]:
+        """Final files already in DIR by name stem; .part files of dead processes removed."""
+        for part in self.parts.glob("*.part"):
+            pid = part.name.split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                part.unlink(missing_ok=True)
+        index = {}
+        for sub in self.root.iterdir():
+            if len(sub.name) != 2 or not sub.is_dir() or sub.is_symlink():
+                continue
+            for f in sub.iterdir():
+                stem, _, ext = f.name.rpartition(".")
+                if ext in img.IMAGE_EXTS:
+                    index[stem] = f
+        return index
+
+    def _session(self):
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = self._local.session = self._new_session()
+        return s
+
+    def run(self, job: _Job, base_dir: Path):
+        """-> (relative path, width, height, fresh, bytes) or an error string."""
+        try:
+            final, w, h, fresh = self._existing(job) or self._fetch(job)
+        except _Fail as exc:
+            return str(exc)
+        except img.ImageError as exc:
+            return str(exc)
+        except OSError as exc:  # disk full, permissions, a file where a folder should be
+            return f"io: {exc.strerror or exc}"
+        try:
+            rel = os.path.relpath(final, base_dir)
+        except ValueError:  # another drive (Windows)
+            rel = str(final)
+        return rel, w, h, fresh, (final.stat().st_size if fresh else 0)
+
+    # -- files already on disk -------------------------------------------------
+
+    def _existing(self, job: _Job):
+        if job.stem is None:
+            return None
+        mp = self.opts.max_pixels
+        for name in ([f"{job.stem}.max{mp}"] if mp else []) + [job.stem]:
+            f = self.index.get(name)
+            if f is None:
+                continue
+            try:
+                if name == job.md5 and _md5_file(f) != job.md5:
+                    raise img.ImageError("md5 mismatch")
+                w, h, ext = img.verify(f, self.opts.guard_pixels)
+                if ext != f.suffix[1:]:
+                    raise img.ImageError("content is not its extension")
+            except (img.ImageError, OSError):
+                f.unlink(missing_ok=True)  # ours and bad: fetch again
+                continue
+            if mp and w * h > mp:  # stored whole by an earlier run: downscale from it
+                return self._place(f, job.stem, w, h, ext) + (False,)  # f stays
+            return f, w, h, False
+        return None
+
+    # -- fetching ----------------------------------------------------------------
+
+    def _new_part(self) -> Path:  # named by pid so a re-run can tell a dead run's leftovers
+        return self.parts / f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}.part"
+
+    def _fetch(self, job: _Job):
+        part = self._new_part()
+        try:
+            digest = self._fetch_to(job, part)
+            if job.md5 is not None and digest != job.md5:
+                raise _Fail("md5 mismatch")
+            w, h, ext = img.verify(part, self.opts.guard_pixels)
+            final, w, h = self._place(part, job.stem or digest, w, h, ext)
+            return final, w, h, True
+        finally:
+            part.unlink(missing_ok=True)
+
+    def _fetch_to(self, job: _Job, part: Path) -> str:
+        """Bytes into `part`, with bounded retries for transient errors; -> md5 hex."""
+        import requests
+
+        attempts = 1 + self.opts.retries
+        for attempt in range(attempts):
+            try:
+                return self._write(job, part)
+            except requests.exceptions.RequestException as exc:  # broke off inside the body
+                if attempt + 1 == attempts or self.stop.is_set():
+                    raise _Fail(_net_reason(exc)) from None
+                time.sleep(self.opts.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _write(self, job: _Job, part: Path) -> str:
+        import requests
+
+        from .tars import TarError
+
+        md5, sha = hashlib.md5(), None
+        expected_size = expected_sha = None
+        if self.tars is not None:
+            try:
+                m = self.tars.member(job.post_id)
+                if m.ext in img.NOT_IMAGE_EXTS:
+                    raise _Fail(f"unsupported: {m.ext}")
+                if m.size > self.opts.max_bytes:
+                    raise _Fail("too large")
+                expected_size, expected_sha = m.size, (m.sha256 or "").lower() or None
+                sha = hashlib.sha256() if expected_sha else None
+                chunks = self.tars.chunks(m, self._session() if self.tars.remote else None)
+                resp = None
+            except TarError as exc:
+                raise _Fail(str(exc)) from None
+        else:
+            try:  # urllib3 already retried what happens before the body
+                resp = self._session().get(job.url, stream=True)
+            except requests.exceptions.RequestException as exc:
+                raise _Fail(_net_reason(exc)) from None
+            if resp.status_code != 200:
+                resp.close()
+                raise _Fail(f"http {resp.status_code}")
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > self.opts.max_bytes:
+                resp.close()
+                raise _Fail("too large")
+            chunks = resp.iter_content(CHUNK)
+        deadline = time.monotonic() + self.opts.deadline
+        size = 0
+        try:
+            with open(part, "wb") as f:
+                for data in chunks:
+                    size += len(data)
+                    if size > self.opts.max_bytes:
+                        raise _Fail("too large")
+                    if self.stop.is_set():
+                        raise _Fail("interrupted")
+                    if time.monotonic() > deadline:
+                        raise _Fail("timeout")
+                    md5.update(data)
+                    if sha is not None:
+                        sha.update(data)
+                    f.write(data)
+        except TarError as exc:
+            raise _Fail(str(exc)) from None
+        finally:
+            if resp is not None:
+                resp.close()
+        if expected_size is not None and size != expected_size:
+            raise _Fail("truncated body")
+        if sha is not None and sha.hexdigest() != expected_sha:
+            raise _Fail("sha256 mismatch")
+        return md5.hexdigest()
+
+    def _place(self, src: Path, stem: str, w: int, h: int, ext: str):
+        """Move (or downscale) a verified file to its final name; -> (path, w, h)."""
+        sub = self.root / stem[:2]
+        sub.mkdir(exist_ok=True)
+        if sub.is_symlink() or sub.resolve().parent != self.root:
+            raise _Fail(f"unsafe images folder: {sub} is a link")
+        mp = self.opts.max_pixels
+        if mp and w * h > mp:
+            tmp = self._new_part()
+            try:
+                new_ext = img.DOWNSCALED_EXT[ext]
+                w, h = img.save_downscaled(src, tmp, mp, ext, self.opts.guard_pixels)
+                final = sub / f"{stem}.max{mp}.{new_ext}"
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            final = sub / f"{stem}.{ext}"
+            os.replace(src, final)
+        self.index[final.name.rpartition(".")[0]] = final
+        return final, w, h
+
+
+def _net_reason(exc: Exception) -> str:
+    import requests
+
+    text = str(exc)
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "truncated body"
+    if isinstance(exc, requests.exceptions.Timeout) or "timed out" in text.lower():
+        return "timeout"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return "connection failed"
+    return f"request failed: {type(exc).__name__}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while data := f.read(1 << 20):
+            h.update(data)
+    return h.hexdigest()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,212 @@
+"""curate.images on real files written by Pillow (and a few hand-made hostile ones)."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curate import images
+from curate.images import ImageError
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_bomb(w=100_000, h=100_000) -> bytes:
+    """A tiny PNG whose header claims w x h pixels."""
+    raw = zlib.compress(b"\0" * 8)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(w=64, h=48) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.uint8)
+    y = np.linspace(0, 255, h, dtype=np.uint8)
+    rgb = np.stack([np.tile(x, (h, 1)), np.tile(y[:, None], (1, w)), np.full((h, w), 90, np.uint8)], -1)
+    return Image.fromarray(rgb, "RGB")
+
+
+def exif_rotated_jpeg() -> bytes:
+    """Stored 60x20 (left half red); orientation 6 = display rotated 90 degrees clockwise."""
+    im = Image.new("RGB", (60, 20), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 30, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(im, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def palette_png_transparent() -> bytes:
+    im = Image.new("P", (10, 10), 0)
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    im.paste(1, (0, 0, 5, 10))  # left half red, right half index 0 = transparent
+    return encode(im, "PNG", transparency=0)
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def write(tmp_path, name, data: bytes):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+@pytest.mark.parametrize(
+    "head, kind",
+    [
+        (b"\xff\xd8\xff\xe0....", "jpg"),
+        (b"\x89PNG\r\n\x1a\n....", "png"),
+        (b"GIF89a....", "gif"),
+        (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "webp"),
+        (b"\x00\x00\x00\x1cftypavif", "avif"),
+        (b"\x00\x00\x00\x18ftypisom", "mp4"),
+        (b"PK\x03\x04....", "zip"),
+        (b"  <!DOCTYPE html><html>", "html"),
+        (b"{\"success\": false}", "json"),
+        (b"hello", None),
+    ],
+)
+def test_sniff(head, kind):
+    assert images.sniff(head) == kind
+
+
+def test_verify_reports_display_size_and_format_by_content(tmp_path):
+    assert images.verify(write(tmp_path, "a.jpg", encode(gradient(), "JPEG"))) == (64, 48, "jpg")
+    # PNG bytes behind a .jpg name: the content decides
+    assert images.verify(write(tmp_path, "b.jpg", encode(gradient(40, 30), "PNG"))) == (40, 30, "png")
+    assert images.verify(write(tmp_path, "c.webp", encode(gradient(50, 20), "WEBP"))) == (50, 20, "webp")
+    assert images.verify(write(tmp_path, "d.jpg", exif_rotated_jpeg())) == (20, 60, "jpg")
+    assert images.verify(write(tmp_path, "e.gif", animated_gif())) == (8, 8, "gif")
+
+
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b"<!DOCTYPE html><html><body>rate limited</body></html>", "decode: not an image (html)"),
+        (b"PK\x03\x04" + b"\0" * 100, "unsupported: zip"),
+        (png_header_bomb(), "too many pixels: 100000x100000"),
+        (encode(gradient(), "BMP"), "unsupported: bmp"),
+        (b"\x00" * 50, "decode: cannot identify image file"),
+    ],
+)
+def test_verify_rejects(tmp_path, data, error):
+    with pytest.raises(ImageError) as exc:
+        images.verify(write(tmp_path, "x.jpg", data))
+    assert str(exc.value).startswith(error)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_truncated_files_are_errors(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    data = encode(noisy, fmt)
+    p = write(tmp_path, "t", data[: len(data) // 2])
+    with pytest.raises(ImageError) as exc:
+        images.verify(p)
+    assert str(exc.value).startswith("decode: ")
+    with pytest.raises(ImageError):
+        images.open_image(p)
+
+
+def test_real_decompression_bomb_is_refused_before_decoding(tmp_path):
+    # 13000 x 13000 1-bit: a ~25 KB file that would decode to 169 Mpx (> the 150 Mpx guard)
+    p = tmp_path / "bomb.png"
+    Image.new("1", (13_000, 13_000)).save(p, "PNG")
+    assert p.stat().st_size < 1_000_000
+    for fn in (images.verify, images.open_image, images.probe):
+        with pytest.raises(ImageError, match="too many pixels: 13000x13000"):
+            fn(p)
+
+
+def test_open_image_cmyk(tmp_path):
+    p = write(tmp_path, "cmyk.jpg", encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95))
+    im = images.open_image(p)
+    assert im.mode == "RGB"
+    r, g, b = im.getpixel((8, 8))
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_open_image_applies_exif_orientation(tmp_path):
+    im = images.open_image(write(tmp_path, "rot.jpg", exif_rotated_jpeg()))
+    assert im.size == (20, 60)
+    assert images.probe(tmp_path / "rot.jpg")[:2] == (20, 60)
+    # stored left half (red) is the top after a 90-degree clockwise turn
+    top, bottom = im.getpixel((10, 5)), im.getpixel((10, 55))
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_open_image_palette_transparency_on_white(tmp_path):
+    im = images.open_image(write(tmp_path, "p.png", palette_png_transparent()))
+    assert im.mode == "RGB"
+    assert im.getpixel((2, 5)) == (255, 0, 0)
+    assert im.getpixel((8, 5)) == (255, 255, 255)
+
+
+def test_open_image_la_and_rgba_composite_on_white(tmp_path):
+    la = Image.new("LA", (4, 4), (0, 0))  # fully transparent black
+    la.putpixel((0, 0), (0, 255))
+    im = images.open_image(write(tmp_path, "la.png", encode(la, "PNG")))
+    assert im.getpixel((0, 0)) == (0, 0, 0) and im.getpixel((3, 3)) == (255, 255, 255)
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 255, 128))
+    r, g, b = images.open_image(write(tmp_path, "rgba.webp", encode(rgba, "WEBP", lossless=True))).getpixel((1, 1))
+    assert 120 <= r <= 135 and b == 255
+
+
+def test_open_image_16_bit_scaled_not_clipped(tmp_path):
+    a = np.full((4, 4), 32768, np.uint16)
+    a[0, 0] = 65535
+    im = images.open_image(write(tmp_path, "g16.png", encode(Image.fromarray(a), "PNG")))
+    assert im.mode == "RGB"
+    assert im.getpixel((1, 1)) == (128, 128, 128) and im.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_open_image_animated_takes_first_frame(tmp_path):
+    im = images.open_image(write(tmp_path, "anim.gif", animated_gif()))
+    r, g, b = im.getpixel((4, 4))
+    assert r > 200 and b < 60
+
+
+def test_guard_is_configurable(tmp_path):
+    p = write(tmp_path, "a.png", encode(gradient(100, 100), "PNG"))
+    with pytest.raises(ImageError, match="too many pixels: 100x100"):
+        images.open_image(p, max_pixels=9_999)
+    with pytest.raises(ImageError, match="too many pixels"):
+        images.verify(p, max_pixels=9_999)
+
+
+@pytest.mark.parametrize("fmt, ext, out", [("JPEG", "jpg", "JPEG"), ("PNG", "png", "PNG"), ("GIF", "gif", "PNG")])
+def test_save_downscaled_keeps_aspect_under_the_limit(tmp_path, fmt, ext, out):
+    src = write(tmp_path, "big", encode(gradient(400, 200), fmt))
+    w, h = images.save_downscaled(src, tmp_path / "small", 20_000, ext)
+    assert w * h <= 20_000 and abs(w / h - 2) < 0.02
+    with Image.open(tmp_path / "small") as im:
+        assert im.size == (w, h) and im.format == out
+
+
+def test_fit_pixels():
+    assert images.fit_pixels(100, 50, 10_000) == (100, 50)
+    w, h = images.fit_pixels(4000, 6000, 1024 * 1024)
+    assert w * h <= 1024 * 1024 and (w, h) == (836, 1254)
+
+
+def test_avif_is_accepted_when_pillow_reads_it(tmp_path):
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    p = write(tmp_path, "a.avif", encode(gradient(32, 16), "AVIF", quality=80))
+    assert images.sniff(p.read_bytes()[:64]) == "avif"
+    assert images.verify(p) == (32, 16, "avif")
