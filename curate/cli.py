@@ -225,7 +225,7 @@ def _show_errors(errors: list, limit: int = 5) -> None:
 @app.command()
 def ingest(
     folder: Path = typer.Argument(..., help="Folder of local images (searched recursively)."),
-    out: Path = typer.Option(..., "--out", help="Manifest to create, or to grow if it exists."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Manifest to create, or to grow if it exists (default manifests/<name>.parquet)."),
     name: Optional[str] = typer.Option(None, "--name", help="Subset name for the rows (default: the folder's name)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)."),
 ) -> None:
@@ -237,6 +237,7 @@ def ingest(
     """
     from .ingest import run
 
+    out = out or Path("manifests") / f"{name or folder.resolve().name}.parquet"
     s = run(folder, out, name, workers)
     typer.echo(f"ingest: {s.found} image files in {folder}: {s.added} added, {s.existing} already in the "
                f"manifest, {s.failed} unreadable (error rows), {s.copies} byte-identical copies")
@@ -252,7 +253,7 @@ def ingest(
 def dedupe(
     manifest: Path = typer.Argument(..., help="Manifest to deduplicate (written back in place)."),
     against: Optional[List[Path]] = typer.Option(None, "--against", help="Other manifest(s): rows here that duplicate theirs get dup_of = their key. Repeatable."),
-    threshold: Optional[int] = typer.Option(None, "--threshold", help="Max phash Hamming distance (bits) for a near duplicate [default: measured, see dedupe.DEFAULT_THRESHOLD]."),
+    threshold: Optional[int] = typer.Option(None, "--threshold", help="Max phash Hamming distance (bits) for a near duplicate, 0-24 (default: 10, measured by benchmarks/bench_dedupe_quality.py)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for hashing (default: all cores)."),
 ) -> None:
     """Mark exact and near duplicates (dup_of); the row with most pixels is kept.
@@ -280,7 +281,7 @@ def crop(
     manifest: Path = typer.Argument(..., help="Manifest whose images to crop (written back in place)."),
     max_pixels: Optional[str] = typer.Option(None, "--max-pixels", help="Downscale to at most this area: a pixel count or WxH, e.g. 1280x1280."),
     trim_borders: bool = typer.Option(True, "--trim-borders/--no-trim-borders", help="Trim letterbox/pillarbox bars and flat borders."),
-    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for derived images [default: <manifest>_crops beside the manifest]."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for derived images (default: <manifest name>_crops beside the manifest)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)."),
 ) -> None:
     """Trim borders and downscale into a separate folder (originals untouched).

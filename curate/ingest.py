@@ -1,0 +1,167 @@
+"""Local images (an official CG folder) -> manifest rows.
+
+One row per image file found recursively: key `local/<sha256 prefix>` of the bytes,
+width/height, `subset` = the ingest name, `path` and `source_path` relative to the
+manifest's folder, `sha256` (extension column, reused by dedupe). A file Pillow
+cannot decode becomes a row with `error`. Re-ingesting a grown folder keeps every
+existing row as it is and adds only files whose `source_path` is new.
+
+Byte-identical copies keep a row each (dedupe marks them); the later copy's key is
+the sha256 prefix of its bytes plus its relative path, so keys stay unique and stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from .errors import CurateError
+from .images import ImageError, open_image, probe
+
+KEY_HEX = 16  # 64 bits of sha256: no accidental collision among millions of files
+SKIP_SUFFIXES = {".parquet", ".part", ".txt", ".json", ".toml", ".caption", ".npz", ".db"}
+
+
+@dataclass
+class Summary:
+    found: int = 0
+    added: int = 0
+    existing: int = 0
+    failed: int = 0
+    copies: int = 0
+    not_images: int = 0
+    missing: int = 0
+    rows: int = 0
+    errors: list = field(default_factory=list)
+
+
+def _looks_like_image(path: Path, known: set) -> bool:
+    """By an extension Pillow can open; other names are sniffed (header only)."""
+    suffix = path.suffix.lower()
+    if path.name.startswith("."):  # .DS_Store, macOS "._x.jpg" resource forks
+        return False
+    if suffix in known:
+        return True
+    if suffix in SKIP_SUFFIXES:
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except Exception:
+        return False
+
+
+def find_images(folder: Path, exclude: set[Path]) -> tuple[list[Path], int]:
+    """Image files under `folder` (sorted, hidden folders skipped) and the non-image count."""
+    from PIL import Image
+
+    Image.init()
+    known = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    found, others = [], 0
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            p = Path(root) / name
+            if p.resolve() in exclude or not p.is_file():
+                continue
+            if _looks_like_image(p, known):
+                found.append(p)
+            else:
+                others += 1
+    return found, others
+
+
+def inspect_file(path: str) -> dict:
+    """Worker: digest of the bytes, size from the header, and a full (draft) decode."""
+    out = {"width": None, "height": None, "error": None}
+    try:
+        with open(path, "rb") as f:
+            out["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    except OSError as exc:  # still a row; its key derives from the path instead
+        out["sha256"] = hashlib.sha256(f"unreadable\0{path}".encode()).hexdigest()
+        out["error"] = f"ingest: cannot read file: {exc.strerror or exc}"
+        return out
+    try:
+        out["width"], out["height"], _ = probe(path)
+        open_image(path, draft_size=(64, 64))  # truncated / corrupt data fails here
+    except ImageError as exc:
+        out["error"] = f"ingest: {exc}"
+    return out
+
+
+def ingest(table: pa.Table | None, folder: Path, base: Path, name: str,
+           workers: int | None = None) -> tuple[pa.Table, Summary]:
+    """Add the folder's new image files to `table` (None: a new manifest)."""
+    from .dedupe import default_workers, parallel_map
+    from .manifest import conform
+    from .schema import MANIFEST_SCHEMA
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CurateError(f"not a folder: {folder}")
+    table = conform(table if table is not None else MANIFEST_SCHEMA.empty_table())
+    s = Summary()
+    known_src = {p for p in table.column("source_path").to_pylist() if p}
+    known = known_src | {p for p in table.column("path").to_pylist() if p}  # + derived files
+    keys = set(table.column("key").to_pylist())
+    s.missing = sum(1 for p in known_src if not (base / p).exists())
+
+    exclude = {p.resolve() for p in base.glob("*.parquet*")}
+    files, s.not_images = find_images(folder, exclude)
+    s.found = len(files)
+    rel = [os.path.relpath(p.resolve(), base.resolve()) for p in files]
+    new = [(f, r) for f, r in zip(files, rel) if r not in known]
+    s.existing = len(files) - len(new)
+
+    infos = parallel_map(inspect_file, [str(f) for f, _ in new], workers or default_workers(), "ingesting")
+    rows = []
+    for (f, r), info in zip(new, infos):
+        key = f"local/{info['sha256'][:KEY_HEX]}"
+        if key in keys:  # an identical copy already has that key
+            s.copies += 1
+            key = "local/" + hashlib.sha256(f"{info['sha256']}\0{r}".encode()).hexdigest()[:KEY_HEX]
+        keys.add(key)
+        if info["error"]:
+            s.failed += 1
+            s.errors.append(f"{r}: {info['error']}")
+        rows.append({"key": key, "subset": name, "width": info["width"], "height": info["height"],
+                     "path": r, "source_path": r, "error": info["error"], "sha256": info["sha256"],
+                     "file_ext": f.suffix.lower().lstrip(".") or None})
+    s.added = len(rows)
+    if rows:
+        added = conform(pa.Table.from_pylist(rows))
+        for col in table.schema:  # extension columns of earlier stages: null for new rows
+            if col.name not in added.column_names:
+                added = added.append_column(col, pa.nulls(added.num_rows, col.type))
+        if "sha256" not in table.column_names:
+            table = table.append_column("sha256", pa.nulls(table.num_rows, pa.string()))
+        table = pa.concat_tables([table, added.select(table.column_names)])
+    s.rows = table.num_rows
+    return table, s
+
+
+def run(folder: Path, out: Path, name: str | None = None, workers: int | None = None) -> Summary:
+    """Ingest `folder` into the manifest `out` (created, or grown if it exists)."""
+    from . import manifest as mf
+
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise CurateError(f"not a folder: {folder}")
+    name = name or folder.resolve().name
+    if out.exists():
+        table, meta = mf.read(out)
+    else:
+        table, meta = None, mf.new_provenance(source=f"local:{folder}")
+    table, s = ingest(table, folder, out.parent, name, workers)
+    mf.record_stage(meta, "ingest", folder=str(folder), name=name)
+    try:
+        mf.write(table, out, meta)
+    except OSError as exc:
+        raise CurateError(f"cannot write the manifest {out}: {exc.strerror or exc}") from None
+    return s

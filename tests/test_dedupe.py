@@ -1,0 +1,211 @@
+"""`curate dedupe`: the index against brute force, and the real CLI on real files."""
+
+import subprocess
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+
+from curate import dedupe
+
+
+def curate(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "curate", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def picture(seed: int, w: int = 640, h: int = 360) -> Image.Image:
+    """A flat-shaded scene: gradient sky, ground, outlined shapes (CG-like)."""
+    rng = np.random.default_rng(seed)
+    col = lambda: tuple(int(c) for c in rng.integers(0, 256, 3))  # noqa: E731
+    top, bottom = np.array(col()), np.array(col())
+    t = np.linspace(0, 1, h)[:, None, None]
+    im = Image.fromarray((top * (1 - t) + bottom * t).repeat(w, axis=1).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, int(h * rng.uniform(0.5, 0.8)), w, h], fill=col())
+    for _ in range(10):
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        r = rng.uniform(0.05, 0.25) * min(w, h)
+        d.ellipse([x - r, y - r, x + r, y + r], fill=col(), outline=(10, 10, 10), width=3)
+    return im
+
+
+def letterbox(im: Image.Image, bar: int, colour=(0, 0, 0)) -> Image.Image:
+    out = Image.new("RGB", (im.width, im.height + 2 * bar), colour)
+    out.paste(im, (0, bar))
+    return out
+
+
+# --- the index ------------------------------------------------------------------
+
+
+def brute(h, t):
+    u = np.asarray(h, np.int64).view(np.uint64)
+    return {(i, j) for i, j in combinations(range(len(u)), 2) if bin(int(u[i] ^ u[j])).count("1") <= t}
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 8, 12, 20])
+def test_pairs_within_equals_brute_force(threshold):
+    rng = np.random.default_rng(threshold)
+    centres = rng.integers(-(2**63), 2**63 - 1, size=40, dtype=np.int64)
+    h = np.repeat(centres, 8).view(np.uint64)
+    for _ in range(6):  # scatter members 0..6 bits from their centre
+        bit = rng.integers(0, 64, size=len(h)).astype(np.uint64)
+        h = np.where(rng.random(len(h)) < 0.7, h ^ (np.uint64(1) << bit), h)
+    h = np.concatenate([h, h[:5]]).view(np.int64)  # exact repeats too
+    i, j = dedupe.pairs_within(h, threshold)
+    assert set(zip(i.tolist(), j.tolist())) == brute(h, threshold)
+    assert len(i) > 0
+
+
+def test_pairs_within_in_worker_processes_agrees():
+    rng = np.random.default_rng(9)
+    h = rng.integers(-(2**63), 2**63 - 1, size=100_000, dtype=np.int64)
+    h[50_000:50_500] = h[:500] ^ (1 << rng.integers(0, 64, size=500))  # 1-bit twins
+    one = dedupe.pairs_within(h, 6, workers=1)
+    two = dedupe.pairs_within(h, 6, workers=2)
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+    assert {(a, b) for a, b in zip(*one) if b == a + 50_000} == {(k, k + 50_000) for k in range(500)}
+
+
+def test_clusters_are_transitive():
+    labels = dedupe.clusters(6, np.array([0, 1, 4]), np.array([1, 2, 5]))
+    assert labels[0] == labels[1] == labels[2] and labels[4] == labels[5]
+    assert len({labels[0], labels[3], labels[4]}) == 3
+
+
+# --- the stage, through the CLI ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cg(tmp_path_factory):
+    """A CG folder: one scene in many encodings/edits, look-alikes, and odd files."""
+    d = tmp_path_factory.mktemp("dedupe") / "cg"
+    d.mkdir()
+    base = picture(1)
+    base.save(d / "base.png")
+    (d / "base_copy.png").write_bytes((d / "base.png").read_bytes())       # same bytes
+    base.save(d / "base.bmp")                                                # same pixels
+    base.save(d / "base_q70.jpg", quality=70)                                # re-encode
+    base.resize((960, 540), Image.Resampling.LANCZOS).save(d / "base_big.png")  # most pixels
+    base.resize((320, 180)).save(d / "base_small.jpg", quality=85)
+    letterbox(base, 140).save(d / "base_letterbox.jpg", quality=90)          # 640x640 frame
+    sub = base.copy()
+    ImageDraw.Draw(sub).text((200, 320), "Sensei, over here!", fill=(255, 255, 255),
+                             font=ImageFont.load_default(18), stroke_width=2, stroke_fill=(0, 0, 0))
+    sub.save(d / "base_subtitle.png")
+    ImageEnhance.Brightness(base).enhance(1.08).save(d / "base_bright.png")
+    base.crop((12, 8, 628, 352)).save(d / "base_crop.png")                  # ~3% crop
+    other = picture(2)
+    other.save(d / "other.png")
+    other.save(d / "other_q80.jpg", quality=80)
+    picture(3).save(d / "third.png")
+    picture(4).convert("L").save(d / "grey.png")
+    rgba = picture(5).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(d / "alpha.png")
+    dark = Image.new("RGB", (640, 360), (0, 0, 0))
+    ImageDraw.Draw(dark).ellipse([300, 160, 340, 200], fill=(255, 240, 200))
+    dark.save(d / "dark.png")
+    Image.new("RGB", (500, 300), (255, 255, 255)).save(d / "white.png")
+    Image.new("RGB", (1, 1), (3, 4, 5)).save(d / "one.png")
+    Image.new("RGB", (20000, 100), (10, 120, 30)).save(d / "strip.png")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 nope")
+    return d
+
+
+BASE_VARIANTS = ["base.png", "base_copy.png", "base.bmp", "base_q70.jpg", "base_small.jpg",
+                 "base_letterbox.jpg", "base_subtitle.png", "base_bright.png", "base_crop.png"]
+SINGLES = ["third.png", "grey.png", "alpha.png", "dark.png", "white.png", "one.png", "strip.png"]
+
+
+def rows_by_name(path):
+    return {Path(r["source_path"]).name: r for r in pq.read_table(path).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def deduped(cg):
+    m = cg.parent / "m" / "cg.parquet"
+    assert curate("ingest", cg, "--out", m).returncode == 0
+    r = curate("dedupe", m)
+    assert r.returncode == 0, r.stderr
+    return m, r.stdout
+
+
+def test_dedupe_marks_variants_and_keeps_the_largest(deduped):
+    m, out = deduped
+    rows = rows_by_name(m)
+    keeper = rows["base_big.png"]
+    assert keeper["dup_of"] is None
+    for name in BASE_VARIANTS:
+        assert rows[name]["dup_of"] == keeper["key"], name
+    assert rows["other.png"]["dup_of"] is None
+    assert rows["other_q80.jpg"]["dup_of"] == rows["other.png"]["key"]
+    for name in SINGLES:
+        assert rows[name]["dup_of"] is None, name
+        assert rows[name]["phash"] is not None and rows[name]["error"] is None, name
+    assert rows["broken.jpg"]["error"] and rows["broken.jpg"]["phash"] is None
+    assert "1 same bytes" in out and "same pixels" in out
+    assert f"{len(BASE_VARIANTS) + 1} rows marked dup_of in 2 clusters" in out
+
+
+def test_exact_pixels_found_even_at_threshold_zero(cg, tmp_path):
+    m = tmp_path / "m.parquet"
+    assert curate("ingest", cg, "--out", m).returncode == 0
+    r = curate("dedupe", m, "--threshold", "0")
+    assert r.returncode == 0, r.stderr
+    assert "1 same bytes, 2 same pixels" in r.stdout  # the BMP holds base.png's pixels
+    rows = rows_by_name(m)
+    kept = {rows[n]["dup_of"] or rows[n]["key"] for n in ("base.png", "base_copy.png", "base.bmp")}
+    assert len(kept) == 1
+    assert rows["other.png"]["dup_of"] is None and rows["third.png"]["dup_of"] is None
+
+
+def test_rerun_reuses_hashes_and_is_stable(deduped):
+    m, _ = deduped
+    before = pq.read_table(m).to_pylist()
+    r = curate("dedupe", m)
+    assert r.returncode == 0 and " 0 hashed" in r.stdout
+    assert pq.read_table(m).to_pylist() == before
+
+
+def test_against_marks_rows_found_in_another_manifest(cg, tmp_path):
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    picture(2).resize((800, 450)).save(reg / "same_as_other.jpg", quality=88)
+    picture(77).save(reg / "unrelated.png")
+    reg_m = tmp_path / "reg.parquet"
+    assert curate("ingest", reg, "--out", reg_m).returncode == 0
+    reg_bytes = reg_m.read_bytes()
+    m = tmp_path / "cg.parquet"
+    assert curate("ingest", cg, "--out", m).returncode == 0
+    r = curate("dedupe", m, "--against", reg_m)
+    assert r.returncode == 0, r.stderr
+    assert "duplicate rows of --against" in r.stdout
+    rows = rows_by_name(m)
+    reg_key = rows_by_name(reg_m)["same_as_other.jpg"]["key"]
+    assert rows["other.png"]["dup_of"] == reg_key
+    assert rows["other_q80.jpg"]["dup_of"] == reg_key
+    assert rows["base_q70.jpg"]["dup_of"] == rows["base_big.png"]["key"]
+    assert reg_m.read_bytes() == reg_bytes  # the other manifest is only read
+
+
+def test_help_states_the_measured_default():
+    r = curate("dedupe", "--help")
+    text = " ".join(r.stdout.replace("│", " ").split())  # rich draws a box around options
+    assert r.returncode == 0 and f"default: {dedupe.DEFAULT_THRESHOLD}," in text
+
+
+def test_bad_input_is_one_line_error(deduped, tmp_path):
+    m, _ = deduped
+    before = m.read_bytes()
+    for args in (["--threshold", "99"], ["--against", tmp_path / "missing.parquet"], ["--against", m]):
+        r = curate("dedupe", m, *args)
+        assert r.returncode == 2, args
+        assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert m.read_bytes() == before
+    assert curate("dedupe", tmp_path / "nope.parquet").returncode == 2

@@ -1,0 +1,133 @@
+"""`curate ingest`: real image files of many kinds on disk, the real CLI, real Parquet."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+
+def curate(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "curate", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def picture(seed: int, w: int = 320, h: int = 180) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(0, 256, 3)))
+    d = ImageDraw.Draw(im)
+    for _ in range(12):
+        x, y = rng.uniform(0, w, 2)
+        r = rng.uniform(0.05, 0.3) * min(w, h)
+        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return im
+
+
+@pytest.fixture
+def cg_folder(tmp_path) -> Path:
+    d = tmp_path / "official_cg"
+    (d / "event" / "deep").mkdir(parents=True)
+    picture(1).save(d / "a.png")
+    rgba = picture(2).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(d / "alpha.png")
+    picture(3).convert("L").save(d / "grey.png")
+    picture(4).save(d / "event" / "b.jpg", quality=90)
+    picture(5).save(d / "event" / "c.webp")
+    picture(6).save(d / "event" / "deep" / "d.bmp")
+    picture(7).save(d / "event" / "deep" / "e.gif")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(d / "one.png")
+    Image.new("RGB", (20000, 100), (200, 30, 30)).save(d / "strip.png")
+    (d / "copy_of_a.png").write_bytes((d / "a.png").read_bytes())
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    full = (d / "event" / "b.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    picture(8).save(d / "no_extension", format="PNG")
+    (d / "notes.txt").write_text("not an image")
+    (d / ".hidden").mkdir()
+    picture(9).save(d / ".hidden" / "thumb.png")
+    return d
+
+
+IMAGES = 13  # files above that are images (or claim to be), hidden folder excluded
+
+
+def test_ingest_every_kind_of_file(cg_folder, tmp_path):
+    out = tmp_path / "manifests" / "cg.parquet"
+    r = curate("ingest", cg_folder, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert f"{IMAGES} image files" in r.stdout and "2 unreadable" in r.stdout
+    t = pq.read_table(out).to_pylist()
+    assert len(t) == IMAGES
+    rows = {Path(x["source_path"]).name: x for x in t}
+    assert set(rows) == {"a.png", "alpha.png", "grey.png", "b.jpg", "c.webp", "d.bmp", "e.gif", "one.png",
+                         "strip.png", "copy_of_a.png", "broken.png", "truncated.jpg", "no_extension"}
+    keys = [x["key"] for x in t]
+    assert len(set(keys)) == len(keys)
+    assert all(re.fullmatch(r"local/[0-9a-f]{16}", k) for k in keys)
+    for x in t:
+        assert x["subset"] == "official_cg"
+        assert x["path"] == x["source_path"]
+        assert (out.parent / x["path"]).is_file()  # relative to the manifest's folder
+        assert x["post_id"] is None
+    assert rows["strip.png"]["width"] == 20000 and rows["strip.png"]["height"] == 100
+    assert rows["one.png"]["width"] == 1 and rows["alpha.png"]["error"] is None
+    assert rows["d.bmp"]["error"] is None and rows["no_extension"]["error"] is None
+    assert rows["broken.png"]["error"].startswith("ingest: ")
+    assert rows["truncated.jpg"]["error"].startswith("ingest: ")
+    # the key is the content's sha256 prefix; the identical copy still gets its own row
+    assert rows["a.png"]["key"] == "local/" + rows["a.png"]["sha256"][:16]
+    assert rows["copy_of_a.png"]["sha256"] == rows["a.png"]["sha256"]
+    assert rows["copy_of_a.png"]["key"] != rows["a.png"]["key"]
+
+
+def test_reingest_adds_only_new_files_and_keeps_rows(cg_folder, tmp_path):
+    out = tmp_path / "cg.parquet"
+    assert curate("ingest", cg_folder, "--out", out, "--name", "ba_cg").returncode == 0
+    from curate import manifest
+
+    table, meta = manifest.read(out)  # a later stage's work on the rows must survive
+    table = manifest.with_column(table, "caption", ["kept"] * table.num_rows)
+    manifest.write(table, out, meta)
+    before = pq.read_table(out).to_pylist()
+
+    picture(42).save(cg_folder / "event" / "new.png")
+    r = curate("ingest", cg_folder, "--out", out, "--name", "ba_cg")
+    assert r.returncode == 0, r.stderr
+    assert "1 added" in r.stdout and f"{IMAGES} already in the manifest" in r.stdout
+    after = pq.read_table(out).to_pylist()
+    assert after[: len(before)] == before
+    assert len(after) == len(before) + 1
+    assert after[-1]["source_path"].endswith("new.png") and after[-1]["caption"] is None
+    assert {x["subset"] for x in after} == {"ba_cg"}
+
+
+def test_default_manifest_goes_to_manifests_folder(cg_folder, tmp_path):
+    r = curate("ingest", cg_folder, "--name", "ba", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = pq.read_table(tmp_path / "manifests" / "ba.parquet").to_pylist()
+    assert len(rows) == IMAGES and rows[0]["path"].startswith("../official_cg/")
+
+
+def test_manifest_inside_the_folder_is_not_ingested(cg_folder):
+    out = cg_folder / "cg.parquet"
+    assert curate("ingest", cg_folder, "--out", out).returncode == 0
+    r = curate("ingest", cg_folder, "--out", out)
+    assert r.returncode == 0 and "0 added" in r.stdout
+    assert all(not x["path"].endswith(".parquet") for x in pq.read_table(out).to_pylist())
+
+
+def test_bad_input_is_one_line_error(tmp_path):
+    r = curate("ingest", tmp_path / "nope", "--out", tmp_path / "m.parquet")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    (tmp_path / "imgs").mkdir()
+    picture(1).save(tmp_path / "imgs" / "a.png")
+    r = curate("ingest", tmp_path / "imgs", "--out", tmp_path / "junk.parquet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (tmp_path / "junk.parquet").read_text() == "not parquet"  # nothing lost
