@@ -49,6 +49,7 @@ def _source(spec: str, **options):
 # Options of the live danbooru source (ignored by the local sources).
 _RATE = typer.Option(2.0, "--rate", help="danbooru: requests per second to the API host.")
 _USER_AGENT = typer.Option(None, "--user-agent", help="danbooru: User-Agent (default curate/<version>; make it unique if Cloudflare blocks you).")
+_BASE_URL = typer.Option(None, "--base-url", help="danbooru: site URL (default https://danbooru.donmai.us, env CURATE_DANBOORU_URL).")
 _TAG_LIMIT = typer.Option(None, "--tag-limit", help="danbooru: plain tags per search (default: your account's, from /profile.json; 2 anonymous; 0: no limit).")
 
 
@@ -63,6 +64,7 @@ def sync(
     aliases: Optional[Path] = typer.Option(None, "--aliases", help="A /tag_aliases.json dump; active aliases are applied."),
     since_id: Optional[int] = typer.Option(None, "--since-id", help="danbooru: mirror posts after this id (default: the store's highest)."),
     rate: float = _RATE,
+    base_url: Optional[str] = _BASE_URL,
     user_agent: Optional[str] = _USER_AGENT,
     tag_limit: Optional[int] = _TAG_LIMIT,
 ) -> None:
@@ -76,7 +78,7 @@ def sync(
 
     from .store import sync as run_sync
 
-    src = _source(source, **_live(rate, user_agent, tag_limit, since_id=since_id, store=store))
+    src = _source(source, **_live(rate, user_agent, tag_limit, base_url=base_url, since_id=since_id, store=store))
     t0 = time.perf_counter()
     with _bar("sync") as bar:
         report = run_sync(src, store, aliases_file=str(aliases) if aliases else None, progress=bar.update)
@@ -118,33 +120,42 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
 
 _QUERY_HELP = "Query spec (TOML), see DESIGN.md."
 _SOURCE_HELP = "danbooru, hakubooru:PATH, dump:PATH or store:PATH."
+# fetch and build-reg take the same options
+_QUERY_ARG = typer.Argument(..., help=_QUERY_HELP)
+_SOURCE_OPT = typer.Option(..., "--source", help=_SOURCE_HELP)
+_OUT_OPT = typer.Option(None, "--out", help="Manifest to write (default manifests/<query>.parquet).")
+_SEED_OPT = typer.Option(None, "--seed", help="Override the query's seed.")
+_IMAGES_OPT = typer.Option(None, "--images", help="Download images into this folder (default: images/ beside the manifest).")
+_NO_IMAGES_OPT = typer.Option(False, "--no-images", help="Write the manifest only.")
 
 
 @app.command()
 def fetch(
-    query: Path = typer.Argument(..., help=_QUERY_HELP),
-    source: str = typer.Option(..., "--source", help=_SOURCE_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", help="Manifest to write (default manifests/<query>.parquet)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Override the query's seed."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Download images into this folder (default: images/ beside the manifest)."),
-    no_images: bool = typer.Option(False, "--no-images", help="Write the manifest only."),
+    query: Path = _QUERY_ARG,
+    source: str = _SOURCE_OPT,
+    out: Optional[Path] = _OUT_OPT,
+    seed: Optional[int] = _SEED_OPT,
+    images: Optional[Path] = _IMAGES_OPT,
+    no_images: bool = _NO_IMAGES_OPT,
     rate: float = _RATE,
+    base_url: Optional[str] = _BASE_URL,
     user_agent: Optional[str] = _USER_AGENT,
     tag_limit: Optional[int] = _TAG_LIMIT,
 ) -> None:
     """Select posts by a query spec and write a manifest (one row per post)."""
-    _run_query(query, source, out, "fetch", seed, images, no_images, _live(rate, user_agent, tag_limit))
+    _run_query(query, source, out, "fetch", seed, images, no_images, _live(rate, user_agent, tag_limit, base_url=base_url))
 
 
 @app.command("build-reg")
 def build_reg(
-    query: Path = typer.Argument(..., help=_QUERY_HELP),
-    source: str = typer.Option(..., "--source", help=_SOURCE_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", help="Manifest to write (default manifests/<query>.parquet)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Override the query's seed."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Download images into this folder (default: images/ beside the manifest)."),
-    no_images: bool = typer.Option(False, "--no-images", help="Write the manifest only."),
+    query: Path = _QUERY_ARG,
+    source: str = _SOURCE_OPT,
+    out: Optional[Path] = _OUT_OPT,
+    seed: Optional[int] = _SEED_OPT,
+    images: Optional[Path] = _IMAGES_OPT,
+    no_images: bool = _NO_IMAGES_OPT,
     rate: float = _RATE,
+    base_url: Optional[str] = _BASE_URL,
     user_agent: Optional[str] = _USER_AGENT,
     tag_limit: Optional[int] = _TAG_LIMIT,
 ) -> None:
@@ -153,7 +164,7 @@ def build_reg(
     Subsets are disjoint (first subset wins), random order is a seeded keyed-hash
     sample, so the same source + query + seed always gives the same rows.
     """
-    _run_query(query, source, out, "reg", seed, images, no_images, _live(rate, user_agent, tag_limit))
+    _run_query(query, source, out, "reg", seed, images, no_images, _live(rate, user_agent, tag_limit, base_url=base_url))
 
 
 @app.command()
@@ -180,6 +191,7 @@ def artists(
     top: Optional[int] = typer.Option(None, "--top", help="Keep the K artists with the most posts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write an artists file for a query's artists_file."),
     rate: float = _RATE,
+    base_url: Optional[str] = _BASE_URL,
     user_agent: Optional[str] = _USER_AGENT,
     tag_limit: Optional[int] = _TAG_LIMIT,
 ) -> None:
@@ -189,7 +201,7 @@ def artists(
     tag_list = [t.strip() for t in tags.split(",") if t.strip()] if tags else []
     if not copyright and not tag_list:
         raise CurateError("give --copyright or --tags (ranking every artist on the site is rarely what you want)")
-    src = _source(source, **_live(rate, user_agent, tag_limit))
+    src = _source(source, **_live(rate, user_agent, tag_limit, base_url=base_url))
     with _bar("artists") as bar:
         rows = rank_artists(src, copyright, tag_list, fav_count, min_posts, top, progress=bar.update)
     typer.echo(f"{len(rows)} artists with >= {min_posts} posts (fav_count {fav_count}) in "

@@ -47,5 +47,6 @@ def open_source(spec: str, **options):
             from .danbooru import DanbooruSource
         except ImportError:
             raise CurateError("the live danbooru source is not available in this build") from None
-        return DanbooruSource(base_url=arg or None, **options)
+        base_url = options.pop("base_url", None)
+        return DanbooruSource(base_url=arg or base_url, **options)
     raise CurateError(f"unknown source {spec!r} (use danbooru, hakubooru:PATH, dump:PATH or store:PATH)")
