@@ -135,15 +135,15 @@ class Store:
             aliases = pq.read_table(self.dir / "aliases.parquet")
         except (OSError, pa.ArrowException, json.JSONDecodeError) as exc:
             raise CurateError(f"store at {self.root} is damaged: {exc}") from None
-        self.tag_names = tags.column("name").combine_chunks()
-        self.tag_categories = tags.column("category").combine_chunks().to_numpy()
-        self.tag_name_rank = tags.column("rank").combine_chunks().to_numpy()
-        self._by_name = tags.column("by_name").combine_chunks().to_numpy()
+        self.tag_names = one_chunk(tags.column("name"))
+        self.tag_categories = one_chunk(tags.column("category")).to_numpy()
+        self.tag_name_rank = one_chunk(tags.column("rank")).to_numpy()
+        self._by_name = one_chunk(tags.column("by_name")).to_numpy()
         self.aliases = dict(zip(aliases.column("antecedent").to_pylist(), aliases.column("consequent").to_pylist()))
-        lists = self._postings.column("rows").combine_chunks()
+        lists = one_chunk(self._postings.column("rows"))
         self.postings_offsets = lists.offsets.to_numpy()
         self.postings_rows = lists.values.to_numpy()
-        tag_lists = self.posts.column("tag_ids").combine_chunks()
+        tag_lists = one_chunk(self.posts.column("tag_ids"))
         self.post_tag_offsets = tag_lists.offsets.to_numpy()
         self.post_tag_ids = tag_lists.values.to_numpy()
 
@@ -167,16 +167,16 @@ class Store:
                 out[i] = self._by_name[j]
         return out
 
-    def rows_with_any(self, names: list[str], category: str | None = None) -> np.ndarray:
-        """Sorted unique row indices of posts carrying any of the tags."""
+    def mask_with_any(self, names: list[str], category: str | None = None) -> np.ndarray:
+        """Boolean mask over rows: the post carries at least one of the tags."""
         ids = self.tag_ids(names)
         ids = ids[ids >= 0]
         if category is not None:
             ids = ids[self.tag_categories[ids] == CATEGORY_CODE[category]]
-        if len(ids) == 0:
-            return np.empty(0, np.int32)
-        rows, _ = csr_gather(self.postings_offsets, self.postings_rows, ids)
-        return rows if len(ids) == 1 else np.unique(rows)
+        mask = np.zeros(len(self), bool)
+        for tid in ids.tolist():  # scatter each posting list: no sort, no copy of the index
+            mask[self.postings_rows[self.postings_offsets[tid]:self.postings_offsets[tid + 1]]] = True
+        return mask
 
     def post_tags(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tag ids, owner position in `rows`) for the given rows."""
@@ -203,6 +203,12 @@ class _NameView:
 
     def __getitem__(self, i: int) -> str:
         return self.names[int(self.by_name[i])].as_py()
+
+
+def one_chunk(col: pa.ChunkedArray) -> pa.Array:
+    """The column as one Array, without a copy when it already is one chunk
+    (combine_chunks copies even then, which defeats the memory map)."""
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
 # --- conversions between normalized posts and store rows ------------------------
