@@ -15,7 +15,7 @@ DEMO   ?= demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,ml]'
+	$(PY) -m pip install -q -e '.[test,ml,onnx]'
 	touch $@
 
 venv: $(VENV)/.installed

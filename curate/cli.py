@@ -375,7 +375,7 @@ def download(
 def tag(
     manifest: Path = typer.Argument(..., help="Manifest whose images to tag (written back in place)."),
     model: str = typer.Option(..., "--model", help="WD tagger: a local folder (config.json, model.safetensors, selected_tags.csv; or model.onnx) or a hub id, e.g. SmilingWolf/wd-vit-tagger-v3."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch \\[default: 128 on cuda, 16 on cpu]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch \\[default: 128 on cuda, 4 on cpu]."),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto (cuda when present)."),
     general_threshold: float = typer.Option(0.35, "--general-threshold", help="Keep general tags scoring above this."),
     character_threshold: float = typer.Option(0.85, "--character-threshold", help="Keep character tags scoring above this."),
@@ -435,6 +435,8 @@ def train(
         typer.echo(json.dumps(summary, indent=1) if as_json else "\n".join(render(summary)))
         return
     r = run_train(cfg, resume=str(checkpoint) if checkpoint else resume, progress=not quiet, log=typer.echo)
+    if not r["main_process"]:  # accelerate launch: one summary, from the main process
+        return
     typer.echo(f"train: {r['steps']} optimizer steps, last loss {r['loss']:.4f}, {r['steps_per_s']:.2f} steps/s, "
                f"{100 * r['data_wait_share']:.1f}% of step time waiting for data")
     typer.echo(f"  checkpoint: {r['checkpoint']}  (continue with --resume)")

@@ -14,7 +14,7 @@ STAGE_COLUMNS = {"download/ingest": "path", "dedupe": "phash", "crop": "crop", "
 
 def inspect(path) -> dict:
     table, meta = manifest.read(path)
-    subsets = Counter(table.column("subset").to_pylist())
+    subsets = Counter(s if s is not None else "(no subset)" for s in table.column("subset").to_pylist())
     errors = [e for e in table.column("error").to_pylist() if e]
     filled = {stage: table.num_rows - table.column(col).null_count for stage, col in STAGE_COLUMNS.items()}
     dups = table.num_rows - table.column("dup_of").null_count
