@@ -30,18 +30,12 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import manifest
+from . import manifest, train_config
 from .errors import CurateError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 MARKER = ".curate-export.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # what sd-scripts globs
@@ -106,12 +100,7 @@ def load_train_config(path: str | Path | None) -> tuple[dict, dict[Path, dict]]:
     if path is None:
         return dict(RECIPE_DATASET), {}
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CurateError(f"cannot read train config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CurateError(f"{path}: not valid TOML ({exc})") from None
+    doc = train_config.read_toml(path)  # parsed and paths resolved as `curate train` does
     dataset = dict(RECIPE_DATASET)
     for key, (name, typ) in DATASET_KEYS.items():
         if key in doc:
@@ -157,10 +146,7 @@ def _check_buckets(dataset: dict, path: Path) -> None:
 
 def _find_manifest(text: str, config_path: Path) -> Path:
     """A config's manifest path: relative to the working folder (DESIGN's layout), else to the config."""
-    for candidate in (Path(text), config_path.parent / text):
-        if candidate.is_file():
-            return candidate.resolve()
-    return Path(text).resolve()
+    return train_config.resolve_manifest(text, config_path)
 
 
 # --- export --------------------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""Training step on one CUDA GPU with the real SDXL architecture (random weights): the
+recipe's precision and optimizer (fp16 mixed precision, fp32 master weights, Lion8bit
+wd 0.1 betas 0.9/0.95), batch 2 at 1024x1024, cached latents, through curate.train.train.
+
+Reports step time, peak GPU memory and the data-wait share for
+    gc            gradient checkpointing (the recipe; target on an H100: <= 24 GB)
+    no gc         the same without checkpointing (speed reference)
+    gc+full_fp16  checkpointing with fp16 weights (sd-scripts' --full_fp16 memory saver)
+each in its own process, so one variant's memory never counts against another.
+
+    python benchmarks/bench_train_gpu.py [--steps 12] [--images 8] [--workdir bench-data/train_gpu]
+    python benchmarks/bench_train_gpu.py --smoke     # the same plumbing, tiny model on CPU
+
+Nothing is downloaded: the model is built from the SDXL base config in process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import tomli_w
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from curate import manifest  # noqa: E402
+
+VARIANTS = {"gc": {"gradient_checkpointing": True},
+            "no gc": {"gradient_checkpointing": False},
+            "gc+full_fp16": {"gradient_checkpointing": True, "full_fp16": True}}
+WARMUP_STEPS = 3  # excluded from the averages (cuDNN autotuning, allocator growth)
+
+
+def make_dataset(folder: Path, n: int, size: int) -> Path:
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        field = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(field).resize((size, size), Image.Resampling.BICUBIC).save(folder / f"images/{i}.png")
+        rows.append({"key": f"local/{i}", "subset": "bench", "path": f"images/{i}.png", "width": size,
+                     "height": size, "caption": ", ".join(f"tag{j}" for j in rng.choice(500, 30, replace=False))})
+    return manifest.write(pa.Table.from_pylist(rows), folder / "bench.parquet", manifest.new_provenance())
+
+
+def child(args) -> None:
+    """One variant: build the model, train --steps, print one JSON line."""
+    import torch
+
+    from curate import sdxl, train_config
+    from curate.train import train
+
+    smoke = args.smoke
+    values = {"pretrained": "tiny-random", "output_dir": str(args.workdir / "run"), "train_batch_size": 2,
+              "resolution": 64 if smoke else 1024, "min_bucket_reso": 32 if smoke else 256,
+              "max_bucket_reso": 128 if smoke else 4096, "bucket_reso_steps": 32,
+              "learning_rate": 7.5e-6, "optimizer_type": "AdamW" if smoke else "Lion8bit",
+              "optimizer_args": {"weight_decay": 0.1, "betas": [0.9, 0.95]}, "min_snr_gamma": 5.0,
+              "mixed_precision": "no" if smoke else "fp16", "max_train_steps": args.steps,
+              "max_data_loader_n_workers": 2, "latent_cache_dir": str(args.workdir / "cache"),
+              **{k: v for k, v in VARIANTS[args.child].items() if not (smoke and k == "full_fp16")},
+              "datasets": [{"manifest": str(args.workdir / "bench.parquet"), "shuffle_caption": True,
+                            "caption_tag_dropout_rate": 0.1}]}
+    path = args.workdir / "bench.toml"
+    path.write_text(tomli_w.dumps(values))
+    shutil.rmtree(args.workdir / "run", ignore_errors=True)
+    torch.manual_seed(0)  # same random VAE in every variant: its latents are cached once
+    model = sdxl.tiny_random() if smoke else sdxl.full_size_random("cuda")
+    if not smoke:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    train(train_config.load(path), model=model, progress=False, log=lambda *_: None, save_final=False)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (args.workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[WARMUP_STEPS:] or rows
+    step_s = sum(r["step_s"] for r in timed) / len(timed)
+    wait_s = sum(r["data_wait_s"] for r in timed) / len(timed)
+    print(json.dumps({"variant": args.child, "step_s": step_s, "wait_share": wait_s / step_s, "wall_s": wall,
+                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if not smoke else 0.0,
+                      "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if not smoke else 0.0}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--workdir", type=Path, default=ROOT / "bench-data" / "train_gpu")
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, measures nothing")
+    p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.workdir = args.workdir.resolve()
+    if args.child:
+        return child(args)
+
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_train_gpu: no CUDA GPU here (torch.cuda.is_available() is False); "
+              "run it on a machine with one, or --smoke to check the script on CPU", file=sys.stderr)
+        sys.exit(2)
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    make_dataset(args.workdir, args.images, 64 if args.smoke else 1024)
+    gpu = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(0)
+    what = ("tiny model at 64x64, fp32, AdamW" if args.smoke else
+            "SDXL UNet 2.6B (random weights), batch 2 at 1024x1024, fp16 mixed precision, Lion8bit")
+    print(f"{gpu}: {what}, {args.steps} steps ({WARMUP_STEPS} warm-up not averaged)")
+    results = []
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
+               "--workdir", str(args.workdir)] + (["--smoke"] if args.smoke else [])
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in r.stdout.splitlines() if x.startswith("{")), None)
+        if r.returncode or line is None:
+            tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+            print(f"{variant:<14} failed: {tail}")
+            continue
+        results.append(json.loads(line))
+    print(f"{'variant':<14} {'s/step':>7} {'img/s':>7} {'peak GiB':>9} {'reserved':>9} {'data wait':>10}")
+    for r in results:
+        print(f"{r['variant']:<14} {r['step_s']:>7.3f} {2 / r['step_s']:>7.2f} {r['peak_gib']:>9.1f} "
+              f"{r['reserved_gib']:>9.1f} {100 * r['wait_share']:>9.1f}%")
+    gc = next((r for r in results if r["variant"] == "gc"), None)
+    if gc and not args.smoke:
+        verdict = "meets" if gc["peak_gib"] * 2**30 / 1e9 <= 24 else "MISSES"
+        print(f"recipe (gc + Lion8bit, fp32 master weights) {verdict} the <= 24 GB target "
+              f"({gc['peak_gib'] * 2**30 / 1e9:.1f} GB peak allocated)")
+
+
+if __name__ == "__main__":
+    main()

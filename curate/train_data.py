@@ -1,0 +1,349 @@
+"""Training data from manifests: which images, in which bucket, in which order, with
+which caption. Everything here is decided without a model, so `--dry-run` shows it.
+
+- Rows with `error` or `dup_of` are skipped; the caption is the `caption` column, or the
+  `.txt` beside the image, or (reg sets) the class token.
+- Reg balancing is sd-scripts': reg images are taken round-robin until they match the
+  training count (with repeats); reg images beyond that count are not used.
+- Each epoch shuffles every bucket and then the batches, from a seed made of (seed,
+  epoch); a batch holds images of one bucket. Per-sample randomness (caption shuffle,
+  dropout, flip) is seeded by (seed, epoch, batch, slot), so a resumed run sees exactly
+  the data an uninterrupted one would, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import manifest
+from .buckets import Buckets, Placement, resize_and_crop
+from .errors import CurateError
+from .images import ImageError, open_image, probe
+from .train_config import DatasetConfig, TrainConfig
+
+
+@dataclass
+class Sample:
+    key: str
+    path: Path
+    caption: str
+    size: tuple[int, int]          # (width, height) of the file, display orientation
+    placement: Placement
+    dataset: int                   # index into config.datasets
+    is_reg: bool
+    keep_separator: str | None
+    subset: str = ""
+    repeats: int = 1
+    content_hash: str = ""         # filled when latents are cached
+
+
+@dataclass
+class Plan:
+    """The resolved data of a run: samples, buckets, epoch length."""
+    config: TrainConfig
+    samples: list[Sample]
+    buckets: dict[tuple[int, int], list[int]]   # bucket -> sample indices, one per repeat
+    skipped: Counter = field(default_factory=Counter)
+    reg_available: int = 0
+    num_processes: int = 1
+
+    @property
+    def batches_per_epoch(self) -> int:  # per process
+        total = sum(math.ceil(len(v) / self.config.train_batch_size) for v in self.buckets.values())
+        return math.ceil(total / self.num_processes)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.batches_per_epoch / self.config.gradient_accumulation_steps)
+
+    @property
+    def total_steps(self) -> int:
+        if self.config.max_train_epochs is not None:
+            return self.config.max_train_epochs * self.steps_per_epoch
+        return self.config.max_train_steps
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / max(self.steps_per_epoch, 1))
+
+    def epoch_batches(self, epoch: int, process: int = 0) -> list[list[int]]:
+        """This process's batches of an epoch: lists of sample indices, one bucket each."""
+        rng = random.Random(f"{self.config.seed}:epoch:{epoch}")
+        batches = []
+        size = self.config.train_batch_size
+        for bucket in sorted(self.buckets):
+            items = list(self.buckets[bucket])
+            rng.shuffle(items)
+            batches += [items[i:i + size] for i in range(0, len(items), size)]
+        rng.shuffle(batches)
+        n = self.num_processes
+        batches += batches[:(-len(batches)) % n]  # every process the same count (a few repeat)
+        return batches[process::n]
+
+    def summary(self) -> dict:
+        """What --dry-run prints: buckets, counts, balance, steps."""
+        per_bucket = []
+        for (w, h), idx in sorted(self.buckets.items()):
+            reg = sum(self.samples[i].is_reg for i in idx)
+            per_bucket.append({"width": w, "height": h, "images": len(idx), "train": len(idx) - reg, "reg": reg})
+        train = [s for s in self.samples if not s.is_reg]
+        reg = [s for s in self.samples if s.is_reg]
+        c = self.config
+        reg_subsets: dict[str, list[int]] = {}  # subset -> [images used, images available]
+        for s in reg:
+            counts = reg_subsets.setdefault(s.subset, [0, 0])
+            counts[0] += bool(s.repeats)
+            counts[1] += 1
+        warnings = [f"reg subset {name!r}: none of its {n} images is used (reg images are taken in manifest "
+                    f"order until they match the training count, as sd-scripts does)"
+                    for name, (used, n) in reg_subsets.items() if not used]
+        return {
+            "config": str(c.source), "pretrained": c.pretrained, "output_dir": str(c.output_dir),
+            "predefined_buckets": len(Buckets(c.max_reso, c.min_bucket_reso, c.max_bucket_reso,
+                                              c.bucket_reso_steps, c.bucket_no_upscale).predefined),
+            "buckets_used": len(self.buckets), "buckets": per_bucket,
+            "train_images": len(train), "train_samples": sum(s.repeats for s in train),
+            "reg_images_available": self.reg_available,
+            "reg_images_used": sum(1 for s in reg if s.repeats), "reg_samples": sum(s.repeats for s in reg),
+            "reg_subsets": {name: {"used": u, "available": n} for name, (u, n) in reg_subsets.items()},
+            "skipped": dict(sorted(self.skipped.items())),
+            "batch_size": c.train_batch_size, "gradient_accumulation_steps": c.gradient_accumulation_steps,
+            "batches_per_epoch": self.batches_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+            "epochs": self.epochs, "total_optimizer_steps": self.total_steps, "warnings": warnings,
+        }
+
+
+def plan(config: TrainConfig, num_processes: int = 1) -> Plan:
+    """Read every manifest, place images in buckets, balance reg images."""
+    buckets = Buckets(config.max_reso, config.min_bucket_reso, config.max_bucket_reso,
+                      config.bucket_reso_steps, config.bucket_no_upscale)
+    samples: list[Sample] = []
+    skipped: Counter = Counter()
+    for i, ds in enumerate(config.datasets):
+        samples += _read_dataset(ds, i, buckets, skipped)
+    train = [s for s in samples if not s.is_reg]
+    reg = [s for s in samples if s.is_reg]
+    if not train:
+        raise CurateError("no training images left (every row skipped or every dataset is a reg set)")
+    for s, n in zip(reg, reg_repeats(sum(s.repeats for s in train), [s.repeats for s in reg])):
+        s.repeats = n
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for idx, s in enumerate(samples):
+        if s.repeats:  # reg images beyond the training count have none
+            by_bucket.setdefault(s.placement.bucket, []).extend([idx] * s.repeats)
+    return Plan(config, samples, by_bucket, skipped, len(reg), num_processes)
+
+
+def reg_repeats(n_train: int, reg: list[int]) -> list[int]:
+    """sd-scripts' balancing: repeats per reg image so reg samples match n_train.
+
+    First pass: each reg image with its own repeats; then one more per image, round-robin,
+    until the count is reached. Images the first pass never reached get 0.
+    """
+    counts = [0] * len(reg)
+    n, first = 0, True
+    while reg and n < n_train:
+        for i, r in enumerate(reg):
+            counts[i] += r if first else 1
+            n += r if first else 1
+            if n >= n_train:
+                break
+        first = False
+    return counts
+
+
+def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Counter) -> list[Sample]:
+    table, meta = manifest.read(ds.manifest)
+    is_reg = ds.is_reg if ds.is_reg is not None else meta.get("kind") == "reg"
+    class_token = ds.class_tokens or meta.get("class_token")
+    separators = meta.get("stages", {}).get("caption", {}).get("keep_separators", {}) or {}
+    root = ds.manifest.parent
+    out = []
+    for row in table.select(["key", "subset", "path", "error", "dup_of", "caption"]).to_pylist():
+        if row["error"]:
+            skipped["error set"] += 1
+            continue
+        if row["dup_of"]:
+            skipped["duplicate"] += 1
+            continue
+        if not row["path"] or not (root / row["path"]).is_file():
+            skipped["no image on disk"] += 1
+            continue
+        path = root / row["path"]
+        caption = row["caption"] or _txt_caption(path) or (class_token if is_reg else None)
+        if not caption:
+            skipped["no caption (column or .txt)"] += 1
+            continue
+        try:
+            w, h, _ = probe(path)
+        except ImageError:
+            skipped["unreadable image"] += 1
+            continue
+        placement = buckets.place(w, h)
+        if min(placement.bucket) <= 0:
+            skipped["smaller than bucket_reso_steps"] += 1
+            continue
+        sep = ds.keep_tokens_separator if ds.keep_tokens_separator is not None else separators.get(row["subset"] or "")
+        out.append(Sample(row["key"], path, caption, (w, h), placement, index, is_reg, sep or None,
+                          subset=row["subset"] or "", repeats=ds.num_repeats))
+    return out
+
+
+def _txt_caption(image: Path) -> str | None:
+    txt = image.with_suffix(".txt")
+    try:
+        return txt.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# --- captions ----------------------------------------------------------------------
+
+
+def process_caption(caption: str, ds: DatasetConfig, keep_separator: str | None, rng: random.Random) -> str:
+    """sd-scripts' order: whole-caption dropout, keep group, shuffle the rest, tag dropout."""
+    if ds.caption_dropout_rate > 0 and rng.random() < ds.caption_dropout_rate:
+        return ""
+    sep = ds.caption_separator
+    if not (ds.shuffle_caption or ds.caption_tag_dropout_rate > 0 or keep_separator):
+        return caption
+    fixed, suffix = [], []
+    if keep_separator and keep_separator in caption:
+        fixed_part, flex_part = caption.split(keep_separator, 1)
+        if keep_separator in flex_part:
+            flex_part, suffix_part = flex_part.split(keep_separator, 1)
+            suffix = _tags(suffix_part, sep)
+        fixed, flex = _tags(fixed_part, sep), _tags(flex_part, sep)
+    else:
+        flex = _tags(caption, sep)
+        if ds.keep_tokens > 0:
+            fixed, flex = flex[:ds.keep_tokens], flex[ds.keep_tokens:]
+    if ds.shuffle_caption:
+        rng.shuffle(flex)
+    if ds.caption_tag_dropout_rate > 0:
+        flex = [t for t in flex if rng.random() >= ds.caption_tag_dropout_rate]
+    return ", ".join(fixed + flex + suffix)
+
+
+def _tags(text: str, sep: str) -> list[str]:
+    return [t.strip() for t in text.split(sep) if t.strip()]
+
+
+# --- loading batches ---------------------------------------------------------------
+
+
+def sample_rng(seed: int, epoch: int, batch: int, slot: int) -> random.Random:
+    return random.Random(f"{seed}:{epoch}:{batch}:{slot}")
+
+
+def time_ids(s: Sample, flip: bool) -> list[int]:
+    """SDXL size conditioning: original (h, w), crop top-left (top, left), target (h, w)."""
+    left, top = s.placement.crop
+    if flip:  # the crop's left edge, seen in the mirrored image
+        left = s.placement.resized[0] - s.placement.bucket[0] - left
+    w, h = s.placement.bucket
+    return [s.size[1], s.size[0], top, left, h, w]
+
+
+def pixels(s: Sample, flip: bool):
+    """The bucket-sized image as a CHW float tensor in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import ImageOps
+
+    try:
+        image = resize_and_crop(open_image(s.path), s.placement)
+    except ImageError as exc:
+        raise CurateError(f"{s.path}: {exc} (changed since the run started?)") from None
+    if flip:
+        image = ImageOps.mirror(image)
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return array.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class LatentCache:
+    """VAE latents on disk, one safetensors file per (image content, bucket, crop, flip, VAE)."""
+
+    def __init__(self, folder: Path, vae_id: str):
+        self.folder = Path(folder)
+        self.vae_id = vae_id
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, s: Sample, flip: bool) -> Path:
+        p = s.placement
+        key = f"{s.content_hash}|{p.bucket}|{p.resized}|{p.crop}|{flip}|{self.vae_id}"
+        return self.folder / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
+
+    def load(self, s: Sample, flip: bool):
+        from safetensors.torch import load_file
+
+        return load_file(self.path(s, flip))["latents"]
+
+
+def uncached(plan: Plan, cache: LatentCache) -> list[tuple[Sample, bool]]:
+    """Every (sample, flip) the run can draw whose latents are not on disk yet."""
+    todo = []
+    for s in plan.samples:
+        if not s.repeats:
+            continue
+        s.content_hash = s.content_hash or hashlib.sha256(s.path.read_bytes()).hexdigest()
+        flips = (False, True) if plan.config.datasets[s.dataset].flip_aug else (False,)
+        todo += [(s, f) for f in flips if not cache.path(s, f).is_file()]
+    return todo
+
+
+def fill_cache(todo: list[tuple[Sample, bool]], cache: LatentCache, encode, progress=None) -> None:
+    """Encode and store; each file appears complete or not at all (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    for s, flip in todo:
+        latents = encode(pixels(s, flip)[None])[0]
+        target = cache.path(s, flip)
+        tmp = target.with_suffix(".part")
+        save_file({"latents": latents.contiguous().cpu()}, str(tmp))
+        tmp.replace(target)
+        if progress:
+            progress(1)
+
+
+class RunData:
+    """torch Dataset over the run's batches from a position on, across epochs, so one
+    DataLoader (and its workers) serves the whole run. Item i is the i-th batch after
+    (epoch, batch); a DataLoader with batch_size=None reads it."""
+
+    def __init__(self, plan: Plan, cache: LatentCache | None, epoch: int, batch: int, process: int = 0):
+        self.plan, self.cache, self.process = plan, cache, process
+        self.start = epoch * plan.batches_per_epoch + batch
+        self._order: dict[int, list[list[int]]] = {}
+
+    def __len__(self) -> int:
+        return max(self.plan.epochs * self.plan.batches_per_epoch - self.start, 0)
+
+    def batch(self, epoch: int, b: int) -> list[int]:
+        if epoch not in self._order:  # one epoch's order at a time (each worker makes its own)
+            self._order = {epoch: self.plan.epoch_batches(epoch, self.process)}
+        return self._order[epoch][b]
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        epoch, b = divmod(self.start + i, self.plan.batches_per_epoch)
+        indices = self.batch(epoch, b)
+        images, captions, ids = [], [], []
+        for slot, idx in enumerate(indices):
+            s = self.plan.samples[idx]
+            ds = self.plan.config.datasets[s.dataset]
+            rng = sample_rng(self.plan.config.seed, epoch, b, slot)
+            flip = ds.flip_aug and rng.random() < 0.5
+            captions.append(process_caption(s.caption, ds, s.keep_separator, rng))
+            ids.append(time_ids(s, flip))
+            images.append(self.cache.load(s, flip) if self.cache else pixels(s, flip))
+        key = "latents" if self.cache else "pixels"
+        return {key: torch.stack(images), "captions": captions, "epoch": epoch, "batch": b,
+                "time_ids": torch.tensor(ids, dtype=torch.float32),
+                "keys": [self.plan.samples[i].key for i in indices]}

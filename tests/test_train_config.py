@@ -1,0 +1,101 @@
+"""The train config: the recipe file, sd-scripts key names, one-line errors for bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from curate import export, train_config
+from curate.errors import CurateError
+
+REPO = Path(__file__).resolve().parents[1]
+CURATE = str(Path(sys.executable).with_name("curate"))
+MINIMAL = 'pretrained = "tiny-random"\noutput_dir = "run"\nmax_train_steps = 10\n'
+DATASET = '\n[[datasets]]\nmanifest = "m.parquet"\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_recipe_config_reproduces_design():
+    cfg = train_config.load(REPO / "configs" / "baxl_v3.toml")
+    assert (cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps) == (1024, 256, 4096, 32)
+    assert (cfg.train_batch_size, cfg.gradient_accumulation_steps) == (2, 32)
+    assert cfg.learning_rate == 7.5e-6 and cfg.learning_rate_te1 == cfg.learning_rate_te2 == 0
+    assert (cfg.lr_scheduler, cfg.lr_warmup_steps) == ("constant_with_warmup", 100)
+    assert cfg.optimizer_type == "Lion8bit"
+    assert cfg.optimizer_args == {"weight_decay": 0.1, "betas": [0.9, 0.95]}
+    assert cfg.min_snr_gamma == 5 and cfg.mixed_precision == "fp16" and not cfg.full_fp16
+    assert (cfg.max_train_epochs, cfg.save_every_n_steps, cfg.seed) == (25, 200, 42)
+    train, reg = cfg.datasets
+    assert train.manifest.name == "official_cg.parquet" and train.shuffle_caption
+    assert train.caption_tag_dropout_rate == 0.1 and train.keep_tokens == 0 and not train.is_reg
+    assert reg.manifest.name == "baxl_v3_reg.parquet" and reg.is_reg
+
+
+def test_export_reads_the_same_file_and_resolves_the_same_paths():
+    path = REPO / "configs" / "baxl_v3.toml"
+    dataset, per_manifest = export.load_train_config(path)
+    cfg = train_config.load(path)
+    assert dataset["batch_size"] == cfg.train_batch_size and dataset["bucket_reso_steps"] == 32
+    assert list(per_manifest) == [d.manifest for d in cfg.datasets]
+
+
+def test_minimal_config_gets_sd_scripts_defaults(tmp_path):
+    cfg = train_config.load(write(tmp_path, MINIMAL + DATASET))
+    assert cfg.optimizer_type == "AdamW" and cfg.mixed_precision == "no" and cfg.bucket_reso_steps == 64
+    assert cfg.datasets[0].is_reg is None  # decided by the manifest's provenance
+    assert cfg.datasets[0].manifest.is_absolute() and cfg.datasets[0].manifest.name == "m.parquet"
+
+
+@pytest.mark.parametrize("text,message", [
+    (MINIMAL + "learning_rat = 1e-5\n" + DATASET, "unknown key 'learning_rat'"),
+    (MINIMAL + "shuffle_caption = true\n" + DATASET, "'shuffle_caption' (it belongs in a [[datasets]] table)"),
+    (MINIMAL + DATASET + "tag_dropout = 0.1\n", "[[datasets]] #1: unknown key 'tag_dropout'"),
+    (MINIMAL + DATASET + "learning_rate = 1.0\n", "learning_rate is a top-level key"),
+    (MINIMAL + DATASET + "color_aug = true\n", "color_aug is not supported by curate train"),
+    (MINIMAL + 'learning_rate = "fast"\n' + DATASET, "learning_rate: unexpected value 'fast'"),
+    (MINIMAL + "train_batch_size = true\n" + DATASET, "train_batch_size: expected a number"),
+    ('output_dir = "x"\nmax_train_steps = 1\n' + DATASET, "missing pretrained"),
+    ('pretrained = "tiny-random"\noutput_dir = "x"\n' + DATASET, "set max_train_steps or max_train_epochs"),
+    (MINIMAL, "needs [[datasets]]"),
+    (MINIMAL + 'optimizer_type = "SGD"\n' + DATASET, "optimizer_type must be one of"),
+    (MINIMAL + "full_fp16 = true\n" + DATASET, "full_fp16 needs mixed_precision"),
+    (MINIMAL + "min_bucket_reso = 100\n" + DATASET, "min_bucket_reso must be divisible"),
+    (MINIMAL + DATASET + "caption_tag_dropout_rate = 2\n", "between 0 and 1"),
+    (MINIMAL + DATASET + "is_reg = true\n", "every [[datasets]] is a reg set"),
+    (MINIMAL + "resolution = [512]\n" + DATASET, "resolution must be a number or [width, height]"),
+    ("pretrained = \n", "not valid TOML"),
+    (MINIMAL + "enable_bucket = false\n" + DATASET, "enable_bucket = false is not supported"),
+    (MINIMAL + "sample_every_n_steps = 5\n" + DATASET, "sample_every_n_steps needs sample_prompts"),
+])
+def test_bad_configs_are_one_line_errors(tmp_path, text, message):
+    with pytest.raises(CurateError) as err:
+        train_config.load(write(tmp_path, text))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(CurateError, match="cannot read train config"):
+        train_config.load(tmp_path / "nope.toml")
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path):
+    path = write(tmp_path, MINIMAL + "warmup = 3\n" + DATASET)
+    r = subprocess.run([CURATE, "train", str(path), "--dry-run"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {path}: unknown key 'warmup'"]
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_help_stays_torch_free():
+    code = ("import sys; from typer.testing import CliRunner; from curate.cli import app; "
+            "r = CliRunner().invoke(app, ['train', '--help']); assert r.exit_code == 0, r.output; "
+            "assert '--dry-run' in r.output and '--resume' in r.output; "
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
