@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from curate.query import load  # noqa: E402
 from curate.schema import POST_SCHEMA  # noqa: E402
 from curate.select import keyed_hash  # noqa: E402
-from curate.store import TagDict, _store_rows, write_generation  # noqa: E402
+from curate.store import TagDict, store_rows, write_generation  # noqa: E402
 from curate.synthetic import HAKUBOORU_SCHEMA, HAKU_TYPE  # noqa: E402
 
 QUERY = ROOT / "queries" / "baxl_v3_reg.toml"
@@ -112,7 +112,7 @@ def _chunk(rng, start: int, n: int, tags: TagDict) -> pa.Table:
         "is_deleted": pa.array(rng.random(n) < 0.03), "is_banned": pa.array(rng.random(n) < 0.005),
         "is_pending": pa.array(np.zeros(n, bool)), "variants": pa.nulls(n, POST_SCHEMA.field("variants").type),
     })
-    return _store_rows(batch, rows, ids, n)
+    return store_rows(batch, rows, ids, n)
 
 
 def _hex(raw: np.ndarray) -> pa.Array:
@@ -252,7 +252,7 @@ def measure(kind: str, path: Path, repeats: int) -> dict:
 
 def bench_sync(work: Path, n: int) -> dict:
     from curate.sources import open_source
-    from curate.store import sync
+    from curate.sync import sync
     from curate.synthetic import make_posts, write_hakubooru_db
 
     dump, db = work / f"sync_{n}.jsonl", work / f"sync_{n}.db"

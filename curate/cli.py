@@ -76,7 +76,7 @@ def sync(
     """
     import time
 
-    from .store import sync as run_sync
+    from .sync import sync as run_sync
 
     src = _source(source, **_live(rate, user_agent, tag_limit, base_url=base_url, since_id=since_id, store=store))
     t0 = time.perf_counter()
@@ -443,3 +443,26 @@ def train(
     for kind, path in r["exported"].items():
         typer.echo(f"  model ({kind}): {path}")
     typer.echo(f"  metrics: {r['metrics']}")
+
+
+# --- review (issue 10) ------------------------------------------------------------------
+
+
+@app.command()
+def report(
+    manifests: List[Path] = typer.Argument(..., help="Manifests to review (e.g. the CG set and the reg set)."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="HTML page to write; thumbnails go to <name>_files/ beside it."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Train config whose buckets to chart (default: the recipe's, 1024 px, 256-4096 step 32)."),
+    title: Optional[str] = typer.Option(None, "--title", help="Page title."),
+    max_per_subset: int = typer.Option(0, "--max-per-subset", help="Contact sheet images per subset (0: all; thumbnails load lazily)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes for thumbnails (default: all cores)."),
+) -> None:
+    """One HTML page to review before training: counts and failures, contact sheets,
+    duplicate clusters, crop boxes, top tags, aspect ratios and buckets, captions.
+
+    Needs no network to view. Thumbnails are made once and reused by later runs.
+    """
+    from .report import build
+
+    for line in build(manifests, out, title=title, config=config, max_per_subset=max_per_subset, workers=workers).lines():
+        typer.echo(line)

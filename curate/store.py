@@ -1,4 +1,5 @@
-"""curate's local metadata store, built and updated by `curate sync`.
+"""curate's local metadata store: its layout, reading it, writing a generation.
+(`curate sync`, which fills it from a source, is curate/sync.py.)
 
 Layout (one generation folder is live; `CURRENT` names it):
 
@@ -24,7 +25,6 @@ import bisect
 import json
 import os
 import shutil
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -77,42 +77,6 @@ class TagDict:
                 self.categories[tid] = category  # the newest source decides
             out[i] = tid
         return out
-
-
-def load_aliases(path: str | os.PathLike) -> dict[str, str]:
-    """Active aliases from a /tag_aliases.json dump (JSON array or JSON lines)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CurateError(f"cannot read aliases file {path}: {exc}") from None
-    try:
-        items = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()
-        ]
-    except json.JSONDecodeError as exc:
-        raise CurateError(f"aliases file {path} is not JSON: {exc.msg} (line {exc.lineno})") from None
-    out = {}
-    for item in items:
-        if not isinstance(item, dict) or item.get("status", "active") != "active":
-            continue
-        a, c = item.get("antecedent_name"), item.get("consequent_name")
-        if isinstance(a, str) and isinstance(c, str) and a and c and a != c:
-            out[a.lower()] = c.lower()
-    return resolve_chains(out)
-
-
-def resolve_chains(aliases: dict[str, str]) -> dict[str, str]:
-    """a->b, b->c becomes a->c; cycles are dropped."""
-    out = {}
-    for start in aliases:
-        seen, cur = {start}, aliases[start]
-        while cur in aliases and cur not in seen:
-            seen.add(cur)
-            cur = aliases[cur]
-        if cur not in seen:
-            out[start] = cur
-    return out
 
 
 # --- the store ------------------------------------------------------------------
@@ -229,7 +193,7 @@ def encode_posts(batch: pa.Table, tags: TagDict, aliases: dict[str, str]) -> pa.
         ids.append(codes[pc.index_in(flat, value_set=uniq).to_numpy()])
     p = np.concatenate(parents) if parents else np.empty(0, np.int64)
     t = np.concatenate(ids) if ids else np.empty(0, np.int32)
-    return _store_rows(batch, *dedupe_pairs(p, t), n)
+    return store_rows(batch, *dedupe_pairs(p, t), n)
 
 
 def dedupe_pairs(rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +205,7 @@ def dedupe_pairs(rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndar
     return rows[keep], ids[keep]
 
 
-def _store_rows(batch: pa.Table, rows: np.ndarray, ids: np.ndarray, n: int) -> pa.Table:
+def store_rows(batch: pa.Table, rows: np.ndarray, ids: np.ndarray, n: int) -> pa.Table:
     def i32(name):
         return pc.fill_null(batch.column(name), NULL_I32).combine_chunks().cast(pa.int32())
 
@@ -306,104 +270,6 @@ def decode_posts(part: pa.Table, tag_names: pa.Array, tag_categories: np.ndarray
     return pa.table({f.name: out[f.name] for f in POST_SCHEMA}).cast(POST_SCHEMA)
 
 
-# --- sync -----------------------------------------------------------------------
-
-
-@dataclass
-class SyncReport:
-    store: Path
-    read: int = 0
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    total: int = 0
-    tags: int = 0
-    aliases: int = 0
-    skipped: Counter = field(default_factory=Counter)
-
-
-def sync(source, store_path: str | os.PathLike, aliases_file: str | None = None, progress=None) -> SyncReport:
-    """Add new posts from `source` and replace changed ones; write a new generation."""
-    root = Path(store_path)
-    old = Store(root) if (root / "CURRENT").is_file() else None
-    if old is not None:
-        tags = TagDict.from_table(pq.read_table(old.dir / "tags.parquet", columns=["name", "category"]))
-        aliases = dict(old.aliases)
-    else:
-        tags, aliases = TagDict(), {}
-    new_aliases = load_aliases(aliases_file) if aliases_file else {}
-    aliases = resolve_chains({**aliases, **new_aliases})
-    report = SyncReport(store=root)
-
-    parts = []
-    for batch in source.batches():
-        parts.append(encode_posts(batch, tags, aliases))
-        report.read += batch.num_rows
-        if progress is not None:
-            progress(batch.num_rows)
-    report.skipped = Counter(getattr(source, "skipped", {}))
-    new = _latest_per_id(pa.concat_tables(parts) if parts else None)
-
-    if old is not None and len(old):
-        prev = old.posts.select(new.column_names) if new is not None else old.posts
-        if new_aliases:
-            prev = _apply_aliases(prev, tags, aliases)
-        if new is not None:
-            merged, report.added, report.updated, report.unchanged = _merge(prev, new)
-        else:
-            merged = prev
-    else:
-        merged = new if new is not None else None
-        report.added = new.num_rows if new is not None else 0
-    if merged is None:
-        merged = _store_rows(POST_SCHEMA.empty_table(), np.empty(0, np.int64), np.empty(0, np.int32), 0)
-    merged = merged.sort_by("post_id")
-    sources = (old.meta.get("sources", []) if old else []) + [
-        {"source": source.describe(), "at": _now(), "read": report.read}
-    ]
-    write_generation(root, merged, tags, aliases, sources)
-    report.total, report.tags, report.aliases = merged.num_rows, len(tags.names), len(aliases)
-    return report
-
-
-def _latest_per_id(table: pa.Table | None) -> pa.Table | None:
-    """Within one sync, a post seen twice keeps its newest version (last wins on ties)."""
-    if table is None or table.num_rows == 0:
-        return table
-    ids = table.column("post_id").to_numpy()
-    upd = pc.fill_null(table.column("updated_at").cast(pa.int64()), NULL_I64).to_numpy()
-    order = np.lexsort((np.arange(len(ids)), upd, ids))
-    last = np.ones(len(ids), bool)
-    last[:-1] = ids[order][1:] != ids[order][:-1]
-    return table.take(pa.array(order[last]))
-
-
-def _merge(prev: pa.Table, new: pa.Table) -> tuple[pa.Table, int, int, int]:
-    old_ids = prev.column("post_id").to_numpy()
-    new_ids = new.column("post_id").to_numpy()
-    replaced = np.isin(old_ids, new_ids)
-    in_old = np.isin(new_ids, old_ids)
-    # A re-read post whose updated_at did not move counts as unchanged.
-    old_upd = dict(zip(old_ids[replaced].tolist(), pc.fill_null(prev.filter(pa.array(replaced)).column("updated_at").cast(pa.int64()), NULL_I64).to_pylist()))
-    new_upd = pc.fill_null(new.column("updated_at").cast(pa.int64()), NULL_I64).to_numpy()
-    unchanged = sum(1 for i, u in zip(new_ids[in_old].tolist(), new_upd[in_old].tolist()) if old_upd.get(i) == u)
-    merged = pa.concat_tables([prev.filter(pa.array(~replaced)), new])
-    return merged, int((~in_old).sum()), int(in_old.sum()) - unchanged, unchanged
-
-
-def _apply_aliases(table: pa.Table, tags: TagDict, aliases: dict[str, str]) -> pa.Table:
-    """Re-point old posts' tags when new aliases arrived."""
-    remap = np.arange(len(tags.names), dtype=np.int32)
-    for ante, cons in aliases.items():
-        a = tags.ids.get(ante)
-        if a is not None:
-            remap[a] = tags.encode([cons], tags.categories[a])[0]
-    parents, flat = list_parts(table.column("tag_ids"))
-    rows, ids = dedupe_pairs(parents, remap[flat.to_numpy()])
-    col = lists_from_pairs(rows, pa.array(ids, pa.int32()), table.num_rows)
-    return table.set_column(table.column_names.index("tag_ids"), "tag_ids", col)
-
-
 def write_generation(root: Path, posts: pa.Table, tags: TagDict, aliases: dict[str, str], sources: list) -> Path:
     """Write a complete generation folder, then make it live."""
     root.mkdir(parents=True, exist_ok=True)
@@ -439,7 +305,7 @@ def write_generation(root: Path, posts: pa.Table, tags: TagDict, aliases: dict[s
     postings = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(rows, pa.int32()))
     _write_arrow(pa.table({"rows": postings}), gen / "postings.arrow")
     (gen / "meta.json").write_text(json.dumps({
-        "format": FORMAT, "version": __version__, "written": _now(), "posts": posts.num_rows,
+        "format": FORMAT, "version": __version__, "written": utc_now(), "posts": posts.num_rows,
         "tags": len(tags.names), "aliases": len(aliases),
         "max_post_id": int(posts.column("post_id").to_numpy().max()) if posts.num_rows else None,
         "sources": sources,
@@ -488,5 +354,5 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -5,13 +5,12 @@ import random
 from datetime import datetime, timezone
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from curate.query import parse
 from curate.select import keyed_hash, keyed_hash_one, select
 from curate.sources import open_source
-from curate.store import sync
+from curate.sync import sync
 from curate.synthetic import make_posts, write_hakubooru_db
 
 POSTS = make_posts(6000, seed=11)
