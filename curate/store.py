@@ -96,7 +96,7 @@ class Store:
             self.posts = pa.ipc.open_file(pa.memory_map(str(self.dir / "posts.arrow"))).read_all()
             self._postings = pa.ipc.open_file(pa.memory_map(str(self.dir / "postings.arrow"))).read_all()
             tags = pa.ipc.open_file(pa.memory_map(str(self.dir / "tags.arrow"))).read_all()
-            aliases = pq.read_table(self.dir / "aliases.parquet")
+            aliases = pq.ParquetFile(self.dir / "aliases.parquet").read()  # read_table would import pandas
         except (OSError, pa.ArrowException, json.JSONDecodeError) as exc:
             raise CurateError(f"store at {self.root} is damaged: {exc}") from None
         self.tag_names = one_chunk(tags.column("name"))
