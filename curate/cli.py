@@ -261,12 +261,21 @@ def ingest(
     typer.echo(f"  manifest: {out} ({s.rows} rows)")
 
 
+# --engine ray (issue 7): the heavy per-row work of download / dedupe / tag in shards on Ray.
+_ENGINE = typer.Option("local", "--engine", help="local | ray: shards of rows on a Ray cluster (pip install 'curate[ray]'); a re-run after a crash redoes only unfinished shards.")
+_RAY_ADDRESS = typer.Option(None, "--ray-address", help="With --engine ray: the cluster to join (auto, or HEAD_IP:6379, from a node of it); default: a local Ray on this machine's cores. Workers need the manifest's folder at the same path.")
+_SHARD_ROWS = typer.Option(1000, "--shard-rows", help="With --engine ray: rows per shard (the unit of work, retry and checkpoint).")
+
+
 @app.command()
 def dedupe(
     manifest: Path = typer.Argument(..., help="Manifest to deduplicate (written back in place)."),
     against: Optional[List[Path]] = typer.Option(None, "--against", help="Other manifest(s): rows here that duplicate theirs get dup_of = their key. Repeatable."),
     threshold: Optional[int] = typer.Option(None, "--threshold", help="Max phash Hamming distance (bits) for a near duplicate, 0-24 (default: 10, measured by benchmarks/bench_dedupe_quality.py)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for hashing (default: all cores)."),
+    engine: str = _ENGINE,
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    shard_rows: int = _SHARD_ROWS,
 ) -> None:
     """Mark exact and near duplicates (dup_of); the row with most pixels is kept.
 
@@ -274,10 +283,11 @@ def dedupe(
     hash within --threshold bits (confirmed by a difference hash), taken inside
     detected borders so a letterboxed frame matches its clean twin.
     """
+    from . import engine as eng
     from .dedupe import DEFAULT_THRESHOLD, run
 
     t = DEFAULT_THRESHOLD if threshold is None else threshold
-    s = run(manifest, against or [], t, workers)
+    s = run(manifest, against or [], t, workers, ray=eng.options(engine, ray_address, shard_rows))
     typer.echo(f"dedupe: {s.rows} rows: {s.hashed} hashed, {s.reused} hashes reused, {s.failed} failed, "
                f"{s.skipped} skipped (error or no file)")
     typer.echo(f"  exact pairs: {s.exact_bytes} same bytes, {s.exact_pixels} same pixels; "
@@ -357,6 +367,9 @@ def download(
     workers: int = typer.Option(8, "--workers", help="Parallel downloads."),
     rate: Optional[float] = typer.Option(None, "--rate", help="Requests per second per host (default: 2 for *.donmai.us, unlimited elsewhere)."),
     retries: int = typer.Option(3, "--retries", help="Retries per file for connection errors, 429 and 5xx (with backoff)."),
+    engine: str = _ENGINE,
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    shard_rows: int = _SHARD_ROWS,
 ) -> None:
     """Download and verify the images of a manifest; fill path, width, height, error.
 
@@ -364,9 +377,10 @@ def download(
     final name, so a re-run -- even after kill -9 -- skips finished rows and never
     accepts a broken file. Failed rows stay, with the reason in the error column.
     """
+    from . import engine as eng
     from .download import download_manifest
 
-    s = download_manifest(manifest, images, variant=variant, max_pixels=max_pixels, from_tars=from_tars,
+    s = download_manifest(manifest, images, ray=eng.options(engine, ray_address, shard_rows), variant=variant, max_pixels=max_pixels, from_tars=from_tars,
                           workers=workers, rate=rate, retries=retries)
     typer.echo("download: " + s.render())
 
@@ -383,6 +397,9 @@ def tag(
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes \\[default: cores, at most 16, on cuda; half the cores on cpu]; 0: in-process."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (pays off on long GPU runs)."),
     draft: bool = typer.Option(True, "--draft/--no-draft", help="Decode big JPEGs at reduced scale (much faster; --no-draft: bit-exact reference preprocessing)."),
+    engine: str = _ENGINE,
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    shard_rows: int = _SHARD_ROWS,
 ) -> None:
     """Auto-tag images with a WD v3 tagger into the `tagger` column (tag, category, score).
 
@@ -391,9 +408,10 @@ def tag(
     the same model and thresholds skips tagged rows; other ones re-tag every row.
     Rows with error or dup_of, or without a path, are skipped.
     """
+    from . import engine as eng
     from .tag import run
 
-    s = run(manifest, model, batch_size=batch_size, device=device, general_threshold=general_threshold,
+    s = run(manifest, model, ray=eng.options(engine, ray_address, shard_rows), batch_size=batch_size, device=device, general_threshold=general_threshold,
             character_threshold=character_threshold, use_mcut=use_mcut, workers=workers, compile=compile, draft=draft)
     for line in s.lines():
         typer.echo(line)
@@ -457,10 +475,11 @@ def report(
     max_per_subset: int = typer.Option(0, "--max-per-subset", help="Contact sheet images per subset (0: all; thumbnails load lazily)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for thumbnails (default: all cores)."),
 ) -> None:
-    """One HTML page to review before training: counts and failures, contact sheets,
-    duplicate clusters, crop boxes, top tags, aspect ratios and buckets, captions.
+    """One HTML page to review manifests before training.
 
-    Needs no network to view. Thumbnails are made once and reused by later runs.
+    Sections: counts per subset and failures by reason, contact sheets, duplicate
+    clusters (keeper marked), crop boxes on the originals, top tags, aspect ratios and
+    buckets, caption examples. Needs no network to view. Thumbnails are made once and reused by later runs.
     """
     from .report import build
 

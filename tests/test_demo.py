@@ -1,0 +1,94 @@
+"""The offline demo: `make demo` end to end on a small corpus, through the real Makefile,
+the Danbooru look-alike on 127.0.0.1, and every stage's CLI; then a re-run does nothing."""
+
+import http.client
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from curate import manifest
+from curate.demo import make_corpus
+from curate.devserver import DanbooruServer, read_posts
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parents[1]
+
+
+def make(demo: Path, *targets: str) -> subprocess.CompletedProcess:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("the Makefile runs curate from a venv; run the tests from one (make test does)")
+    # -o: the test runs inside the venv; never let make reinstall it underneath
+    cmd = ["make", "--no-print-directory", "-C", str(ROOT), "-o", f"{VENV}/.installed", f"VENV={VENV}",
+           f"DEMO={demo}", "DEMO_POSTS=400", *targets]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def test_make_demo_runs_every_stage_then_nothing(tmp_path):
+    demo = tmp_path / "demo"
+    r = make(demo, "demo")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    for command in ("curate build-reg queries/demo_reg.toml --source danbooru", "curate download", "curate ingest",
+                    "curate dedupe", "--against", "curate crop", "curate tag", "curate caption", "curate export",
+                    "curate train", "curate report"):
+        assert command in out, command
+    assert "where everything went" in out and "report.html" in out
+    reg, cg = demo / "manifests" / "demo_reg.parquet", demo / "manifests" / "official_cg.parquet"
+    _, reg_meta = manifest.read(reg)
+    assert reg_meta["source"].startswith("danbooru:http://127.0.0.1:")  # the live path, over HTTP
+    assert set(reg_meta["stages"]) >= {"download", "caption"}
+    cg_rows, cg_meta = manifest.read(cg)
+    assert set(cg_meta["stages"]) >= {"ingest", "dedupe", "crop", "tag", "caption"}
+    rows = cg_rows.to_pylist()
+    assert any(r["error"] for r in rows)                                         # the broken file
+    assert any(r["dup_of"] and r["dup_of"].startswith("danbooru/") for r in rows)  # repost of a reg image
+    assert any(r["crop"] and r["crop"] != [0, 0, r["width"], r["height"]] for r in rows)  # bars trimmed
+    assert all(r["caption"] for r in rows if not r["error"] and not r["dup_of"])
+    assert (demo / "kohya" / "dataset_config.toml").is_file()
+    assert (demo / "runs" / "demo" / "demo.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (demo / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()]
+    assert steps and max(steps) == 6
+    assert 'id="duplicates"' in (demo / "report.html").read_text()
+    # file targets: a second run finds everything up to date
+    again = make(demo, "demo")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "curate " not in again.stdout.replace("curate demo", "").replace("curate.demo", "")
+    # a new file in the CG folder (a name with spaces) re-runs the CG chain, not the reg set
+    shutil.copyfile(demo / "cg" / "cg_02.png", demo / "cg" / "new shot (2).png")
+    grown = make(demo, "demo")
+    assert grown.returncode == 0, grown.stderr[-2000:]
+    assert "1 added" in grown.stdout and "curate tag" in grown.stdout and "curate build-reg" not in grown.stdout
+    # a deleted manifest is made again, and only what depends on it
+    cg.unlink()
+    third = make(demo, "demo", "DEMO_TARGETS=cg")
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "curate ingest" in third.stdout and "curate build-reg" not in third.stdout and cg.is_file()
+
+
+def test_devserver_serves_files_and_nothing_outside(tmp_path):
+    make_corpus(tmp_path, 20)
+    srv = DanbooruServer(read_posts(tmp_path / "posts.jsonl"), files=tmp_path / "files").start()
+    try:
+        host, port = srv.url.split("//")[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/posts.json?limit=5")
+        posts = json.loads(conn.getresponse().read())
+        post = next(p for p in posts if p["file_ext"] in ("jpg", "png", "webp"))
+        assert post["file_url"].startswith(srv.url + "/original/")  # URLs point at the server itself
+        conn.request("GET", post["file_url"][len(srv.url):])
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200 and __import__("hashlib").md5(body).hexdigest() == post["md5"]
+        for bad in ("/original/../posts.jsonl", "/original/%2e%2e/posts.jsonl", "/original/nope.png"):
+            conn.request("GET", bad)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 404, bad
+    finally:
+        srv.stop()
