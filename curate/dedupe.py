@@ -20,6 +20,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -278,28 +279,50 @@ def _original(base: Path, path: str, source: str | None) -> str:
     return str(base / path)
 
 
-def _hash_rows(table: pa.Table, base: Path, cached: bool, workers: int, desc: str, s: Summary):
-    """Hash a table's usable rows (reusing stored hashes when `cached`).
+def hash_rows(rows: pa.Table, base: Path, cached: bool, workers: int = 1,
+              desc: str = "hashing") -> tuple[pa.Table, dict]:
+    """The per-shard work of both engines: hash the usable rows (stored hashes kept when `cached`).
 
-    Returns (file per row or None when unusable, {hash column: values}, new errors).
+    -> (key, the hash columns, `file` that was hashed (null: unusable or failed),
+    `hash_error` new this run), {hashed, reused}.
     """
-    error, path, src = _column(table, "error"), _column(table, "path"), _column(table, "source_path")
-    h = {c: _column(table, c) for c in HASH_COLUMNS}
+    error, path, src = _column(rows, "error"), _column(rows, "path"), _column(rows, "source_path")
+    h = {c: _column(rows, c) for c in HASH_COLUMNS}
     files = [_original(base, p, sp) if p and e is None else None for e, p, sp in zip(error, path, src)]
     todo = [k for k, f in enumerate(files)
             if f and not (cached and all(h[c][k] is not None for c in HASH_COLUMNS))]
-    s.reused += sum(1 for f in files if f) - len(todo)
+    stats = {"hashed": 0, "reused": sum(1 for f in files if f) - len(todo)}
     new_errors = [None] * len(files)
     for k, res in zip(todo, parallel_map(hash_file, [files[k] for k in todo], workers, desc)):
         if "error" in res:
             new_errors[k], files[k] = res["error"], None
-            s.failed += 1
-            s.errors.append(f"{table.column('key')[k].as_py()}: {res['error']}")
             continue
         for c in HASH_COLUMNS:
             h[c][k] = res[c]
-        s.hashed += 1
-    return files, h, new_errors
+        stats["hashed"] += 1
+    cols = {"key": rows.column("key"), **{c: pa.array(h[c], t) for c, t in HASH_COLUMNS.items()},
+            "file": pa.array(files, pa.string()), "hash_error": pa.array(new_errors, pa.string())}
+    return pa.table(cols), stats
+
+
+def _hash_rows(table: pa.Table, base: Path, cached: bool, workers: int, desc: str, s: Summary, shards=None):
+    """Hash a table's usable rows, here (a process pool) or with `shards(fn, rows)` (the Ray engine).
+
+    Returns (file per row or None when unusable, {hash column: values}, new errors).
+    """
+    if shards is None:
+        out, stats = hash_rows(table, base, cached, workers, desc)
+    else:
+        need = [c for c in ("key", "error", "path", "source_path", *HASH_COLUMNS) if c in table.column_names]
+        out, stats = shards(partial(hash_rows, base=Path(base).resolve(), cached=cached), table.select(need))
+    s.hashed += stats["hashed"]
+    s.reused += stats["reused"]
+    new_errors = out.column("hash_error").to_pylist()
+    for key, e in zip(_column(table, "key"), new_errors):
+        if e is not None:
+            s.failed += 1
+            s.errors.append(f"{key}: {e}")
+    return out.column("file").to_pylist(), {c: out.column(c).to_pylist() for c in HASH_COLUMNS}, new_errors
 
 
 def _exact_pairs(usable, own, sha, files, pixels, i, j, dist, workers, s: Summary):
@@ -341,8 +364,13 @@ def dedupe(
     others: list[tuple[pa.Table, Path, dict]] = (),
     threshold: int = DEFAULT_THRESHOLD,
     workers: int | None = None,
+    shards=None,
 ) -> tuple[pa.Table, Summary]:
-    """Fill the hash columns and dup_of. `base` is the manifest's folder."""
+    """Fill the hash columns and dup_of. `base` is the manifest's folder.
+
+    `shards(fn, rows, name)`: hash on another engine (curate.engine's Ray.map); the
+    clustering below always runs here, on every hash at once.
+    """
     from .manifest import with_column
 
     if not 0 <= threshold <= MAX_THRESHOLD:
@@ -350,7 +378,8 @@ def dedupe(
     workers = workers or default_workers()
     n = table.num_rows
     s = Summary(rows=n, threshold=threshold)
-    files, h, new_err = _hash_rows(table, base, _stored_hash_ok(meta), workers, "hashing", s)
+    files, h, new_err = _hash_rows(table, base, _stored_hash_ok(meta), workers, "hashing", s,
+                                   shards and partial(shards, name="dedupe"))
     mine = {c: list(v) for c, v in h.items()}  # what gets written back
 
     # Rows of the other manifests join the same index; their hashes are used as
@@ -360,7 +389,7 @@ def dedupe(
     pixels = [(w or 0) * (ht or 0) for w, ht in zip(_column(table, "width"), _column(table, "height"))]
     for num, (other, obase, ometa) in enumerate(others, 1):
         of, oh, _ = _hash_rows(other, obase, _stored_hash_ok(ometa), workers, f"hashing --against #{num}",
-                               Summary())
+                               Summary(), shards and partial(shards, name=f"dedupe-against-{num}"))
         files += of
         for c in HASH_COLUMNS:
             h[c] += oh[c]
@@ -409,8 +438,11 @@ def dedupe(
 
 
 def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRESHOLD,
-        workers: int | None = None) -> Summary:
-    """Read the manifest (and the others), dedupe, write it back atomically."""
+        workers: int | None = None, ray=None) -> Summary:
+    """Read the manifest (and the others), dedupe, write it back atomically.
+
+    `ray`: curate.engine.RayOptions to hash on Ray (None: here, in a process pool).
+    """
     from . import manifest as mf
 
     manifest = Path(manifest)
@@ -421,11 +453,23 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
             raise CurateError(f"--against names the manifest itself: {other}")
         ot, ometa = mf.read(other)
         others.append((ot, Path(other).parent, ometa))
-    table, s = dedupe(table, manifest.parent, meta, others, threshold, workers)
+    if ray is None:
+        table, s = dedupe(table, manifest.parent, meta, others, threshold, workers)
+    else:
+        from . import engine
+
+        with engine.connect(ray) as cluster:
+            def shards(fn, rows, name):
+                out, stats = cluster.map(fn, rows, engine.work_dir(manifest, name), desc=name)
+                return out, engine.sum_stats(stats) or {"hashed": 0, "reused": 0}
+
+            table, s = dedupe(table, manifest.parent, meta, others, threshold, workers, shards)
     mf.record_stage(meta, "dedupe", hash=HASH_VERSION, threshold=threshold,
                     dhash_confirm=DHASH_CONFIRM, against=[str(p) for p in against])
     try:
         mf.write(table, manifest, meta)
     except OSError as exc:
         raise CurateError(f"cannot write the manifest {manifest}: {exc.strerror or exc}") from None
+    if ray is not None:
+        engine.clean(manifest, "dedupe")
     return s

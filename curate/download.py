@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import os
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -39,6 +40,7 @@ VARIANTS = {"original": "original", "sample": "sample", "720": "720x720"}
 CHUNK = 1 << 18
 CHECKPOINT_SECONDS = 30
 _MD5 = re.compile(r"[0-9a-f]{32}")
+_HOST = socket.gethostname()
 
 
 @dataclass
@@ -98,21 +100,86 @@ class _Fail(Exception):
     """One item failed; str is the row's `error`."""
 
 
-def download_manifest(manifest, images=None, **options) -> Summary:
+def download_manifest(manifest, images=None, ray=None, **options) -> Summary:
+    """`ray`: curate.engine.RayOptions to download on Ray (None: here, in threads)."""
     from . import manifest as mf
 
     path = Path(manifest)
     table, meta = mf.read(path)
     opts = Options(images=Path(images) if images else path.parent / "images", **options)
     try:
-        table, summary = download_table(table, path.parent, opts, checkpoint=lambda t: mf.write(t, path, meta))
+        if ray is None:
+            table, summary = download_table(table, path.parent, opts, checkpoint=lambda t: mf.write(t, path, meta))
+        else:
+            table, summary = _download_on_ray(table, path, opts, ray)
     except KeyboardInterrupt:
         raise CurateError(f"interrupted; finished rows are saved in {path}, re-run to go on", 130) from None
     mf.record_stage(meta, "download", images=str(opts.images), variant=opts.variant,
                     max_pixels=opts.max_pixels, from_tars=opts.from_tars)
     mf.write(table, path, meta)
+    if ray is not None:
+        from . import engine
+
+        engine.clean(path, "download")
     summary.manifest = path
     return summary
+
+
+OUT_COLUMNS = ["key", "path", "error", "width", "height"]
+
+
+def download_shard(rows, base_dir: str, opts: Options, rates: dict) -> tuple:
+    """The per-shard work on Ray: download_table over some rows, host rates as the driver set them."""
+    from . import http
+
+    for host, rate in rates.items():
+        http.set_rate(host, rate)
+    t, s = download_table(rows, base_dir, opts)
+    stats = {"downloaded": s.downloaded, "reused": s.reused, "already": s.already, "bytes": s.bytes,
+             "failed": dict(s.failed)}
+    return t.select(OUT_COLUMNS), stats
+
+
+def _download_on_ray(table, path: Path, opts: Options, ray):
+    """Shards of rows on Ray tasks; rate limits (per process) are split between the tasks in flight."""
+    from dataclasses import replace
+    from functools import partial
+
+    from . import engine, http
+    from .manifest import with_column
+
+    _check_options(opts)
+    started = time.monotonic()
+    opts = replace(opts, images=opts.images.resolve(), progress=False)
+    opts.images.mkdir(parents=True, exist_ok=True)
+    urls = table.column("file_url").to_pylist() + [v.get("url") for vs in table.column("variants").to_pylist()
+                                                  for v in vs or () if v]
+    hosts = {urlsplit(u).hostname for u in urls if u} | ({urlsplit(opts.from_tars).hostname}
+                                                        if str(opts.from_tars).startswith("http") else set())
+    need = ["key", "post_id", "md5", "file_url", "file_ext", "variants", "path", "error", "width", "height"]
+    # Rows of one file (same md5) go to one shard as the first of them, as one job does here
+    # locally: shards never race for a file, and the others take its result.
+    first, lead = {}, []
+    for i, m in enumerate(table.column("md5").to_pylist()):
+        lead.append(first.setdefault(m.strip().lower(), i) if m and m.strip() else i)
+    ship = [i for i, j in enumerate(lead) if i == j]
+    with engine.connect(ray) as cluster:
+        limits = {h: opts.rate if opts.rate is not None else http.limiter(h).rate for h in hosts if h}
+        rates = {h: r / cluster.slots for h, r in sorted(limits.items()) if r}  # all tasks together: the rate
+        shard_opts = replace(opts, rate=None)  # the rates above rule
+        fn = partial(download_shard, base_dir=str(path.parent.resolve()), opts=shard_opts, rates=rates)
+        out, stats = cluster.map(fn, table.select(need).take(ship), engine.work_dir(path, "download"),
+                                 desc="download", settings=f"download {path.parent.resolve()} {shard_opts!r}")
+    at = {row: k for k, row in enumerate(ship)}
+    for c in OUT_COLUMNS[1:]:
+        values = out.column(c).to_pylist()
+        table = with_column(table, c, [values[at[lead[i]]] for i in range(table.num_rows)])
+    st = engine.sum_stats(stats)
+    summary = Summary(rows=table.num_rows, images=opts.images, downloaded=st.get("downloaded", 0),
+                      reused=st.get("reused", 0), already=st.get("already", 0), bytes=st.get("bytes", 0),
+                      failed=Counter(_reason(e) for e in table.column("error").to_pylist() if e),
+                      seconds=time.monotonic() - started)
+    return table, summary
 
 
 def download_table(table, base_dir, opts: Options, checkpoint=None):
@@ -292,26 +359,28 @@ class _Store:
             from .tars import TarShards
 
             self.tars = TarShards(opts.from_tars, self._session)
-        self.index = self._scan()
+        self._clean_parts()
 
     def hosts(self) -> set[str]:
         return {urlsplit(self.opts.from_tars).hostname} if self.tars and self.tars.remote else set()
 
-    def _scan(self) -> dict[str, Path]:
-        """Final files already in DIR by name stem; .part files of dead processes removed."""
+    def _clean_parts(self) -> None:
+        """Remove .part files of dead processes of this host (other hosts may share DIR: Ray)."""
         for part in self.parts.glob("*.part"):
-            pid = part.name.split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            pid, *rest = part.name[: -len(".part")].split("-", 3)  # pid-thread-n[-host]
+            if pid.isdigit() and rest[2:] in ([], [_HOST]) and not _alive(int(pid)):
                 part.unlink(missing_ok=True)
-        index = {}
-        for sub in self.root.iterdir():
-            if len(sub.name) != 2 or not sub.is_dir() or sub.is_symlink():
-                continue
-            for f in sub.iterdir():
-                stem, _, ext = f.name.rpartition(".")
-                if ext in img.IMAGE_EXTS:
-                    index[stem] = f
-        return index
+
+    def _find(self, name: str) -> Path | None:
+        """The final file of a name stem, if DIR has it: looked up directly, never a scan of
+        DIR, so each of many Ray shards costs its own rows only."""
+        sub = self.root / name[:2]
+        if sub.is_symlink() or not sub.is_dir():
+            return None
+        for ext in img.IMAGE_EXTS:
+            if (sub / f"{name}.{ext}").is_file():
+                return sub / f"{name}.{ext}"
+        return None
 
     def _session(self):
         s = getattr(self._local, "session", None)
@@ -342,7 +411,7 @@ class _Store:
             return None
         mp = self.opts.max_pixels
         for name in ([f"{job.stem}.max{mp}"] if mp else []) + [job.stem]:
-            f = self.index.get(name)
+            f = self._find(name)
             if f is None:
                 continue
             try:
@@ -362,7 +431,7 @@ class _Store:
     # -- fetching ----------------------------------------------------------------
 
     def _new_part(self) -> Path:  # named by pid so a re-run can tell a dead run's leftovers
-        return self.parts / f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}.part"
+        return self.parts / f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}-{_HOST}.part"
 
     def _fetch(self, job: _Job):
         part = self._new_part()
@@ -469,7 +538,6 @@ class _Store:
         else:
             final = sub / f"{stem}.{ext}"
             os.replace(src, final)
-        self.index[final.name.rpartition(".")[0]] = final
         return final, w, h
 
 

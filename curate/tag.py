@@ -254,8 +254,12 @@ class Summary:
 def run(manifest: str | os.PathLike, model: str, *, batch_size: int | None = None, device: str = "auto",
         general_threshold: float = 0.35, character_threshold: float = 0.85, use_mcut: bool = False,
         workers: int | None = None, compile: bool = False, draft: bool = True, progress: bool = True,
-        save_every_s: float = SAVE_EVERY_S) -> Summary:
-    """Tag the manifest's images in place; returns what happened."""
+        save_every_s: float = SAVE_EVERY_S, ray=None) -> Summary:
+    """Tag the manifest's images in place; returns what happened.
+
+    `ray`: curate.engine.RayOptions to tag on Ray actors (one per GPU; CPU-only: one per
+    2 cores), each loading the model once; None: here.
+    """
     th = Thresholds(general_threshold, character_threshold, use_mcut)
     th.check()
     if batch_size is not None and batch_size < 1:
@@ -284,19 +288,96 @@ def run(manifest: str | os.PathLike, model: str, *, batch_size: int | None = Non
         t = mf.with_column(table, "tagger", tags)
         mf.write(mf.with_column(t, "error", err), manifest, meta)
 
-    if jobs:
+    if jobs and ray is not None:
+        _tag_on_ray(table, jobs, files, th, settings, tags, err, s, ray, device, batch_size, workers, compile, draft)
+        backend.update(backend=s.backend)
+    elif jobs:
         device = resolve_device(device)
         tagger = tm.load(files, device)
         backend.update(backend=tagger.backend, input_size=tagger.size)
         s.device, s.backend = device, tagger.backend
         s.model = tagger.model_id + (f"@{tagger.revision[:10]}" if tagger.revision else "")
-        bs = batch_size or (128 if device.startswith("cuda") else 4)  # CPU: bigger batches only thrash the caches
-        nw = default_workers(device) if workers is None else max(0, workers)
-        loader = Images(jobs, tagger.size, tagger.interpolation, tagger.crop_pct, draft).loader(bs, nw, device)
-        tag_batches(loader, Runner(tagger, device, bs, compile), tagger.labels, th, tags, err, col("key"), s,
-                    nw, progress, lambda: save(False), save_every_s)
+        score(jobs, tagger, device, batch_size, workers, compile, draft, th, tags, err, col("key"), s, progress,
+              lambda: save(False), save_every_s)
     save(not s.interrupted)
+    if ray is not None:
+        from . import engine
+
+        engine.clean(manifest, "tag")
     return s
+
+
+def score(jobs, tagger: tm.Tagger, device: str, batch_size: int | None, workers: int | None, compile: bool,
+          draft: bool, th: Thresholds, tags: list, err: list, keys: list, s: Summary, progress: bool = True,
+          checkpoint=None, save_every_s: float = SAVE_EVERY_S) -> None:
+    """The per-shard work of both engines: tag `jobs` (row, image path) into `tags` / `err`."""
+    bs = batch_size or (128 if device.startswith("cuda") else 4)  # CPU: bigger batches only thrash the caches
+    nw = default_workers(device) if workers is None else max(0, workers)
+    loader = Images(jobs, tagger.size, tagger.interpolation, tagger.crop_pct, draft).loader(bs, nw, device)
+    tag_batches(loader, Runner(tagger, device, bs, compile), tagger.labels, th, tags, err, keys, s,
+                nw, progress, checkpoint or (lambda: None), save_every_s)
+
+
+class ShardTagger:
+    """On a Ray actor: the model loaded once, then shards of (key, absolute path) rows scored."""
+
+    def __init__(self, files: tm.ModelFiles, device: str, th: Thresholds, batch_size: int | None,
+                 workers: int | None, compile: bool, draft: bool):
+        self.tagger = tm.load(files, device)
+        self.device, self.th, self.batch_size, self.workers = device, th, batch_size, workers
+        self.compile, self.draft = compile, draft
+
+    def __call__(self, rows):
+        import pyarrow as pa
+
+        from .schema import MANIFEST_SCHEMA
+
+        keys, paths = rows.column("key").to_pylist(), rows.column("file").to_pylist()
+        tags, err, s = [None] * len(keys), [None] * len(keys), Summary()
+        score(list(enumerate(paths)), self.tagger, self.device, self.batch_size, self.workers, self.compile,
+              self.draft, self.th, tags, err, keys, s, progress=False)
+        out = pa.table({"key": rows.column("key"), "tagger": pa.array(tags, MANIFEST_SCHEMA.field("tagger").type),
+                        "error": pa.array(err, pa.string())})
+        return out, {"tagged": s.tagged, "missing": s.missing, "failed": dict(s.failed), "errors": s.errors[:20],
+                     "backend": {self.tagger.backend: 1}}
+
+
+def _tag_on_ray(table, jobs, files, th, settings, tags, err, s: Summary, ray, device, batch_size, workers,
+                compile, draft) -> None:
+    """The pending rows in shards over Ray actors (num_gpus=1 each where the cluster has GPUs)."""
+    from functools import partial
+
+    import pyarrow as pa
+
+    from . import engine
+
+    rows = pa.table({"key": table.column("key").take([k for k, _ in jobs]),
+                     "file": pa.array([p for _, p in jobs], pa.string())})
+    with engine.connect(ray) as cluster:
+        gpu = cluster.gpus > 0 and device != "cpu"
+        if device.startswith("cuda") and not gpu:
+            raise CurateError(f"--device {device}: the Ray cluster has no GPU")
+        device = "cuda" if gpu else "cpu"
+        actors = cluster.gpus if gpu else max(1, cluster.cpus // 2)
+        per_actor = max(1, cluster.cpus_per_gpu) if gpu else 1  # a GPU actor's cores decode for it
+        nw = (per_actor if gpu else 0) if workers is None else workers
+        factory = partial(ShardTagger, files, device, th, batch_size, nw, compile, draft)
+        t0 = time.perf_counter()
+        out, stats = cluster.map(factory, rows, engine.work_dir(Path(s.manifest), "tag"), actors=actors,
+                                 num_gpus=1 if gpu else 0, num_cpus=per_actor, desc="tag",
+                                 settings=f"tag {settings} {device} {batch_size} {draft}")
+        s.seconds = time.perf_counter() - t0
+    for (k, _), entries, e in zip(jobs, out.column("tagger").to_pylist(), out.column("error").to_pylist()):
+        tags[k] = entries
+        if e is not None:
+            err[k] = e
+    st = engine.sum_stats(stats)
+    s.tagged += st.get("tagged", 0)
+    s.missing += st.get("missing", 0)
+    s.failed.update(st.get("failed", {}))
+    s.errors += st.get("errors", [])
+    s.device = f"{device}, {actors} Ray actor{'s' * (actors > 1)}"
+    s.backend = ",".join(st.get("backend", {})) or s.backend
 
 
 def pending_rows(table, tags: list, base: Path, s: Summary) -> list[tuple[int, str]]:
