@@ -129,42 +129,34 @@ _IMAGES_OPT = typer.Option(None, "--images", help="Download images into this fol
 _NO_IMAGES_OPT = typer.Option(False, "--no-images", help="Write the manifest only.")
 
 
-@app.command()
-def fetch(
-    query: Path = _QUERY_ARG,
-    source: str = _SOURCE_OPT,
-    out: Optional[Path] = _OUT_OPT,
-    seed: Optional[int] = _SEED_OPT,
-    images: Optional[Path] = _IMAGES_OPT,
-    no_images: bool = _NO_IMAGES_OPT,
-    rate: float = _RATE,
-    base_url: Optional[str] = _BASE_URL,
-    user_agent: Optional[str] = _USER_AGENT,
-    tag_limit: Optional[int] = _TAG_LIMIT,
-) -> None:
-    """Select posts by a query spec and write a manifest (one row per post)."""
-    _run_query(query, source, out, "fetch", seed, images, no_images, _live(rate, user_agent, tag_limit, base_url=base_url))
+def _query_command(name: str, kind: str, doc: str) -> None:
+    """fetch and build-reg: one signature, registered twice."""
+
+    def command(
+        query: Path = _QUERY_ARG,
+        source: str = _SOURCE_OPT,
+        out: Optional[Path] = _OUT_OPT,
+        seed: Optional[int] = _SEED_OPT,
+        images: Optional[Path] = _IMAGES_OPT,
+        no_images: bool = _NO_IMAGES_OPT,
+        rate: float = _RATE,
+        base_url: Optional[str] = _BASE_URL,
+        user_agent: Optional[str] = _USER_AGENT,
+        tag_limit: Optional[int] = _TAG_LIMIT,
+    ) -> None:
+        _run_query(query, source, out, kind, seed, images, no_images,
+                   _live(rate, user_agent, tag_limit, base_url=base_url))
+
+    command.__doc__ = doc
+    app.command(name)(command)
 
 
-@app.command("build-reg")
-def build_reg(
-    query: Path = _QUERY_ARG,
-    source: str = _SOURCE_OPT,
-    out: Optional[Path] = _OUT_OPT,
-    seed: Optional[int] = _SEED_OPT,
-    images: Optional[Path] = _IMAGES_OPT,
-    no_images: bool = _NO_IMAGES_OPT,
-    rate: float = _RATE,
-    base_url: Optional[str] = _BASE_URL,
-    user_agent: Optional[str] = _USER_AGENT,
-    tag_limit: Optional[int] = _TAG_LIMIT,
-) -> None:
-    """Build a regularization set: like fetch, and records the class token.
+_query_command("fetch", "fetch", "Select posts by a query spec and write a manifest (one row per post).")
+_query_command("build-reg", "reg", """Build a regularization set: like fetch, and records the class token.
 
     Subsets are disjoint (first subset wins), random order is a seeded keyed-hash
     sample, so the same source + query + seed always gives the same rows.
-    """
-    _run_query(query, source, out, "reg", seed, images, no_images, _live(rate, user_agent, tag_limit, base_url=base_url))
+    """)
 
 
 @app.command()
