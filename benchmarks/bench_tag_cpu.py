@@ -76,8 +76,6 @@ def baseline(tagger, paths: list[Path]) -> float:
     import torch
     from PIL import Image
 
-    from curate import tagger_model as tm
-
     mean = torch.tensor(tagger.mean).view(1, 3, 1, 1)
     std = torch.tensor(tagger.std).view(1, 3, 1, 1)
     labels = tagger.labels

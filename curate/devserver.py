@@ -28,7 +28,7 @@ import socket
 import struct
 import threading
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
