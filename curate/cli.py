@@ -87,7 +87,8 @@ def sync(
     dt = time.perf_counter() - t0
     typer.echo(f"synced {src.describe()} -> {report.store}")
     typer.echo(f"  read {report.read} posts in {dt:.1f}s ({report.read / max(dt, 1e-9):.0f} posts/s): "
-               f"{report.added} new, {report.updated} updated, {report.unchanged} unchanged")
+               f"{report.added} new, {report.updated} updated, {report.unchanged} unchanged"
+               + (f", {report.stale} older than the stored version (kept the stored one)" if report.stale else ""))
     if report.skipped:
         typer.echo("  skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items())))
     typer.echo(f"  store now holds {report.total} posts, {report.tags} tags, {report.aliases} aliases")

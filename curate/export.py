@@ -195,6 +195,8 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
         if out_dir.is_dir():
             (out_dir / MARKER).write_text(json.dumps({"files": sorted(record)}, indent=1), encoding="utf-8")
     for rel in previous - written:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:  # the marker is a file anyone can edit
+            continue
         target = out_dir / rel
         if target.is_symlink() or target.is_file():
             target.unlink()

@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
 from . import manifest, query as query_mod
 from .errors import CurateError
+from .schema import MANIFEST_SCHEMA, STAGE_FIELDS
 from .select import Selection, select
 
 
@@ -41,6 +44,21 @@ def fetch(query_path: str | Path, source, out: str | Path, kind: str = "fetch",
                  for r in selection.subsets},
         skipped=dict(selection.skipped),
     )
+    table = selection.table
+    if Path(out).exists():  # a re-run keeps what later stages did for rows selected again
+        table, meta = keep_stage_work(table, meta, *manifest.read(out))
     manifest.record_stage(meta, "build-reg" if kind == "reg" else "fetch", source=source.describe())
-    path = manifest.write(selection.table, out, meta)
+    path = manifest.write(table, out, meta)
     return FetchResult(path, selection, source.describe())
+
+
+def keep_stage_work(table: pa.Table, meta: dict, old: pa.Table, old_meta: dict) -> tuple[pa.Table, dict]:
+    """Carry stage columns (path, phash, crop, caption, ... and stage extensions)
+    over from the previous manifest, by key, for the rows selected again."""
+    where = {k: i for i, k in enumerate(old.column("key").to_pylist())}
+    idx = pa.array([where.get(k) for k in table.column("key").to_pylist()], pa.int64())
+    carried = [f.name for f in STAGE_FIELDS] + [c for c in old.column_names if c not in MANIFEST_SCHEMA.names]
+    for name in carried:
+        table = manifest.with_column(table, name, old.column(name).take(idx))
+    meta["stages"] = {k: v for k, v in (old_meta.get("stages") or {}).items() if k not in ("fetch", "build-reg")}
+    return table, meta

@@ -64,17 +64,29 @@ def read(path: str | os.PathLike) -> tuple[pa.Table, dict]:
     except (pa.ArrowException, OSError) as exc:
         raise CurateError(f"not a readable Parquet manifest: {path} ({exc})") from None
     raw = (pf.schema_arrow.metadata or {}).get(META_KEY)
-    meta = json.loads(raw) if raw else {}
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        raise CurateError(f"manifest {path} has unreadable provenance metadata") from None
     if "key" not in table.column_names:
         raise CurateError(f"not a curate manifest (no 'key' column): {path}")
-    return conform(table), meta
+    try:
+        return conform(table), meta
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise CurateError(f"manifest {path} has a column of the wrong type ({exc})") from None
 
 
 def write(table: pa.Table, path: str | os.PathLike, meta: dict) -> Path:
     """Write atomically: a crash leaves either the old file or the new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = conform(table)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _write(conform(table), path, meta)
+    except OSError as exc:
+        raise CurateError(f"cannot write manifest {path}: {exc.strerror or exc}") from None
+
+
+def _write(table: pa.Table, path: Path, meta: dict) -> Path:
     md = dict(table.schema.metadata or {})
     md[META_KEY] = json.dumps(meta, default=str).encode()
     table = table.replace_schema_metadata(md)

@@ -24,6 +24,7 @@ else:  # pragma: no cover
 ORIENTATIONS = ("horizontal", "vertical", "square", "any")
 ORDERS = ("random", "fav_count", "score", "id")
 RATINGS = ("g", "s", "q", "e")
+RATING_WORDS = {"general": "g", "sensitive": "s", "questionable": "q", "explicit": "e"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "gif", "webp", "avif")  # default file_ext set
 
 FILTER_KEYS = {
@@ -186,16 +187,18 @@ def _subset(d: dict, where: str, base_dir: Path, default_name: str) -> Subset:
         if key in d:
             setattr(s, key, Range.parse(d[key], f"{where}.{key}"))
     if "rating" in d:
-        ratings = [_typed(r, str, f"{where}.rating").lower()[:1] for r in _str_list(d["rating"], f"{where}.rating")]
-        bad = [r for r in ratings if r not in RATINGS]
+        words = [r.lower() for r in _str_list(d["rating"], f"{where}.rating")]
+        bad = [r for r in words if r not in RATINGS and r not in RATING_WORDS]
         if bad:
             raise CurateError(f"{where}.rating: unknown rating {bad[0]!r} (use g, s, q, e)")
-        s.rating = ratings
+        s.rating = [RATING_WORDS.get(r, r) for r in words]
     if "orientation" in d:
         s.orientation = _choice(d["orientation"], ORIENTATIONS, f"{where}.orientation")
     for key in ("min_width", "min_height", "min_pixels", "max_per_artist"):
         if key in d:
             setattr(s, key, _typed(d[key], int, f"{where}.{key}"))
+    if s.max_per_artist is not None and s.max_per_artist < 1:
+        raise CurateError(f"{where}.max_per_artist: must be >= 1")
     for key in ("created_after", "created_before"):
         if key in d:
             setattr(s, key, _datetime(d[key], f"{where}.{key}"))

@@ -146,9 +146,9 @@ class Thumbs:
             s.thumbs_made += err is None
             s.thumbs_failed += err is not None
         keep = set(self.wanted.values())
-        for f in self.folder.glob("*.jpg"):  # thumbnails of files no longer in the report
-            if f.name not in keep:
-                f.unlink()
+        for name in set(self.index) - keep:  # thumbnails this report made before and needs no more;
+            if Path(name).name == name and name.endswith(".jpg"):  # never other files in the folder
+                (self.folder / name).unlink(missing_ok=True)
         self.index = {k: v for k, v in self.index.items() if k in keep}
         self.index_file.write_text(json.dumps(self.index))
 

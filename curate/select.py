@@ -269,7 +269,7 @@ def _select_store(query: Query, store: Store, aliases) -> Selection:
         rows = np.flatnonzero(eligible(cols, s, aliases))
         results.append(SubsetResult(s.name, s.count, eligible=len(rows)))
         rows = top(cols, rows, s, query.seed, limit)
-        ranked.append((rows, cols.post_id[rows], cols.artists(rows) if s.max_per_artist else None))
+        ranked.append((rows, cols.post_id[rows], cols.artists(rows) if s.max_per_artist is not None else None))
     picks = _assign(query, ranked, results)
     tables = [store.take(rows[p]) for (rows, _, _), p in zip(ranked, picks)]
     return Selection(_label(query, tables), results)
@@ -304,7 +304,7 @@ def _select_stream(query: Query, source, aliases, progress) -> Selection:
             continue
         cols = BatchColumns(table)
         everything = np.arange(table.num_rows)
-        ranked.append((table, cols.post_id, cols.artists(everything) if s.max_per_artist else None))
+        ranked.append((table, cols.post_id, cols.artists(everything) if s.max_per_artist is not None else None))
     picks = _assign(query, ranked, results)
     tables = [t.take(pa.array(p)) if t is not None else None for (t, _, _), p in zip(ranked, picks)]
     return Selection(_label(query, tables), results, Counter(getattr(source, "skipped", {})))

@@ -116,7 +116,9 @@ class Store:
 
     def col(self, name: str) -> np.ndarray:
         """A query column as numpy (zero-copy from the memory map)."""
-        return self.posts.column(name).chunk(0).to_numpy() if self.posts.num_rows else np.empty(0)
+        if not self.posts.num_rows:
+            return np.empty(0, self.posts.schema.field(name).type.to_pandas_dtype())
+        return self.posts.column(name).chunk(0).to_numpy()
 
     def tag_ids(self, names: list[str]) -> np.ndarray:
         """Store ids of the given (alias-resolved) names; -1 where unknown.

@@ -68,6 +68,7 @@ class SyncReport:
     added: int = 0
     updated: int = 0
     unchanged: int = 0
+    stale: int = 0  # read again but older than the stored version: kept the stored one
     total: int = 0
     tags: int = 0
     aliases: int = 0
@@ -101,7 +102,7 @@ def sync(source, store_path: str | os.PathLike, aliases_file: str | None = None,
         if new_aliases:
             prev = _apply_aliases(prev, tags, aliases)
         if new is not None:
-            merged, report.added, report.updated, report.unchanged = _merge(prev, new)
+            merged, report.added, report.updated, report.unchanged, report.stale = _merge(prev, new)
         else:
             merged = prev
     else:
@@ -130,17 +131,24 @@ def _latest_per_id(table: pa.Table | None) -> pa.Table | None:
     return table.take(pa.array(order[last]))
 
 
-def _merge(prev: pa.Table, new: pa.Table) -> tuple[pa.Table, int, int, int]:
+def _merge(prev: pa.Table, new: pa.Table) -> tuple[pa.Table, int, int, int, int]:
+    """Stored posts (sorted by id) + newly read ones: a post read again replaces the
+    stored one unless it is older (by updated_at; unknown counts as oldest).
+    Returns (merged, added, updated, unchanged, stale)."""
     old_ids = prev.column("post_id").to_numpy()
     new_ids = new.column("post_id").to_numpy()
-    replaced = np.isin(old_ids, new_ids)
-    in_old = np.isin(new_ids, old_ids)
-    # A re-read post whose updated_at did not move counts as unchanged.
-    old_upd = dict(zip(old_ids[replaced].tolist(), pc.fill_null(prev.filter(pa.array(replaced)).column("updated_at").cast(pa.int64()), NULL_I64).to_pylist()))
+    pos = np.searchsorted(old_ids, new_ids)
+    in_old = pos < len(old_ids)
+    in_old[in_old] = old_ids[pos[in_old]] == new_ids[in_old]
+    old_upd = pc.fill_null(prev.column("updated_at").cast(pa.int64()), NULL_I64).to_numpy()
     new_upd = pc.fill_null(new.column("updated_at").cast(pa.int64()), NULL_I64).to_numpy()
-    unchanged = sum(1 for i, u in zip(new_ids[in_old].tolist(), new_upd[in_old].tolist()) if old_upd.get(i) == u)
-    merged = pa.concat_tables([prev.filter(pa.array(~replaced)), new])
-    return merged, int((~in_old).sum()), int(in_old.sum()) - unchanged, unchanged
+    ou, nu = old_upd[pos[in_old]], new_upd[in_old]
+    take_new = ~in_old
+    take_new[in_old] = nu >= ou
+    replaced = np.zeros(len(old_ids), bool)
+    replaced[pos[in_old][nu >= ou]] = True
+    merged = pa.concat_tables([prev.filter(pa.array(~replaced)), new.filter(pa.array(take_new))])
+    return merged, int((~in_old).sum()), int((nu > ou).sum()), int((nu == ou).sum()), int((nu < ou).sum())
 
 
 def _apply_aliases(table: pa.Table, tags: TagDict, aliases: dict[str, str]) -> pa.Table:

@@ -156,3 +156,25 @@ def test_build_reg_downloads_images_from_a_local_server(tmp_path):
             assert f.is_file() and hashlib.md5(f.read_bytes()).hexdigest() == r["md5"]
     finally:
         server.shutdown()
+
+
+def test_rerun_keeps_stage_work_of_rows_selected_again(corpus, tmp_path):
+    from curate import manifest
+
+    m = tmp_path / "reg.parquet"
+    args = ("build-reg", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}", "--out", m, "--no-images")
+    assert curate(*args).returncode == 0
+    table, meta = manifest.read(m)
+    table = manifest.with_column(table, "caption", [f"c{i}" for i in range(table.num_rows)])
+    manifest.write(table, m, manifest.record_stage(meta, "caption"))
+    assert curate(*args).returncode == 0
+    again, meta2 = manifest.read(m)
+    assert again.column("caption").to_pylist() == [f"c{i}" for i in range(table.num_rows)]
+    assert "caption" in meta2["stages"]
+
+
+def test_unwritable_out_is_a_one_line_error(corpus, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = curate("build-reg", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}",
+                 "--out", tmp_path / "file" / "m.parquet", "--no-images")
+    assert out.returncode == 2 and "cannot write manifest" in out.stderr and "Traceback" not in out.stderr

@@ -266,3 +266,17 @@ def test_a_failed_export_can_be_run_again(project, monkeypatch):
     assert result.exit_code == 0, result.output
     config = tomllib.loads((root / "out" / "dataset_config.toml").read_text())
     assert check_layout(config, [train, reg]) == 13
+
+
+def test_tampered_marker_never_deletes_outside_the_folder(project):
+    root, train, reg = project
+    runner = CliRunner()
+    assert runner.invoke(app, ["export", str(train), str(reg), "--kohya", "out"]).exit_code == 0
+    victim = root / "victim.txt"
+    victim.write_text("keep me")
+    marker = root / "out" / ".curate-export.json"
+    record = json.loads(marker.read_text())
+    record["files"] += ["../victim.txt", str(victim)]
+    marker.write_text(json.dumps(record))
+    assert runner.invoke(app, ["export", str(train), str(reg), "--kohya", "out"]).exit_code == 0
+    assert victim.read_text() == "keep me"

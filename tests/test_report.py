@@ -191,3 +191,14 @@ def test_report_in_chromium(manifests, tmp_path):
         print(f"screenshot: {shot}")
     finally:
         browser.quit()
+
+
+def test_report_leaves_other_files_in_its_thumbnail_folder(manifests, tmp_path):
+    cg, reg = manifests
+    out = tmp_path / "page.html"
+    build([cg], out, workers=1)
+    folder = tmp_path / "page_files"
+    assert folder.is_dir()
+    (folder / "saved_by_a_browser.jpg").write_bytes(b"not ours")
+    build([reg], out, workers=1)  # other rows: the cg thumbnails go, the stranger stays
+    assert (folder / "saved_by_a_browser.jpg").read_bytes() == b"not ours"

@@ -181,3 +181,37 @@ def test_aliases_resolve_query_tags(tmp_path):
     by_old = select(parse('name="t"\ntags=["old_solo"]\n'), src).table.column("post_id").to_pylist()
     by_new = select(parse('name="t"\ntags=["solo"]\n'), src).table.column("post_id").to_pylist()
     assert by_old == by_new and len(by_new) > 50
+
+
+def test_max_per_artist_must_be_positive():
+    from curate.errors import CurateError
+
+    with pytest.raises(CurateError, match="max_per_artist: must be >= 1"):
+        parse('name="t"\nmax_per_artist=0\n')
+
+
+def test_rating_words(sources):
+    q = parse('name="t"\nrating=["general", "E"]\ncount=5\n')
+    assert q.subsets[0].rating == ["g", "e"]
+    from curate.errors import CurateError
+
+    with pytest.raises(CurateError, match="unknown rating 'spicy'"):
+        parse('name="t"\nrating=["spicy"]\n')
+
+
+def test_repeated_posts_in_a_dump_are_read_once(tmp_path):
+    posts = make_posts(30, seed=12)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(p) for p in posts))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(p) for p in posts))
+    src = open_source(f"dump:{tmp_path}")
+    sel = select(parse('name="t"\ncount=5\n'), src)
+    eligible = sum(1 for p in posts if reference(p, {}))
+    assert sel.subsets[0].selected == 5 and sel.subsets[0].eligible == eligible
+    assert src.skipped["repeated id"] == 30
+
+
+def test_empty_store_selects_nothing(tmp_path):
+    (tmp_path / "empty.json").write_text("[]")
+    sync(open_source(f"dump:{tmp_path / 'empty.json'}"), tmp_path / "s")
+    sel = select(parse('name="t"\ntags=["1girl"]\ncount=5\n'), open_source(f"store:{tmp_path / 's'}"))
+    assert sel.table.num_rows == 0 and sel.subsets[0].eligible == 0

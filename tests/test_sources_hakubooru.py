@@ -52,3 +52,16 @@ def test_not_a_hakubooru_db(tmp_path):
     conn.close()
     with pytest.raises(CurateError, match="missing tables"):
         open_source(f"hakubooru:{tmp_path / 'y.db'}")
+
+
+def test_relation_to_a_missing_post_is_dropped(tmp_path):
+    posts = make_posts(3, seed=14)
+    db = write_hakubooru_db([posts[0], posts[2]], tmp_path / "h.db")
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO tag VALUES (999999, 'orphan_tag', 0, 1)")
+    conn.execute("INSERT INTO posttagrelation (post_id, tag_id) VALUES (?, 999999)", (posts[1]["id"],))
+    conn.commit()
+    conn.close()
+    rows = pa.concat_tables(list(open_source(f"hakubooru:{db}").batches())).to_pylist()
+    assert [r["post_id"] for r in rows] == [posts[0]["id"], posts[2]["id"]]
+    assert all("orphan_tag" not in r["tags_general"] for r in rows)

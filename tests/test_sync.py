@@ -97,3 +97,13 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "al.json").write_text("{{{")
     with pytest.raises(CurateError, match="not JSON"):
         load_aliases(tmp_path / "al.json")
+
+
+def test_older_version_does_not_overwrite_newer(tmp_path):
+    post = make_posts(1, seed=13)[0]
+    new = dict(post, fav_count=99, updated_at="2025-01-01T00:00:00+00:00")
+    old = dict(post, fav_count=5, updated_at="2020-01-01T00:00:00+00:00")
+    sync(dump(tmp_path / "new.jsonl", [new]), tmp_path / "s")
+    report = sync(dump(tmp_path / "old.jsonl", [old]), tmp_path / "s")
+    assert (report.updated, report.stale) == (0, 1)
+    assert Store(tmp_path / "s").take([0]).to_pylist()[0]["fav_count"] == 99

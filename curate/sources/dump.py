@@ -31,12 +31,18 @@ class DumpSource:
         return f"dump:{self.path}"
 
     def batches(self, batch_size: int = 20_000) -> Iterator[pa.Table]:
-        rows = []
+        # A post seen twice (overlapping dump files) is read once, the first time;
+        # `curate sync` is the way to merge versions by updated_at.
+        rows, seen = [], set()
         for post in self._posts():
             row, reason = normalize(post)
             if row is None:
                 self.skipped[reason] += 1
                 continue
+            if row["post_id"] in seen:
+                self.skipped["repeated id"] += 1
+                continue
+            seen.add(row["post_id"])
             rows.append(row)
             if len(rows) >= batch_size:
                 yield rows_to_table(rows)

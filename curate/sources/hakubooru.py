@@ -51,7 +51,7 @@ class HakuBooruSource:
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(post)")}
         self.columns = {ours: theirs for ours, theirs in POST_COLUMNS.items() if theirs in cols}
         indexed = {r[2] for idx in self.db.execute("PRAGMA index_list(posttagrelation)").fetchall()
-                   for r in self.db.execute(f"PRAGMA index_info('{idx[1]}')")}
+                   for r in self.db.execute("SELECT * FROM pragma_index_info(?)", (idx[1],))}
         if "post_id" not in indexed:
             raise CurateError(
                 f"{self.path}: posttagrelation has no index on post_id; create one with "
@@ -121,6 +121,9 @@ class HakuBooruSource:
         idx = slot[tid]
         rel, idx = rel[idx >= 0], idx[idx >= 0]
         row = np.searchsorted(post_ids, rel[:, 0])
+        found = row < len(post_ids)
+        found[found] = post_ids[row[found]] == rel[found, 0]  # a relation to a missing post is dropped
+        row, idx = row[found], idx[found]
         cat = types[idx]
         for code, category in TYPE_TO_CATEGORY.items():
             m = cat == code
