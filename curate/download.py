@@ -197,8 +197,8 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
         raise CurateError(f"--images is not a folder: {root}")
     root.mkdir(parents=True, exist_ok=True)
     root = root.resolve()
-    cols = {c: table.column(c).to_pylist() for c in
-            ("post_id", "md5", "file_url", "file_ext", "variants", "path", "error", "width", "height")}
+    cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows for c in
+            ("post_id", "md5", "file_url", "file_ext", "variants", "path", "error", "width", "height", "source_path")}
     out = {c: list(cols[c]) for c in ("path", "error", "width", "height")}
     summary = Summary(rows=table.num_rows, images=root)
 
@@ -296,6 +296,11 @@ def _plan(row: dict, base_dir: Path, opts: Options):
     variant = "original" if opts.from_tars else opts.variant
     stem = md5 if md5 is None or variant == "original" else f"{md5}.{variant}"
     if row["path"] and not row["error"] and _still_good(row, base_dir, stem, opts):
+        return "done"
+    # A file a later stage derived (crop: source_path set) or a local image (ingest:
+    # no URL, no md5) is not ours to replace while it is on disk.
+    if row["path"] and not row["error"] and (row["source_path"] or (md5 is None and not row["file_url"])) \
+            and (base_dir / row["path"]).is_file():
         return "done"
     ext = (row["file_ext"] or "").strip().lower()
     if ext in img.NOT_IMAGE_EXTS:

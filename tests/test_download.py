@@ -512,3 +512,27 @@ def test_real_danbooru_posts_variants_hidden_and_ugoira(server, tmp_path, shared
     got = rows_by_key(m)
     assert got["danbooru/9969513"]["path"] == f"img/{h[:2]}/{h}.720.webp"
     assert (got["danbooru/9969513"]["width"], got["danbooru/9969513"]["height"]) == (72, 72)
+
+
+def test_download_leaves_local_and_derived_files_alone(tmp_path):
+    """An ingested image (no URL, no md5) and a cropped one (source_path set) keep their paths."""
+    from PIL import Image
+
+    from curate import manifest as mf
+
+    (tmp_path / "cg").mkdir()
+    Image.new("RGB", (300, 300), (10, 20, 30)).save(tmp_path / "cg" / "a.png")
+    Image.new("RGB", (200, 100), (40, 50, 60)).save(tmp_path / "cg" / "b_crop.png")
+    rows = [
+        {"key": "local/a", "path": "cg/a.png", "width": 300, "height": 300},
+        {"key": "danbooru/7", "post_id": 7, "md5": "0" * 32, "file_url": "http://127.0.0.1:9/x.png",
+         "path": "cg/b_crop.png", "source_path": "images/00/" + "0" * 32 + ".png", "width": 200, "height": 100},
+    ]
+    import pyarrow as pa
+
+    m = tmp_path / "m.parquet"
+    mf.write(pa.Table.from_pylist(rows), m, mf.new_provenance())
+    download_manifest(m, tmp_path / "images", max_pixels=4096)
+    got = {r["key"]: r for r in mf.read(m)[0].to_pylist()}
+    assert got["local/a"]["path"] == "cg/a.png" and got["local/a"]["error"] is None
+    assert got["danbooru/7"]["path"] == "cg/b_crop.png" and got["danbooru/7"]["error"] is None
