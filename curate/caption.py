@@ -182,6 +182,8 @@ def load_config(config_path: str | Path | None, meta: dict) -> CaptionConfig:
             doc = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise CurateError(f"cannot read caption config {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise CurateError(f"caption config {path} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise CurateError(f"{path}: not valid TOML ({exc})") from None
         if "caption" not in doc:
@@ -194,10 +196,10 @@ def load_config(config_path: str | Path | None, meta: dict) -> CaptionConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CurateError(f"manifest provenance: query_text is not valid TOML ({exc})") from None
-    return _from_doc(doc, "query_text")
+    return _from_doc(doc, "query_text", default_name=meta.get("query_name", ""))
 
 
-def _from_doc(doc: dict, origin: str) -> CaptionConfig:
+def _from_doc(doc: dict, origin: str, default_name: str = "") -> CaptionConfig:
     table = doc.get("caption", {})
     if not isinstance(table, dict):
         raise CurateError(f"{origin}: 'caption' must be a table")
@@ -210,7 +212,7 @@ def _from_doc(doc: dict, origin: str) -> CaptionConfig:
     subs = doc.get("subsets") if isinstance(doc.get("subsets"), list) else []
     for i, sub in enumerate(subs):  # unnamed subsets are named as curate.query names them
         if isinstance(sub, dict) and isinstance(sub.get("caption"), dict):
-            name = sub.get("name", doc.get("name", "") if len(subs) == 1 else f"subset{i}")
+            name = sub.get("name", doc.get("name", default_name) if len(subs) == 1 else f"subset{i}")
             overrides.setdefault(str(name), {}).update(sub["caption"])
     subsets = {
         name: base.updated(t, f"{origin} [caption.subsets.{name}]") for name, t in overrides.items()
