@@ -122,7 +122,7 @@ def load_train_config(path: str | Path | None) -> tuple[dict, dict[Path, dict]]:
             if key not in SUBSET_KEYS:
                 raise CurateError(f"{where}: unknown key {key!r}")
             values[key] = _typed(value, SUBSET_KEYS[key], f"{where}: {key}")
-        per_manifest[_find_manifest(entry["manifest"], path)] = values
+        per_manifest[train_config.resolve_manifest(entry["manifest"], path)] = values
     _check_buckets(dataset, path)
     return dataset, per_manifest
 
@@ -142,11 +142,6 @@ def _check_buckets(dataset: dict, path: Path) -> None:
     res = dataset["resolution"]
     if isinstance(res, list) and (len(res) != 2 or not all(isinstance(r, int) for r in res)):
         raise CurateError(f"{path}: resolution must be a number or [width, height]")
-
-
-def _find_manifest(text: str, config_path: Path) -> Path:
-    """A config's manifest path: relative to the working folder (DESIGN's layout), else to the config."""
-    return train_config.resolve_manifest(text, config_path)
 
 
 # --- export --------------------------------------------------------------------------

@@ -61,7 +61,3 @@ MANIFEST_SCHEMA = pa.schema(
     + POST_FIELDS
     + STAGE_FIELDS
 )
-
-
-def empty_posts() -> pa.Table:
-    return POST_SCHEMA.empty_table()

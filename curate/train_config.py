@@ -102,10 +102,6 @@ class TrainConfig:
         r = self.resolution
         return (r, r) if isinstance(r, int) else (r[0], r[1])
 
-    @property
-    def weight_dtype_name(self) -> str:
-        return "fp16" if self.full_fp16 else "bf16" if self.full_bf16 else "float"
-
 
 # key -> accepted Python types (TOML gives int, float, str, bool, list, dict)
 _NUMBER = (int, float)
