@@ -79,8 +79,7 @@ class BatchColumns:
         self.banned = pc.fill_null(batch.column("is_banned"), False).to_numpy(zero_copy_only=False)
 
     def file_ext_in(self, rows: np.ndarray, exts) -> np.ndarray:
-        col = self.batch.column("file_ext").take(pa.array(rows))
-        return pc.fill_null(pc.is_in(pc.utf8_lower(col), value_set=pa.array(list(exts))), False).to_numpy(zero_copy_only=False)
+        return _ext_in(self.batch.column("file_ext"), rows, exts)
 
     def has_any(self, names: list[str], category: str | None = None) -> np.ndarray:
         cols = [f"tags_{category}"] if category else [c for c in self.batch.column_names if c.startswith("tags_")]
@@ -113,8 +112,7 @@ class StoreColumns:
         self.banned = (flags & FLAG_BANNED) > 0
 
     def file_ext_in(self, rows: np.ndarray, exts) -> np.ndarray:
-        col = self.store.posts.column("file_ext").take(pa.array(rows))
-        return pc.fill_null(pc.is_in(pc.utf8_lower(col), value_set=pa.array(list(exts))), False).to_numpy(zero_copy_only=False)
+        return _ext_in(self.store.posts.column("file_ext"), rows, exts)
 
     def has_any(self, names: list[str], category: str | None = None) -> np.ndarray:
         return self.store.mask_with_any(names, category)
@@ -127,6 +125,12 @@ class StoreColumns:
         for o, name in zip(owner[is_artist].tolist(), names):
             out[o].append(name)
         return out
+
+
+def _ext_in(column, rows: np.ndarray, exts) -> np.ndarray:
+    """Whether each of `rows` has a file_ext in `exts` (case-insensitive; null: no)."""
+    col = pc.utf8_lower(column.take(pa.array(rows)))
+    return pc.fill_null(pc.is_in(col, value_set=pa.array(list(exts))), False).to_numpy(zero_copy_only=False)
 
 
 # --- rules ----------------------------------------------------------------------
