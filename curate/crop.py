@@ -159,12 +159,5 @@ def run(manifest: Path, max_pixels: str | int | None = None, trim: bool = True,
     redo = bool(last) and {k: last.get(k) for k in settings} != settings
     table, s = crop(table, manifest.parent, out_dir.resolve(), pixels, trim, redo, workers)
     mf.record_stage(meta, "crop", **settings)
-    _write(mf, table, manifest, meta)
+    mf.write(table, manifest, meta)
     return s
-
-
-def _write(mf, table, path: Path, meta: dict) -> None:
-    try:
-        mf.write(table, path, meta)
-    except OSError as exc:
-        raise CurateError(f"cannot write the manifest {path}: {exc.strerror or exc}") from None

@@ -466,10 +466,7 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
             table, s = dedupe(table, manifest.parent, meta, others, threshold, workers, shards)
     mf.record_stage(meta, "dedupe", hash=HASH_VERSION, threshold=threshold,
                     dhash_confirm=DHASH_CONFIRM, against=[str(p) for p in against])
-    try:
-        mf.write(table, manifest, meta)
-    except OSError as exc:
-        raise CurateError(f"cannot write the manifest {manifest}: {exc.strerror or exc}") from None
+    mf.write(table, manifest, meta)
     if ray is not None:
         engine.clean(manifest, "dedupe")
     return s

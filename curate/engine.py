@@ -91,12 +91,14 @@ def connect(opts: RayOptions):
     """Join the cluster (or start a local Ray); a Ray started here is shut down after."""
     import ray
 
+    from .dedupe import default_workers
+
     started = not ray.is_initialized()
     if started:
         address = opts.address or os.environ.get("RAY_ADDRESS")  # Ray's own variable, as `ray.init` reads it
         _check_reachable(address)
         try:
-            ray.init(address=address, num_cpus=None if address else _cores(),
+            ray.init(address=address, num_cpus=None if address else default_workers(),
                      include_dashboard=False, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise CurateError(f"cannot start or join Ray (--ray-address {address}): "
@@ -252,13 +254,6 @@ def _first_line(exc: Exception) -> str:
     cause = getattr(exc, "cause", None) or exc
     lines = [ln for ln in str(cause).splitlines() if ln.strip()]
     return (lines[-1] if lines else type(cause).__name__)[:200]
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def sum_stats(stats: list[dict]) -> dict:

@@ -160,8 +160,5 @@ def run(folder: Path, out: Path, name: str | None = None, workers: int | None = 
         table, meta = None, mf.new_provenance(source=f"local:{folder}")
     table, s = ingest(table, folder, out.parent, name, workers)
     mf.record_stage(meta, "ingest", folder=str(folder), name=name)
-    try:
-        mf.write(table, out, meta)
-    except OSError as exc:
-        raise CurateError(f"cannot write the manifest {out}: {exc.strerror or exc}") from None
+    mf.write(table, out, meta)
     return s

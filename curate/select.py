@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from .query import Query, Subset
 from .schema import RATINGS
-from .store import FLAG_BANNED, FLAG_DELETED, NULL_I32, NULL_I64, CATEGORY_CODE, Store
+from .store import CATEGORY_CODE, FLAG_BANNED, FLAG_DELETED, NULL_I32, NULL_I64, Store, rating_codes
 
 _M64 = (1 << 64) - 1
 
@@ -71,10 +71,7 @@ class BatchColumns:
         for name in ("width", "height", "fav_count", "score"):
             setattr(self, name, pc.fill_null(batch.column(name), NULL_I32).to_numpy().astype(np.int64))
         self.created_at = pc.fill_null(batch.column("created_at").cast(pa.int64()), NULL_I64).to_numpy()
-        r = batch.column("rating").to_numpy(zero_copy_only=False)
-        self.rating = np.full(self.n, 255, np.uint8)
-        for code, name in enumerate(RATINGS):
-            self.rating[r == name] = code
+        self.rating = rating_codes(batch.column("rating"))
         self.deleted = pc.fill_null(batch.column("is_deleted"), False).to_numpy(zero_copy_only=False)
         self.banned = pc.fill_null(batch.column("is_banned"), False).to_numpy(zero_copy_only=False)
 

@@ -171,6 +171,15 @@ class _NameView:
         return self.names[int(self.by_name[i])].as_py()
 
 
+def rating_codes(column) -> np.ndarray:
+    """g/s/q/e -> 0..3 as uint8; anything else (null) -> 255."""
+    values = column.to_numpy(zero_copy_only=False)
+    codes = np.full(len(values), 255, np.uint8)
+    for code, r in enumerate(RATINGS):
+        codes[values == r] = code
+    return codes
+
+
 def one_chunk(col: pa.ChunkedArray) -> pa.Array:
     """The column as one Array, without a copy when it already is one chunk
     (combine_chunks copies even then, which defeats the memory map)."""
@@ -211,10 +220,7 @@ def store_rows(batch: pa.Table, rows: np.ndarray, ids: np.ndarray, n: int) -> pa
     def i32(name):
         return pc.fill_null(batch.column(name), NULL_I32).combine_chunks().cast(pa.int32())
 
-    rating = np.full(n, 255, np.uint8)
-    rvals = batch.column("rating").to_numpy(zero_copy_only=False)
-    for code, r in enumerate(RATINGS):
-        rating[rvals == r] = code
+    rating = rating_codes(batch.column("rating"))
     flags = np.zeros(n, np.uint8)
     for flag, name in ((FLAG_DELETED, "is_deleted"), (FLAG_BANNED, "is_banned"), (FLAG_PENDING, "is_pending")):
         flags[pc.fill_null(batch.column(name), False).to_numpy(zero_copy_only=False)] |= flag
