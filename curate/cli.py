@@ -233,6 +233,7 @@ def ingest(
     out: Optional[Path] = typer.Option(None, "--out", help="Manifest to create, or to grow if it exists (default manifests/<name>.parquet)."),
     name: Optional[str] = typer.Option(None, "--name", help="Subset name for the rows (default: the folder's name)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)."),
+    follow_external_links: bool = typer.Option(False, "--follow-external-links", help="Read symlinks whose target lies outside the folder (default: an error row each)."),
 ) -> None:
     """Local images (official CG, screenshots) -> manifest rows.
 
@@ -243,7 +244,7 @@ def ingest(
     from .ingest import run
 
     out = out or Path("manifests") / f"{name or folder.resolve().name}.parquet"
-    s = run(folder, out, name, workers)
+    s = run(folder, out, name, workers, follow_external_links)
     typer.echo(f"ingest: {s.found} image files in {folder}: {s.added} added, {s.existing} already in the "
                f"manifest, {s.failed} unreadable (error rows), {s.copies} byte-identical copies")
     if s.not_images:

@@ -98,7 +98,7 @@ class Summary:
 def crop(table: pa.Table, base: Path, out_dir: Path, max_pixels: int | None, trim: bool,
          redo: bool, workers: int | None = None) -> tuple[pa.Table, Summary]:
     """Crop/downscale the rows not done yet; `redo` ignores earlier results."""
-    from .dedupe import default_workers, parallel_map
+    from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
     from .manifest import with_column
 
     col = lambda name: table.column(name).to_pylist()  # noqa: E731
@@ -124,8 +124,14 @@ def crop(table: pa.Table, base: Path, out_dir: Path, max_pixels: int | None, tri
         stem = str(out_dir / keys[k].replace("/", "_").replace("\\", "_"))
         jobs.append((str(base / original), stem, max_pixels, trim))
         rows.append(k)
-    for k, res in zip(rows, parallel_map(crop_file, jobs, workers or default_workers(), "cropping")):
+    try:
+        results, stopped = parallel_map(crop_file, jobs, workers or default_workers(), "cropping"), None
+    except PoolStopped as exc:  # a worker was killed: the finished rows are kept (run() writes them)
+        results, stopped = exc.results, exc
+    for k, res in zip(rows, results):
         original = src[k] or path[k]
+        if res is UNFINISHED:
+            continue
         if "error" in res:
             err[k] = res["error"]
             s.failed += 1
@@ -142,6 +148,9 @@ def crop(table: pa.Table, base: Path, out_dir: Path, max_pixels: int | None, tri
             s.unchanged += 1
     for name, values in (("error", err), ("path", path), ("source_path", src), ("crop", box)):
         table = with_column(table, name, values)
+    if stopped:
+        stopped.table = table
+        raise stopped
     return table, s
 
 
@@ -157,7 +166,11 @@ def run(manifest: Path, max_pixels: str | int | None = None, trim: bool = True,
     settings = {"max_pixels": pixels, "trim_borders": trim, "out_dir": str(out_dir)}
     last = meta.get("stages", {}).get("crop", {})
     redo = bool(last) and {k: last.get(k) for k in settings} != settings
-    table, s = crop(table, manifest.parent, out_dir.resolve(), pixels, trim, redo, workers)
+    try:
+        table, s = crop(table, manifest.parent, out_dir.resolve(), pixels, trim, redo, workers)
+    except PoolStopped as exc:  # settings not recorded: a changed-settings re-run redoes every row
+        mf.write(exc.table, manifest, meta)
+        raise
     mf.record_stage(meta, "crop", **settings)
     mf.write(table, manifest, meta)
     return s

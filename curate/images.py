@@ -37,7 +37,7 @@ if features.check("avif"):
 _OPEN_FORMATS = [f for f in FORMAT_EXT if f != "MPO"]  # JPEG's opener yields MPO itself
 # What any stage may open (ingested folders also hold BMP / TIFF); downloads stay FORMAT_EXT.
 OPEN_FORMATS = [*_OPEN_FORMATS, "BMP", "TIFF"]
-_OPEN_KINDS = {"jpg", "png", "gif", "webp", "bmp", "tiff"} | ({"avif"} if "AVIF" in FORMAT_EXT else set())
+OPEN_KINDS = {"jpg", "png", "gif", "webp", "bmp", "tiff"} | ({"avif"} if "AVIF" in FORMAT_EXT else set())
 IMAGE_EXTS = frozenset(FORMAT_EXT.values()) | {"jpeg"}
 # Not images at all: Danbooru ugoira (zip), videos, flash. An error, not a decode attempt.
 NOT_IMAGE_EXTS = frozenset({"zip", "mp4", "webm", "swf", "mkv", "mov", "avi", "gz", "rar", "7z", "pdf"})
@@ -150,7 +150,7 @@ def _open(path: str | os.PathLike, max_pixels: int, formats: list[str] = OPEN_FO
             kind = sniff(f.read(64))
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
-    if kind not in _OPEN_KINDS:
+    if kind not in OPEN_KINDS:
         raise ImageError(f"unsupported format: {kind}" if kind else "unsupported format")
     Image.init()  # register every plugin, or `formats=` trips over unloaded ones
     try:
