@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from . import borders
 from .errors import CurateError
+from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 from .images import ImageError, open_image
 
 JPEG_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".jpe"}
@@ -98,7 +99,6 @@ class Summary:
 def crop(table: pa.Table, base: Path, out_dir: Path, max_pixels: int | None, trim: bool,
          redo: bool, workers: int | None = None) -> tuple[pa.Table, Summary]:
     """Crop/downscale the rows not done yet; `redo` ignores earlier results."""
-    from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
     from .manifest import with_column
 
     col = lambda name: table.column(name).to_pylist()  # noqa: E731

@@ -27,6 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from .errors import CurateError
+from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 from .images import OPEN_KINDS, ImageError, open_image, probe, sniff
 
 KEY_HEX = 16  # 64 bits of sha256: no accidental collision among millions of files
@@ -134,7 +135,6 @@ def inspect_file(path: str) -> dict:
 def ingest(table: pa.Table | None, folder: Path, base: Path, name: str,
            workers: int | None = None, follow_external: bool = False) -> tuple[pa.Table, Summary]:
     """Add the folder's new image files to `table` (None: a new manifest)."""
-    from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
     from .manifest import conform
     from .schema import MANIFEST_SCHEMA
 

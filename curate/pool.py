@@ -76,7 +76,7 @@ def parallel_map(fn, items: list, workers: int, desc: str) -> list:
                 results[i] = fn(x)
                 bar.update(1)
         else:
-            _pooled(fn, items, workers, results, bar)
+            _pooled(fn, items, workers, results, bar, desc)
     except KeyboardInterrupt:
         raise PoolStopped(f"{desc}: interrupted; {_kept(results)}", results, 130) from None
     finally:
@@ -84,7 +84,7 @@ def parallel_map(fn, items: list, workers: int, desc: str) -> list:
     return results
 
 
-def _pooled(fn, items, workers, results, bar) -> None:
+def _pooled(fn, items, workers, results, bar, desc: str) -> None:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -99,7 +99,7 @@ def _pooled(fn, items, workers, results, bar) -> None:
                 try:
                     got = fut.result()
                 except BrokenProcessPool:
-                    raise PoolStopped(f"{bar.desc}: a worker process was killed (out of memory? see README "
+                    raise PoolStopped(f"{desc}: a worker process was killed (out of memory? see README "
                                       f"'Memory', or use --workers); {_kept(results)}", results) from None
                 results[i:i + len(got)] = got
                 bar.update(len(got))
