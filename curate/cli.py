@@ -110,14 +110,15 @@ def sync(
 
 
 def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: Optional[int],
-               images: Optional[Path], no_images: bool, live: Optional[dict] = None) -> None:
+               images: Optional[Path], no_images: bool, live: Optional[dict] = None,
+               outside_files: bool = False) -> None:
     from .fetch import fetch as run_fetch
 
     if out is None:
         out = Path("manifests") / f"{query.stem}.parquet"
     src = _source(source, **(live or {}))
     with _bar("select") as bar:
-        result = run_fetch(query, src, out, kind=kind, seed=seed, progress=bar.update)
+        result = run_fetch(query, src, out, kind=kind, seed=seed, progress=bar.update, outside_files=outside_files)
     sel = result.selection
     typer.echo(f"{'build-reg' if kind == 'reg' else 'fetch'}: {result.source} -> {result.out}")
     typer.echo(f"  {'subset':<24} {'quota':>8} {'eligible':>10} {'selected':>9}")
@@ -143,6 +144,7 @@ _OUT_OPT = typer.Option(None, "--out", help="Manifest to write (default manifest
 _SEED_OPT = typer.Option(None, "--seed", help="Override the query's seed.")
 _IMAGES_OPT = typer.Option(None, "--images", help="Download images into this folder (default: images/ beside the manifest).")
 _NO_IMAGES_OPT = typer.Option(False, "--no-images", help="Write the manifest only.")
+_OUTSIDE_OPT = typer.Option(False, "--allow-outside-files", help="Let an artists_file lie outside the query's folder.")
 
 
 def _query_command(name: str, kind: str, doc: str) -> None:
@@ -159,9 +161,10 @@ def _query_command(name: str, kind: str, doc: str) -> None:
         base_url: Optional[str] = _BASE_URL,
         user_agent: Optional[str] = _USER_AGENT,
         tag_limit: Optional[int] = _TAG_LIMIT,
+        allow_outside_files: bool = _OUTSIDE_OPT,
     ) -> None:
         _run_query(query, source, out, kind, seed, images, no_images,
-                   _live(rate, user_agent, tag_limit, base_url=base_url))
+                   _live(rate, user_agent, tag_limit, base_url=base_url), allow_outside_files)
 
     command.__doc__ = doc
     app.command(name)(command)
