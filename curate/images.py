@@ -63,6 +63,12 @@ _MAGIC = [  # (offset, bytes, kind); first match wins
     (0, b"MM\x00*", "tiff"),
     (0, b"%!PS", "eps"),
     (0, b"\xc5\xd0\xd3\xc6", "eps"),  # DOS EPS binary header
+    (0, b"8BPS", "psd"),
+    (0, b"\x00\x00\x01\x00", "ico"),
+    (0, b"DDS ", "dds"),
+    (0, b"\x01\xda", "sgi"),
+    (4, b"ftypheic", "heic"),
+    (0, b"\x00\x00\x00\x0cjP  ", "jp2"),
 ]
 
 
@@ -99,7 +105,7 @@ def verify(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tup
         im = _open(path, max_pixels, _OPEN_FORMATS)
     except ImageError as exc:
         if str(exc).startswith("unsupported format"):
-            raise ImageError(f"decode: not an image ({kind})" if kind else "decode: not an image") from None
+            raise ImageError(f"decode: not an image ({kind})") from None
         raise
     with im:
         w, h = im.size
@@ -150,8 +156,10 @@ def _open(path: str | os.PathLike, max_pixels: int, formats: list[str] = OPEN_FO
             kind = sniff(f.read(64))
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    if kind is None:  # no image we know of (garbage, a cut-off header): no decoder tries it
+        raise ImageError("decode: not an image")
     if kind not in OPEN_KINDS:
-        raise ImageError(f"unsupported format: {kind}" if kind else "unsupported format")
+        raise ImageError(f"unsupported format: {kind}")
     Image.init()  # register every plugin, or `formats=` trips over unloaded ones
     try:
         im = Image.open(path, formats=formats)
