@@ -20,8 +20,8 @@ import pyarrow as pa
 
 from . import borders
 from .errors import CurateError
-from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 from .images import ImageError, open_image
+from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
 JPEG_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".jpe"}
 

@@ -447,7 +447,7 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
             table, s = dedupe(table, manifest.parent, meta, others, threshold, workers)
         except PoolStopped as exc:  # keep the hashes that finished: the re-run reuses them
             part = getattr(exc, "hashes", None)
-            if part is not None and part.num_rows == table.num_rows:
+            if part is not None and part.column("key").equals(table.column("key")):  # ours, not --against's
                 for c in HASH_COLUMNS:
                     table = mf.with_column(table, c, part.column(c))
                 meta.setdefault("checkpoints", {})["dedupe"] = HASH_VERSION

@@ -27,8 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from .errors import CurateError
-from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 from .images import OPEN_KINDS, ImageError, open_image, probe, sniff
+from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
 KEY_HEX = 16  # 64 bits of sha256: no accidental collision among millions of files
 SKIP_SUFFIXES = {".parquet", ".part", ".txt", ".json", ".toml", ".caption", ".npz", ".db"}
@@ -150,11 +150,11 @@ def ingest(table: pa.Table | None, folder: Path, base: Path, name: str,
 
     exclude = {p.resolve() for p in base.glob("*.parquet*")}
     files, s.not_images, refused = find_images(folder, exclude, follow_external)
-    s.found = len(files)
+    s.found = len(files) + len(refused)
     rel = [_in_folder(p, base) for p in files]
     new = [(f, r) for f, r in zip(files, rel) if r not in known]
-    s.existing = len(files) - len(new)
     bad = [(p, r, why) for p, why in refused if (r := _in_folder(p, base)) not in known]
+    s.existing = s.found - len(new) - len(bad)
 
     try:
         infos, stopped = parallel_map(inspect_file, [str(f) for f, _ in new], workers or default_workers(),
