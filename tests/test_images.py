@@ -298,3 +298,26 @@ def test_pixel_guard_comes_before_any_decode(zeros_png_16k):
     out = subprocess.run([sys.executable, "-c", script2, zeros_png_16k], capture_output=True, text=True,
                          check=True).stdout.split("\n")
     assert int(out[-2]) > 250
+
+
+def _patched(data: bytes, offset: int, fmt: str, *values) -> bytes:
+    return data[:offset] + struct.pack(fmt, *values) + data[offset + struct.calcsize(fmt):]
+
+
+def _webp_lossless_claiming(w: int, h: int) -> bytes:
+    """VP8L keeps width-1 and height-1 in 14 bits each, at byte 21 (after the 0x2f signature)."""
+    d = encode(gradient(8, 8), "WEBP", lossless=True)
+    bits = int.from_bytes(d[21:25], "little") & ~((1 << 28) - 1) | (w - 1) | (h - 1) << 14
+    return d[:21] + bits.to_bytes(4, "little") + d[25:]
+
+
+@pytest.mark.parametrize("name, data", [
+    ("bmp", lambda: _patched(encode(gradient(8, 8), "BMP"), 18, "<ii", 40_000, 40_000)),
+    ("gif", lambda: _patched(encode(gradient(8, 8), "GIF"), 6, "<HH", 65_535, 65_535)),
+    ("webp", lambda: _webp_lossless_claiming(16_384, 16_384)),
+])
+def test_header_bombs_of_every_whitelisted_format_stop_at_the_guard(tmp_path, name, data):
+    p = write(tmp_path, f"bomb.{name}", data())
+    for fn in (images.probe, images.open_image):
+        with pytest.raises(ImageError, match="^too many pixels: "):
+            fn(p, max_pixels=1_000_000)
