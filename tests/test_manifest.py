@@ -132,3 +132,42 @@ def test_keys_of_the_wrong_type_are_an_error(tmp_path):
     pq.write_table(pa.table({"key": [1, 2], "width": ["wide", "tall"]}), m)
     with pytest.raises(CurateError, match="wrong type"):
         mf.read(m)
+
+
+def test_caption_while_download_runs_loses_neither(tmp_path):
+    """The case as users meet it: `curate download` fetching slow files in one process,
+    `curate caption` on the same manifest in another, finishing first."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import time
+
+    from test_download import FAST, Server, encode, gradient, post, rows_by_key, write_manifest
+
+    from curate.download import download_manifest
+
+    server = Server()
+    try:
+        bodies = [encode(gradient(40 + i, 30), "JPEG") for i in range(10)]
+        rows = [post(i + 1, b, server.add(f"/{i}.jpg", b, stall=0 if i < 4 else 1.5),
+                     subset="s", tags_general=["1girl", f"tag_{i}"]) for i, b in enumerate(bodies)]
+        m, img = write_manifest(tmp_path / "m.parquet", rows[:4]), tmp_path / "img"
+        download_manifest(m, img, **FAST)  # four rows are on disk already
+        table, meta = mf.read(m)
+        mf.write(pa.concat_tables([table, mf.conform(pa.Table.from_pylist(rows[4:]))
+                                   .select(table.column_names)]), m, meta)
+        download = subprocess.Popen([sys.executable, "-m", "curate", "download", m, "--images", img,
+                                     "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not any(server.hits.get(f"/{i}.jpg") for i in range(4, 10)):  # it has read the manifest
+            assert download.poll() is None, download.communicate()
+            time.sleep(0.05)
+        r = curate("caption", m)
+        assert r.returncode == 0, r.stderr
+        assert download.poll() is None  # the download is still fetching: its write comes after caption's
+        assert download.wait(timeout=120) == 0, download.communicate()
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+    got = rows_by_key(m)
+    assert all(got[f"danbooru/{i}"]["path"] and got[f"danbooru/{i}"]["error"] is None for i in range(1, 11))
+    assert [got[f"danbooru/{i}"]["caption"] for i in range(1, 5)] == [f"1girl, tag {i}" for i in range(4)]
+    stages = mf.read(m)[1]["stages"]
+    assert "caption" in stages and "download" in stages
