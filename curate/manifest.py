@@ -100,7 +100,8 @@ def _read(path: Path) -> tuple[pa.Table, dict]:
         meta = json.loads(raw) if raw else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CurateError(f"manifest {path} has unreadable provenance metadata") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("stages", {}), dict):
+    stages = meta.get("stages", {}) if isinstance(meta, dict) else None
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
         raise CurateError(f"manifest {path} has malformed provenance metadata (not a JSON object of stages)")
     if "key" not in table.column_names:
         raise CurateError(f"not a curate manifest (no 'key' column): {path}")
@@ -116,8 +117,9 @@ def _check_keys(table: pa.Table, path: Path) -> None:
     import pyarrow.compute as pc
 
     keys = table.column("key")
-    if keys.null_count:
-        raise CurateError(f"manifest {path}: {keys.null_count} rows have no key")
+    missing = keys.null_count + (pc.sum(pc.equal(pc.utf8_length(keys), 0)).as_py() or 0)
+    if missing:
+        raise CurateError(f"manifest {path}: {missing} rows have no key")
     if pc.count_distinct(keys).as_py() != len(keys):
         counts = pc.value_counts(keys)
         dup = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
