@@ -64,6 +64,7 @@ manifest's provenance records (`query_text`). Per-subset overrides go in
     tagger_character_threshold = 0.85
     prefix = []                    # tags put first (e.g. a style trigger)
     suffix = []                    # tags put last
+    copyright_tags = []            # the copyright slot for rows without one (e.g. ["blue_archive"] for CG)
     reg_caption = "class"          # reg manifests: "class" (token alone) | "class+tags"
     class_token = ""               # overrides the provenance's class_token
     escape_parentheses = false     # `\\(` escapes, only for sd-scripts --weighted_captions:
@@ -134,6 +135,7 @@ class CaptionSettings:
     tagger_character_threshold: float = 0.85
     prefix: tuple = ()
     suffix: tuple = ()
+    copyright_tags: tuple = ()
     reg_caption: str = "class"
     class_token: str = ""
     escape_parentheses: bool = False
@@ -353,7 +355,7 @@ def _compose(row: dict, s: CaptionSettings, *, is_reg: bool, class_token: str,
         fixed.append(token)
     fixed += [t for t in general if rules.is_special_tag(t)]
     fixed += characters if s.character else []
-    fixed += source["copyright"] if s.copyright else []
+    fixed += (source["copyright"] or list(s.copyright_tags)) if s.copyright else []
     fixed += artists if s.artist else []
 
     shuffled = [t for t in general if not rules.is_special_tag(t)] + meta if s.general else []
