@@ -383,3 +383,146 @@ def test_two_images_with_one_stem_share_no_caption_file(booru, tmp_path):
     assert result.exit_code == 0 and "share the caption file" in result.output
     caps = captions_of(m)
     assert (tmp_path / "i" / "same.txt").read_text(encoding="utf-8") == caps["danbooru/6148686"]
+
+
+# --- the HakuBooru recipe against hakubooru's own make_caption ----------------------
+
+API_RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
+CATEGORIES = ("general", "artist", "character", "copyright", "meta")
+
+
+def real_posts(shared_data: Path) -> list[dict]:
+    """Every real API post in ../shared/data, plus copies (real tags) at HakuBooru's edges."""
+    posts = []
+    for name in ("booru-rs_posts_2023-03.json", "rust-any2feed_posts_2023-03_limit100.json",
+                 "imgbrd_posts_2020-07.json", "booru.hs_post_9969513_2025-09_with_media_asset.json"):
+        doc = json.loads((shared_data / "danbooru" / name).read_text())
+        posts += doc if isinstance(doc, list) else [doc]
+    base = next(p for p in posts if p["id"] == 6148686)
+    edges = [  # (id, created_at, fav_count, extra artist)
+        (1_000_001, "2010-12-31T22:00:00.000-05:00", 40, ""),   # 2011 in UTC, 2010 for Danbooru
+        (1_000_002, "2004-06-01T12:00:00.000-04:00", 3, ""),    # before 2005: HakuBooru says early
+        (1_000_003, "2025-01-02T12:00:00.000-05:00", 7, ""),    # after 2024: no year tag
+        (1_000_004, "2015-05-05T12:00:00.000-04:00", 90, "banned_artist"),
+        (7_000_000, "2023-12-01T12:00:00.000-05:00", 90, ""),   # the last id with a quality tag
+        (7_000_001, "2023-12-01T12:00:00.000-05:00", 90, ""),
+    ]
+    for pid, created, fav, artist in edges:
+        copy = dict(base, id=pid, created_at=created, fav_count=fav, rating="q" if pid % 2 else "e")
+        copy["tag_string_artist"] = " ".join(filter(None, [base["tag_string_artist"], artist]))
+        copy["tag_string"] = " ".join(sorted(copy["tag_string"].split() + ([artist] if artist else [])))
+        posts.append(copy)
+    return posts
+
+
+def hakubooru_db(posts: list[dict], path: Path):
+    """A HakuBooru database written with hakubooru's own peewee models."""
+    pytest.importorskip("peewee")
+    db_module = pytest.importorskip("hakubooru.dataset.db")
+    db_module.load_db(str(path))
+    Post, Tag, Relation = db_module.Post, db_module.Tag, db_module.PostTagRelation
+    ids: dict[str, int] = {}
+    with db_module.db.atomic():
+        for p in posts:
+            category = {t: c for c in CATEGORIES for t in p.get(f"tag_string_{c}", "").split()}
+            for name in category:
+                if name not in ids:
+                    ids[name] = len(ids) + 1
+                    Tag.create(id=ids[name], name=name, type=category[name], popularity=0)
+            Post.create(
+                id=p["id"], created_at=p["created_at"], uploader_id=p.get("uploader_id") or 0,
+                source=p.get("source") or "", md5=p.get("md5"), parent_id=p.get("parent_id"),
+                has_children=bool(p.get("has_children")), is_deleted=bool(p.get("is_deleted")),
+                is_banned=bool(p.get("is_banned")), pixiv_id=p.get("pixiv_id"),
+                has_active_children=bool(p.get("has_active_children")), bit_flags=p.get("bit_flags") or 0,
+                has_large=bool(p.get("has_large")), has_visible_children=bool(p.get("has_visible_children")),
+                image_width=p["image_width"], image_height=p["image_height"], file_size=p["file_size"],
+                file_ext=p["file_ext"], rating=API_RATINGS[p["rating"]], score=p["score"],
+                up_score=p["up_score"], down_score=p["down_score"], fav_count=p["fav_count"],
+                file_url=p.get("file_url"), large_file_url=p.get("large_file_url"),
+                preview_file_url=p.get("preview_file_url"), updated_at=p["updated_at"])
+            for name in p["tag_string"].split():  # Danbooru's order, as an import writes it
+                if name in category:
+                    Relation.create(post=p["id"], tag=ids[name])
+    return db_module
+
+
+@pytest.fixture
+def hakubooru_reference(shared_data, tmp_path):
+    """({post id: make_caption's text}, the database's path)."""
+    caption_module = pytest.importorskip("hakubooru.caption")
+    posts = real_posts(shared_data)
+    path = tmp_path / "danbooru2023.db"
+    db_module = hakubooru_db(posts, path)
+    expected = {p["id"]: caption_module.make_caption(db_module.Post.get_by_id(p["id"])) for p in posts}
+    db_module.db.close()
+    return expected, path, posts
+
+
+def test_hakubooru_recipe_is_make_captions_text_for_posts_read_from_its_db(hakubooru_reference):
+    from curate.sources import open_source
+
+    expected, path, posts = hakubooru_reference
+    s = CaptionSettings.of_recipe("hakubooru")
+    rows = pa.concat_tables(list(open_source(f"hakubooru:{path}").batches())).to_pylist()
+    assert len(rows) == sum(1 for p in posts if p.get("md5") or p.get("file_url"))  # hidden posts left out
+    got = {r["post_id"]: build_caption(r, s) for r in rows}
+    assert got == {pid: expected[pid] for pid in got}
+    # the cases this recipe exists for, as make_caption writes them
+    assert "solo" not in got[6148686].split("|||")[0] and "1girl" in got[6148686].split("|||")[0]
+    assert all("commentary" not in t and "request" not in t for c in got.values() for t in tags(c))
+    assert "banned artist" not in got[1_000_004] and got[1_000_004].count("|||") == 1
+    assert "old" in tags(got[1_000_001]) and "early" in tags(got[1_000_002])
+    assert not {"old", "early", "mid", "recent", "newest"} & set(tags(got[1_000_003]))
+    assert "quality" in got[7_000_000] and "quality" not in got[7_000_001] + got[9969513]
+    assert "\\(" not in "".join(got.values()) and "(blue archive)" in got[6148686]  # no escapes
+
+
+def test_hakubooru_recipe_is_make_captions_text_for_api_posts(hakubooru_reference):
+    expected, _, posts = hakubooru_reference
+    s = CaptionSettings.of_recipe("hakubooru")
+    for post in posts:
+        assert build_caption(post_row(post), s) == expected[post["id"]], post["id"]
+
+
+def test_hakubooru_recipe_from_a_config_and_where_curate_differs(hakubooru_reference, tmp_path):
+    expected, _, posts = hakubooru_reference
+    by_id = {p["id"]: p for p in posts}
+    config = tmp_path / "c.toml"
+    config.write_text('[caption]\nrecipe = "kohaku-xl"\n[caption.subsets.cg]\nrecipe = "curate"\n')
+    ids = [6148686, 6141616, 4018204]
+    rows = [post_row(by_id[i], path=f"i/{i}.png") for i in ids]
+    rows[2]["subset"] = "cg"
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    assert CliRunner().invoke(app, ["caption", str(m), "--config", str(config)]).exit_code == 0
+    caps = captions_of(m)
+    assert [caps[f"danbooru/{i}"] for i in ids[:2]] == [expected[i] for i in ids[:2]]
+    assert (tmp_path / "i" / "6148686.txt").read_text(encoding="utf-8") == expected[6148686]
+    # the curate recipe: same names and order, but its ban / drop lists and one flat list
+    curate_text = caps["danbooru/4018204"]
+    assert "|||" not in curate_text and tags(curate_text)[0] == tags(expected[4018204])[0]
+    assert set(tags(curate_text)) < set(tags(expected[4018204]))
+    _, meta = manifest.read(m)
+    assert meta["stages"]["caption"]["keep_separators"] == {"main": "|||", "cg": ""}
+
+
+def test_cg_rows_read_like_kohaku_captions(shared_data, tmp_path):
+    """WD-tagged images with no post: the same order and names, colour scheme first."""
+    import csv
+
+    labels = {r["name"]: r["category"] for r in csv.DictReader(
+        (shared_data / "wd-tagger" / "selected_tags_wd-vit-tagger-v3.csv").open(encoding="utf-8"))}
+    picked = [("1girl", 0.99), ("solo", 0.97), ("hoshino_(blue_archive)", 0.95), ("halo", 0.9),
+              ("ahoge", 0.8), ("pink_hair", 0.7), ("general", 0.9)]
+    row = {"key": "local/cg1", "subset": "cg", "path": "cg/a.png", "source_path": "cg/a.png",
+           "tagger": [{"tag": t, "category": {"0": "general", "4": "character", "9": "rating"}[labels[t]],
+                       "score": sc} for t, sc in picked]}
+    config = tmp_path / "c.toml"
+    config.write_text('[caption]\nrecipe = "hakubooru"\ncolor_theme = true\n'
+                      'copyright_tags = ["blue_archive"]\nquality_default = "masterpiece"\n')
+    m = write_manifest(tmp_path / "m.parquet", [row], colours={"local/cg1": (255, 105, 180)})
+    assert CliRunner().invoke(app, ["caption", str(m), "--config", str(config)]).exit_code == 0
+    assert captions_of(m)["local/cg1"] == ("pink theme, 1girl, hoshino (blue archive), blue archive, "
+                                           "|||solo, halo, ahoge, pink hair, masterpiece")
+    # the caption file goes to curate's own folder: the image is the user's
+    assert (tmp_path / "m.captions" / "local_cg1.txt").is_file() and not (tmp_path / "cg" / "a.txt").exists()
