@@ -526,3 +526,161 @@ def test_cg_rows_read_like_kohaku_captions(shared_data, tmp_path):
                                            "|||solo, halo, ahoge, pink hair, masterpiece")
     # the caption file goes to curate's own folder: the image is the user's
     assert (tmp_path / "m.captions" / "local_cg1.txt").is_file() and not (tmp_path / "cg" / "a.txt").exists()
+
+
+# --- the user's own captions ---------------------------------------------------------
+
+USER_TEXT = "my oc, 1girl, hoshino \\(blue archive\\), smiling"
+TAGGER = [{"tag": "1girl", "category": "general", "score": 0.99},
+          {"tag": "hoshino_(blue_archive)", "category": "character", "score": 0.95},
+          {"tag": "solo", "category": "general", "score": 0.9},
+          {"tag": "smile", "category": "general", "score": 0.8},
+          {"tag": "pink_hair", "category": "general", "score": 0.7}]
+
+
+def ingested(tmp_path: Path) -> Path:
+    """A CG folder with a hand-written caption for a.png, ingested by the real stage."""
+    from curate import ingest
+
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    for name, colour in (("a", (200, 80, 80)), ("b", (80, 200, 80))):
+        Image.new("RGB", (48, 32), colour).save(cg / f"{name}.png")
+    (cg / "a.txt").write_bytes(b"\xef\xbb\xbf" + USER_TEXT.encode() + b"\n")
+    m = tmp_path / "m.parquet"
+    ingest.run(cg, m, "cg", workers=1)
+    table, meta = manifest.read(m)
+    manifest.write(manifest.with_column(table, "tagger", [TAGGER] * table.num_rows), m, meta)
+    return m
+
+
+def by_file(m: Path, column: str) -> dict:
+    table, _ = manifest.read(m)
+    return {Path(p).stem: v for p, v in zip(table.column("path").to_pylist(), table.column(column).to_pylist())}
+
+
+@pytest.mark.parametrize("mode, expected_a", [
+    ("use", "my oc, 1girl, hoshino (blue archive), smiling"),  # the user's text, no escapes
+    ("merge", "1girl, hoshino (blue archive), my oc, smiling, solo, smile, pink hair"),
+    ("ignore", "1girl, hoshino (blue archive), solo, smile, pink hair"),
+])
+def test_user_caption_chosen_per_subset_and_its_file_unchanged(tmp_path, mode, expected_a):
+    m = ingested(tmp_path)
+    user_file = (tmp_path / "cg" / "a.txt").read_bytes()
+    config = tmp_path / "c.toml"
+    config.write_text(f'[caption]\nuser_caption = "ignore"\n[caption.subsets.cg]\nuser_caption = "{mode}"\n')
+    result = CliRunner().invoke(app, ["caption", str(m), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    caps = by_file(m, "caption")
+    assert caps == {"a": expected_a, "b": "1girl, hoshino (blue archive), solo, smile, pink hair"}
+    assert (tmp_path / "cg" / "a.txt").read_bytes() == user_file and not (tmp_path / "cg" / "b.txt").exists()
+    for stem, rel in by_file(m, "caption_file").items():  # curate's copies live in its own folder
+        assert Path(rel).parent == Path("m.captions")
+        assert (tmp_path / rel).read_text(encoding="utf-8") == caps[stem]
+    how = {"use": "1 user", "merge": "1 merged", "ignore": "2 generated"}[mode]
+    assert how in result.output
+
+    # export and train use the chosen text
+    out = tmp_path / "kohya"
+    assert CliRunner().invoke(app, ["export", str(m), "--kohya", str(out)]).exit_code == 0
+    exported = {p.read_text(encoding="utf-8") for p in out.rglob("*.txt")}
+    assert exported == set(caps.values())
+    from curate import train_config, train_data
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'pretrained = "tiny-random"\noutput_dir = "{tmp_path / "run"}"\nmax_train_steps = 1\n'
+                   f'resolution = 64\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 32\n'
+                   f'[[datasets]]\nmanifest = "{m}"\n')
+    samples = train_data.plan(train_config.load(cfg)).samples
+    assert {s.caption for s in samples} == set(caps.values())
+
+
+def test_caption_never_overwrites_a_file_it_did_not_write(booru, tmp_path):
+    rows = [post_row(booru[i], path=f"images/{i}.png") for i in (6148686, 6148687, 6148684)]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    mine = tmp_path / "images" / "6148686.txt"
+    mine.write_text("hand written", encoding="utf-8")  # a download with the user's caption beside it
+    first = CliRunner().invoke(app, ["caption", str(m)])
+    assert first.exit_code == 0 and "left alone 1 caption files" in first.output
+    assert mine.read_text(encoding="utf-8") == "hand written"
+    files = by_file(m, "caption_file")
+    assert files["6148686"] == "m.captions/danbooru_6148686.txt" and files["6148687"] == "images/6148687.txt"
+    caps = captions_of(m)
+    assert (tmp_path / files["6148686"]).read_text(encoding="utf-8") == caps["danbooru/6148686"]
+
+    # a file curate wrote and a person edited is theirs now; one nobody touched is rewritten
+    edited = tmp_path / "images" / "6148687.txt"
+    edited.write_text("edited by a person", encoding="utf-8")
+    untouched = tmp_path / "images" / "6148684.txt"
+    untouched_bytes = untouched.read_bytes()
+    untouched.touch()
+    second = CliRunner().invoke(app, ["caption", str(m)])
+    assert second.exit_code == 0 and "left alone 2 caption files" in second.output
+    assert mine.read_text(encoding="utf-8") == "hand written"
+    assert edited.read_text(encoding="utf-8") == "edited by a person"
+    assert untouched.read_bytes() == untouched_bytes and by_file(m, "caption_file")["6148684"] == "images/6148684.txt"
+    assert by_file(m, "caption_file")["6148687"] == "m.captions/danbooru_6148687.txt"
+    _, meta = manifest.read(m)
+    assert meta["stages"]["caption"]["left_alone"] == 2
+
+
+# --- escapes: none by default, and only together with weighted_captions -------------------
+
+
+def test_unescaped_text_reaches_the_tokenizer(booru, tmp_path):
+    """The caption's text is what the CLIP tokenizer gets: `(`, never `\\(` tokens."""
+    import tomli_w
+
+    from curate import sdxl, train_config, train_data
+
+    row = post_row(booru[6148686], path="i/a.png")  # asuna_(blue_archive), asuna_(bunny)_(blue_archive)
+    m = write_manifest(tmp_path / "m.parquet", [row])
+    tok, _ = sdxl._tiny_tokenizers()  # a real CLIPTokenizer (byte-level BPE), built here
+    backslash = set(tok.convert_tokens_to_ids(["\\", "\\</w>"]))
+    doc = {"pretrained": "tiny-random", "output_dir": str(tmp_path / "run"), "max_train_steps": 1,
+           "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32,
+           "max_data_loader_n_workers": 0, "datasets": [{"manifest": str(m), "shuffle_caption": True}]}
+
+    def encoder_text(config_extra: dict) -> str:
+        cfg = tmp_path / "t.toml"
+        cfg.write_text(tomli_w.dumps({**doc, **config_extra}))
+        plan = train_data.plan(train_config.load(cfg))
+        (caption,) = train_data.RunData(plan, None, 0, 0)[0]["captions"]
+        ids = tok(caption).input_ids
+        assert not backslash & set(ids)
+        assert "(" in tok.convert_ids_to_tokens(ids) or "(</w>" in tok.convert_ids_to_tokens(ids)
+        return caption
+
+    assert CliRunner().invoke(app, ["caption", str(m)]).exit_code == 0
+    assert "asuna (blue archive)" in tags(encoder_text({}))
+    with pytest.raises(CurateError, match="weighted_captions = true needs captions written with"):
+        encoder_text({"weighted_captions": True})
+
+    # escaping is an explicit option; the train side then reads `\(` as `(` (never one without the other)
+    config = tmp_path / "c.toml"
+    config.write_text("[caption]\nescape_parentheses = true\n")
+    assert CliRunner().invoke(app, ["caption", str(m), "--config", str(config)]).exit_code == 0
+    assert "asuna \\(blue archive\\)" in captions_of(m)["danbooru/6148686"]
+    assert "asuna (blue archive)" in tags(encoder_text({}))
+    assert "asuna (blue archive)" in tags(encoder_text({"weighted_captions": True}))
+    with pytest.raises(CurateError, match="set weighted_captions = true"):
+        encoder_text({"weighted_captions": False})
+
+
+def test_export_sets_weighted_captions_exactly_with_escapes(booru, tmp_path):
+    rows = [post_row(booru[6148686], path="i/a.png")]
+    plain = write_manifest(tmp_path / "plain" / "m.parquet", rows)
+    escaped = write_manifest(tmp_path / "esc" / "m.parquet", rows)
+    config = tmp_path / "c.toml"
+    config.write_text("[caption]\nescape_parentheses = true\n")
+    assert CliRunner().invoke(app, ["caption", str(plain)]).exit_code == 0
+    assert CliRunner().invoke(app, ["caption", str(escaped), "--config", str(config)]).exit_code == 0
+    for m, weighted in ((plain, False), (escaped, True)):
+        out = tmp_path / f"out-{weighted}"
+        result = CliRunner().invoke(app, ["export", str(m), "--kohya", str(out)])
+        assert result.exit_code == 0, result.output
+        assert ("--weighted_captions" in result.output) is weighted
+        assert ("--weighted_captions" in (out / "dataset_config.toml").read_text()) is weighted
+        assert ("\\(" in next(out.rglob("*.txt")).read_text(encoding="utf-8")) is weighted
+    mixed = CliRunner().invoke(app, ["export", str(plain), str(escaped), "--kohya", str(tmp_path / "mixed")])
+    assert isinstance(mixed.exception, CurateError) and "weighted_captions" in str(mixed.exception)
