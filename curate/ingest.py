@@ -108,7 +108,8 @@ def _user_captions(table: pa.Table, base: Path, s: Summary) -> pa.Table:
 
     values = []
     for src, old in zip(table.column("source_path").to_pylist(), table.column("user_caption").to_pylist()):
-        text, problem = read_sidecar(base / src) if src else (old, None)
+        # lexically: the manifest's folder may not exist yet (`manifests/../cg/a.png`)
+        text, problem = read_sidecar(Path(os.path.normpath(base / src))) if src else (old, None)
         if problem:
             s.errors.append(f"{src}: {problem}")
         values.append(text)
