@@ -461,7 +461,7 @@ class CaptionSummary:
 
 COLUMNS = ("key", "post_id", "subset", "path", "source_path", "error", "dup_of", "rating", "fav_count",
            "created_at", "tags_general", "tags_character", "tags_copyright", "tags_artist", "tags_meta",
-           "tagger", "user_caption", "caption_file", "caption_sha256")
+           "tagger", "user_caption", "caption", "caption_file", "caption_sha256")
 
 
 def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig,
@@ -539,12 +539,15 @@ def _written_by_us(target: Path, rel: str, row: dict) -> bool:
     """True when the target is free, or holds exactly what this row's record says curate wrote."""
     if not target.is_symlink() and not target.exists():
         return True
-    if target.is_symlink() or not target.is_file() or row["caption_file"] != rel:
+    if target.is_symlink() or not target.is_file():
         return False
     try:
-        return hashlib.sha256(target.read_bytes()).hexdigest() == row["caption_sha256"]
+        digest = hashlib.sha256(target.read_bytes()).hexdigest()
     except OSError:
         return False
+    if row["caption_file"] is None and row["caption"] is not None:  # captioned before records were kept
+        return digest == hashlib.sha256(row["caption"].encode("utf-8")).hexdigest()
+    return row["caption_file"] == rel and digest == row["caption_sha256"]
 
 
 def _file_name(key: str) -> str:

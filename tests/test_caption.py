@@ -684,3 +684,15 @@ def test_export_sets_weighted_captions_exactly_with_escapes(booru, tmp_path):
         assert ("\\(" in next(out.rglob("*.txt")).read_text(encoding="utf-8")) is weighted
     mixed = CliRunner().invoke(app, ["export", str(plain), str(escaped), "--kohya", str(tmp_path / "mixed")])
     assert isinstance(mixed.exception, CurateError) and "weighted_captions" in str(mixed.exception)
+
+
+def test_files_from_before_records_were_kept_are_claimed_only_when_they_hold_the_caption(booru, tmp_path):
+    rows = [post_row(booru[i], path=f"images/{i}.png", caption="old text") for i in (6148686, 6148687)]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    (tmp_path / "images" / "6148686.txt").write_text("old text", encoding="utf-8")      # curate wrote it
+    (tmp_path / "images" / "6148687.txt").write_text("someone else's", encoding="utf-8")
+    result = CliRunner().invoke(app, ["caption", str(m)])
+    assert result.exit_code == 0 and "left alone 1 caption files" in result.output
+    caps = captions_of(m)
+    assert (tmp_path / "images" / "6148686.txt").read_text(encoding="utf-8") == caps["danbooru/6148686"] != "old text"
+    assert (tmp_path / "images" / "6148687.txt").read_text(encoding="utf-8") == "someone else's"
