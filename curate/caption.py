@@ -150,7 +150,7 @@ class CaptionSettings:
         base = self
         if "recipe" in table:
             name = table["recipe"]
-            if name not in RECIPE_NAMES:
+            if not isinstance(name, str) or name not in RECIPE_NAMES:
                 raise CurateError(f"{where}: recipe must be one of {', '.join(RECIPE_NAMES)}")
             base = CaptionSettings.of_recipe(RECIPE_NAMES[name])
         changes = {}

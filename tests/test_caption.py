@@ -322,6 +322,10 @@ def test_undecodable_image_gets_error_when_colours_are_needed(booru, tmp_path):
     ("[caption]\nreg_caption = 'tags'\n", "reg_caption must be one of"),
     ("[caption]\nquality_thresholds = { g = [3, 1, 2, 4, 5, 6] }\n", "ascending"),
     ("[other]\n", "no [caption] table"),
+    ("[caption]\nrecipe = 'kohaku'\n", "recipe must be one of curate, hakubooru, kohaku-xl"),
+    ("[caption]\nrecipe = ['hakubooru']\n", "recipe must be one of"),
+    ("[caption.subsets.cg]\nuser_caption = 'keep'\n", "user_caption must be one of use, merge, ignore"),
+    ("[caption]\nquality_max_post_id = 7e6\n", "quality_max_post_id' expects a whole number"),
     ("[caption\n", "not valid TOML"),
 ])
 def test_bad_config_is_an_error_and_manifest_untouched(booru, tmp_path, config_text, message):
