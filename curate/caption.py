@@ -105,9 +105,9 @@ def choose_caption(row: dict, s: CaptionSettings, *, is_reg: bool = False,
                    class_token: str = "", theme: str | None = None) -> tuple[str, str]:
     """(caption text, how: "user" | "merged" | "generated") as the subset's settings choose."""
     user = row.get("user_caption")
-    if user and user.strip() and s.user_caption != "ignore":
-        if s.user_caption == "use":  # one line, as sd-scripts reads only the first
-            text = ", ".join(" ".join(line.split()) for line in user.splitlines() if line.strip())
+    if user and rules.one_line(user) and s.user_caption != "ignore":
+        if s.user_caption == "use":
+            text = rules.one_line(user)
             return (text if s.escape_parentheses else rules.unescape(text)), "user"
         return _compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme,
                         user_tags=user_tags(user, s.keep_separator)), "merged"
@@ -116,8 +116,7 @@ def choose_caption(row: dict, s: CaptionSettings, *, is_reg: bool = False,
 
 def user_tags(text: str, separator: str = "") -> list[str]:
     """A user's caption as tags: split on commas, line breaks and the keep separator."""
-    for sep in (separator or "|||", "\n"):
-        text = text.replace(sep, ",")
+    text = rules.one_line(text).replace(separator or "|||", ",")
     return [t for t in (" ".join(part.split()) for part in text.split(",")) if t]
 
 

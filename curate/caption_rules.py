@@ -178,6 +178,15 @@ def format_tag(tag: str, separator: str = "", escape: bool = False) -> str | Non
     return text or None
 
 
+def one_line(text: str) -> str:
+    """A user's caption on one line (sd-scripts reads only the first): lines joined with
+    ", ", control and invisible characters and runs of spaces made one space."""
+    text = unicodedata.normalize("NFC", text)
+    lines = ("".join(" " if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in line)
+             for line in text.splitlines())
+    return ", ".join(" ".join(line.split()) for line in lines if line.strip())
+
+
 def unescape(text: str) -> str:
     """`\\(` -> `(` and `\\)` -> `)`: what a prompt UI hands the text encoder."""
     return _ESCAPED_PAREN.sub(r"\1", text)

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from curate import manifest
-from curate.caption import CaptionSettings, build_caption
+from curate.caption import CaptionSettings, build_caption, choose_caption
 from curate.caption_rules import color_theme, format_tag, prune_overlaps, quality_tag
 from curate.cli import app
 from curate.errors import CurateError
@@ -700,3 +700,12 @@ def test_files_from_before_records_were_kept_are_claimed_only_when_they_hold_the
     caps = captions_of(m)
     assert (tmp_path / "images" / "6148686.txt").read_text(encoding="utf-8") == caps["danbooru/6148686"] != "old text"
     assert (tmp_path / "images" / "6148687.txt").read_text(encoding="utf-8") == "someone else's"
+
+
+def test_user_caption_with_hostile_characters_stays_one_clean_line():
+    row = {"key": "local/x", "user_caption": "1girl,\tsmile\u2028rain\x00drops\r\n\r\nnight, sky |||\u200bstars"}
+    text, how = choose_caption(row, CaptionSettings())
+    assert how == "user" and text == "1girl, smile, rain drops, night, sky ||| stars"
+    merged, how = choose_caption(row, CaptionSettings(user_caption="merge", quality=False))
+    assert how == "merged" and merged == "1girl, smile, rain drops, night, sky, stars"
+    assert choose_caption({"key": "k", "user_caption": " \r\n\x00 "}, CaptionSettings(quality=False))[1] == "generated"
