@@ -140,7 +140,9 @@ def _compose(row: dict, s: CaptionSettings, *, is_reg: bool, class_token: str,
     for text in user_tags or []:
         verbatim.setdefault(text.replace(" ", "_") if len(text) > 3 else text,
                             text if s.escape_parentheses else rules.unescape(text))
-    known = {t for tags in source.values() for t in tags} | set(verbatim)
+    copyrights = source["copyright"] or list(s.copyright_tags)
+    extras = {theme, *s.prefix, *s.suffix, *(copyrights if s.copyright else ())} - {None}  # shown anyway
+    known = {t for tags in source.values() for t in tags} | set(verbatim) | extras
     characters = list(source["character"])
     general = list(source["general"])
     if s.tagger:
@@ -149,8 +151,9 @@ def _compose(row: dict, s: CaptionSettings, *, is_reg: bool, class_token: str,
         characters = list(dict.fromkeys(characters + extra_character))
     general = [t for t in general if not (rules.is_banned(t, ban) or rules.is_banned(t, drop))]
     meta = [t for t in meta if not (rules.is_banned(t, ban) or rules.is_banned(t, drop))]
-    mine = [t for t in verbatim if t not in characters]  # the user's, never filtered
-    general = mine + [t for t in general if t not in verbatim]
+    # the user's tags, never filtered; one that names a shown character (etc.) sits there
+    shown = extras | set(characters if s.character else ()) | set(artists if s.artist else ())
+    general = [t for t in verbatim if t not in shown] + [t for t in general if t not in verbatim]
     if s.prune_overlaps:
         general = rules.prune_overlaps(general, source=set(source["general"]) | set(verbatim))
 
@@ -160,7 +163,7 @@ def _compose(row: dict, s: CaptionSettings, *, is_reg: bool, class_token: str,
         fixed.append(token)
     fixed += [t for t in general if rules.is_special_tag(t)]
     fixed += characters if s.character else []
-    fixed += (source["copyright"] or list(s.copyright_tags)) if s.copyright else []
+    fixed += copyrights if s.copyright else []
     fixed += artists if s.artist else []
 
     shuffled = [t for t in general if not rules.is_special_tag(t)] + meta if s.general else []

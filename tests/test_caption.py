@@ -1,6 +1,7 @@
 """curate caption: recipe rules on real Danbooru tag spellings, hostile tags, reg
 captions, settings from --config and from the query text, real files and CLI."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -709,3 +710,17 @@ def test_user_caption_with_hostile_characters_stays_one_clean_line():
     merged, how = choose_caption(row, CaptionSettings(user_caption="merge", quality=False))
     assert how == "merged" and merged == "1girl, smile, rain drops, night, sky, stars"
     assert choose_caption({"key": "k", "user_caption": " \r\n\x00 "}, CaptionSettings(quality=False))[1] == "generated"
+
+
+def test_merged_user_tags_never_repeat_what_curate_adds():
+    """With the hakubooru recipe (which, like make_caption, removes no repeats) a user's tag or
+    a tagger's that curate also adds (copyright slot, colour theme, prefix) appears once."""
+    s = dataclasses.replace(CaptionSettings.of_recipe("hakubooru"), copyright_tags=("blue_archive",),
+                            prefix=("baxl_style",), user_caption="merge")
+    row = {"key": "local/x", "user_caption": "baxl style, blue archive, 1girl, pink theme, hoshino (blue archive)",
+           "tagger": [{"tag": "pink_theme", "category": "general", "score": 0.9},
+                      {"tag": "hoshino_(blue_archive)", "category": "character", "score": 0.9},
+                      {"tag": "solo", "category": "general", "score": 0.9}]}
+    text, how = choose_caption(row, s, theme="pink_theme")
+    assert how == "merged"
+    assert text == "pink theme, baxl style, 1girl, hoshino (blue archive), blue archive, |||solo"
