@@ -10,7 +10,11 @@ Symlinks: a row records the link's own path inside the folder (never its target)
 so no later stage writes beside a file elsewhere. A link whose target lies outside
 the folder is an error row unless `follow_external` (`--follow-external-links`); a
 link loop or a dangling link is an error row too, and the rest is ingested. Linked
-folders are not entered.
+folders are not entered (a sidecar caption that links out of the image's folder is not read).
+
+A user's caption beside an image (`<stem>.txt` or `<stem>.caption`, UTF-8 with or
+without BOM) is read into `user_caption`, for new rows and again for existing ones (the
+user may have written it since); the file itself is never changed.
 
 Byte-identical copies keep a row each (dedupe marks them); the later copy's key is
 the sha256 prefix of its bytes plus its relative path, so keys stay unique and stable.
@@ -30,6 +34,8 @@ from .errors import CurateError
 from .images import OPEN_KINDS, ImageError, open_image, probe, sniff
 from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
+SIDECARS = (".txt", ".caption")  # a user's caption beside the image, first found wins
+SIDECAR_MAX_BYTES = 1 << 20     # a caption, not a book: bigger files are reported and left out
 KEY_HEX = 16  # 64 bits of sha256: no accidental collision among millions of files
 SKIP_SUFFIXES = {".parquet", ".part", ".txt", ".json", ".toml", ".caption", ".npz", ".db"}
 
@@ -44,6 +50,7 @@ class Summary:
     not_images: int = 0
     missing: int = 0
     rows: int = 0
+    user_captions: int = 0
     errors: list = field(default_factory=list)
 
 
@@ -94,7 +101,10 @@ def find_images(folder: Path, exclude: set[Path], follow_external: bool = False
             if p.is_symlink() and not name.startswith("."):
                 why = _link_problem(p, inside, follow_external)
                 if why:
-                    refused.append((p, why))
+                    if p.suffix.lower() in known:  # an image by its name (its target is never read)
+                        refused.append((p, why))
+                    else:
+                        others += 1
                     continue
             if not p.is_file() or p.resolve() in exclude:
                 continue
@@ -113,6 +123,41 @@ def _in_folder(p: Path, base: Path) -> str:
 def file_sha256(path: str) -> str:
     with open(path, "rb") as f:  # in chunks: an 800 MB file never sits in memory whole
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_sidecar(image: Path) -> tuple[str | None, str | None]:
+    """(the user's caption for `image`, a problem to report) from its sidecar file."""
+    for suffix in SIDECARS:
+        side = image.with_suffix(suffix)
+        if side == image or not side.is_file():
+            continue
+        if side.is_symlink() and side.resolve().parent != image.parent.resolve():
+            return None, f"{side.name}: caption file links out of the image's folder, not read"
+        try:
+            if side.stat().st_size > SIDECAR_MAX_BYTES:
+                return None, f"{side.name}: caption file over {SIDECAR_MAX_BYTES} bytes, not read"
+            text = side.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return None, f"{side.name}: caption file is not UTF-8, not read"
+        except OSError as exc:
+            return None, f"{side.name}: cannot read caption file: {exc.strerror or exc}"
+        return (text.strip() or None), None
+    return None, None
+
+
+def _user_captions(table: pa.Table, base: Path, s: Summary) -> pa.Table:
+    """Fill `user_caption` from each row's sidecar (rows whose source file is known)."""
+    from .manifest import with_column
+
+    values = []
+    for src, old in zip(table.column("source_path").to_pylist(), table.column("user_caption").to_pylist()):
+        # lexically: the manifest's folder may not exist yet (`manifests/../cg/a.png`)
+        text, problem = read_sidecar(Path(os.path.normpath(base / src))) if src else (old, None)
+        if problem:
+            s.errors.append(f"{src}: {problem}")
+        values.append(text)
+    s.user_captions = sum(1 for v in values if v)
+    return with_column(table, "user_caption", values)
 
 
 def inspect_file(path: str) -> dict:
@@ -189,6 +234,7 @@ def ingest(table: pa.Table | None, folder: Path, base: Path, name: str,
         if "sha256" not in table.column_names:
             table = table.append_column("sha256", pa.nulls(table.num_rows, pa.string()))
         table = pa.concat_tables([table, added.select(table.column_names)])
+    table = _user_captions(table, base, s)
     s.rows = table.num_rows
     if stopped:
         stopped.table = table

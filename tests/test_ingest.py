@@ -168,6 +168,7 @@ def linked(tmp_path):
     (d / "loop2.png").symlink_to(d / "loop1.png")
     (d / "dangling.png").symlink_to(d / "gone.png")
     (d / "linked_dir").symlink_to(outside, target_is_directory=True)
+    (d / "a.txt").symlink_to(outside / "secret.jpg")  # a "caption" that is a file elsewhere
     return d, outside
 
 
@@ -188,6 +189,7 @@ def test_symlinks_record_the_in_folder_path_and_outside_links_are_refused(linked
         assert rows[p]["sha256"] != hashlib.sha256((outside / "secret.jpg").read_bytes()).hexdigest()
     assert rows["cg/loop1.png"]["error"] == rows["cg/loop2.png"]["error"] == "ingest: symlink loop"
     assert rows["cg/dangling.png"]["error"] == "ingest: broken symlink"
+    assert rows["cg/a.png"]["user_caption"] is None  # its .txt links to the secret outside
     keys = [x["key"] for x in rows.values()]
     assert len(set(keys)) == len(keys)
     # nothing beside the outside files after captioning the manifest
@@ -219,3 +221,29 @@ def test_killed_worker_keeps_finished_rows_and_a_rerun_finishes(cg_folder, tmp_p
     assert r.returncode == 0, r.stderr
     assert f"{IMAGES - kept} added, {kept} already in the manifest" in r.stdout
     assert pq.read_table(out).num_rows == IMAGES
+
+
+def test_sidecar_captions_read_as_the_users_with_or_without_bom(tmp_path):
+    d = tmp_path / "cg"
+    d.mkdir()
+    for i, name in enumerate("abcde"):
+        picture(10 + i, 64, 48).save(d / f"{name}.png")
+    (d / "a.txt").write_bytes("\ufeffmy oc, 1girl, hoshino \\(blue archive\\)\r\n".encode("utf-8"))
+    (d / "b.caption").write_text("1girl, rainy street", encoding="utf-8")
+    (d / "d.txt").write_bytes("caf\xe9, 1girl".encode("latin-1"))  # not UTF-8
+    (d / "e.txt").write_text("  \n", encoding="utf-8")                 # empty: no caption
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    out = tmp_path / "m.parquet"
+    proc = curate("ingest", d, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 images have the user's own caption" in proc.stdout
+    assert "d.txt: caption file is not UTF-8" in proc.stdout
+    t = pq.read_table(out).to_pylist()
+    users = {Path(r["path"]).name: r["user_caption"] for r in t}
+    assert users == {"a.png": "my oc, 1girl, hoshino \\(blue archive\\)", "b.png": "1girl, rainy street",
+                     "c.png": None, "d.png": None, "e.png": None}
+    # a caption written after the first ingest is read on the next one; files never change
+    (d / "c.txt").write_text("later", encoding="utf-8")
+    assert curate("ingest", d, "--out", out).returncode == 0
+    assert {Path(r["path"]).name: r["user_caption"] for r in pq.read_table(out).to_pylist()}["c.png"] == "later"
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != "c.txt"} == before
