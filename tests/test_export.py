@@ -79,7 +79,8 @@ def check_layout(config: dict, manifests: list[Path]) -> int:
         for image in images:
             assert image.resolve().is_file()  # the link resolves to a real image
             caption = image.with_suffix(ext).read_text(encoding="utf-8")
-            key = image.stem.replace("_", "/", 1)
+            stem = image.stem.split("_", 1)[1] if subset.get("is_reg") else image.stem  # rank prefix
+            key = stem.replace("_", "/", 1)
             assert caption == expected[key] and len(caption.splitlines()) == 1
             found += 1
     assert found == len(expected)
@@ -145,8 +146,10 @@ def test_export_with_train_config(project):
     (root / "configs" / "baxl_v3.toml").write_text(TRAIN_TOML)
     result = CliRunner().invoke(app, ["export", "--kohya", "out", "--config", "configs/baxl_v3.toml"])
     assert result.exit_code == 0, result.output
-    assert "exported 13 images in 3 subsets" in result.output
+    assert "exported 13 images in 2 subsets" in result.output
     assert "skipped 1: duplicate" in result.output and "skipped 1: error set" in result.output
+    # 5 CGs x 3 repeats = 15 training samples: sd-scripts uses all 8 reg images
+    assert "against 15 training samples): horizontal 4/4, vertical 4/4" in result.output
     config = tomllib.loads((root / "out" / "dataset_config.toml").read_text())
     check_sd_scripts_schema(config)
     assert check_layout(config, [train, reg]) == 13
@@ -156,13 +159,12 @@ def test_export_with_train_config(project):
                                     "max_bucket_reso", "bucket_reso_steps")} == {
         "resolution": 1024, "batch_size": 2, "min_bucket_reso": 256,
         "max_bucket_reso": 4096, "bucket_reso_steps": 32}
-    cg, horizontal, vertical = dataset["subsets"]
-    assert cg["image_dir"].endswith("official_cg/official_cg")
+    cg, reg_subset = dataset["subsets"]  # the reg manifest's two subsets share one interleaved folder
+    assert cg["image_dir"].endswith("official_cg/official_cg") and reg_subset["image_dir"].endswith("baxl_v3_reg/reg")
     assert (cg["num_repeats"], cg["keep_tokens"], cg["flip_aug"], cg["shuffle_caption"]) == (3, 1, True, True)
     assert cg["caption_tag_dropout_rate"] == 0.1 and "is_reg" not in cg
-    for sub in (horizontal, vertical):
-        assert sub["is_reg"] is True and sub["class_tokens"] == "solo"
-        assert sub["keep_tokens_separator"] == "|||"
+    assert reg_subset["is_reg"] is True and reg_subset["class_tokens"] == "solo"
+    assert reg_subset["keep_tokens_separator"] == "|||"
 
 
 def test_export_defaults_without_config_and_metadata_json(project):
@@ -172,11 +174,11 @@ def test_export_defaults_without_config_and_metadata_json(project):
     config = tomllib.loads((root / "k" / "dataset_config.toml").read_text())
     check_sd_scripts_schema(config)
     check_layout(config, [train, reg])
-    cg, horizontal, _ = config["datasets"][0]["subsets"]
+    cg, reg_subset = config["datasets"][0]["subsets"]
     assert (cg["shuffle_caption"], cg["caption_tag_dropout_rate"], cg["num_repeats"]) == (True, 0.1, 1)
-    assert horizontal["is_reg"] and horizontal["class_tokens"] == "solo"
+    assert reg_subset["is_reg"] and reg_subset["class_tokens"] == "solo"
     metadata = json.loads((root / "k" / "metadata.json").read_text(encoding="utf-8"))
-    assert len(metadata) == 13
+    assert len(metadata) == 5  # the training rows: sd-scripts' fine-tune route has no reg images
     for image, entry in metadata.items():
         assert Path(image).is_absolute() and Path(image).resolve().is_file()
         assert entry == {"caption": Path(image).with_suffix(".txt").read_text(encoding="utf-8"), "tags": ""}
@@ -235,18 +237,21 @@ def test_uncaptioned_manifest_is_an_error(shared_data, tmp_path):
     assert "run curate caption first" in str(result.exception)
 
 
-def test_formats_sd_scripts_cannot_read_are_skipped(shared_data, tmp_path):
+def test_formats_sd_scripts_cannot_read_are_converted(shared_data, tmp_path):
     booru = load_posts(shared_data, "booru-rs_posts_2023-03.json")
     rows = [post_row(booru[6148686], path="i/a.gif"), post_row(booru[6148687], path="i/b.JPG")]
     m = write_manifest(tmp_path / "m.parquet", rows)
     assert CliRunner().invoke(app, ["caption", str(m)]).exit_code == 0
     result = CliRunner().invoke(app, ["export", str(m), "--kohya", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "exported 1 images" in result.output and "skipped 1: .gif files" in result.output
+    assert "exported 2 images" in result.output and "normalized 1 " in result.output
+    assert "gif converted to png 1" in result.output
     config = tomllib.loads((tmp_path / "out" / "dataset_config.toml").read_text())
     check_sd_scripts_schema(config)
-    assert [p.name for p in Path(config["datasets"][0]["subsets"][0]["image_dir"]).glob("*.jpg")] == [
-        "danbooru_6148687.jpg"]
+    folder = Path(config["datasets"][0]["subsets"][0]["image_dir"])
+    assert sorted(p.name for p in folder.iterdir() if p.suffix != ".txt") == [
+        "danbooru_6148686.png", "danbooru_6148687.jpg"]
+    assert (folder / "danbooru_6148687.jpg").is_symlink() and not (folder / "danbooru_6148686.png").is_symlink()
 
 
 def test_a_failed_export_can_be_run_again(project, monkeypatch):
