@@ -420,11 +420,13 @@ def render(summary: dict) -> list[str]:
     """Dry-run summary as text (one screen)."""
     s = summary
     lines = [f"train config {s['config']}: model {s['pretrained']} -> {s['output_dir']}",
-             f"  training images {s['train_images']} ({s['train_samples']} with repeats); reg images used "
-             f"{s['reg_images_used']} of {s['reg_images_available']} ({s['reg_samples']} samples)"]
-    if len(s["reg_subsets"]) > 1:
-        lines.append("  reg subsets: " + ", ".join(f"{name or '(none)'} {c['used']}/{c['available']}"
-                                                 for name, c in s["reg_subsets"].items()))
+             f"  training images {s['train_images']} ({s['train_samples']} with repeats); reg images: "
+             f"{s['reg_samples']} drawn per epoch from {s['reg_images_available']}, "
+             f"{s['reg_images_used']} used over the run"]
+    for name, u in s["reg_subsets"].items():
+        lo, hi = u["per_epoch"]
+        lines.append(f"    reg subset {name or '(none)'}: {lo if lo == hi else f'{lo}-{hi}'} per epoch, "
+                     f"{u['used_over_run']} of {u['available']} over {s['epochs']} epochs")
     if s["skipped"]:
         lines.append("  skipped rows: " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items()))
     lines.append(f"  buckets: {s['buckets_used']} used of {s['predefined_buckets']} "

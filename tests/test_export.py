@@ -2,6 +2,7 @@
 documented dataset-config schema; every referenced image exists with its caption."""
 
 import errno
+from collections import Counter
 import json
 import os
 import subprocess
@@ -285,3 +286,89 @@ def test_tampered_marker_never_deletes_outside_the_folder(project):
     marker.write_text(json.dumps(record))
     assert runner.invoke(app, ["export", str(train), str(reg), "--kohya", "out"]).exit_code == 0
     assert victim.read_text() == "keep me"
+
+
+# --- reg layout: what sd-scripts' own rule makes of it -------------------------------------
+
+
+def small_manifest(path: Path, subsets: dict[str, int], kind: str, seed: int = 1) -> Path:
+    """Real PNGs and captions: {subset: count}; reg manifests carry a class token and a seed."""
+    import pyarrow as pa
+    from PIL import Image
+
+    rows = []
+    for subset, n in subsets.items():
+        for i in range(n):
+            rel = f"img/{path.stem}-{subset}-{i:03d}.png"
+            (path.parent / "img").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (48, 32) if subset != "vertical" else (32, 48), (i, 2 * i, 100)).save(path.parent / rel)
+            rows.append({"key": f"danbooru/{seed * 10000 + len(rows)}", "subset": subset, "path": rel,
+                         "caption": f"solo, tag{i}"})
+    meta = manifest.new_provenance(kind=kind, class_token="solo", seed=seed)
+    return manifest.write(pa.Table.from_pylist(rows), path, meta)
+
+
+def sd_scripts_reg_use(config: dict, manifests: list[Path]) -> Counter:
+    """sd-scripts' DreamBoothDataset on the written config: reg images in subset order, then
+    file-name order, registered until they match the training images (with repeats)."""
+    import glob
+
+    subset_of = {r["key"]: r["subset"] for m in manifests for r in manifest.read(m)[0].to_pylist()}
+    n_train, reg = 0, []
+    for subset in config["datasets"][0]["subsets"]:
+        paths = sorted({p for ext in IMAGE_EXTS for p in glob.glob(os.path.join(subset["image_dir"], "*" + ext))})
+        if subset.get("is_reg"):
+            reg += [(p, subset.get("num_repeats", 1)) for p in paths]
+        else:
+            n_train += len(paths) * subset.get("num_repeats", 1)
+    used, n, first = Counter(), 0, True
+    while reg and n < n_train:
+        for path, repeats in reg:
+            if first:
+                used[path] += 1
+            n += repeats if first else 1
+            if n >= n_train:
+                break
+        first = False
+    key = lambda p: Path(p).stem.split("_", 1)[1].replace("_", "/", 1)  # noqa: E731  (rank prefix)
+    return Counter(subset_of[key(p)] for p in used)
+
+
+def test_sd_scripts_takes_a_proportional_choice_of_every_reg_subset(tmp_path):
+    train = small_manifest(tmp_path / "cg.parquet", {"cg": 10}, "ingest")
+    reg = small_manifest(tmp_path / "reg.parquet", {"horizontal": 40, "vertical": 10}, "reg", seed=7)
+    summary = run_export([train, reg], tmp_path / "out")
+    config = tomllib.loads((tmp_path / "out" / "dataset_config.toml").read_text())
+    check_sd_scripts_schema(config)
+    assert sd_scripts_reg_use(config, [train, reg]) == {"horizontal": 8, "vertical": 2}  # 40:10 of 10
+    assert summary.reg_use == {"horizontal": [8, 40], "vertical": [2, 10]}
+    assert "against 10 training samples): horizontal 8/40, vertical 2/10" in "\n".join(summary.lines())
+    # a seeded choice: the same layout again, and not simply the first rows of each subset
+    names = sorted(p.name for p in Path(config["datasets"][0]["subsets"][1]["image_dir"]).glob("*.png"))
+    again = run_export([train, reg], tmp_path / "out")
+    assert names == sorted(p.name for p in Path(config["datasets"][0]["subsets"][1]["image_dir"]).glob("*.png"))
+    assert again.reg_use == summary.reg_use and names[0].split("_", 1)[1] != "danbooru_70000.png"
+
+
+def test_an_unused_reg_subset_gets_a_num_repeats_suggestion(tmp_path):
+    train = small_manifest(tmp_path / "cg.parquet", {"cg": 10}, "ingest")
+    first = small_manifest(tmp_path / "a.parquet", {"horizontal": 40}, "reg", seed=2)
+    second = small_manifest(tmp_path / "b.parquet", {"vertical": 10}, "reg", seed=3)
+    summary = run_export([train, first, second], tmp_path / "out")
+    config = tomllib.loads((tmp_path / "out" / "dataset_config.toml").read_text())
+    assert sd_scripts_reg_use(config, [train, first, second]) == {"horizontal": 10}
+    assert summary.reg_use == {"horizontal": [10, 40], "vertical": [0, 10]}
+    assert summary.suggestion.startswith("reg subset vertical would go unused; num_repeats = 5 on the training")
+    # and the suggestion holds: with it, sd-scripts uses every reg subset
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'[[datasets]]\nmanifest = "{train}"\nnum_repeats = 5\n')
+    summary = run_export([train, first, second], tmp_path / "out", toml)
+    config = tomllib.loads((tmp_path / "out" / "dataset_config.toml").read_text())
+    assert sd_scripts_reg_use(config, [train, first, second]) == {"horizontal": 40, "vertical": 10}
+    assert not summary.suggestion
+
+
+def run_export(manifests, out, config=None):
+    from curate import export
+
+    return export.run(manifests, out, config)
