@@ -239,7 +239,7 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
         with _ema_weights(ema, final_model.unet):
             exported["diffusers"] = str(sdxl.save_diffusers(final_model, out_dir / "diffusers", dtype))
             exported["single_file"] = str(sdxl.save_single_file(
-                final_model, out_dir / f"{config.output_name}.safetensors", dtype))
+                final_model, out_dir / f"{config.output_name}.safetensors", dtype, _modelspec(config)))
     accelerator.wait_for_everyone()
     step_s = max(timings["step_s"], 1e-9)
     return {"main_process": main, "steps": position.step, "epochs": position.epoch, "loss": last_loss,
@@ -363,6 +363,11 @@ def _save_dtype(config: TrainConfig):
     return {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.save_precision]
 
 
+def _modelspec(config: TrainConfig, step: int | None = None) -> dict:
+    title = config.output_name + (f" step {step}" if step is not None else "")
+    return sdxl.modelspec(title, config.max_reso, config.v_parameterization)
+
+
 def _unwrapped(accelerator, model: sdxl.SDXL, trained: dict) -> sdxl.SDXL:
     parts = {name: accelerator.unwrap_model(trained[name]) if name in trained else getattr(model, name)
              for name in ("unet", "te1", "te2")}
@@ -394,7 +399,8 @@ def _save_checkpoint(accelerator, config: TrainConfig, model, trained, ema, posi
         unet = accelerator.unwrap_model(trained.get("unet", model.unet))
         with _ema_weights(ema, unet):
             sdxl.save_single_file(_unwrapped(accelerator, model, trained),
-                                  folder / f"{config.output_name}-step{position.step}.safetensors", _save_dtype(config))
+                                  folder / f"{config.output_name}-step{position.step}.safetensors", _save_dtype(config),
+                                  _modelspec(config, position.step))
         (folder / "curate.json").write_text(json.dumps({**position.state_dict(), "config": str(config.source)}))
         done = sorted(p for p in folder.parent.glob("step-*") if (p / "curate.json").is_file())
         for old in done[:-config.save_last_n_checkpoints] if config.save_last_n_checkpoints else []:

@@ -380,6 +380,12 @@ def test_export_loads_back_with_identical_weights(resumed):
     assert trained.keys() == from_folder.keys() == from_single.keys()
     for k in trained:
         assert torch.equal(trained[k], from_folder[k]) and torch.equal(trained[k], from_single[k]), k
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # ModelSpec, as sd-scripts writes it
+        spec = f.metadata()
+    assert (spec["modelspec.architecture"], spec["modelspec.title"], spec["modelspec.resolution"]) == (
+        "stable-diffusion-xl-v1-base", "model", "64x64")
     single = load_file(out / "model.safetensors")  # the original (SGM) key layout
     assert "model.diffusion_model.input_blocks.0.0.weight" in single
     assert "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.weight" in single
