@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import sdxl, train_data
+from . import sdxl, train_data, train_memory
 from .errors import CurateError
 from .train_config import TrainConfig
 
@@ -47,6 +47,7 @@ class Position:
 def dry_run(config: TrainConfig) -> dict:
     """Resolve the config and the data, load no model."""
     summary = train_data.plan(config).summary()
+    summary["memory"] = train_memory.estimate(config)
     if config.pretrained != "tiny-random" and not Path(config.pretrained).exists():
         summary["warnings"].append(f"pretrained model not found: {config.pretrained}")
     return summary
@@ -442,5 +443,7 @@ def render(summary: dict) -> list[str]:
     lines.append(f"  batch {s['batch_size']} x accumulation {s['gradient_accumulation_steps']}: "
                  f"{s['batches_per_epoch']} batches = {s['steps_per_epoch']} optimizer steps per epoch")
     lines.append(f"  total: {s['total_optimizer_steps']} optimizer steps over {s['epochs']} epochs")
+    if "memory" in s:
+        lines += train_memory.render(s["memory"])
     lines += [f"  warning: {w}" for w in s.get("warnings", [])]
     return lines

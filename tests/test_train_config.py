@@ -29,7 +29,7 @@ def test_recipe_config_reproduces_design():
     assert (cfg.lr_scheduler, cfg.lr_warmup_steps) == ("constant_with_warmup", 100)
     assert cfg.optimizer_type == "Lion8bit"
     assert cfg.optimizer_args == {"weight_decay": 0.1, "betas": [0.9, 0.95]}
-    assert cfg.min_snr_gamma == 5 and cfg.mixed_precision == "fp16" and not cfg.full_fp16
+    assert cfg.min_snr_gamma == 5 and cfg.mixed_precision == "fp16" and cfg.full_fp16
     assert (cfg.max_train_epochs, cfg.save_every_n_steps, cfg.seed) == (25, 200, 42)
     train, reg = cfg.datasets
     assert train.manifest.name == "official_cg.parquet" and train.shuffle_caption
