@@ -209,6 +209,8 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     out_dir = Path(out_dir).resolve()
     previous = _previous_files(out_dir)
     summary = ExportSummary(out_dir, background=normalize.check_background())
+    # normalized copies from the last export are reused only if made on the same background
+    reusable = previous if _previous_background(out_dir) == list(summary.background) else set()
     plan: list[Folder] = []
     used_names: set[str] = set()
     for path in dict.fromkeys(paths):
@@ -243,12 +245,13 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     written: set[str] = set()
     done = False
     try:
-        _write(plan, out_dir, dataset, link, summary, written, previous)
+        _write(plan, out_dir, dataset, link, summary, written, reusable)
         done = True
     finally:  # a failed export still records what it wrote, so the next one can clean up
         record = written if done else previous | written
         if out_dir.is_dir():
-            (out_dir / MARKER).write_text(json.dumps({"files": sorted(record)}, indent=1), encoding="utf-8")
+            (out_dir / MARKER).write_text(json.dumps({"files": sorted(record), "background": summary.background},
+                                                     indent=1), encoding="utf-8")
     for rel in previous - written:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:  # the marker is a file anyone can edit
             continue
@@ -320,7 +323,7 @@ def _predict_reg_use(plan: list[Folder], summary: ExportSummary) -> None:
 
 
 def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary: ExportSummary,
-           written: set[str], previous: set[str]) -> None:
+           written: set[str], reusable: set[str]) -> None:
     """Lay out images + captions, then the TOMLs and metadata; note each file in `written`."""
     import tomli_w
 
@@ -337,9 +340,10 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
             target = folder.path / (_unique(stem, stems) + row.form.ext)
             rel = str(target.relative_to(out_dir))
             if row.form.copy:
-                if not (rel in previous and _newer(target, row.image)):
+                if not (rel in reusable and _current(target, row.image)):
                     _clear(target)
                     normalize.write_png(row.image, target)
+                    os.utime(target, ns=(row.image.stat().st_atime_ns, row.image.stat().st_mtime_ns))
             else:
                 _place(row.image.resolve(), target, link)
             if row.form.why:
@@ -374,13 +378,20 @@ def _write_text(path: Path, text: str, out_dir: Path, written: set[str]) -> None
     written.add(str(path.relative_to(out_dir)))
 
 
-def _newer(target: Path, source: Path) -> bool:
-    """A normalized copy from an earlier export that is still current."""
+def _current(target: Path, source: Path) -> bool:
+    """A normalized copy from an earlier export of this very source file (it carries its mtime)."""
     try:
         return (not target.is_symlink() and target.is_file()
-                and target.stat().st_mtime >= source.stat().st_mtime)
+                and target.stat().st_mtime_ns == source.stat().st_mtime_ns)
     except OSError:
         return False
+
+
+def _previous_background(out_dir: Path):
+    try:
+        return json.loads((out_dir / MARKER).read_text(encoding="utf-8")).get("background")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _clear(target: Path) -> None:

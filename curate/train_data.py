@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import manifest, reg_balance
+from . import manifest, normalize, reg_balance
 from .buckets import Buckets, Placement, resize_and_crop
 from .errors import CurateError
 from .images import ImageError, open_image, probe
@@ -179,6 +179,7 @@ class Plan:
 
 def plan(config: TrainConfig, num_processes: int = 1) -> Plan:
     """Read every manifest, place images in buckets, share the reg draw among buckets."""
+    normalize.check_background()  # the pixels below are flattened on it, as the tagger's were
     buckets = Buckets(config.max_reso, config.min_bucket_reso, config.max_bucket_reso,
                       config.bucket_reso_steps, config.bucket_no_upscale)
     samples: list[Sample] = []

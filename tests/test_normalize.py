@@ -161,7 +161,7 @@ def test_background_is_one_setting_for_tagger_export_and_train(tmp_path, monkeyp
         export.run([tmp_path / "m.parquet"], tmp_path / "out")
 
 
-def test_reexport_keeps_current_copies_and_redoes_changed_ones(exported):
+def test_reexport_keeps_current_copies_and_redoes_changed_ones(exported, monkeypatch):
     root, made, m, _ = exported
     copy = root / "out" / "m" / "cg" / "local_transparent.png"
     before = copy.stat().st_mtime_ns
@@ -170,10 +170,15 @@ def test_reexport_keeps_current_copies_and_redoes_changed_ones(exported):
     rgba = np.zeros((48, 64, 4), np.uint8)
     rgba[:, :] = (10, 20, 30, 255)
     Image.fromarray(rgba, "RGBA").save(root / "img" / "transparent.png")
-    os.utime(root / "img" / "transparent.png", ns=(before + 10**9, before + 10**9))
     export.run([m], root / "out")
     with Image.open(copy) as im:
         assert im.getpixel((0, 0)) == (10, 20, 30)
+    monkeypatch.setenv(images.ALPHA_BACKGROUND_ENV, "#000000")  # another background: copies are redone
+    Image.fromarray(np.zeros((48, 64, 4), np.uint8), "RGBA").save(root / "img" / "transparent.png")
+    os.utime(root / "img" / "transparent.png", ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns))
+    export.run([m], root / "out")
+    with Image.open(copy) as im:
+        assert im.getpixel((0, 0)) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("name, mode, why", [
