@@ -433,7 +433,7 @@ def render(summary: dict) -> list[str]:
     for name, u in s["reg_subsets"].items():
         lo, hi = u["per_epoch"]
         lines.append(f"    reg subset {name or '(none)'}: {lo if lo == hi else f'{lo}-{hi}'} per epoch, "
-                     f"{u['used_over_run']} of {u['available']} over {s['epochs']} epochs")
+                     f"{u['used_over_run']} of {u['available']} over {s['epochs']} epoch{'s' if s['epochs'] != 1 else ''}")
     if s["skipped"]:
         lines.append("  skipped rows: " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items()))
     lines.append(f"  buckets: {s['buckets_used']} used of {s['predefined_buckets']} "
