@@ -372,3 +372,24 @@ def run_export(manifests, out, config=None):
     from curate import export
 
     return export.run(manifests, out, config)
+
+
+def test_fine_tune_route_has_training_rows_only(project):
+    root, train, reg = project
+    result = CliRunner().invoke(app, ["export", str(train), str(reg), "--kohya", "out"])
+    assert result.exit_code == 0, result.output
+    assert "--cache_latents" in result.output
+    config = tomllib.loads((root / "out" / "dataset_config_finetune.toml").read_text())
+    assert set(config) == {"datasets"}
+    (dataset,) = config["datasets"]
+    (subset,) = dataset["subsets"]  # the one training subset; reg has no place in this route
+    allowed = {**SUBSET_ASCENDABLE, "image_dir": str, "metadata_file": str}
+    for key in ("caption_extension", "class_tokens", "cache_info"):  # DreamBooth-only keys
+        del allowed[key]
+    assert set(subset) <= set(allowed) and "is_reg" not in subset
+    metadata = json.loads(Path(subset["metadata_file"]).read_text(encoding="utf-8"))
+    whole = json.loads((root / "out" / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata == whole and len(metadata) == 5
+    training_keys = {r["key"] for r in manifest.read(train)[0].to_pylist() if not r["dup_of"]}
+    assert {Path(p).stem.replace("_", "/", 1) for p in metadata} == training_keys
+    assert all(Path(p).parent == Path(subset["image_dir"]) for p in metadata)
