@@ -110,6 +110,7 @@ class ExportSummary:
     train_samples: int = 0
     suggestion: str = ""
     removed: int = 0
+    weighted_captions: bool = False  # captions carry `\(` escapes: sd-scripts needs --weighted_captions
 
     def lines(self) -> list[str]:
         total = sum(n for _, n, _ in self.subsets)
@@ -133,9 +134,10 @@ class ExportSummary:
             out.append("  warning: only reg subsets; sd-scripts needs training images beside them")
         if self.removed:
             out.append(f"  removed {self.removed} files the previous export wrote")
-        out.append(f"sd-scripts: --dataset_config {self.out_dir / 'dataset_config.toml'}")
+        flag = " --weighted_captions" if self.weighted_captions else ""
+        out.append(f"sd-scripts: --dataset_config {self.out_dir / 'dataset_config.toml'}{flag}")
         out.append(f"fine-tune route: --dataset_config {self.out_dir / 'dataset_config_finetune.toml'} "
-                   "--cache_latents (metadata.json, training rows only)")
+                   f"--cache_latents{flag} (metadata.json, training rows only)")
         return out
 
 
@@ -212,6 +214,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     # normalized copies from the last export are reused only if made on the same background
     reusable = previous if _previous_background(out_dir) == list(summary.background) else set()
     plan: list[Folder] = []
+    weighted: set[bool] = set()  # sd-scripts' weighted_captions is one flag for the whole run
     used_names: set[str] = set()
     for path in dict.fromkeys(paths):
         table, meta = manifest.read(path)
@@ -221,6 +224,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
             base["class_tokens"] = str(meta["class_token"])
         base.update(per_manifest.get(path, {}))
         separators = meta.get("stages", {}).get("caption", {}).get("keep_separators", {})
+        escaped = meta.get("stages", {}).get("caption", {}).get("escaped", {}) or {}
         name = _unique(_safe_name(path.stem), used_names)
         folder_names: set[str] = set()
         folders: list[Folder] = []
@@ -228,6 +232,8 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
             values = dict(base)
             if separators.get(subset) and "keep_tokens_separator" not in values:
                 values["keep_tokens_separator"] = separators[subset]
+            if escaped.get(subset) or any("(" in r.caption or ")" in r.caption for r in rows):  # else either way
+                weighted.add(bool(escaped.get(subset)))
             folder = Folder(out_dir / name / _unique(_safe_name(subset or "default"), folder_names),
                             values, rows, bool(values.get("is_reg")), f"{meta.get('seed', 0)}:{name}")
             merged = next((f for f in folders if f.is_reg and folder.is_reg and f.values == values), None)
@@ -240,6 +246,10 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
         plan += folders
     if not plan:
         raise CurateError("nothing to export: no captioned rows with images (run curate caption first)")
+    if len(weighted) > 1:
+        raise CurateError("some captions carry escape_parentheses escapes and some do not; sd-scripts' "
+                          "--weighted_captions is one flag for the run: caption them alike")
+    summary.weighted_captions = weighted == {True}
     _predict_reg_use(plan, summary)
 
     written: set[str] = set()
@@ -363,11 +373,12 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
             metadata.update(subset_metadata)
         summary.subsets.append((str(folder.path.relative_to(out_dir)), len(folder.rows), folder.is_reg))
     config = {"general": {"caption_extension": ".txt"}, "datasets": [{**dataset, "subsets": subsets}]}
-    header = "# written by curate export; train with sd-scripts --dataset_config <this file>\n"
+    flag = " --weighted_captions (the captions carry \\( escapes)" if summary.weighted_captions else ""
+    header = f"# written by curate export; train with sd-scripts --dataset_config <this file>{flag}\n"
     _write_text(out_dir / "dataset_config.toml", header + tomli_w.dumps(config), out_dir, written)
     if finetune:
         header = ("# written by curate export: sd-scripts' fine-tune route (metadata files, training rows "
-                  "only); train with --dataset_config <this file> --cache_latents\n")
+                  f"only); train with --dataset_config <this file> --cache_latents{flag}\n")
         _write_text(out_dir / "dataset_config_finetune.toml",
                     header + tomli_w.dumps({"datasets": [{**dataset, "subsets": finetune}]}), out_dir, written)
     _write_text(out_dir / "metadata.json", json.dumps(metadata, indent=1, ensure_ascii=False), out_dir, written)
