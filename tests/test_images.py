@@ -281,7 +281,7 @@ def test_pixel_guard_comes_before_any_decode(zeros_png_16k):
     script = (
         "import re, sys\n"
         "from curate import images\n"
-        "for fn in (images.probe, images.open_image, images.verify):\n"
+        "for fn in (images.probe, images.open_image, images.verify, images.stored_form):\n"
         "    try:\n"
         "        fn(sys.argv[1])\n"
         "    except images.ImageError as e:\n"
@@ -291,8 +291,8 @@ def test_pixel_guard_comes_before_any_decode(zeros_png_16k):
     )
     out = subprocess.run([sys.executable, "-c", script, zeros_png_16k], capture_output=True, text=True,
                          check=True).stdout.split("\n")
-    assert out[:3] == ["too many pixels: 16000x16000"] * 3
-    assert int(out[3]) < 150, f"peak RSS {out[3]} MB: something decoded before the guard"
+    assert out[:4] == ["too many pixels: 16000x16000"] * 4
+    assert int(out[4]) < 150, f"peak RSS {out[4]} MB: something decoded before the guard"
     # the same file under a guard that lets it through does decode: the measure can see it
     script2 = script.replace("fn(sys.argv[1])", "fn(sys.argv[1], max_pixels=300_000_000)")
     out = subprocess.run([sys.executable, "-c", script2, zeros_png_16k], capture_output=True, text=True,
