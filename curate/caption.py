@@ -59,6 +59,7 @@ import pyarrow as pa
 from . import caption_rules as rules
 from . import manifest
 from .errors import CurateError
+from .review import decisions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -341,11 +342,16 @@ COLUMNS = ("key", "subset", "path", "error", "dup_of", "rating", "fav_count", "c
 
 
 def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig,
-                  summary: CaptionSummary) -> pa.Table:
-    """Fill `caption` (and `error` for undecodable images when colours are on)."""
+                  summary: CaptionSummary, edited: dict | None = None) -> pa.Table:
+    """Fill `caption` (and `error` for undecodable images when colours are on).
+
+    `edited`: key -> caption text a person wrote (curate review); kept as written.
+    """
     from tqdm import tqdm
 
     from .images import ImageError, open_image
+
+    edited = edited or {}
 
     is_reg = meta.get("kind") == "reg"
     class_token = str(meta.get("class_token") or "")
@@ -367,14 +373,14 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
             continue
         s = config.for_subset(row["subset"])
         theme = None
-        if s.color_theme and not (is_reg and s.reg_caption == "class"):
+        if s.color_theme and row["key"] not in edited and not (is_reg and s.reg_caption == "class"):
             try:
                 theme = rules.color_theme(open_image(image, draft_size=(256, 256)), s.color_theme_share)
             except ImageError as exc:
                 errors[i] = f"caption: {exc}"
                 summary.skipped["image does not decode (error set)"] += 1
                 continue
-        text = build_caption(row, s, is_reg=is_reg, class_token=class_token, theme=theme)
+        text = edited.get(row["key"]) or build_caption(row, s, is_reg=is_reg, class_token=class_token, theme=theme)
         captions[i] = text
         txt = image.with_suffix(".txt")
         if txt_owner.setdefault(txt, row["key"]) != row["key"]:
@@ -409,7 +415,8 @@ def run(manifest_path: str | Path, config_path: str | Path | None = None) -> Cap
             if not config.for_subset(name).class_token:
                 raise CurateError("reg manifest has no class token: set class_token in [caption]")
     summary = CaptionSummary(manifest_path, config.origin)
-    table = caption_table(table, meta, manifest_path.parent, config, summary)
+    review = decisions.current(manifest_path)  # a person's keepers and caption edits win
+    table = caption_table(review.applied(table), meta, manifest_path.parent, config, summary, review.captions())
     # export reads the separators back to set kohya's keep_tokens_separator per subset
     separators = {name: config.for_subset(name).keep_separator for name in subsets}
     manifest.record_stage(meta, "caption", settings=config.origin, written=summary.written,

@@ -444,6 +444,7 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
     `ray`: curate.engine.RayOptions to hash on Ray (None: here, in a process pool).
     """
     from . import manifest as mf
+    from .review import decisions
 
     manifest = Path(manifest)
     table, meta = mf.read(manifest)
@@ -464,6 +465,7 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
                 return out, engine.sum_stats(stats) or {"hashed": 0, "reused": 0}
 
             table, s = dedupe(table, manifest.parent, meta, others, threshold, workers, shards)
+    table = decisions.current(manifest).applied(table)  # a person's keepers and splits win
     mf.record_stage(meta, "dedupe", hash=HASH_VERSION, threshold=threshold,
                     dhash_confirm=DHASH_CONFIRM, against=[str(p) for p in against])
     mf.write(table, manifest, meta)

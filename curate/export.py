@@ -36,6 +36,7 @@ from pathlib import Path
 
 from . import manifest, train_config
 from .errors import CurateError
+from .review import decisions
 
 MARKER = ".curate-export.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # what sd-scripts globs
@@ -163,6 +164,8 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     used_names: set[str] = set()
     for path in dict.fromkeys(paths):
         table, meta = manifest.read(path)
+        review = decisions.current(path)  # a person's drops and keepers win
+        table = review.applied(table)
         is_reg = meta.get("kind") == "reg"
         base = dict(REG_DEFAULTS if is_reg else TRAIN_DEFAULTS)
         if is_reg and meta.get("class_token"):
@@ -171,7 +174,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
         separators = meta.get("stages", {}).get("caption", {}).get("keep_separators", {})
         name = _unique(_safe_name(path.stem), used_names)
         subset_names: set[str] = set()
-        for subset, rows in _eligible(table, path.parent, summary.skipped).items():
+        for subset, rows in _eligible(table, path.parent, summary.skipped, review.dropped).items():
             values = dict(base)
             if separators.get(subset) and "keep_tokens_separator" not in values:
                 values["keep_tokens_separator"] = separators[subset]
@@ -200,12 +203,14 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     return summary
 
 
-def _eligible(table, root: Path, skipped: Counter) -> dict[str, list]:
+def _eligible(table, root: Path, skipped: Counter, dropped=()) -> dict[str, list]:
     """{subset: [(key, image path, caption)]} for rows sd-scripts can train on."""
     out: dict[str, list] = {}
     cols = table.select(["key", "subset", "path", "error", "dup_of", "caption"]).to_pylist()
     for row in cols:
-        if row["error"]:
+        if row["key"] in dropped:
+            skipped["dropped in review"] += 1
+        elif row["error"]:
             skipped["error set"] += 1
         elif row["dup_of"]:
             skipped["duplicate"] += 1

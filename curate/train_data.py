@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import manifest
+from .review import decisions
 from .buckets import Buckets, Placement, resize_and_crop
 from .errors import CurateError
 from .images import ImageError, open_image, probe
@@ -159,12 +160,17 @@ def reg_repeats(n_train: int, reg: list[int]) -> list[int]:
 
 def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Counter) -> list[Sample]:
     table, meta = manifest.read(ds.manifest)
+    review = decisions.current(ds.manifest)  # a person's drops and keepers win
+    table, dropped = review.applied(table), review.dropped
     is_reg = ds.is_reg if ds.is_reg is not None else meta.get("kind") == "reg"
     class_token = ds.class_tokens or meta.get("class_token")
     separators = meta.get("stages", {}).get("caption", {}).get("keep_separators", {}) or {}
     root = ds.manifest.parent
     out = []
     for row in table.select(["key", "subset", "path", "error", "dup_of", "caption"]).to_pylist():
+        if row["key"] in dropped:
+            skipped["dropped in review"] += 1
+            continue
         if row["error"]:
             skipped["error set"] += 1
             continue

@@ -261,8 +261,9 @@ def append(manifest_path: str | os.PathLike, lines: list[dict], who: str | None 
             d._replay(r)
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            data = "\n" + data  # after a torn last line, start clean
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line (a writer killed mid-line):
+            tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))  # cut it, it never held a record
+            os.ftruncate(fd, size - len(tail) + tail.rfind(b"\n") + 1)
         os.write(fd, data.encode("utf-8"))
         os.fsync(fd)
         return records
