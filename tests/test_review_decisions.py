@@ -19,6 +19,7 @@ from curate.errors import CurateError
 from curate.review import decisions
 
 CURATE = str(Path(sys.executable).with_name("curate"))
+HOSTILE = '<img src=x onerror="document.title=\'pwned\'">'  # tag names come from the internet
 
 
 def pattern(seed: int, size=(480, 320)) -> Image.Image:
@@ -49,7 +50,7 @@ def make_manifest(root: Path, run_stages: bool = True) -> Path:
     assert r.returncode == 0, r.stderr
     table, meta = manifest.read(m)
     names = [Path(p).stem for p in table.column("path").to_pylist()]
-    tags = [["1girl", "solo", name.split("_")[0] + "_pattern", "<b>bold</b>"] for name in names]
+    tags = [["1girl", "solo", name.split("_")[0] + "_pattern", HOSTILE] for name in names]
     manifest.write(manifest.with_column(table, "tags_general", tags), m, meta)
     if run_stages:
         dedupe.run(m, workers=1)
