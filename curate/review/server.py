@@ -138,10 +138,10 @@ class Review:
     def history(self, limit: int = 300) -> list[dict]:
         out = []
         for s in self.sources:
-            for rec in decisions.current(s.path).log:
-                out.append({**rec, "m": s.index})
-        out.sort(key=lambda r: r.get("at") or "", reverse=True)
-        return out[:limit]
+            for n, rec in enumerate(decisions.current(s.path).log):
+                out.append((rec.get("at") or "", n, {**rec, "m": s.index}))
+        out.sort(key=lambda x: x[:2], reverse=True)  # newest first; within one millisecond, log order
+        return [r for _, _, r in out[:limit]]
 
     def decide(self, m: int, lines: list, undo: list) -> dict:
         s = self._source(m)

@@ -1,5 +1,8 @@
 // curate review: the page. Plain DOM; every text from the manifests goes in as a text node.
 "use strict";
+window.__errors = [];  // what went wrong in this page (tests read it)
+window.addEventListener("error", (e) => window.__errors.push(String(e.message)));
+window.addEventListener("unhandledrejection", (e) => window.__errors.push(String(e.reason)));
 const TOKEN = new URLSearchParams(location.search).get("token") || "";
 const CHUNK = 150;  // cards rendered at a time (more as the grid scrolls)
 const $ = (id) => document.getElementById(id);
@@ -224,7 +227,7 @@ window.addEventListener("mouseup", () => {
   if (d.box.join() !== d.start.join()) decide(d.r, {action: "crop", box: d.box});
 });
 ["l", "t", "r", "b"].forEach(n => $("c-" + n).addEventListener("change", () => {
-  const r = cur(); if (!r) return;
+  const r = cur(); if (!r || ["l", "t", "r", "b"].some(x => $("c-" + x).value === "")) return;
   const b = clampBox(["l", "t", "r", "b"].map(x => +$("c-" + x).value), r);
   drawBox(b); showBucket(b); decide(r, {action: "crop", box: b});
 }));
