@@ -63,7 +63,7 @@ TRAINED      := $(call stamp,$(CONFIG),train)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,ml,onnx,ray]'
+	$(PY) -m pip install -q -e '.[test,ml,onnx,ray,review]'
 	touch $@
 
 venv: $(VENV)/.installed

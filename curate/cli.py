@@ -509,6 +509,8 @@ def review(
         typer.echo(f"exported {decisions.export_file(manifests, export)} decisions to {export}")
     if apply is not None or export is not None:
         return
-    from .review.server import serve
-
+    try:
+        from .review.server import serve
+    except ImportError as exc:
+        raise CurateError(f"curate review's web app needs starlette and uvicorn ({exc}): pip install 'curate[review]'") from None
     serve(manifests, host=host, port=port, open_browser=not no_browser)

@@ -11,7 +11,9 @@ from PIL import Image
 
 from curate import caption, crop, dedupe, export
 from curate.review import decisions
-from curate.review.server import Background
+pytest.importorskip("starlette", reason="the review extra: pip install -e '.[review]'")
+pytest.importorskip("uvicorn", reason="the review extra: pip install -e '.[review]'")
+from curate.review.server import Background  # noqa: E402
 from test_report import chromium
 from test_review_decisions import HOSTILE, make_manifest, rows
 

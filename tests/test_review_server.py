@@ -12,7 +12,9 @@ import requests
 
 from curate import manifest
 from curate.review import decisions
-from curate.review.server import Background
+pytest.importorskip("starlette", reason="the review extra: pip install -e '.[review]'")
+pytest.importorskip("uvicorn", reason="the review extra: pip install -e '.[review]'")
+from curate.review.server import Background  # noqa: E402
 from test_review_decisions import CURATE, HOSTILE, make_manifest, rows
 
 

@@ -236,6 +236,12 @@ def reviewer() -> str:
 def append(manifest_path: str | os.PathLike, lines: list[dict], who: str | None = None,
            undo: list[str] = ()) -> list[dict]:
     """Append checked exchange lines (and undos of record ids) atomically; the stored records."""
+    return record(manifest_path, lines, who, undo)[0]
+
+
+def record(manifest_path: str | os.PathLike, lines: list[dict], who: str | None = None,
+           undo: list[str] = ()) -> tuple[list[dict], Decisions]:
+    """`append`, also returning the decisions as they stand after it."""
     path = sidecar(manifest_path)
     who = who or reviewer()
     now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -266,7 +272,7 @@ def append(manifest_path: str | os.PathLike, lines: list[dict], who: str | None 
             os.ftruncate(fd, size - len(tail) + tail.rfind(b"\n") + 1)
         os.write(fd, data.encode("utf-8"))
         os.fsync(fd)
-        return records
+        return records, d
     except OSError as exc:
         raise CurateError(f"cannot write review decisions {path}: {exc.strerror}") from None
     finally:

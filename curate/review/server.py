@@ -59,6 +59,8 @@ class Source:
         self.rows = table.select(["key", "subset", "width", "height", "path", "source_path", "error",
                                   "dup_of", "crop", "caption", *TAG_COLUMNS, "tagger"]).to_pydict()
         self.by_key = {k: i for i, k in enumerate(self.rows["key"])}
+        self.sizes = {k: {"width": w, "height": h} for k, w, h in
+                      zip(self.rows["key"], self.rows["width"], self.rows["height"])}
 
     def fresh(self) -> None:
         st = self.path.stat()
@@ -146,19 +148,17 @@ class Review:
     def decide(self, m: int, lines: list, undo: list) -> dict:
         s = self._source(m)
         s.fresh()
-        rows = {k: {"width": w, "height": h} for k, w, h in zip(s.rows["key"], s.rows["width"], s.rows["height"])}
         for n, line in enumerate(lines, 1):
             if isinstance(line, dict):
                 line = {k: v for k, v in line.items() if k in ("key", "action", "reason", "box", "text")}
                 lines[n - 1] = line
-            problem = decisions.check(line, rows, f"decision {n}")
+            problem = decisions.check(line, s.sizes, f"decision {n}")
             if problem:
                 raise CurateError(problem)
         if not all(isinstance(u, str) for u in undo):
             raise CurateError("undo wants record ids")
         with self.lock:
-            records = decisions.append(s.path, lines, undo=undo)
-        d = decisions.current(s.path)
+            records, d = decisions.record(s.path, lines, undo=undo)
         return {"records": [{**r, "m": m} for r in records], "state": {r["key"]: d.get(r["key"]) for r in records}}
 
     def _source(self, m) -> Source:
@@ -290,7 +290,9 @@ def _loopback(host: str) -> bool:
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so (else Nagle
+    # and delayed ACK hold every response body back ~40 ms)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
