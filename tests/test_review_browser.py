@@ -137,6 +137,7 @@ def test_the_review_loop(session, tmp_path):
         browser.find_element("css selector", "nav button[data-view=images]").click()
         open_card(browser, "b_letterbox.png")
         browser.set_window_size(1400, 900)
+        browser.execute_script("window.scrollTo(0, 0); document.getElementById('toast').style.display = 'none'")
         time.sleep(0.5)
         assert browser.save_screenshot(shot)
 

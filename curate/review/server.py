@@ -86,6 +86,7 @@ class Review:
         self.sources = [Source(i, Path(p)) for i, p in enumerate(manifests)]
         self.token = token or secrets.token_urlsafe(24)
         self.lock = threading.Lock()
+        self.making: dict[str, threading.Lock] = {}  # thumbnail -> lock: two requests make it once
         res, lo, hi, step = RECIPE_BUCKETS
         self.buckets = Buckets((res, res), lo, hi, step)
         self.set_address(host, port)
@@ -93,6 +94,12 @@ class Review:
     def set_address(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         names = {host, "127.0.0.1", "localhost", "[::1]"} if _loopback(host) else {host}
+        if host in ("0.0.0.0", "::"):  # every interface: the names this machine is reached by
+            names |= {socket.gethostname(), socket.getfqdn(), "127.0.0.1", "localhost"}
+            try:
+                names |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+            except OSError:
+                pass
         names = {f"[{n}]" if ":" in n and not n.startswith("[") else n for n in names}
         self.hosts = {f"{n}:{port}" for n in names}
         self.origins = {f"http://{h}" for h in self.hosts}
@@ -173,11 +180,14 @@ class Review:
         if not name:
             return None
         dst = s.thumbs.folder / name
-        if not dst.is_file():  # made once, on first view; kept for the next session
-            s.thumbs.folder.mkdir(parents=True, exist_ok=True)
-            _, _, _, err = _thumb_job((str(src.resolve()), str(dst)))
-            if err:
-                return None
+        with self.lock:
+            making = self.making.setdefault(str(dst), threading.Lock())
+        with making:
+            if not dst.is_file():  # made once, on first view; kept for the next session
+                s.thumbs.folder.mkdir(parents=True, exist_ok=True)
+                _, _, _, err = _thumb_job((str(src.resolve()), str(dst)))
+                if err:
+                    return None
         return dst
 
     # --- the app ------------------------------------------------------------------

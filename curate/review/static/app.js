@@ -137,7 +137,7 @@ function updateCard(r) {
   if (r.dup_of) b.append(el("b", {cls: "dup", text: "dup"}));
   if (s.dropped !== null) b.append(el("b", {cls: "drop", text: "dropped"}));
   if (s.box !== null || s.caption !== null || s.keeper !== null || s.split) b.append(el("b", {cls: "edit", text: "edited"}));
-  else if (s.seen) b.append(el("b", {cls: "seen", text: "\u2713"}));
+  else if (s.seen && s.dropped === null) b.append(el("b", {cls: "seen", text: "\u2713"}));
 }
 
 function toggleSel(r) { S.sel.has(r) ? S.sel.delete(r) : S.sel.add(r); updateCard(r); $("selected").textContent = `${S.sel.size} selected`; }
@@ -279,6 +279,7 @@ function clusterView(c, m) {
     div.append(el("div", {cls: "member" + (keeper ? " keeper" : "")},
       el("img", {loading: "lazy", src: "/thumb?" + q(x.m, x.key), alt: x.key}),
       el("div", {text: (keeper ? "KEEP " : "dup ") + (x.file || x.key)}),
+      el("div", {cls: "why", text: keeper ? (st(x).keeper !== null ? "chosen by a person" : "most pixels") : (st(x).split ? "" : "near or exact duplicate")}),
       keeper ? null : el("button", {text: "Make keeper", onclick: () => decide(x, {action: "keeper"})}),
       el("button", {text: "Split out", onclick: () => decide(x, {action: "split"})})));
   }
@@ -360,6 +361,15 @@ function renderCharts() {
     if (b) buckets.set(b, (buckets.get(b) || 0) + 1);
   }
   const top = [...tags].sort((a, b) => b[1] - a[1]).slice(0, 30).map(([t, n]) => [tagName(S.vocab[t]), n]);
+  const per = new Map();
+  for (const r of S.rows) {
+    const c = per.get(sub(r)) || [0, 0, 0, 0, 0, 0]; const s = st(r);
+    c[0]++; c[1] += kept(r); c[2] += !!r.dup_of; c[3] += !!r.error; c[4] += s.dropped !== null; c[5] += s.seen || changed(s);
+    per.set(sub(r), c);
+  }
+  const head = el("tr", {}, ...["subset", "rows", "kept", "duplicates", "errors", "dropped", "looked at"].map(t => el("th", {text: t})));
+  box.append(el("h3", {text: "Subsets"}), el("table", {cls: "counts"}, head,
+    ...[...per].map(([name, c]) => el("tr", {}, el("td", {text: name}), ...c.map(n => el("td", {text: String(n)}))))));
   box.append(el("div", {cls: "charts"},
     el("div", {cls: "chart"}, el("h3", {text: `Top tags (${used.length} kept images; click to filter)`}),
        bars(top, used.length, (label) => { $("f-tag").value = label; show("images"); applyFilters(); })),
