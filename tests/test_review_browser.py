@@ -159,3 +159,45 @@ def test_the_review_loop(session, tmp_path):
     assert safe(r["a_small"]["key"]) in exported and safe(r["a_big"]["key"]) not in exported
     assert exported[safe(r["d_tall"]["key"])] == edited
     assert (tmp_path / "kohya" / "cg" / "cg" / (safe(r["d_tall"]["key"]) + ".txt")).read_text() == edited
+
+
+def test_many_at_once_filters_and_charts(session):
+    m, browser, bg = session
+    from selenium.webdriver.common.keys import Keys
+
+    r = rows(m)
+    cards = {c.find_element("css selector", ".k").text: c for c in browser.find_elements("css selector", ".card")}
+    # select two with Ctrl-click and drop them together, with one reason
+    for name in ("c.png", "d_tall.png"):
+        from selenium.webdriver.common.action_chains import ActionChains
+        ActionChains(browser).key_down(Keys.CONTROL).click(cards[name]).key_up(Keys.CONTROL).perform()
+    assert browser.find_element("id", "selected").text == "2 selected"
+    browser.find_element("id", "sel-reason").send_keys("not the style")
+    browser.find_element("id", "sel-drop").click()
+    wait(lambda: len(decisions.current(m).dropped) == 2, what="two drops")
+    assert decisions.current(m).dropped == {r["c"]["key"]: "not the style", r["d_tall"]["key"]: "not the style"}
+    # filters: dropped, not looked at, a tag
+    def shown(**boxes):
+        for box in ("f-error", "f-dups", "f-changed", "f-unseen", "f-dropped"):
+            el = browser.find_element("id", box)
+            if el.is_selected() != boxes.get(box, False):
+                el.click()
+        return int(browser.find_element("id", "shown").text.split()[0])
+    assert shown(**{"f-dropped": True}) == 2
+    assert shown(**{"f-unseen": True}) == 4
+    assert shown(**{"f-dups": True}) == 3  # the cluster: keeper and its two duplicates
+    shown()
+    # drop every image with a tag (the page asks first)
+    browser.find_element("id", "tag-drop").send_keys("b pattern")
+    browser.find_element("id", "tag-drop-go").click()
+    alert = browser.switch_to.alert
+    assert alert.text == "Drop 1 images tagged b pattern?"
+    alert.accept()
+    wait(lambda: r["b_letterbox"]["key"] in decisions.current(m).dropped, what="tag drop")
+    assert decisions.current(m).dropped[r["b_letterbox"]["key"]] == "tag b pattern"
+    # the tags and buckets view counts only what training will see: 6 rows - 3 dropped - 2 duplicates
+    browser.find_element("css selector", "nav button[data-view=charts]").click()
+    charts = browser.find_element("id", "charts")
+    assert "Top tags (1 kept images" in charts.text and charts.find_elements("css selector", ".bar .fill")
+    assert HOSTILE in charts.text and browser.title == "curate review"
+    assert browser.execute_script("return window.__errors") == []

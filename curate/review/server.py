@@ -156,9 +156,6 @@ class Review:
         s = self._source(m)
         s.fresh()
         for n, line in enumerate(lines, 1):
-            if isinstance(line, dict):
-                line = {k: v for k, v in line.items() if k in ("key", "action", "reason", "box", "text")}
-                lines[n - 1] = line
             problem = decisions.check(line, s.sizes, f"decision {n}")
             if problem:
                 raise CurateError(problem)
