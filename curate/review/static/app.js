@@ -368,7 +368,7 @@ function renderCharts() {
     per.set(sub(r), c);
   }
   const head = el("tr", {}, ...["subset", "rows", "kept", "duplicates", "errors", "dropped", "looked at"].map(t => el("th", {text: t})));
-  box.append(el("h3", {text: "Subsets"}), el("table", {cls: "counts"}, head,
+  box.append(el("h3", {text: "Subsets"}), el("table", {cls: "subsets"}, head,
     ...[...per].map(([name, c]) => el("tr", {}, el("td", {text: name}), ...c.map(n => el("td", {text: String(n)}))))));
   box.append(el("div", {cls: "charts"},
     el("div", {cls: "chart"}, el("h3", {text: `Top tags (${used.length} kept images; click to filter)`}),
