@@ -491,10 +491,9 @@ def review(
 ) -> None:
     """A local web app to triage the dataset: drop/restore, pick keepers, split clusters, crop, edit captions.
 
-    Decisions are kept beside each manifest (<manifest>.decisions.jsonl) and every stage
-    obeys them: dedupe, crop, caption, export, train, report. The URL carries a random
-    token; Ctrl-C stops the server. JSONL lines: {"key": K, "action": "drop", "reason": ".."},
-    restore, keeper, split, {"action": "crop", "box": [l, t, r, b]}, {"action": "caption", "text": ".."}.
+    Decisions are kept beside each manifest (<manifest>.decisions.jsonl) and every stage obeys them: dedupe, crop, caption, export, train, report. The URL carries a random token; Ctrl-C stops the server.
+
+    JSONL (--apply/--export), one object a line with "key" and "action": drop (optional "reason"), restore, keeper, split, crop ("box": left, top, right, bottom in original pixels), caption ("text"), seen.
     """
     from .review import decisions
 

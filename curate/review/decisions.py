@@ -21,7 +21,6 @@ Every stage reads them through `current(manifest_path)`.
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import json
 import os
@@ -31,6 +30,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import CurateError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: one writer at a time is the user's to keep
+    fcntl = None
 
 SUFFIX = ".decisions.jsonl"
 DEFAULTS = {"dropped": None, "keeper": None, "split": False, "box": None, "caption": None, "seen": False}
@@ -250,7 +254,8 @@ def record(manifest_path: str | os.PathLike, lines: list[dict], who: str | None 
     except OSError as exc:
         raise CurateError(f"cannot write review decisions {path}: {exc.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         d = current(manifest_path)  # under the lock: prev values are what this record replaces
         by_id = {r.get("id"): r for r in d.log}
         records = []
