@@ -255,3 +255,21 @@ def test_train_leaves_dropped_rows_out(m, tmp_path):
     samples = train_data._read_dataset(DatasetConfig(manifest=m), 0, Buckets((256, 256), 64, 512, 32), skipped)
     keys = {s.key for s in samples}
     assert r["c"]["key"] not in keys and r["d_tall"]["key"] in keys and skipped["dropped in review"] == 1
+
+
+def test_two_writers_at_once_lose_nothing(m):
+    """The server and a script (or two servers) appending together, while a stage rewrites the manifest."""
+    keys = list(rows(m))
+    key_of = {n: r["key"] for n, r in rows(m).items()}
+    script = ("import sys; from curate.review import decisions\n"
+              "for i in range(40): decisions.append(sys.argv[1], [{'key': sys.argv[2], 'action': 'caption', 'text': f'{sys.argv[3]} {i}'}])")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(m), key_of[name], name])
+             for name in keys[:2]]
+    caption.run(m)  # a stage rewriting the manifest meanwhile
+    assert all(p.wait(120) == 0 for p in procs)
+    log = decisions.current(m).log
+    assert len(log) == 80 and len({r["id"] for r in log}) == 80
+    for name in keys[:2]:  # each writer's records in its order, each prev the one before
+        mine = [r for r in log if r["key"] == key_of[name]]
+        assert [r["text"] for r in mine] == [f"{name} {i}" for i in range(40)]
+        assert [r["prev"]["caption"] for r in mine[1:]] == [r["text"] for r in mine[:-1]]

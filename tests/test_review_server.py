@@ -111,6 +111,8 @@ def test_foreign_origin_and_cross_site_are_refused(bg, m):
     assert post(bg, line, Origin=f"http://127.0.0.1:{bg.review.port + 1}").status_code == 403
     assert get(bg, "/api/state", Origin="http://evil.example").status_code == 403
     assert post(bg, line, **{"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    assert get(bg, "/api/state", **{"Sec-Fetch-Site": "same-site"}).status_code == 403  # another port, same host
+    assert get(bg, "/api/state", **{"Sec-Fetch-Site": "same-origin"}).status_code == 200
     assert decisions.current(m).dropped == {}
     assert post(bg, line, Origin=f"http://127.0.0.1:{bg.review.port}").status_code == 200
     decisions.append(m, [{"key": key, "action": "restore"}])

@@ -273,8 +273,8 @@ class Guard:
         origin = request.headers.get("origin")
         if origin is not None and origin.lower() not in r.origins:
             return 403, "foreign Origin"
-        if request.headers.get("sec-fetch-site") == "cross-site":
-            return 403, "cross-site request"
+        if request.headers.get("sec-fetch-site", "none") not in ("same-origin", "none"):
+            return 403, "cross-site request"  # same-site too: another port of this host is another app
         given = request.headers.get("x-curate-token")
         if request.method != "GET":
             if given is None or not hmac.compare_digest(given, r.token):
