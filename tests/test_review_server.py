@@ -192,3 +192,26 @@ def test_cli_another_host_warns(m):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
+
+
+def test_a_read_only_folder_is_a_one_line_error_not_a_crash(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    m = make_manifest(tmp_path, run_stages=False)
+    key = manifest.read(m)[0].column("key")[0].as_py()
+    with Background([m]) as b:
+        m.parent.chmod(0o555)
+        try:
+            res = post(b, {"m": 0, "lines": [{"key": key, "action": "drop"}]})
+            assert res.status_code == 400 and res.json()["error"].startswith("cannot write review decisions")
+            assert get(b, f"/thumb?m=0&key={quote(key)}").status_code == 404
+        finally:
+            m.parent.chmod(0o755)
+
+
+def test_a_manifest_removed_while_serving_is_a_clear_error(tmp_path):
+    m = make_manifest(tmp_path, run_stages=False)
+    with Background([m]) as b:
+        m.unlink()
+        res = get(b, "/api/state")
+        assert res.status_code == 500 and res.json()["error"] == f"manifest {m} is gone"

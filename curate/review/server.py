@@ -63,7 +63,10 @@ class Source:
                       zip(self.rows["key"], self.rows["width"], self.rows["height"])}
 
     def fresh(self) -> None:
-        st = self.path.stat()
+        try:
+            st = self.path.stat()
+        except OSError:
+            raise CurateError(f"manifest {self.path} is gone") from None
         if (st.st_mtime_ns, st.st_size) != self.stamp:
             self.load()
 
@@ -181,7 +184,10 @@ class Review:
             making = self.making.setdefault(str(dst), threading.Lock())
         with making:
             if not dst.is_file():  # made once, on first view; kept for the next session
-                s.thumbs.folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    s.thumbs.folder.mkdir(parents=True, exist_ok=True)
+                except OSError:
+                    return None
                 _, _, _, err = _thumb_job((str(src.resolve()), str(dst)))
                 if err:
                     return None
@@ -202,7 +208,10 @@ class Review:
             return FileResponse(STATIC / name)
 
         def state(request):
-            return JSONResponse(self.state())
+            try:
+                return JSONResponse(self.state())
+            except CurateError as exc:
+                return JSONResponse({"error": str(exc)}, 500)
 
         async def decide(request):
             try:
