@@ -178,7 +178,7 @@ def test_many_at_once_filters_and_charts(session):
     assert decisions.current(m).dropped == {r["c"]["key"]: "not the style", r["d_tall"]["key"]: "not the style"}
     # filters: dropped, not looked at, a tag
     def shown(**boxes):
-        for box in ("f-error", "f-dups", "f-changed", "f-unseen", "f-dropped"):
+        for box in ("f-error", "f-dups", "f-trimmed", "f-changed", "f-unseen", "f-dropped"):
             el = browser.find_element("id", box)
             if el.is_selected() != boxes.get(box, False):
                 el.click()
@@ -186,6 +186,10 @@ def test_many_at_once_filters_and_charts(session):
     assert shown(**{"f-dropped": True}) == 2
     assert shown(**{"f-unseen": True}) == 4
     assert shown(**{"f-dups": True}) == 3  # the cluster: keeper and its two duplicates
+    assert shown(**{"f-trimmed": True}) == 1  # the letterboxed one, its box drawn on the card
+    box = browser.find_element("css selector", ".card .cbox")
+    k = min(150 / 480, 120 / 400)  # the 480x400 original, contained in the 150x120 thumbnail box
+    assert box.size["width"] == pytest.approx(480 * k, abs=1) and box.size["height"] == pytest.approx(320 * k, abs=1)
     shown()
     # drop every image with a tag (the page asks first)
     browser.find_element("id", "tag-drop").send_keys("b pattern")

@@ -81,12 +81,13 @@ function applyFilters() {
   const text = $("f-text").value.trim().toLowerCase();
   const tagId = tag ? S.vocab.indexOf(tag) : -1;
   const f = {error: $("f-error").checked, dups: $("f-dups").checked, changed: $("f-changed").checked,
-             unseen: $("f-unseen").checked, dropped: $("f-dropped").checked};
+             unseen: $("f-unseen").checked, dropped: $("f-dropped").checked, trimmed: $("f-trimmed").checked};
   S.filtered = S.rows.filter(r => {
     if (subset && sub(r) !== subset) return false;
     if (tag && !r.tags.includes(tagId)) return false;
     if (text && !r.key.toLowerCase().includes(text) && !(r.file || "").toLowerCase().includes(text)) return false;
     if (f.error && !r.error) return false;
+    if (f.trimmed) { const b = boxOf(r); if (b[0] === 0 && b[1] === 0 && b[2] === r.w && b[3] === r.h) return false; }
     if (f.dups && !r.dup_of && !isKeeperOfOthers(r)) return false;
     const s = st(r);
     if (f.changed && !changed(s)) return false;
@@ -127,8 +128,21 @@ function card(r, k) {
   return c;
 }
 
+// the crop box drawn on the card's thumbnail of the original (object-fit: contain in 150x120)
+function cardBox(r) {
+  const old = r.el.querySelector(".cbox"); if (old) old.remove();
+  const b = boxOf(r);
+  if (!r.w || !r.h || (b[0] === 0 && b[1] === 0 && b[2] === r.w && b[3] === r.h)) return;
+  const k = Math.min(150 / r.w, 120 / r.h), x0 = (150 - r.w * k) / 2, y0 = (120 - r.h * k) / 2;
+  const box = el("div", {cls: "cbox"});
+  Object.assign(box.style, {left: x0 + b[0] * k + "px", top: y0 + b[1] * k + "px",
+                            width: (b[2] - b[0]) * k + "px", height: (b[3] - b[1]) * k + "px"});
+  r.el.append(box);
+}
+
 function updateCard(r) {
   if (!r.el) return;
+  cardBox(r);
   const s = st(r);
   r.el.classList.toggle("dropped", s.dropped !== null);
   r.el.classList.toggle("sel", S.sel.has(r));
@@ -393,7 +407,7 @@ function show(view) {
   renderSide();
 }
 document.querySelectorAll("nav button").forEach(b => b.onclick = () => show(b.dataset.view));
-for (const id of ["f-subset", "f-tag", "f-text", "f-error", "f-dups", "f-changed", "f-unseen", "f-dropped"])
+for (const id of ["f-subset", "f-tag", "f-text", "f-error", "f-dups", "f-trimmed", "f-changed", "f-unseen", "f-dropped"])
   $(id).addEventListener("change", () => { keeperSet = null; applyFilters(); });
 
 // --- keyboard triage ---------------------------------------------------------------------------
