@@ -173,6 +173,7 @@ function openDetail(k) {
   const r = S.filtered[k];
   if (r.el) { r.el.classList.add("cur"); r.el.scrollIntoView({block: "nearest"}); }
   $("detail").classList.remove("hidden");
+  $("detail").scrollTop = 0;
   $("d-title").textContent = r.file || r.key;
   const meta = $("d-meta"); meta.textContent = "";
   meta.append(el("div", {text: `${r.key} \u00b7 ${sub(r)} \u00b7 ${r.w}x${r.h}`}));
