@@ -220,7 +220,7 @@ def test_caption_keeps_edited_text_and_regenerates_the_rest(m):
     caption.run(m)
     r = rows(m)
     assert r["c"]["caption"] == "1girl, my words"
-    assert (m.parent / r["c"]["path"]).with_suffix(".txt").read_text() == "1girl, my words"
+    assert (m.parent / r["c"]["caption_file"]).read_text() == "1girl, my words"
     assert r["d_tall"]["caption"].startswith("1girl, solo") and "d pattern" in r["d_tall"]["caption"]
     caption.run(m)
     assert rows(m)["c"]["caption"] == "1girl, my words"
