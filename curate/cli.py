@@ -349,7 +349,8 @@ def export(
         None, "--config", help="Train config (TOML, DESIGN layout) whose values to use."),
     link: str = typer.Option("symlink", "--link", help="How images enter DIR: symlink | hardlink | copy."),
 ) -> None:
-    """Write an sd-scripts dataset_config.toml, image folders with .txt captions, and metadata.json."""
+    """Write an sd-scripts dataset_config.toml, image folders with .txt captions (normalized copies where
+    sd-scripts would read other pixels; reg subsets interleaved), and metadata.json for the fine-tune route."""
     from .export import run
 
     for line in run(manifests or [], kohya, config, link).lines():
@@ -425,7 +426,7 @@ def tag(
 def train(
     config: Path = typer.Argument(..., help="Train config (TOML), e.g. configs/baxl_v3.toml; see curate.train_config."),
     checkpoint: Optional[Path] = typer.Argument(None, help="With --resume: the checkpoint folder to continue from.", show_default=False),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve config and data, load no model: buckets, images per bucket, reg balance, steps."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve config and data, load no model: buckets, images per bucket, reg use per subset, steps, peak GPU memory estimate."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print JSON."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir (or from CHECKPOINT)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
