@@ -433,6 +433,7 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
     `ray`: curate.engine.RayOptions to hash on Ray (None: here, in a process pool).
     """
     from . import manifest as mf
+    from .review import decisions
 
     manifest = Path(manifest)
     table, meta = mf.read(manifest)
@@ -463,6 +464,7 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
 
             table, s = dedupe(table, manifest.parent, meta, others, threshold, workers, shards)
     meta.get("checkpoints", {}).pop("dedupe", None)
+    table = decisions.current(manifest).applied(table)  # a person's keepers and splits win
     mf.record_stage(meta, "dedupe", hash=HASH_VERSION, threshold=threshold,
                     dhash_confirm=DHASH_CONFIRM, against=[str(p) for p in against])
     mf.write(table, manifest, meta)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,8 +176,10 @@ def _folder_lock(folder: Path):
 
 def _clean_parts(path: Path) -> None:
     """Under the lock no writer is mid-write: a temp file of this manifest is a dead writer's."""
+    ours = re.compile(re.escape(path.name) + r"\.[A-Za-z0-9_]{8}\.part")  # mkstemp's names in _write only
     for part in path.parent.glob(f"{path.name}.*.part"):
-        part.unlink(missing_ok=True)
+        if ours.fullmatch(part.name):
+            part.unlink(missing_ok=True)
 
 
 def _merge_with_disk(path: Path, ours: pa.Table, meta: dict) -> tuple[pa.Table, dict]:

@@ -80,10 +80,12 @@ def test_stale_temp_files_are_cleaned_on_the_next_write(local):
     stale.write_bytes(b"half a parquet file")
     other = local.parent / "unrelated.part"
     other.write_bytes(b"not ours")
+    theirs = local.parent / f"{local.name}.decisions.jsonl.part"  # another writer's temp file, mid-write
+    theirs.write_bytes(b"{}")
     table, meta = mf.read(local)
     mf.write(table, local, meta)
-    assert not stale.exists() and other.exists()
-    assert sorted(p.name for p in local.parent.glob("*.part")) == ["unrelated.part"]
+    assert not stale.exists() and other.exists() and theirs.exists()
+    assert sorted(p.name for p in local.parent.glob("*.part")) == [theirs.name, "unrelated.part"]
 
 
 def test_mode_follows_the_previous_file_or_the_umask(tmp_path, local):
