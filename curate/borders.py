@@ -26,10 +26,12 @@ scene with a subject off-centre, a sprite centred on white: all kept whole. A gu
 never keeps less than MIN_KEEP of an axis.
 
 Memory: a picture over WORK_PIXELS is scanned on a reduced copy (integer box
-reduction, <= WORK_PIXELS pixels: <= 12 MB as RGB), CHUNK lines at a time, and each
-edge found there is refined at full resolution on a strip 4 x factor lines thick.
-Beyond the caller's image, detection holds about 3 x WORK_PIXELS + 64 x CHUNK x
-(long side) bytes: ~60 MB for a 121 MP (11000 x 11000) picture, never a full copy.
+reduction to <= WORK_PIXELS pixels: <= 12 MB as RGB), and each edge found there is
+refined at full resolution on a strip 4 x factor lines thick. Lines are scanned
+CHUNK_PIXELS at a time (at least one line), ~60 bytes a pixel while scanned. So
+beyond the caller's image detection holds at most 3 x WORK_PIXELS + 60 x
+max(CHUNK_PIXELS, one line) bytes: ~28 MB for pictures up to ~260k pixels a line,
+never a copy of the picture (bench_borders.py: 21 MB traced for 121 MP).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ LONE_MIN = 0.03        # and it is at least this share of the axis: a thin line 
 MIN_KEEP = 0.3         # never keep less than this share of width or height (16:9 in 9:16 keeps 0.32)
 MIN_PX = 16            # nor fewer pixels than this
 WORK_PIXELS = 4_000_000  # larger pictures are scanned on a reduced copy of at most this
-CHUNK = 64             # lines scanned at a time
+CHUNK_PIXELS = 1 << 18  # pixels scanned at a time (64 lines of 4096): ~60 bytes each while scanned
 
 
 def _ycc(px: np.ndarray) -> np.ndarray:
@@ -107,8 +109,9 @@ def _bar_run(get, n: int, tol: int, fraction: float, drift: float) -> tuple[int,
     ref = np.median(_ycc(first)[:, 0], axis=1)
     length = first.shape[1]
     counts, sums, squares, start = [], [], [], 0
+    chunk = max(1, CHUNK_PIXELS // length)
     while start < n:  # chunk by chunk up to the first line with content
-        stop = min(n, start + CHUNK)
+        stop = min(n, start + chunk)
         diffs, near = _near(_ycc(get(start, stop)), ref, tol)
         kept = diffs * near
         counts.append(near.sum(axis=1))
@@ -143,11 +146,15 @@ def _bar_run(get, n: int, tol: int, fraction: float, drift: float) -> tuple[int,
 def _refine(image, box, side: int, est: int, n: int, tol: int, fraction: float, f: int) -> int:
     """The full-resolution edge of a bar found near `est` on the reduced copy (factor f)."""
     lo, hi = max(0, est - 2 * f), min(n, est + 2 * f)
-    px = _strip(image, box, side, lo, hi)  # the bar's colour: line lo, f lines inside it or more
-    ycc = _ycc(px)
-    _, near = _near(ycc, np.median(ycc[:, 0], axis=1), tol)
-    off = np.flatnonzero(near.sum(axis=1) < fraction * near.shape[1])
-    return lo + int(off[0]) if off.size else est
+    first = _ycc(_strip(image, box, side, lo, lo + 1))  # the bar's colour: f lines inside it or more
+    ref = np.median(first[:, 0], axis=1)
+    step = max(1, CHUNK_PIXELS // first.shape[2])
+    for start in range(lo, hi, step):
+        _, near = _near(_ycc(_strip(image, box, side, start, min(hi, start + step))), ref, tol)
+        off = np.flatnonzero(near.sum(axis=1) < fraction * near.shape[1])
+        if off.size:
+            return start + int(off[0])
+    return est
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
