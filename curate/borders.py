@@ -109,8 +109,9 @@ def _bar_run(get, n: int, tol: int, fraction: float, drift: float) -> tuple[int,
     ref = np.median(_ycc(first)[:, 0], axis=1)
     length = first.shape[1]
     counts, sums, squares, start = [], [], [], 0
-    chunk = max(1, CHUNK_PIXELS // length)
-    while start < n:  # chunk by chunk up to the first line with content
+    cap, chunk = max(1, CHUNK_PIXELS // length), 8
+    while start < n:  # chunk by growing chunk up to the first line with content (mostly near the edge)
+        chunk = min(cap, chunk * 2)
         stop = min(n, start + chunk)
         diffs, near = _near(_ycc(get(start, stop)), ref, tol)
         kept = diffs * near

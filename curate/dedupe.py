@@ -90,9 +90,9 @@ def image_hashes(im) -> dict:
     content = (box[2] - box[0]) * (box[3] - box[1]) / (im.width * im.height)
     if box != (0, 0, im.width, im.height):
         im = im.crop(box)
-    a = np.asarray(im)
-    spread = a.max(axis=2).astype(np.int16) - a.min(axis=2)
-    r, g, b = np.asarray(im.resize((16, 16), Image.Resampling.BOX)).reshape(-1, 3).mean(axis=0).round()
+    a = np.asarray(im.resize((64, 64), Image.Resampling.BOX)).astype(np.int16)  # averages JPEG chroma noise
+    spread = a.max(axis=2) - a.min(axis=2)
+    r, g, b = a.reshape(-1, 3).mean(axis=0).round()
     return {"phash": _bits(imagehash.phash(im)), "dhash": _bits(imagehash.dhash(im)),
             "colour": int(r) << 16 | int(g) << 8 | int(b), "content": content,
             "grey": bool((spread <= GREY_SPREAD).mean() >= GREY_SHARE)}
