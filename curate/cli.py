@@ -290,6 +290,8 @@ def dedupe(
                f"near pairs (<= {s.threshold} bits): {s.near_pairs}")
     typer.echo(f"  {s.duplicates} rows marked dup_of in {s.clusters} clusters"
                + (f"; {s.against} of them duplicate rows of --against ({s.against_rows} rows)" if against else ""))
+    if s.reasons:
+        typer.echo("  keepers by what decided: " + ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items(), key=lambda kv: -kv[1])))
     _show_errors(s.errors)
     typer.echo(f"  manifest: {manifest} ({s.rows - s.duplicates - s.skipped - s.failed} distinct images kept)")
 

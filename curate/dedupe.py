@@ -384,6 +384,7 @@ class Summary:
     against: int = 0
     threshold: int = DEFAULT_THRESHOLD
     against_rows: int = 0
+    reasons: dict = field(default_factory=dict)  # keeper_reason -> clusters it decided
     errors: list = field(default_factory=list)
 
 
@@ -569,6 +570,7 @@ def dedupe(
         marked = [r for r in rows if owner[r] == 0 and r != keeper]
         if marked:
             s.clusters += 1
+            s.reasons[why] = s.reasons.get(why, 0) + 1
             s.duplicates += len(marked)
             s.against += len(marked) if theirs else 0
             for r in marked:

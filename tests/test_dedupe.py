@@ -247,6 +247,7 @@ def keepers(tmp_path_factory):
     assert curate("ingest", d, "--out", m).returncode == 0
     r = curate("dedupe", m)
     assert r.returncode == 0, r.stderr
+    assert "keepers by what decided: lossless 6, " in r.stdout  # the summary counts the reasons
     return m
 
 
