@@ -493,10 +493,19 @@ def _exact_pairs(usable, own, sha, files, pixels, i, j, dist, workers, s: Summar
     return np.array(ei, np.int64), np.array(ej, np.int64)
 
 
-def confirm(dhash: np.ndarray, colour: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Which phash-close pairs (i, j) the second hash and the mean colour agree with."""
+def confirm(dhash: np.ndarray, colour: np.ndarray, i: np.ndarray, j: np.ndarray, grey=None) -> np.ndarray:
+    """Which phash-close pairs (i, j) the second hash and the mean colour agree with.
+
+    A pair with a greyscale side compares mean brightness instead: a greyscale copy of
+    a colour CG is the same picture (and the keeper then takes the colour one).
+    """
     a, b = colour[i], colour[j]
-    off = np.maximum.reduce([np.abs(((a >> sh) & 255) - ((b >> sh) & 255)) for sh in (16, 8, 0)])
+    ca, cb = (np.stack([(x >> sh) & 255 for sh in (16, 8, 0)], axis=-1) for x in (a, b))
+    off = np.abs(ca - cb).max(axis=-1)
+    if grey is not None:
+        luma = np.array([0.299, 0.587, 0.114])
+        either = grey[i] | grey[j]
+        off = np.where(either, np.abs((ca - cb) @ luma), off)
     return (hamming(dhash[i], dhash[j]) <= DHASH_CONFIRM) & (off <= COLOUR_CONFIRM)
 
 
@@ -550,7 +559,8 @@ def dedupe(
     keep = (own[i] == 0) | (own[j] == 0)  # pairs inside another manifest are not ours
     i, j = i[keep], j[keep]
     dist = hamming(ph[i], ph[j])
-    near = (dist <= threshold) & confirm(dh, colour, i, j)
+    grey = np.array([bool(h["grey"][k]) for k in usable], bool)
+    near = (dist <= threshold) & confirm(dh, colour, i, j, grey)
     s.near_pairs = int(near.sum())
     ei, ej = _exact_pairs(usable, own, h["sha256"], files, pixels, i, j, dist, workers, s)
     labels = clusters(len(usable), np.concatenate([i[near], ei]), np.concatenate([j[near], ej]))

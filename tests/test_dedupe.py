@@ -232,6 +232,10 @@ def keepers(tmp_path_factory):
     colour = muted(200)
     colour.save(d / "colour.png")
     colour.convert("L").save(d / "colour_grey.png")
+    # a red-tinted CG: its mean colour is far from its greyscale copy's, which still is the same picture
+    vivid = Image.blend(picture(201), Image.new("RGB", (640, 360), (230, 40, 60)), 0.45)
+    vivid.save(d / "vivid.png")
+    vivid.convert("L").save(d / "vivid_grey.jpg", quality=90)
     clean = picture(300, 800, 450)
     clean.save(d / "twin_clean.png")
     letterbox(clean.resize((720, 405), Image.Resampling.LANCZOS), 157).save(d / "twin_letterbox.png")  # 720x719
@@ -247,7 +251,7 @@ def keepers(tmp_path_factory):
     assert curate("ingest", d, "--out", m).returncode == 0
     r = curate("dedupe", m)
     assert r.returncode == 0, r.stderr
-    assert "keepers by what decided: lossless 6, " in r.stdout  # the summary counts the reasons
+    assert "keepers by what decided: lossless 6, colour 2" in r.stdout  # the summary counts the reasons
     return m
 
 
@@ -271,6 +275,7 @@ def test_keeper_colour_over_greyscale(keepers):
     rows = rows_by_name(keepers)
     assert rows["colour_grey.png"]["grey"] and not rows["colour.png"]["grey"]
     assert kept(rows, "colour.png", "colour_grey.png") == ("colour.png", "colour")
+    assert kept(rows, "vivid.png", "vivid_grey.jpg") == ("vivid.png", "colour")
 
 
 def test_keeper_clean_twin_over_letterboxed_frame(keepers):
