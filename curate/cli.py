@@ -248,6 +248,9 @@ def ingest(
                f"manifest, {s.failed} unreadable (error rows), {s.copies} byte-identical copies")
     if s.not_images:
         typer.echo(f"  {s.not_images} non-image files ignored")
+    if s.user_captions:
+        typer.echo(f"  {s.user_captions} images have the user's own caption (.txt/.caption beside them; "
+                   "read into user_caption, never changed)")
     if s.missing:
         typer.echo(f"  {s.missing} earlier rows point to files no longer there (rows kept)")
     _show_errors(s.errors)
@@ -327,10 +330,13 @@ def caption(
         None, "--config", help="TOML file with a \\[caption] table (and \\[caption.subsets.NAME]); "
         "default: the caption tables of the query the manifest was built from."),
 ) -> None:
-    """Build each row's caption and write <image stem>.txt (UTF-8, one line) beside its image.
+    """Choose each row's caption (the user's own, generated, or both merged) and keep a copy as a .txt file.
 
-    Order: count tags, character, copyright, (artist), general, quality/rating/year;
-    see the curate.caption module for every caption key. Rows with error or dup_of are skipped.
+    Generated captions follow HakuBooru (Kohaku-XL's captioner): special tags (1girl ...), character,
+    copyright, (artist), general, year/rating/quality; names with spaces, no prompt escapes;
+    recipe = "hakubooru" gives make_caption's exact text. The .txt goes beside images curate
+    wrote (downloads, crops), else to <manifest stem>.captions/; a file curate did not write is
+    never replaced. See the curate.caption module for every key. Rows with error or dup_of are skipped.
     """
     from .caption import run
 
@@ -348,7 +354,8 @@ def export(
         None, "--config", help="Train config (TOML, DESIGN layout) whose values to use."),
     link: str = typer.Option("symlink", "--link", help="How images enter DIR: symlink | hardlink | copy."),
 ) -> None:
-    """Write an sd-scripts dataset_config.toml, image folders with .txt captions, and metadata.json."""
+    """Write an sd-scripts dataset_config.toml, image folders with .txt captions (normalized copies where
+    sd-scripts would read other pixels; reg subsets interleaved), and metadata.json for the fine-tune route."""
     from .export import run
 
     for line in run(manifests or [], kohya, config, link).lines():
@@ -424,7 +431,7 @@ def tag(
 def train(
     config: Path = typer.Argument(..., help="Train config (TOML), e.g. configs/baxl_v3.toml; see curate.train_config."),
     checkpoint: Optional[Path] = typer.Argument(None, help="With --resume: the checkpoint folder to continue from.", show_default=False),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve config and data, load no model: buckets, images per bucket, reg balance, steps."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve config and data, load no model: buckets, images per bucket, reg use per subset, steps, peak GPU memory estimate."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print JSON."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir (or from CHECKPOINT)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from curate import manifest
+from curate import manifest, train_config
 from curate.demo import make_corpus
 from curate.devserver import DanbooruServer, read_posts
 
@@ -51,6 +51,7 @@ def test_make_demo_runs_every_stage_then_nothing(tmp_path):
     assert any(r["crop"] and r["crop"] != [0, 0, r["width"], r["height"]] for r in rows)  # bars trimmed
     assert all(r["caption"] for r in rows if not r["error"] and not r["dup_of"])
     assert (demo / "kohya" / "dataset_config.toml").is_file()
+    assert set(exported_reg_use(demo)) == {"horizontal", "vertical"}  # sd-scripts uses every reg subset
     assert (demo / "runs" / "demo" / "demo.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in (demo / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()]
     assert steps and max(steps) == 6
@@ -69,6 +70,14 @@ def test_make_demo_runs_every_stage_then_nothing(tmp_path):
     third = make(demo, "demo", "DEMO_TARGETS=cg")
     assert third.returncode == 0, third.stderr[-2000:]
     assert "curate ingest" in third.stdout and "curate build-reg" not in third.stdout and cg.is_file()
+
+
+def exported_reg_use(demo: Path) -> dict:
+    """Reg images per subset that sd-scripts' own rule takes from the demo's export."""
+    from test_export import sd_scripts_reg_use
+
+    config = train_config.read_toml(demo / "kohya" / "dataset_config.toml")
+    return sd_scripts_reg_use(config, [demo / "manifests" / "official_cg.parquet", demo / "manifests" / "demo_reg.parquet"])
 
 
 def test_devserver_serves_files_and_nothing_outside(tmp_path):
@@ -92,3 +101,33 @@ def test_devserver_serves_files_and_nothing_outside(tmp_path):
             assert resp.status == 404, bad
     finally:
         srv.stop()
+
+
+def test_hand_captioned_cgs_survive_the_pipeline(tmp_path):
+    """The demo's CG folder holds a user's own captions: ingest reads them, dedupe and crop
+    keep those images, caption uses the text (no escapes) and never touches the files."""
+    from typer.testing import CliRunner
+
+    from curate.caption_rules import unescape
+    from curate.cli import app
+    from curate.demo import HAND_CAPTIONS, make_cg
+
+    cg, m = tmp_path / "cg", tmp_path / "manifests" / "official_cg.parquet"
+    assert make_cg(cg, None)["hand_captioned"] == len(HAND_CAPTIONS)
+    sidecars = {name: (cg / name).read_bytes() for name in HAND_CAPTIONS}
+    for args in (["ingest", str(cg), "--out", str(m)], ["dedupe", str(m)],
+                 ["crop", str(m), "--max-pixels", "512x512"], ["caption", str(m)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+    rows = {Path(r["source_path"]).stem: r for r in manifest.read(m)[0].to_pylist()}
+    for name, data in HAND_CAPTIONS.items():
+        row = rows[Path(name).stem]
+        text = ", ".join(line.strip() for line in data.decode("utf-8-sig").splitlines() if line.strip())
+        assert not row["dup_of"] and not row["error"] and row["path"] != row["source_path"]  # a crop
+        assert row["user_caption"] == data.decode("utf-8-sig").strip()
+        assert row["caption"] == unescape(text) and "\\" not in row["caption"]
+        assert (cg / name).read_bytes() == sidecars[name]
+    export = CliRunner().invoke(app, ["export", str(m), "--kohya", str(tmp_path / "kohya")])
+    assert export.exit_code == 0, export.output
+    exported = {p.read_text(encoding="utf-8") for p in (tmp_path / "kohya").rglob("*.txt")}
+    assert {rows[Path(n).stem]["caption"] for n in HAND_CAPTIONS} <= exported
