@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from . import borders
 from .errors import CurateError
-from .images import ImageError, open_image, probe
+from .images import ImageError, jpeg_tables, open_image, probe, sniff
 
 # Measured with benchmarks/bench_dedupe_quality.py (its threshold sweep): at 10 bits
 # recall is 0.99+ (8 bits: 0.98, variants with 2-5% crops need 10), and phash alone
@@ -115,25 +115,14 @@ def jpeg_quality(qtables: dict) -> int | None:
 
 
 def encoding(path: str) -> dict:
-    """What the file's header says about its fidelity: lossless, JPEG quality, size in bytes.
-
-    Called after open_image decoded the file, so it is a whitelisted image; only the
-    JPEG plugin's header parser is asked for the quantization tables.
-    """
-    from PIL import Image
-
-    from .images import sniff
-
+    """What the file says about its fidelity: lossless, JPEG quality (header only), size in bytes."""
     with open(path, "rb") as f:
         head = f.read(4096)
     kind = sniff(head)
-    quality = None
-    if kind == "jpg":
-        try:
-            with Image.open(path, formats=["JPEG"]) as im:
-                quality = jpeg_quality(getattr(im, "quantization", None))
-        except Exception:  # the tables are a preference, never a reason to fail the row
-            quality = None
+    try:
+        quality = jpeg_quality(jpeg_tables(path)) if kind == "jpg" else None
+    except ImageError:  # the tables are a preference, never a reason to fail the row
+        quality = None
     # WebP: lossless when its bitstream is VP8L; GIF is a 256-colour palette, so lossy
     lossless = kind == "png" or (kind == "webp" and b"VP8L" in head[12:] and b"VP8 " not in head[12:])
     return {"lossless": lossless, "jpeg_quality": quality, "file_bytes": os.path.getsize(path)}
