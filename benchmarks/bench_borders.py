@@ -13,8 +13,8 @@ side (bar kinds: bars recovered; content kinds: kept whole), and the share of co
 pixels lost (outside the box). Targets: 0 content lost on every content kind, >= 99%
 of bars recovered. Methods: curate.borders (new), curate.borders before issue 17
 (benchmarks/borders_v1.py), and the usual Pillow recipe (difference from the corner
-colour, getbbox). Then the extra memory border detection takes on big pictures
-(peak RSS over the picture itself, Linux).
+colour, getbbox). Then the extra memory border detection takes on a decoded 12 MP
+and 121 MP picture (peak RSS growth and peak traced allocations; Linux).
 
     python benchmarks/bench_borders.py [--frames 20] [--big-mp 121]
 """
