@@ -7,7 +7,8 @@ Generated pictures with grain (per-pixel noise), half of them JPEG (q 70-95):
   or dark sky fading to colour over a horizon), CG scenes;
 - bar kinds (the truth is the content box): black letterbox, pillarbox, windowbox,
   white frame, grey bars, JPEG-noisy bars (q 45-70 and analog noise), colour frames
-  (all four sides), a lone black bar (a cinema frame with one bar cropped away).
+  (all four sides), a lone black bar (a cinema frame with one bar cropped away), a
+  cinema letterbox with a subtitle in its bottom bar.
 Per kind and method: share of frames whose box is within 2 px of the truth on every
 side (bar kinds: bars recovered; content kinds: kept whole), and the share of content
 pixels lost (outside the box). Targets: 0 content lost on every content kind, >= 99%
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 sys.path.insert(0, str(Path(__file__).parent))
 import borders_v1  # noqa: E402
@@ -180,6 +181,18 @@ def make(kind: str, k: int, rng):
         cont = content(k, rng, cw, int(round(cw / ca)))
         bar = int(round(cw * 9 / 16)) - cont.height
         return framed(cont, (0, 0, 0), (0, bar, 0, 0) if k % 2 else (0, 0, 0, bar))
+    if kind == "subtitle in a bar":
+        cont = content(k, rng, cw, int(round(cw / [2.39, 21 / 9][k % 2])))
+        im, box = boxed(cont, (16, 9), (0, 0, 0))
+        d = ImageDraw.Draw(im)
+        size = max(12, (im.height - box[3]) // 3)
+        try:
+            font = ImageFont.load_default(size)
+        except TypeError:  # old Pillow
+            font = ImageFont.load_default()
+        d.text((im.width / 2, (box[3] + im.height) / 2), "I'll be right there, Sensei!", font=font, anchor="mm",
+               fill=(255, 255, 255), stroke_width=max(1, size // 12), stroke_fill=(30, 30, 30))
+        return im, box
     if kind == "JPEG-noisy bars":
         colour = [(0, 0, 0), (255, 255, 255)][k % 2]
         if k % 4 < 2:
@@ -192,7 +205,7 @@ def make(kind: str, k: int, rng):
 
 CONTENT_KINDS = ["flat-background art", "dark scene", "gradient sky", "CG scene"]
 BAR_KINDS = ["letterbox (black)", "pillarbox (black)", "windowbox (black)", "white frame", "grey bars",
-             "JPEG-noisy bars", "colour frame", "lone black bar"]
+             "JPEG-noisy bars", "colour frame", "lone black bar", "subtitle in a bar"]
 
 
 def lost(box, truth) -> int:

@@ -16,7 +16,8 @@ missed bar costs a little training signal; so when unsure the pixels stay.
   white field where a centred sprite's widest point is.)
 - Two opposite runs are bars when equally wide (PAIR_TOL) and of one neutral colour
   (black, white, grey): letterbox, pillarbox, windowbox. Unequal neutral runs only
-  when what they leave has a standard aspect (ASPECTS).
+  when what they leave has a standard aspect (ASPECTS), or when the shorter one is a
+  bar with a caption in it (mostly bar colour up to its twin's width, then a sharp edge).
 - Runs of any colour are bars when all four sides are equal pairs of one colour: a frame.
 - A lone run is a bar when black or white and what it leaves has a standard video or
   screen aspect: a letterbox cropped on one side, a subtitle band. A run of content
@@ -56,6 +57,7 @@ EDGE_DEPTH = 3         # ... in one of this many lines after the run (JPEG ringi
 EDGE_TOL = 10          # off: luma this far from the bar colour (chroma 2x); a step edge counts too
 PAIR_TOL = 4           # opposite bars are equally wide within this many pixels,
 PAIR_REL = 0.005       # or this share of the axis (big frames, mod-16 video sizes)
+CAPTION_BAR = 0.85     # a bar with a caption (subtitle) in it: this share of it still bar colour
 # Standard frame aspects (width / height; their inverses too): TV, photo, 16:10
 # monitors, widescreen and cinema, phone screens (18:9, 19.5:9, 20:9).
 ASPECTS = (1.0, 5 / 4, 4 / 3, 3 / 2, 16 / 10, 16 / 9, 1.85, 2.0, 19.5 / 9, 20 / 9, 2.35, 21 / 9, 2.39, 2.76)
@@ -158,6 +160,21 @@ def _refine(image, box, side: int, est: int, n: int, tol: int, fraction: float, 
     return est
 
 
+def _captioned(get, start: int, stop: int, tol: int) -> bool:
+    """Are lines start..stop of a side mostly bar colour (a caption drawn in the bar), and
+    does content start sharply right after them?"""
+    first = _ycc(get(0, 1))
+    ref = np.median(first[:, 0], axis=1)
+    step, near_px, total = max(1, CHUNK_PIXELS // first.shape[2]), 0, 0
+    for a in range(start, stop, step):
+        _, near = _near(_ycc(get(a, min(stop, a + step))), ref, tol)
+        near_px, total = near_px + int(near.sum()), total + near.size
+    if not total or near_px < CAPTION_BAR * total:
+        return False
+    _, near = _near(_ycc(get(stop, stop + EDGE_DEPTH)), ref, min(tol, EDGE_TOL))
+    return 1 - near.mean(axis=1).min() >= EDGE_SHARE
+
+
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return float(np.abs(a - b).max()) <= MATCH
 
@@ -240,10 +257,11 @@ def detect(
         rw, rh = rbox[2] - rbox[0], rbox[3] - rbox[1]
         if rw < 2 or rh < 2:
             break
-        runs, shares, colours = [], [], []
+        runs, shares, colours, reduced = [], [], [], []
         for side in range(4):
             n = rh if side < 2 else rw
             run, share, colour = _bar_run(lambda a, b, s=side: _strip(work, rbox, s, a, b), n, tol, fraction, drift)
+            reduced.append(run)
             if f > 1 and 0 < run < n:  # to full-resolution pixels, inside the full box
                 est = [(rbox[1] + run) * f - top, bottom - (rbox[3] - run) * f,
                        (rbox[0] + run) * f - left, right - (rbox[2] - run) * f][side]
@@ -254,6 +272,15 @@ def detect(
             runs.append(run)
             shares.append(share)
             colours.append(colour)
+        for i, size in ((0, bottom - top), (2, right - left)):
+            for bar, other in ((i, i + 1), (i + 1, i)):  # a caption in a bar ends its run early:
+                n = rh if i == 0 else rw                    # the bar is as wide as its twin
+                if (shares[bar] >= EDGE_SHARE and _neutral(colours[bar]) and _same(colours[bar], colours[other])
+                        and runs[bar] - runs[other] > max(PAIR_TOL, PAIR_REL * size)
+                        and reduced[bar] + EDGE_DEPTH <= n
+                        and _captioned(lambda a, b, s=other: _strip(work, rbox, s, a, b), reduced[other],
+                                       reduced[bar], tol)):
+                    runs[other], shares[other] = runs[bar], shares[bar]
         t, b, lt, r = _bars(runs, shares, colours, right - left, bottom - top)
         new = [left + lt, top + t, right - r, bottom - b]
         if new[3] - new[1] < max(min_px, min_keep * h):  # vertical axis would collapse

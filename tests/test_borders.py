@@ -175,3 +175,15 @@ def test_big_pictures_are_scanned_in_bounded_memory():
     assert peak < 3 * borders.WORK_PIXELS + 60 * borders.CHUNK_PIXELS
     a = np.asarray(im)  # an array takes the same path
     assert borders.detect(a) == box
+
+
+@pytest.mark.parametrize("q", [None, 88])
+def test_subtitle_in_the_bottom_bar_is_still_a_letterbox(q):
+    from PIL import ImageFont
+
+    im, truth = framed(scene(10, 1920, 804), (0, 138, 0, 138), (0, 0, 0))  # 2.39:1 in 1920x1080
+    d = ImageDraw.Draw(im)
+    d.text((960, 1010), "Sensei, the train leaves at dawn.", font=ImageFont.load_default(40), anchor="mm",
+           fill=(255, 255, 255), stroke_width=2, stroke_fill=(20, 20, 20))
+    box = borders.detect(jpeg(im, q) if q else im)
+    assert max(abs(a - b) for a, b in zip(box, truth)) <= 1
