@@ -490,3 +490,38 @@ def report(
 
     for line in build(manifests, out, title=title, config=config, max_per_subset=max_per_subset, workers=workers).lines():
         typer.echo(line)
+
+
+@app.command()
+def review(
+    manifests: List[Path] = typer.Argument(..., help="Manifests to review (e.g. the CG set and the reg set)."),
+    port: int = typer.Option(0, "--port", help="Port to serve on (default: a free one)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but loopback shows your dataset to the network: a warning is printed."),
+    no_browser: bool = typer.Option(False, "--no-browser", help="Print the URL only; do not open a browser."),
+    apply: Optional[Path] = typer.Option(None, "--apply", help="Apply decisions from a JSONL file (no server): all lines are checked first, nothing is applied from a file with an error."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Write the current decisions as JSONL (no server)."),
+) -> None:
+    """A local web app to triage the dataset: drop/restore, pick keepers, split clusters, crop, edit captions.
+
+    Decisions are kept beside each manifest (<manifest>.decisions.jsonl) and every stage obeys them: dedupe, crop, caption, export, train, report. The URL carries a random token; Ctrl-C stops the server.
+
+    JSONL (--apply/--export), one object a line with "key" and "action": drop (optional "reason"), restore, keeper, split, crop ("box": left, top, right, bottom in original pixels), caption ("text"), seen.
+    """
+    from .review import decisions
+
+    for m in manifests:
+        if not m.is_file():
+            raise CurateError(f"manifest not found: {m}")
+    if apply is not None:
+        done = decisions.apply_file(manifests, apply)
+        typer.echo(f"applied {sum(done.values())} decisions from {apply}: "
+                   + ", ".join(f"{m} {n}" for m, n in done.items()))
+    if export is not None:
+        typer.echo(f"exported {decisions.export_file(manifests, export)} decisions to {export}")
+    if apply is not None or export is not None:
+        return
+    try:
+        from .review.server import serve
+    except ImportError as exc:
+        raise CurateError(f"curate review's web app needs starlette and uvicorn ({exc}): pip install 'curate[review]'") from None
+    serve(manifests, host=host, port=port, open_browser=not no_browser)

@@ -55,7 +55,8 @@ GREY_SPREAD = 8      # a pixel whose channels differ by at most this is grey (JP
 GREY_SHARE = 0.995   # and a picture is greyscale when this share of its pixels are
 # What settles a cluster's keeper, in this order (choose_keeper); the reason is the one that decided.
 REASONS = ("more content pixels", "colour", "lossless", "higher quality", "original", "no bars", "key order",
-           "other manifest")  # the last: the one row of an --against manifest in the cluster
+           "other manifest",  # the one row of an --against manifest in the cluster
+           "review")          # a person chose the keeper or split the cluster (curate review)
 
 
 # --- hashing --------------------------------------------------------------------
@@ -586,6 +587,23 @@ def dedupe(
     return table, s
 
 
+def _reviewed_reasons(table: pa.Table, before: list) -> pa.Table:
+    """keeper_reason "review" in the clusters a person regrouped (curate review); none on a
+    row split out alone."""
+    from .manifest import with_column
+
+    keys, after = table.column("key").to_pylist(), table.column("dup_of").to_pylist()
+    if after == before:
+        return table
+    touched = {r for k, a, b in zip(keys, after, before) if a != b for r in (a or k, b or k)}
+    pointed = set(after)
+    reason = table.column("keeper_reason").to_pylist()
+    for i, (k, a) in enumerate(zip(keys, after)):
+        if (a or k) in touched or k in touched:
+            reason[i] = "review" if (a or k in pointed) else None
+    return with_column(table, "keeper_reason", pa.array(reason, pa.string()))
+
+
 def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRESHOLD,
         workers: int | None = None, ray=None) -> Summary:
     """Read the manifest (and the others), dedupe, write it back atomically.
@@ -593,6 +611,7 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
     `ray`: curate.engine.RayOptions to hash on Ray (None: here, in a process pool).
     """
     from . import manifest as mf
+    from .review import decisions
 
     manifest = Path(manifest)
     table, meta = mf.read(manifest)
@@ -613,6 +632,9 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
                 return out, engine.sum_stats(stats) or {"hashed": 0, "reused": 0}
 
             table, s = dedupe(table, manifest.parent, meta, others, threshold, workers, shards)
+    before = table.column("dup_of").to_pylist()
+    table = decisions.current(manifest).applied(table)  # a person's keepers and splits win
+    table = _reviewed_reasons(table, before)
     mf.record_stage(meta, "dedupe", hash=HASH_VERSION, threshold=threshold,
                     dhash_confirm=DHASH_CONFIRM, against=[str(p) for p in against])
     mf.write(table, manifest, meta)

@@ -47,6 +47,7 @@ from pathlib import Path
 from . import manifest, normalize, reg_balance, train_config
 from .errors import CurateError
 from .images import ImageError
+from .review import decisions
 
 MARKER = ".curate-export.json"
 LINK_MODES = ("symlink", "hardlink", "copy")
@@ -218,6 +219,8 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     used_names: set[str] = set()
     for path in dict.fromkeys(paths):
         table, meta = manifest.read(path)
+        review = decisions.current(path)  # a person's drops and keepers win
+        table = review.applied(table)
         is_reg = meta.get("kind") == "reg"
         base = dict(REG_DEFAULTS if is_reg else TRAIN_DEFAULTS)
         if is_reg and meta.get("class_token"):
@@ -228,7 +231,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
         name = _unique(_safe_name(path.stem), used_names)
         folder_names: set[str] = set()
         folders: list[Folder] = []
-        for subset, rows in _eligible(table, path.parent, summary.skipped).items():
+        for subset, rows in _eligible(table, path.parent, summary.skipped, review.dropped).items():
             values = dict(base)
             if separators.get(subset) and "keep_tokens_separator" not in values:
                 values["keep_tokens_separator"] = separators[subset]
@@ -273,12 +276,14 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     return summary
 
 
-def _eligible(table, root: Path, skipped: Counter) -> dict[str, list[Row]]:
+def _eligible(table, root: Path, skipped: Counter, dropped=()) -> dict[str, list[Row]]:
     """{subset: [Row]} for rows sd-scripts can train on, each with how to hand it over."""
     out: dict[str, list] = {}
     cols = table.select(["key", "subset", "path", "error", "dup_of", "caption"]).to_pylist()
     for row in cols:
-        if row["error"]:
+        if row["key"] in dropped:
+            skipped["dropped in review"] += 1
+        elif row["error"]:
             skipped["error set"] += 1
         elif row["dup_of"]:
             skipped["duplicate"] += 1

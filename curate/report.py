@@ -27,6 +27,7 @@ from urllib.parse import quote
 from . import manifest
 from .errors import CurateError
 from .inspect import reason_of
+from .review import decisions
 
 THUMB = 256  # long side, pixels
 FILES = "\x00files/"  # placeholder for the thumbnails folder in image URLs
@@ -164,9 +165,12 @@ def load(paths: list[Path]) -> tuple[list[Row], list[dict]]:
     rows, metas = [], []
     for i, p in enumerate(paths):
         table, meta = manifest.read(p)
+        review = decisions.current(p)  # rows a person dropped are left out, keepers followed
+        table, dropped = review.applied(table), review.dropped
         cols = [c for c in COLUMNS if c in table.column_names]
         for d in table.select(cols).to_pylist():
-            rows.append(Row(i, p.parent, d))
+            if d["key"] not in dropped:
+                rows.append(Row(i, p.parent, d))
         metas.append({"path": str(p), "name": p.stem, **meta})
     return rows, metas
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import caption_rules, manifest, normalize, reg_balance
+from .review import decisions
 from .buckets import Buckets, Placement, resize_and_crop
 from .errors import CurateError
 from .images import ImageError, open_image, probe
@@ -209,12 +210,17 @@ def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Coun
                   weighted: bool | None = None) -> list[Sample]:
     table, meta = manifest.read(ds.manifest)
     escaped = meta.get("stages", {}).get("caption", {}).get("escaped", {}) or {}
+    review = decisions.current(ds.manifest)  # a person's drops and keepers win
+    table, dropped = review.applied(table), review.dropped
     is_reg = ds.is_reg if ds.is_reg is not None else meta.get("kind") == "reg"
     class_token = ds.class_tokens or meta.get("class_token")
     separators = meta.get("stages", {}).get("caption", {}).get("keep_separators", {}) or {}
     root = ds.manifest.parent
     out = []
     for row in table.select(["key", "subset", "path", "error", "dup_of", "caption"]).to_pylist():
+        if row["key"] in dropped:
+            skipped["dropped in review"] += 1
+            continue
         if row["error"]:
             skipped["error set"] += 1
             continue
