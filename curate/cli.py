@@ -292,11 +292,14 @@ def dedupe(
     ray_address: Optional[str] = _RAY_ADDRESS,
     shard_rows: int = _SHARD_ROWS,
 ) -> None:
-    """Mark exact and near duplicates (dup_of); the row with most pixels is kept.
+    """Mark exact and near duplicates (dup_of); the best copy of each cluster is kept.
 
     Exact: same bytes, or same pixels in another encoding. Near: 64-bit perceptual
     hash within --threshold bits (confirmed by a difference hash), taken inside
-    detected borders so a letterboxed frame matches its clean twin.
+    detected borders so a letterboxed frame matches its clean twin. Keeper: most
+    content pixels (inside borders), then colour over greyscale, lossless over lossy,
+    higher JPEG quality or more bytes per pixel, an original over a derivative, no
+    bars, key order; the column keeper_reason says which decided.
     """
     from . import engine as eng
     from .dedupe import DEFAULT_THRESHOLD, run
@@ -309,6 +312,8 @@ def dedupe(
                f"near pairs (<= {s.threshold} bits): {s.near_pairs}")
     typer.echo(f"  {s.duplicates} rows marked dup_of in {s.clusters} clusters"
                + (f"; {s.against} of them duplicate rows of --against ({s.against_rows} rows)" if against else ""))
+    if s.reasons:
+        typer.echo("  keepers by what decided: " + ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items(), key=lambda kv: -kv[1])))
     _show_errors(s.errors)
     typer.echo(f"  manifest: {manifest} ({s.rows - s.duplicates - s.skipped - s.failed} distinct images kept)")
 

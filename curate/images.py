@@ -292,3 +292,17 @@ def save_downscaled(src, dst, max_pixels: int, ext: str, guard: int = DEFAULT_MA
 def _reason(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:200]
+
+
+def jpeg_tables(path: str | os.PathLike) -> dict | None:
+    """A JPEG's quantization tables from its header, no pixels decoded (None for any
+    other file): how lossy it was saved. The JPEG plugin only."""
+    with open(path, "rb") as f:
+        if sniff(f.read(64)) != "jpg":
+            return None
+    Image.init()
+    try:
+        with Image.open(path, formats=["JPEG"]) as im:
+            return dict(getattr(im, "quantization", None) or {}) or None
+    except Exception as exc:
+        raise ImageError(f"decode: {_reason(exc)}") from None

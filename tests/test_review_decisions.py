@@ -182,10 +182,12 @@ def test_dedupe_keeps_the_chosen_keeper_and_split_clusters(m):
     dedupe.run(m, workers=1)
     r = rows(m)
     assert r["a_small"]["dup_of"] is None and r["a_big"]["dup_of"] == small and r["a_mid"]["dup_of"] == small
+    assert {r[n]["keeper_reason"] for n in ("a_big", "a_mid", "a_small")} == {"review"}  # what decided
     decide(m, {"key": mid, "action": "split"})
     dedupe.run(m, workers=1)
     r = rows(m)
     assert r["a_mid"]["dup_of"] is None and r["a_big"]["dup_of"] == small
+    assert r["a_mid"]["keeper_reason"] is None and r["a_small"]["keeper_reason"] == "review"
     # splitting the keeper out: the rest regroup under the best of them (most pixels)
     decide(m, {"key": small, "action": "split"})
     dedupe.run(m, workers=1)
