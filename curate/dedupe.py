@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
