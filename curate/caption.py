@@ -108,8 +108,7 @@ def choose_caption(row: dict, s: CaptionSettings, *, is_reg: bool = False,
     user = row.get("user_caption")
     if user and rules.one_line(user) and s.user_caption != "ignore":
         if s.user_caption == "use":
-            text = rules.one_line(user)
-            return (text if s.escape_parentheses else rules.unescape(text)), "user"
+            return rules.person_text(user, s.escape_parentheses), "user"
         return _compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme,
                         user_tags=user_tags(user, s.keep_separator)), "merged"
     return _compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme), "generated"
@@ -278,7 +277,8 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
     """Fill `caption` (and `error` for undecodable images when colours are on), write
     the caption files, and record where they went (`caption_file`, `caption_sha256`).
 
-    `edited`: key -> caption text a person wrote (curate review); kept as written.
+    `edited`: key -> caption text a person wrote (curate review); kept as written, on one
+    line and escaped as the subset's captions are (no `\\(` unless escape_parentheses).
     """
     from tqdm import tqdm
 
@@ -315,8 +315,8 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
                 errors[i] = f"caption: {exc}"
                 summary.skipped["image does not decode (error set)"] += 1
                 continue
-        if edited.get(row["key"]):
-            text, how = edited[row["key"]], "edited by a person"
+        if edited.get(row["key"]) and rules.one_line(edited[row["key"]]):
+            text, how = rules.person_text(edited[row["key"]], s.escape_parentheses), "edited by a person"
         else:
             text, how = choose_caption(row, s, is_reg=is_reg, class_token=class_token, theme=theme)
         captions[i] = text

@@ -180,16 +180,26 @@ def format_tag(tag: str, separator: str = "", escape: bool = False) -> str | Non
 
 def one_line(text: str) -> str:
     """A user's caption on one line (sd-scripts reads only the first): lines joined with
-    ", ", control and invisible characters and runs of spaces made one space."""
+    ", " (a comma already ending a line is not doubled), control and invisible characters
+    and runs of spaces made one space."""
     text = unicodedata.normalize("NFC", text)
     lines = ("".join(" " if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in line)
              for line in text.splitlines())
-    return ", ".join(" ".join(line.split()) for line in lines if line.strip())
+    lines = (" ".join(line.split()).strip(", ") for line in lines)
+    return ", ".join(line for line in lines if line)
 
 
 def unescape(text: str) -> str:
     """`\\(` -> `(` and `\\)` -> `)`: what a prompt UI hands the text encoder."""
     return _ESCAPED_PAREN.sub(r"\1", text)
+
+
+def person_text(text: str, escape: bool = False) -> str:
+    """A caption a person wrote (a sidecar file, a review edit) as training text: one
+    line, and escaped exactly as the generated captions are (none by default; every
+    parenthesis with `escape=True`, since weighted_captions reads a bare one as emphasis)."""
+    text = unescape(one_line(text))
+    return _UNESCAPED_PAREN.sub(r"\\\1", text) if escape else text
 
 
 def color_theme(rgb, share: float = 0.5) -> str | None:

@@ -691,6 +691,37 @@ def test_export_sets_weighted_captions_exactly_with_escapes(booru, tmp_path):
     assert isinstance(mixed.exception, CurateError) and "weighted_captions" in str(mixed.exception)
 
 
+@pytest.mark.parametrize("escape, expected", [
+    (False, "shiroko (blue archive), 1girl, ice cream"),
+    (True, "shiroko \\(blue archive\\), 1girl, ice cream"),
+])
+def test_text_a_person_wrote_is_escaped_as_the_generated_captions_are(tmp_path, escape, expected):
+    """A review edit (pasted from a prompt UI: `\\(`, a line break) and a user's .txt with
+    plain parentheses both reach training escaped exactly like the generated text."""
+    from curate.review import decisions
+
+    m = ingested(tmp_path)
+    (tmp_path / "cg" / "a.txt").write_text("shiroko (blue archive), 1girl, ice cream", encoding="utf-8")
+    m.unlink()
+    from curate import ingest
+
+    ingest.run(tmp_path / "cg", m, "cg", workers=1)
+    key_b = next(k for k, p in zip(*(manifest.read(m)[0].column(c).to_pylist() for c in ("key", "path")))
+                 if Path(p).stem == "b")
+    decisions.append(m, [{"key": key_b, "action": "caption",
+                          "text": "shiroko \\(blue archive\\),\n1girl, ice cream"}], who="t")
+    config = tmp_path / "c.toml"
+    config.write_text(f"[caption]\nescape_parentheses = {str(escape).lower()}\n")
+    result = CliRunner().invoke(app, ["caption", str(m), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert by_file(m, "caption") == {"a": expected, "b": expected}
+    out = tmp_path / "kohya"
+    result = CliRunner().invoke(app, ["export", str(m), "--kohya", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {p.read_text(encoding="utf-8") for p in out.rglob("*.txt")} == {expected}
+    assert ("--weighted_captions" in (out / "dataset_config.toml").read_text()) is escape
+
+
 def test_files_from_before_records_were_kept_are_claimed_only_when_they_hold_the_caption(booru, tmp_path):
     rows = [post_row(booru[i], path=f"images/{i}.png", caption="old text") for i in (6148686, 6148687)]
     m = write_manifest(tmp_path / "m.parquet", rows)
@@ -710,6 +741,8 @@ def test_user_caption_with_hostile_characters_stays_one_clean_line():
     merged, how = choose_caption(row, CaptionSettings(user_caption="merge", quality=False))
     assert how == "merged" and merged == "1girl, smile, rain drops, night, sky, stars"
     assert choose_caption({"key": "k", "user_caption": " \r\n\x00 "}, CaptionSettings(quality=False))[1] == "generated"
+    row = {"key": "local/x", "user_caption": "1girl, smile,\nrain,\n, night"}  # a tag per line, commas kept
+    assert choose_caption(row, CaptionSettings())[0] == "1girl, smile, rain, night"
 
 
 def test_merged_user_tags_never_repeat_what_curate_adds():
