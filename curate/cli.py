@@ -517,8 +517,8 @@ def review(
     port: int = typer.Option(0, "--port", help="Port to serve on (default: a free one)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but loopback shows your dataset to the network: a warning is printed."),
     no_browser: bool = typer.Option(False, "--no-browser", help="Print the URL only; do not open a browser."),
-    apply: Optional[Path] = typer.Option(None, "--apply", help="Apply decisions from a JSONL file (no server): all lines are checked first, nothing is applied from a file with an error."),
-    export: Optional[Path] = typer.Option(None, "--export", help="Write the current decisions as JSONL (no server)."),
+    apply: Optional[Path] = typer.Option(None, "--apply", help="Apply decisions from a JSONL file ('-': standard input; no server): all lines are checked first, nothing is applied from a file with an error."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Write the current decisions as JSONL ('-': standard output; no server)."),
 ) -> None:
     """A local web app to triage the dataset: drop/restore, pick keepers, split clusters, crop, edit captions.
 
@@ -534,9 +534,11 @@ def review(
     if apply is not None:
         done = decisions.apply_file(manifests, apply)
         typer.echo(f"applied {sum(done.values())} decisions from {apply}: "
-                   + ", ".join(f"{m} {n}" for m, n in done.items()))
+                   + ", ".join(f"{m} {n}" for m, n in done.items()), err=str(export) == "-")
     if export is not None:
-        typer.echo(f"exported {decisions.export_file(manifests, export)} decisions to {export}")
+        n = decisions.export_file(manifests, export)
+        typer.echo(f"exported {n} decisions to {'standard output' if str(export) == '-' else export}",
+                   err=str(export) == "-")  # stdout holds the JSONL then
     if apply is not None or export is not None:
         return
     try:

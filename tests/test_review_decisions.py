@@ -170,6 +170,22 @@ def test_apply_export_round_trip_through_the_cli(m, tmp_path):
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "in.jsonl:1: unknown key" in res.stderr
 
 
+def test_apply_from_stdin_with_a_bom_and_export_to_stdout(m, tmp_path):
+    """Scripted use: a file saved by a Windows editor (BOM), a pipe in, a pipe out."""
+    r = rows(m)
+    lines = [{"key": r["c"]["key"], "action": "drop", "reason": "blurry"},
+             {"key": r["d_tall"]["key"], "action": "caption", "text": "1girl, kept"}]
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(x) + "\r\n" for x in lines[:1]).encode())
+    assert decisions.apply_file([m], f) == {str(m): 1}
+    res = subprocess.run([CURATE, "review", m, "--apply", "-", "--export", "-"], capture_output=True, text=True,
+                         input=json.dumps(lines[1]) + "\n", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert [json.loads(x) for x in res.stdout.splitlines()] == lines  # stdout is the JSONL alone
+    assert "applied 1 decisions from -" in res.stderr and "exported 2 decisions to standard output" in res.stderr
+    assert not (tmp_path / "-").exists()
+
+
 # --- the stages obey ---------------------------------------------------------------
 
 

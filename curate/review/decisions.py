@@ -285,10 +285,16 @@ def record(manifest_path: str | os.PathLike, lines: list[dict], who: str | None 
 
 
 def read_lines(file: str | os.PathLike) -> list[tuple[str, dict]]:
-    """(where, object) per non-blank line of an exchange file; bad JSON is a one-line error."""
+    """(where, object) per non-blank line of an exchange file ("-": standard input; a
+    UTF-8 BOM, as Windows editors write, is fine); bad JSON is a one-line error."""
     file = Path(file)
     try:
-        text = file.read_text(encoding="utf-8")
+        if str(file) == "-":
+            import sys
+
+            text, file = sys.stdin.buffer.read().decode("utf-8-sig"), "<stdin>"
+        else:
+            text = file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise CurateError(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}") from None
     out = []
@@ -325,8 +331,15 @@ def apply_file(manifests: list, file) -> dict[str, int]:
 
 
 def export_file(manifests: list, file) -> int:
-    """`--export`: the current decisions of every manifest, one exchange line each."""
+    """`--export`: the current decisions of every manifest, one exchange line each
+    ("-": to standard output)."""
     lines = [line for m in manifests for line in current(m).exchange()]
+    if str(file) == "-":
+        import sys
+
+        sys.stdout.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+        sys.stdout.flush()
+        return len(lines)
     file = Path(file)
     tmp = file.with_name(file.name + ".part")
     try:
