@@ -112,6 +112,7 @@ class ExportSummary:
     suggestion: str = ""
     removed: int = 0
     weighted_captions: bool = False  # captions carry `\(` escapes: sd-scripts needs --weighted_captions
+    review_pending: list = field(default_factory=list)  # curate review boxes/text crop/caption have not applied
 
     def lines(self) -> list[str]:
         total = sum(n for _, n, _ in self.subsets)
@@ -135,6 +136,7 @@ class ExportSummary:
             out.append("  warning: only reg subsets; sd-scripts needs training images beside them")
         if self.removed:
             out.append(f"  removed {self.removed} files the previous export wrote")
+        out += [f"  warning: {note}" for note in self.review_pending]
         flag = " --weighted_captions" if self.weighted_captions else ""
         out.append(f"sd-scripts: --dataset_config {self.out_dir / 'dataset_config.toml'}{flag}")
         out.append(f"fine-tune route: --dataset_config {self.out_dir / 'dataset_config_finetune.toml'} "
@@ -221,6 +223,9 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
         table, meta = manifest.read(path)
         review = decisions.current(path)  # a person's drops and keepers win
         table = review.applied(table)
+        note = decisions.pending_note(review, table, path)
+        if note:
+            summary.review_pending.append(note)
         is_reg = meta.get("kind") == "reg"
         base = dict(REG_DEFAULTS if is_reg else TRAIN_DEFAULTS)
         if is_reg and meta.get("class_token"):

@@ -69,6 +69,7 @@ class Plan:
     skipped: Counter = field(default_factory=Counter)
     reg_available: int = 0
     num_processes: int = 1
+    review_pending: list = field(default_factory=list)  # curate review boxes/text crop/caption have not applied
 
     def bucket_sizes(self) -> dict[tuple[int, int], int]:
         """Samples per bucket in every epoch (training with repeats + the reg draw)."""
@@ -160,7 +161,7 @@ class Plan:
         reg_subsets = self.reg_use()
         warnings = [f"reg subset {name!r}: none of its {u['available']} images is drawn in this run "
                     "(more epochs or training repeats would)" for name, u in reg_subsets.items()
-                    if not u["used_over_run"]]
+                    if not u["used_over_run"]] + list(self.review_pending)
         return {
             "config": str(c.source), "pretrained": c.pretrained, "output_dir": str(c.output_dir),
             "predefined_buckets": len(Buckets(c.max_reso, c.min_bucket_reso, c.max_bucket_reso,
@@ -185,8 +186,9 @@ def plan(config: TrainConfig, num_processes: int = 1) -> Plan:
                       config.bucket_reso_steps, config.bucket_no_upscale)
     samples: list[Sample] = []
     skipped: Counter = Counter()
+    pending: list[str] = []
     for i, ds in enumerate(config.datasets):
-        samples += _read_dataset(ds, i, buckets, skipped, config.weighted_captions)
+        samples += _read_dataset(ds, i, buckets, skipped, config.weighted_captions, pending)
     train = [s for s in samples if not s.is_reg]
     if not train:
         raise CurateError("no training images left (every row skipped or every dataset is a reg set)")
@@ -203,15 +205,18 @@ def plan(config: TrainConfig, num_processes: int = 1) -> Plan:
                                  [sum(len(g) for g in reg_groups[b].values()) for b in order], minimum=1)
     pools = {b: RegPool(take, list(reg_groups[b].values()), f"{config.seed}:reg:{b[0]}x{b[1]}")
              for b, take in zip(order, takes)}  # take 0 kept: the dry run reports its images unused
-    return Plan(config, samples, by_bucket, pools, skipped, len(samples) - len(train), num_processes)
+    return Plan(config, samples, by_bucket, pools, skipped, len(samples) - len(train), num_processes, pending)
 
 
 def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Counter,
-                  weighted: bool | None = None) -> list[Sample]:
+                  weighted: bool | None = None, pending: list | None = None) -> list[Sample]:
     table, meta = manifest.read(ds.manifest)
     escaped = meta.get("stages", {}).get("caption", {}).get("escaped", {}) or {}
     review = decisions.current(ds.manifest)  # a person's drops and keepers win
     table, dropped = review.applied(table), review.dropped
+    note = decisions.pending_note(review, table, ds.manifest)
+    if note and pending is not None:
+        pending.append(note)
     is_reg = ds.is_reg if ds.is_reg is not None else meta.get("kind") == "reg"
     class_token = ds.class_tokens or meta.get("class_token")
     separators = meta.get("stages", {}).get("caption", {}).get("keep_separators", {}) or {}

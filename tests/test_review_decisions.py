@@ -290,3 +290,28 @@ def test_two_writers_at_once_lose_nothing(m):
         mine = [r for r in log if r["key"] == key_of[name]]
         assert [r["text"] for r in mine] == [f"{name} {i}" for i in range(40)]
         assert [r["prev"]["caption"] for r in mine[1:]] == [r["text"] for r in mine[:-1]]
+
+
+def test_export_and_train_warn_of_boxes_and_text_not_yet_applied(m, tmp_path):
+    """A person who reviews and then exports (or trains) without re-running crop and
+    caption is told, in both routes, which stage to re-run; afterwards, no warning."""
+    from curate import train_config, train_data
+
+    r = rows(m)
+    decide(m, {"key": r["c"]["key"], "action": "crop", "box": [20, 10, 460, 300]},
+           {"key": r["d_tall"]["key"], "action": "caption", "text": "1girl, my \\(words\\)"},
+           {"key": r["b_letterbox"]["key"], "action": "caption", "text": r["b_letterbox"]["caption"]},
+           {"key": r["a_small"]["key"], "action": "crop", "box": [0, 0, 100, 100]})  # a duplicate: no stage uses it
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'pretrained = "tiny-random"\noutput_dir = "{tmp_path / "run"}"\nmax_train_steps = 1\n'
+                   f'[[datasets]]\nmanifest = "{m}"\n')
+    expected = f"{m}: review decisions not in the manifest yet: 1 crop boxes (re-run curate crop), " \
+               "1 captions (re-run curate caption)"
+    assert export.run([m], tmp_path / "kohya").review_pending == [expected]
+    assert expected in train_data.plan(train_config.load(cfg)).summary()["warnings"]
+    crop.run(m, workers=1)
+    caption.run(m)
+    assert rows(m)["d_tall"]["caption"] == "1girl, my (words)"
+    s = export.run([m], tmp_path / "kohya")
+    assert s.review_pending == [] and not any("review decisions" in line for line in s.lines())
+    assert not any("review" in w for w in train_data.plan(train_config.load(cfg)).summary()["warnings"])

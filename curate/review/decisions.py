@@ -88,6 +88,23 @@ class Decisions:
             out["looked_at"] += bool(s.get("seen") or edited or s.get("dropped") is not None)
         return out
 
+    def pending(self, table) -> dict[str, int]:
+        """Crop boxes and caption edits the manifest does not show yet (crop / caption not
+        re-run since): {"crop": n, "caption": n}; rows no stage uses (dropped, duplicate,
+        failed) left out."""
+        from ..caption_rules import person_text
+
+        cols = table.select(["key", "crop", "caption", "dup_of", "error"]).to_pydict()
+        out = {"crop": 0, "caption": 0}
+        for key, box, caption, dup, error in zip(*cols.values()):
+            s = self.state.get(key)
+            if not s or s.get("dropped") is not None or dup or error:
+                continue
+            out["crop"] += s.get("box") is not None and list(s["box"]) != list(box or [])
+            text = s.get("caption")
+            out["caption"] += bool(text and person_text(text)) and person_text(text) != person_text(caption or "")
+        return out
+
     def applied(self, table):
         """The table with `dup_of` following the chosen keepers and split clusters."""
         from ..manifest import with_column
@@ -154,6 +171,14 @@ class Decisions:
             if line:
                 lines.append((n, line))
         return [line for _, line in sorted(lines, key=lambda x: x[0])]
+
+
+def pending_note(review: Decisions, table, where) -> str | None:
+    """A warning for export and train when the manifest lags the person's boxes or text."""
+    n = review.pending(table)
+    todo = [f"{n[k]} {what} (re-run curate {k})" for k, what in (("crop", "crop boxes"), ("caption", "captions"))
+            if n[k]]
+    return f"{where}: review decisions not in the manifest yet: {', '.join(todo)}" if todo else None
 
 
 def current(manifest_path: str | os.PathLike) -> Decisions:
