@@ -246,6 +246,7 @@ class CaptionSummary:
     per_subset: Counter = field(default_factory=Counter)
     folder: str = ""
     example: str = ""
+    empty: int = 0  # rows with nothing to caption from (no tags, no tagger output, no user text)
 
     def lines(self) -> list[str]:
         out = [f"captioned {self.written} rows of {self.manifest} (settings: {self.origin})"]
@@ -257,6 +258,9 @@ class CaptionSummary:
             out.append(f"  skipped {n}: {why}")
         for txt in self.shared_txt[:5]:
             out.append(f"  warning: two images share the caption file {txt} (the first has it; the other's went to curate's folder)")
+        if self.empty:
+            out.append(f"  warning: {self.empty} captions are empty (no tags, no tagger output): "
+                       "run curate tag first, or write them in curate review; export leaves them out")
         if self.left_alone:
             out.append(f"  left alone {len(self.left_alone)} caption files curate did not write "
                        f"(or a person edited), e.g. {self.left_alone[0]}; those captions went to {self.folder}")
@@ -321,6 +325,7 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
             text, how = choose_caption(row, s, is_reg=is_reg, class_token=class_token, theme=theme)
         captions[i] = text
         summary.chosen[how] += 1
+        summary.empty += not text
         files[i] = _write_caption_file(row, image, text, root, folder, txt_owner, summary)
         summary.written += 1
         summary.per_subset[row["subset"] or "(no subset)"] += 1

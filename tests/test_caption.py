@@ -722,6 +722,18 @@ def test_text_a_person_wrote_is_escaped_as_the_generated_captions_are(tmp_path, 
     assert ("--weighted_captions" in (out / "dataset_config.toml").read_text()) is escape
 
 
+def test_untagged_rows_are_named_in_the_summary_not_counted_as_captioned(tmp_path):
+    """A CG folder captioned before `curate tag` ran: the two rows with nothing to go on are
+    a warning, and the user's caption still counts."""
+    m = ingested(tmp_path)
+    table, meta = manifest.read(m)
+    manifest.write(manifest.with_column(table, "tagger", [None] * table.num_rows), m, meta)
+    result = CliRunner().invoke(app, ["caption", str(m)])
+    assert result.exit_code == 0, result.output
+    assert by_file(m, "caption") == {"a": "my oc, 1girl, hoshino (blue archive), smiling", "b": ""}
+    assert "warning: 1 captions are empty (no tags, no tagger output): run curate tag first" in result.output
+
+
 def test_files_from_before_records_were_kept_are_claimed_only_when_they_hold_the_caption(booru, tmp_path):
     rows = [post_row(booru[i], path=f"images/{i}.png", caption="old text") for i in (6148686, 6148687)]
     m = write_manifest(tmp_path / "m.parquet", rows)
