@@ -257,7 +257,9 @@ def ingest(
 
     Every image type Pillow reads; key local/<sha256 prefix>; paths relative to the
     manifest's folder. Unreadable files become rows with an error. Re-running on a
-    grown folder adds only the new files.
+    grown folder adds only the new files. A caption beside an image (<stem>.txt or
+    <stem>.caption, UTF-8 with or without BOM) is read as the user's own (user_caption;
+    re-read on every run, the file never changed); curate caption uses it by default.
     """
     from .ingest import run
 

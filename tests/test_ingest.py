@@ -247,3 +247,4 @@ def test_sidecar_captions_read_as_the_users_with_or_without_bom(tmp_path):
     assert curate("ingest", d, "--out", out).returncode == 0
     assert {Path(r["path"]).name: r["user_caption"] for r in pq.read_table(out).to_pylist()}["c.png"] == "later"
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != "c.txt"} == before
+    assert "<stem>.caption" in curate("ingest", "--help").stdout  # a new user learns it from --help
