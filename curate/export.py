@@ -219,10 +219,10 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     plan: list[Folder] = []
     weighted: set[bool] = set()  # sd-scripts' weighted_captions is one flag for the whole run
     used_names: set[str] = set()
-    for path in dict.fromkeys(paths):
-        table, meta = manifest.read(path)
-        review = decisions.current(path)  # a person's drops and keepers win
-        table = review.applied(table)
+    loaded = {path: (*manifest.read(path), decisions.current(path)) for path in dict.fromkeys(paths)}
+    losers = decisions.cross_losers([(t, d) for t, _, d in loaded.values()])
+    for path, (table, meta, review) in loaded.items():
+        table = review.applied(table)  # a person's drops and keepers win
         note = decisions.pending_note(review, table, path)
         if note:
             summary.review_pending.append(note)
@@ -236,7 +236,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
         name = _unique(_safe_name(path.stem), used_names)
         folder_names: set[str] = set()
         folders: list[Folder] = []
-        for subset, rows in _eligible(table, path.parent, summary.skipped, review.dropped).items():
+        for subset, rows in _eligible(table, path.parent, summary.skipped, review.dropped, losers).items():
             values = dict(base)
             if separators.get(subset) and "keep_tokens_separator" not in values:
                 values["keep_tokens_separator"] = separators[subset]
@@ -284,13 +284,15 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     return summary
 
 
-def _eligible(table, root: Path, skipped: Counter, dropped=()) -> dict[str, list[Row]]:
+def _eligible(table, root: Path, skipped: Counter, dropped=(), losers=()) -> dict[str, list[Row]]:
     """{subset: [Row]} for rows sd-scripts can train on, each with how to hand it over."""
     out: dict[str, list] = {}
     cols = table.select(["key", "subset", "path", "error", "dup_of", "caption"]).to_pylist()
     for row in cols:
         if row["key"] in dropped:
             skipped["dropped in review"] += 1
+        elif row["key"] in losers:
+            skipped["duplicate (review chose the copy in another manifest)"] += 1
         elif row["error"]:
             skipped["error set"] += 1
         elif row["dup_of"]:

@@ -187,8 +187,10 @@ def plan(config: TrainConfig, num_processes: int = 1) -> Plan:
     samples: list[Sample] = []
     skipped: Counter = Counter()
     pending: list[str] = []
+    losers = decisions.cross_losers([(manifest.read(ds.manifest)[0], decisions.current(ds.manifest))
+                                     for ds in config.datasets])
     for i, ds in enumerate(config.datasets):
-        samples += _read_dataset(ds, i, buckets, skipped, config.weighted_captions, pending)
+        samples += _read_dataset(ds, i, buckets, skipped, config.weighted_captions, pending, losers)
     train = [s for s in samples if not s.is_reg]
     if not train:
         raise CurateError("no training images left (every row skipped or every dataset is a reg set)")
@@ -209,7 +211,7 @@ def plan(config: TrainConfig, num_processes: int = 1) -> Plan:
 
 
 def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Counter,
-                  weighted: bool | None = None, pending: list | None = None) -> list[Sample]:
+                  weighted: bool | None = None, pending: list | None = None, losers=()) -> list[Sample]:
     table, meta = manifest.read(ds.manifest)
     escaped = meta.get("stages", {}).get("caption", {}).get("escaped", {}) or {}
     review = decisions.current(ds.manifest)  # a person's drops and keepers win
@@ -225,6 +227,9 @@ def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Coun
     for row in table.select(["key", "subset", "path", "error", "dup_of", "caption"]).to_pylist():
         if row["key"] in dropped:
             skipped["dropped in review"] += 1
+            continue
+        if row["key"] in losers:
+            skipped["duplicate (review chose the copy in another manifest)"] += 1
             continue
         if row["error"]:
             skipped["error set"] += 1

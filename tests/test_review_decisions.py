@@ -315,3 +315,44 @@ def test_export_and_train_warn_of_boxes_and_text_not_yet_applied(m, tmp_path):
     s = export.run([m], tmp_path / "kohya")
     assert s.review_pending == [] and not any("review decisions" in line for line in s.lines())
     assert not any("review" in w for w in train_data.plan(train_config.load(cfg)).summary()["warnings"])
+
+
+def test_a_keeper_chosen_against_another_manifest_leaves_the_other_copy_out(m, tmp_path):
+    """dedupe --against marked a CG as a repost of a reg post; the person keeps the CG: the
+    reg copy leaves export and training (and the reg copy wins when chosen later)."""
+    import pyarrow as pa
+
+    from curate import train_config, train_data
+
+    (tmp_path / "reg").mkdir()
+    pattern(3).save(tmp_path / "reg" / "1.png")
+    reg = tmp_path / "reg" / "reg.parquet"
+    manifest.write(pa.Table.from_pylist([{"key": "danbooru/1", "subset": "horizontal", "path": "1.png",
+                                          "width": 480, "height": 320, "caption": "solo"}]),
+                   reg, manifest.new_provenance(kind="reg", class_token="solo"))
+    table, meta = manifest.read(m)
+    keys = table.column("key").to_pylist()
+    cg_key = rows(m)["c"]["key"]
+    manifest.write(manifest.with_column(table, "dup_of", [
+        "danbooru/1" if k == cg_key else d for k, d in zip(keys, table.column("dup_of").to_pylist())]), m, meta)
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'pretrained = "tiny-random"\noutput_dir = "{tmp_path / "run"}"\nmax_train_steps = 1\n'
+                   f'[[datasets]]\nmanifest = "{m}"\n[[datasets]]\nmanifest = "{reg}"\nis_reg = true\n')
+
+    def used() -> tuple[set, set]:
+        s = export.run([m, reg], tmp_path / "kohya")
+        exported = {Path(p).stem for p in json.loads((tmp_path / "kohya" / "metadata.json").read_text())}
+        exported |= {p.stem.split("_", 1)[1] for p in (tmp_path / "kohya" / "reg").rglob("*.png")}
+        trained = {smp.key for smp in train_data.plan(train_config.load(cfg)).samples}
+        return {k for k in (cg_key, "danbooru/1") if k.replace("/", "_") in exported}, \
+            {k for k in (cg_key, "danbooru/1") if k in trained} | {"skipped: " + str(sum(
+                n for why, n in s.skipped.items() if "another manifest" in why))}
+
+    assert used() == ({"danbooru/1"}, {"danbooru/1", "skipped: 0"})  # dedupe's choice
+    decide(m, {"key": cg_key, "action": "keeper"})
+    assert used() == ({cg_key}, {cg_key, "skipped: 1"})
+    import time
+
+    time.sleep(0.01)  # records carry millisecond times: this choice is the later one
+    decisions.append(reg, [{"key": "danbooru/1", "action": "keeper"}], who="t")  # changed their mind
+    assert used() == ({"danbooru/1"}, {"danbooru/1", "skipped: 1"})
