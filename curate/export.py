@@ -262,17 +262,29 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
 
     written: set[str] = set()
     done = False
-    if not (out_dir / MARKER).is_file():  # claim the folder before the first file: after a kill -9
-        out_dir.mkdir(parents=True, exist_ok=True)  # the re-run knows all in it is curate's
-        (out_dir / MARKER).write_text(json.dumps({"files": [], "claimed": True}), encoding="utf-8")
+    try:
+        if not (out_dir / MARKER).is_file():  # claim the folder before the first file: after a kill -9
+            out_dir.mkdir(parents=True, exist_ok=True)  # the re-run knows all in it is curate's
+            (out_dir / MARKER).write_text(json.dumps({"files": [], "claimed": True}), encoding="utf-8")
+    except OSError as exc:
+        raise CurateError(f"cannot write the export folder {out_dir}: {exc.strerror or exc}") from None
     try:
         _write(plan, out_dir, dataset, link, summary, written, reusable)
         done = True
+    except OSError as exc:  # disk full, a file in a folder's place, ...: what was written is recorded
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise CurateError(f"export to {out_dir} stopped: {exc.strerror or exc}{where}; "
+                          "fix it and run again (the re-run replaces this one's files)") from None
     finally:  # a failed export still records what it wrote, so the next one can clean up
         record = written if done else previous | written
-        if out_dir.is_dir():
-            (out_dir / MARKER).write_text(json.dumps({"files": sorted(record), "background": summary.background},
-                                                     indent=1), encoding="utf-8")
+        try:
+            if out_dir.is_dir():
+                (out_dir / MARKER).write_text(json.dumps({"files": sorted(record),
+                                                          "background": summary.background}, indent=1),
+                                              encoding="utf-8")
+        except OSError as exc:
+            if done:
+                raise CurateError(f"cannot write {out_dir / MARKER}: {exc.strerror or exc}") from None
     for rel in previous - written:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:  # the marker is a file anyone can edit
             continue

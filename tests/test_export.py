@@ -4,6 +4,7 @@ documented dataset-config schema; every referenced image exists with its caption
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,6 +218,25 @@ def test_refuses_a_folder_it_did_not_write(project):
     proc = subprocess.run([CURATE, "export", str(train), "--kohya", "theirs"], capture_output=True, text=True)
     assert proc.returncode == 2 and "not written by curate export" in proc.stderr
     assert "Traceback" not in proc.stderr and (root / "theirs" / "x.png").read_bytes() == b"keep me"
+
+
+def test_an_unwritable_out_folder_is_a_one_line_error(project):
+    """A file where the folder should go (a typo, a full disk): one line, exit 2, and the
+    re-run after the fix still knows which files are curate's."""
+    root, train, _ = project
+    (root / "file").write_text("not a folder")
+    proc = subprocess.run([CURATE, "export", str(train), "--kohya", "file/out"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: cannot write the export folder") and proc.stderr.count("\n") == 1
+    assert subprocess.run([CURATE, "export", str(train), "--kohya", "out"], capture_output=True).returncode == 0
+    (subset_dir,) = [p for p in (root / "out").iterdir() if p.is_dir()]
+    shutil.rmtree(subset_dir)
+    subset_dir.write_text("in the way")  # the next export cannot make its folder
+    proc = subprocess.run([CURATE, "export", str(train), "--kohya", "out"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert f"export to {root / 'out'} stopped" in proc.stderr
+    subset_dir.unlink()
+    assert subprocess.run([CURATE, "export", str(train), "--kohya", "out"], capture_output=True).returncode == 0
 
 
 @pytest.mark.parametrize("extra, message", [
