@@ -133,7 +133,11 @@ class Thumbs:
         return self.wanted[src]
 
     def make(self, s: Summary) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CurateError(f"cannot write the report's thumbnail folder {self.folder}: "
+                              f"{exc.strerror or exc}") from None
         todo = [(src, str(self.folder / name)) for src, name in self.wanted.items()
                 if name not in self.index or not (self.folder / name).exists()]
         s.thumbs_reused = len(self.wanted) - len(todo)
@@ -228,8 +232,11 @@ def build(paths: list[str | Path], out: str | Path, title: str | None = None, co
     title = title or "curate report: " + ", ".join(m["name"] for m in metas)
     page = _page(title, parts, metas).replace(FILES, quote(thumbs.folder.name) + "/")
     tmp = out.with_name(out.name + ".part")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise CurateError(f"cannot write {out}: {exc.strerror or exc}") from None
     return s
 
 

@@ -136,6 +136,10 @@ def test_bad_input(tmp_path, manifests):
     assert r.returncode == 2 and r.stderr.strip().startswith("error: manifest not found") and "Traceback" not in r.stderr
     r = curate("report", manifests[0], "--out", tmp_path / "r.txt", check=False)
     assert r.returncode == 2 and "--out must be an .html file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    r = curate("report", manifests[0], "--out", tmp_path / "afile" / "r.html", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: cannot write the report's thumbnail folder")
 
 
 # --- in a real browser ---------------------------------------------------------------------

@@ -184,6 +184,10 @@ def test_apply_from_stdin_with_a_bom_and_export_to_stdout(m, tmp_path):
     assert [json.loads(x) for x in res.stdout.splitlines()] == lines  # stdout is the JSONL alone
     assert "applied 1 decisions from -" in res.stderr and "exported 2 decisions to standard output" in res.stderr
     assert not (tmp_path / "-").exists()
+    (tmp_path / "afile").write_text("not a folder")
+    res = subprocess.run([CURATE, "review", m, "--export", tmp_path / "afile" / "d.jsonl"], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and res.stderr.startswith("error: cannot write") and "Traceback" not in res.stderr
 
 
 # --- the stages obey ---------------------------------------------------------------

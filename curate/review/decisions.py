@@ -393,6 +393,9 @@ def export_file(manifests: list, file) -> int:
         tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
         os.replace(tmp, file)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # no folder to write in: nothing was left there either
+            pass
         raise CurateError(f"cannot write {file}: {exc.strerror}") from None
     return len(lines)
