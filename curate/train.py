@@ -70,6 +70,10 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
     main = accelerator.is_main_process
     device = accelerator.device
     out_dir = Path(config.output_dir)
+    try:  # before minutes of model loading: a typo in output_dir is a one-line error now
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CurateError(f"cannot write output_dir {out_dir}: {exc.strerror or exc}") from None
     plan = train_data.plan(config, accelerator.num_processes)
     resume_from = _find_checkpoint(out_dir, resume) if resume else None
     for warning in plan.summary()["warnings"] if main else []:

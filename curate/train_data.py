@@ -354,7 +354,10 @@ class LatentCache:
     def __init__(self, folder: Path, vae_id: str):
         self.folder = Path(folder)
         self.vae_id = vae_id
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CurateError(f"cannot write the latent cache {self.folder}: {exc.strerror or exc}") from None
 
     def path(self, s: Sample, flip: bool) -> Path:
         p = s.placement

@@ -469,6 +469,16 @@ def test_fp16_without_gpu_is_a_one_line_error(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_an_unwritable_output_dir_is_a_one_line_error_before_the_model_loads(tmp_path):
+    write_images_manifest(tmp_path, "t", SIZES[:2])
+    (tmp_path / "afile").write_text("a file where output_dir should go")
+    config = write_config(tmp_path / "c.toml", [{"manifest": "t.parquet"}], mixed_precision="no",
+                          output_dir=str(tmp_path / "afile" / "run"))
+    r = subprocess.run([CURATE, "train", str(config)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"error: cannot write output_dir {tmp_path / 'afile' / 'run'}")
+
+
 def test_two_processes_share_the_epoch(tmp_path):
     """What `accelerate launch` does on several GPUs, here as 2 CPU processes (gloo)."""
     write_images_manifest(tmp_path, "t", SIZES)
