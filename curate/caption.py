@@ -77,6 +77,7 @@ filtered.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -382,7 +383,8 @@ def _write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
         tmp.replace(path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (no folder to clean up in: a file stands in its place)
+            tmp.unlink(missing_ok=True)
         raise CurateError(f"cannot write caption file {path}: {exc.strerror}") from None
 
 

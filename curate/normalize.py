@@ -14,6 +14,7 @@ the original already reads the same in both; `write_png` makes the copy when it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,8 @@ def write_png(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         images.open_image(src).save(tmp, "PNG", compress_level=4)
         os.replace(tmp, dst)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (no folder to clean up in: a file stands in its place)
+            tmp.unlink(missing_ok=True)
         raise CurateError(f"cannot write {dst}: {exc.strerror or exc}") from None
 
 

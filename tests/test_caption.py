@@ -734,6 +734,16 @@ def test_untagged_rows_are_named_in_the_summary_not_counted_as_captioned(tmp_pat
     assert "warning: 1 captions are empty (no tags, no tagger output): run curate tag first" in result.output
 
 
+def test_a_file_where_the_caption_folder_goes_is_a_one_line_error(tmp_path):
+    m = ingested(tmp_path)
+    before = manifest.read(m)[0]
+    (tmp_path / "m.captions").write_text("in the way")
+    proc = subprocess.run([sys.executable, "-m", "curate", "caption", str(m)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: cannot write caption file")
+    assert manifest.read(m)[0].equals(before)  # nothing half done in the manifest
+
+
 def test_files_from_before_records_were_kept_are_claimed_only_when_they_hold_the_caption(booru, tmp_path):
     rows = [post_row(booru[i], path=f"images/{i}.png", caption="old text") for i in (6148686, 6148687)]
     m = write_manifest(tmp_path / "m.parquet", rows)
