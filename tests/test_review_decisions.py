@@ -360,3 +360,35 @@ def test_a_keeper_chosen_against_another_manifest_leaves_the_other_copy_out(m, t
     time.sleep(0.01)  # records carry millisecond times: this choice is the later one
     decisions.append(reg, [{"key": "danbooru/1", "action": "keeper"}], who="t")  # changed their mind
     assert used() == ({"danbooru/1"}, {"danbooru/1", "skipped: 1"})
+
+
+def test_dropping_a_clusters_keeper_keeps_its_next_best_copy(m, tmp_path):
+    """The person drops the keeper (a bad copy): its duplicates are not lost with it."""
+    from curate import train_config, train_data
+
+    r = rows(m)
+    big, mid, small = (r[n]["key"] for n in ("a_big", "a_mid", "a_small"))
+    decide(m, {"key": big, "action": "drop", "reason": "jpeg artefacts"})
+    crop.run(m, workers=1)  # the loop: the stages run again (they skipped the duplicates before)
+    caption.run(m)
+    s = export.run([m], tmp_path / "kohya")
+    exported = {Path(p).stem for p in json.loads((tmp_path / "kohya" / "metadata.json").read_text())}
+    safe = lambda k: k.replace("/", "_")  # noqa: E731
+    assert safe(mid) in exported and safe(big) not in exported and safe(small) not in exported  # 360x240 > 240x160
+    assert s.skipped["dropped in review"] == 1
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'pretrained = "tiny-random"\noutput_dir = "{tmp_path / "run"}"\nmax_train_steps = 1\n'
+                   f'[[datasets]]\nmanifest = "{m}"\n')
+    assert {mid} == {smp.key for smp in train_data.plan(train_config.load(cfg)).samples} & {big, mid, small}
+    dedupe.run(m, workers=1)  # re-running dedupe keeps it so
+    r = rows(m)
+    assert r["a_mid"]["dup_of"] is None and r["a_small"]["dup_of"] == mid and r["a_big"]["dup_of"] == mid
+    # a chosen keeper among the rest wins over pixels
+    decide(m, {"key": small, "action": "keeper"})
+    dedupe.run(m, workers=1)
+    r = rows(m)
+    assert r["a_small"]["dup_of"] is None and r["a_mid"]["dup_of"] == small
+    # restored: the person's keeper stands, the restored copy is one of its duplicates
+    decide(m, {"key": big, "action": "restore"})
+    dedupe.run(m, workers=1)
+    assert rows(m)["a_small"]["dup_of"] is None and rows(m)["a_big"]["dup_of"] == small

@@ -106,10 +106,12 @@ class Decisions:
         return out
 
     def applied(self, table):
-        """The table with `dup_of` following the chosen keepers and split clusters."""
+        """The table with `dup_of` following the chosen keepers and split clusters; a
+        cluster whose keeper was dropped keeps its next best copy (most pixels) instead."""
         from ..manifest import with_column
 
-        if not any(s.get("keeper") is not None or s.get("split") for s in self.state.values()):
+        if not any(s.get("keeper") is not None or s.get("split") or s.get("dropped") is not None
+                   for s in self.state.values()):
             return table
         keys = table.column("key").to_pylist()
         dup = table.column("dup_of").to_pylist()
@@ -143,6 +145,12 @@ class Decisions:
                 for j in rows:
                     dup[j] = keys[i]
                 dup[i] = None
+        dropped = self.dropped
+        for i in [i for i, k in enumerate(keys) if k in dropped and dup[i] is None]:
+            rest = [j for j, d in enumerate(dup) if d == keys[i] and keys[j] not in dropped]
+            if rest:  # dropping the keeper drops that image, not its whole cluster
+                regroup(rest)
+                dup[i] = next(keys[j] for j in rest if dup[j] is None)
         return with_column(table, "dup_of", dup)
 
     def exchange(self) -> list[dict]:
