@@ -139,8 +139,9 @@ def _compose(row: dict, s: CaptionSettings, *, is_reg: bool, class_token: str,
     # a user's tags, in Danbooru spelling for the rules; `verbatim` keeps their own text
     verbatim: dict[str, str] = {}
     for text in user_tags or []:
-        verbatim.setdefault(text.replace(" ", "_") if len(text) > 3 else text,
-                            text if s.escape_parentheses else rules.unescape(text))
+        plain = rules.unescape(text)
+        verbatim.setdefault(plain.replace(" ", "_") if len(plain) > 3 else plain,
+                            rules.person_text(text, s.escape_parentheses))
     copyrights = source["copyright"] or list(s.copyright_tags)
     extras = {theme, *s.prefix, *s.suffix, *(copyrights if s.copyright else ())} - {None}  # shown anyway
     known = {t for tags in source.values() for t in tags} | set(verbatim) | extras

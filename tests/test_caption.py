@@ -763,6 +763,13 @@ def test_user_caption_with_hostile_characters_stays_one_clean_line():
     merged, how = choose_caption(row, CaptionSettings(user_caption="merge", quality=False))
     assert how == "merged" and merged == "1girl, smile, rain drops, night, sky, stars"
     assert choose_caption({"key": "k", "user_caption": " \r\n\x00 "}, CaptionSettings(quality=False))[1] == "generated"
+    row = {"key": "local/x", "user_caption": "my oc, hoshino (blue archive), yuuka \\(blue archive\\)",
+           "tagger": [{"tag": t, "category": "character", "score": 0.9}
+                      for t in ("hoshino_(blue_archive)", "yuuka_(blue_archive)")]}
+    for escape, expected in ((False, "hoshino (blue archive), yuuka (blue archive), my oc"),
+                             (True, "hoshino \\(blue archive\\), yuuka \\(blue archive\\), my oc")):
+        s = CaptionSettings(user_caption="merge", escape_parentheses=escape, quality=False)
+        assert choose_caption(row, s) == (expected, "merged")  # merged tags escaped alike, each once
     row = {"key": "local/x", "user_caption": "1girl, smile,\nrain,\n, night"}  # a tag per line, commas kept
     assert choose_caption(row, CaptionSettings())[0] == "1girl, smile, rain, night"
 
