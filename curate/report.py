@@ -170,13 +170,15 @@ class Thumbs:
 
 def load(paths: list[Path]) -> tuple[list[Row], list[dict]]:
     rows, metas = [], []
-    for i, p in enumerate(paths):
-        table, meta = manifest.read(p)
-        review = decisions.current(p)  # rows a person dropped are left out, keepers followed
-        table, dropped = review.applied(table), review.dropped
+    loaded = [(*manifest.read(p), decisions.current(p)) for p in paths]
+    losers = decisions.cross_losers([(t, d) for t, _, d in loaded])  # keepers chosen across manifests
+    for i, (p, (table, meta, review)) in enumerate(zip(paths, loaded)):
+        table, dropped = review.applied(table), review.dropped  # dropped rows left out, keepers followed
         cols = [c for c in COLUMNS if c in table.column_names]
         for d in table.select(cols).to_pylist():
             if d["key"] not in dropped:
+                if d["key"] in losers:
+                    d["dup_of"] = losers[d["key"]]
                 rows.append(Row(i, p.parent, d))
         metas.append({"path": str(p), "name": p.stem, **meta})
     return rows, metas

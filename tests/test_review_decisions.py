@@ -355,6 +355,12 @@ def test_a_keeper_chosen_against_another_manifest_leaves_the_other_copy_out(m, t
     assert used() == ({"danbooru/1"}, {"danbooru/1", "skipped: 0"})  # dedupe's choice
     decide(m, {"key": cg_key, "action": "keeper"})
     assert used() == ({cg_key}, {cg_key, "skipped: 1"})
+    # the report and the review page show the reg copy as the duplicate now
+    from curate.review.server import Review
+
+    assert {r.data["key"]: r.data["dup_of"] for r in report.load([m, reg])[0]}["danbooru/1"] == cg_key
+    state = Review([m, reg], "127.0.0.1", 0).state()
+    assert state["rows"][1]["dup_of"] == [cg_key] and state["rows"][0]["dup_of"][keys.index(cg_key)] is None
     import time
 
     time.sleep(0.01)  # records carry millisecond times: this choice is the later one

@@ -181,25 +181,29 @@ class Decisions:
         return [line for _, line in sorted(lines, key=lambda x: x[0])]
 
 
-def cross_losers(reviewed: list) -> set[str]:
+def cross_losers(reviewed: list) -> dict[str, str]:
     """Keys that lost to a keeper a person chose in *another* manifest: a CG repost that
     dedupe --against marked as a copy of a reg post, made the keeper in review, leaves the
     reg copy out (and the other way round when the reg copy was chosen later). `reviewed`:
-    (manifest table as dedupe left it, its Decisions) for every manifest of the run."""
+    (manifest table as dedupe left it, its Decisions) for every manifest of the run.
+    Returns loser key -> the key that won (the loser's dup_of, as the stages see it)."""
     chosen: dict[str, str] = {}  # key -> when its keeper choice was made (comparable across logs)
     for _, d in reviewed:
         for rec in d.log:
             st = d.state.get(rec.get("key"), {})
             if rec.get("action") == "keeper" and st.get("keeper") is not None and not st.get("split"):
                 chosen[rec["key"]] = rec.get("at") or ""
-    losers: set[str] = set()
+    losers: dict[str, str] = {}
     for table, d in reviewed:
         cols = table.select(["key", "dup_of"]).to_pydict()
         own = set(cols["key"])
         for key, root in zip(cols["key"], cols["dup_of"]):
             if not root or root in own or key not in chosen or d.get(key)["dropped"] is not None:
                 continue
-            losers.add(key if chosen.get(root, "") > chosen[key] else root)
+            if chosen.get(root, "") > chosen[key]:
+                losers[key] = root
+            else:
+                losers[root] = key
     return losers
 
 

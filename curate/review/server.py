@@ -119,8 +119,10 @@ class Review:
         vocab: dict[str, int] = {}
         for s in self.sources:
             s.fresh()
-            d = decisions.current(s.path)
-            dup = d.applied(s.table).column("dup_of").to_pylist()
+        current = [decisions.current(s.path) for s in self.sources]
+        losers = decisions.cross_losers(list(zip((s.table for s in self.sources), current)))  # across manifests
+        for s, d in zip(self.sources, current):
+            dup = [losers.get(k, v) for k, v in zip(s.rows["key"], d.applied(s.table).column("dup_of").to_pylist())]
             r = s.rows
             tags = []
             for i in range(len(r["key"])):
