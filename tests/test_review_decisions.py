@@ -309,8 +309,8 @@ def test_export_and_train_warn_of_boxes_and_text_not_yet_applied(m, tmp_path):
     cfg = tmp_path / "t.toml"
     cfg.write_text(f'pretrained = "tiny-random"\noutput_dir = "{tmp_path / "run"}"\nmax_train_steps = 1\n'
                    f'[[datasets]]\nmanifest = "{m}"\n')
-    expected = f"{m}: review decisions not in the manifest yet: 1 crop boxes (re-run curate crop), " \
-               "1 captions (re-run curate caption)"
+    expected = f"{m}: not in the manifest yet: 1 crop boxes from review (curate crop); " \
+               "1 captions from review (curate caption): re-run those stages"
     assert export.run([m], tmp_path / "kohya").review_pending == [expected]
     assert expected in train_data.plan(train_config.load(cfg)).summary()["warnings"]
     crop.run(m, workers=1)
@@ -375,13 +375,16 @@ def test_dropping_a_clusters_keeper_keeps_its_next_best_copy(m, tmp_path):
     r = rows(m)
     big, mid, small = (r[n]["key"] for n in ("a_big", "a_mid", "a_small"))
     decide(m, {"key": big, "action": "drop", "reason": "jpeg artefacts"})
+    assert export.run([m], tmp_path / "kohya").review_pending == [  # skipped as a duplicate until now
+        f"{m}: not in the manifest yet: 1 kept rows not cropped (curate crop); "
+        "1 kept rows without a caption (curate caption): re-run those stages"]
     crop.run(m, workers=1)  # the loop: the stages run again (they skipped the duplicates before)
     caption.run(m)
     s = export.run([m], tmp_path / "kohya")
     exported = {Path(p).stem for p in json.loads((tmp_path / "kohya" / "metadata.json").read_text())}
     safe = lambda k: k.replace("/", "_")  # noqa: E731
     assert safe(mid) in exported and safe(big) not in exported and safe(small) not in exported  # 360x240 > 240x160
-    assert s.skipped["dropped in review"] == 1
+    assert s.skipped["dropped in review"] == 1 and s.review_pending == []
     cfg = tmp_path / "t.toml"
     cfg.write_text(f'pretrained = "tiny-random"\noutput_dir = "{tmp_path / "run"}"\nmax_train_steps = 1\n'
                    f'[[datasets]]\nmanifest = "{m}"\n')

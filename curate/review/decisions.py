@@ -89,20 +89,26 @@ class Decisions:
         return out
 
     def pending(self, table) -> dict[str, int]:
-        """Crop boxes and caption edits the manifest does not show yet (crop / caption not
-        re-run since): {"crop": n, "caption": n}; rows no stage uses (dropped, duplicate,
-        failed) left out."""
+        """What the manifest does not show yet of the person's decisions (crop / caption not
+        re-run since): boxes and caption edits, and kept rows crop or caption never did while
+        they did the rest (a keeper the review chose or a dropped keeper's next best copy,
+        skipped as duplicates before; or rows ingested since). `table`: as the review
+        applied it; rows no stage uses (dropped, duplicate, failed) are left out."""
         from ..caption_rules import person_text
 
-        cols = table.select(["key", "crop", "caption", "dup_of", "error"]).to_pydict()
-        out = {"crop": 0, "caption": 0}
-        for key, box, caption, dup, error in zip(*cols.values()):
-            s = self.state.get(key)
-            if not s or s.get("dropped") is not None or dup or error:
+        cols = table.select(["key", "crop", "caption", "dup_of", "error", "path"]).to_pydict()
+        cropped = any(c is not None for c in cols["crop"])
+        captioned = any(c is not None for c in cols["caption"])
+        out = {"crop": 0, "caption": 0, "uncropped": 0, "uncaptioned": 0}
+        for key, box, caption, dup, error, path in zip(*cols.values()):
+            s = self.state.get(key) or {}
+            if s.get("dropped") is not None or dup or error or not path:
                 continue
             out["crop"] += s.get("box") is not None and list(s["box"]) != list(box or [])
             text = s.get("caption")
             out["caption"] += bool(text and person_text(text)) and person_text(text) != person_text(caption or "")
+            out["uncropped"] += cropped and box is None and s.get("box") is None
+            out["uncaptioned"] += captioned and caption is None and not text
         return out
 
     def applied(self, table):
@@ -208,11 +214,16 @@ def cross_losers(reviewed: list) -> dict[str, str]:
 
 
 def pending_note(review: Decisions, table, where) -> str | None:
-    """A warning for export and train when the manifest lags the person's boxes or text."""
+    """A warning for export and train when the manifest lags the person's decisions."""
     n = review.pending(table)
-    todo = [f"{n[k]} {what} (re-run curate {k})" for k, what in (("crop", "crop boxes"), ("caption", "captions"))
-            if n[k]]
-    return f"{where}: review decisions not in the manifest yet: {', '.join(todo)}" if todo else None
+    todo = []
+    for stage, parts in (("crop", (("crop", "crop boxes from review"), ("uncropped", "kept rows not cropped"))),
+                         ("caption", (("caption", "captions from review"),
+                                      ("uncaptioned", "kept rows without a caption")))):
+        said = [f"{n[k]} {what}" for k, what in parts if n[k]]
+        if said:
+            todo.append(f"{' and '.join(said)} (curate {stage})")
+    return f"{where}: not in the manifest yet: {'; '.join(todo)}: re-run those stages" if todo else None
 
 
 def current(manifest_path: str | os.PathLike) -> Decisions:
