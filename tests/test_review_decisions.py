@@ -128,6 +128,9 @@ def test_apply_checks_every_line_first_and_names_the_bad_one(m, tmp_path):
         ({"key": r["c"]["key"], "action": "crop", "box": [10, 10, 5, 100]}, "is outside"),
         ({"key": r["c"]["key"], "action": "crop", "box": [0, 0, 1.5, 100]}, "whole pixels"),
         ({"key": r["c"]["key"], "action": "drop", "box": [0, 0, 1, 1]}, "unknown field 'box'"),
+        ({"key": [r["c"]["key"]], "action": "drop"}, "unknown key ["),   # JSON of the wrong shape
+        ({"key": {"k": 1}, "action": "drop"}, "unknown key {"),
+        ({"key": r["c"]["key"], "action": ["drop"]}, "unknown action ['drop']"),
     ]
     for bad, message in cases:
         f = tmp_path / "d.jsonl"

@@ -67,6 +67,9 @@ def test_a_decision_is_on_disk_when_the_answer_comes(bg, m):
     n = len(decisions.current(m).log)
     res = post(bg, {"m": 0, "lines": [{"key": key, "action": "crop", "box": [0, 0, 9999, 10]}]})
     assert res.status_code == 400 and "outside" in res.json()["error"] and len(decisions.current(m).log) == n
+    for line in ({"key": key, "action": ["drop"]}, {"key": [key], "action": "drop"}):  # the wrong JSON shapes
+        res = post(bg, {"m": 0, "lines": [line]})
+        assert res.status_code == 400 and "unknown" in res.json()["error"] and len(decisions.current(m).log) == n
 
 
 def test_images_thumbnails_made_once(bg, m):

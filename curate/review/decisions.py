@@ -257,7 +257,7 @@ def check(line: dict, rows: dict[str, dict], where: str) -> str | None:
     if not isinstance(line, dict):
         return f"{where}: not a JSON object"
     action = line.get("action")
-    if action not in PARAMS:
+    if not isinstance(action, str) or action not in PARAMS:  # (a list or object is no action either)
         return f"{where}: unknown action {action!r} (one of {', '.join(ACTIONS)})"
     extra = set(line) - {"key", "action"} - PARAMS[action]
     if extra:
@@ -391,7 +391,8 @@ def apply_file(manifests: list, file) -> dict[str, int]:
     index = [(Path(m), size_index(m)) for m in manifests]
     plan: dict[Path, list[dict]] = {m: [] for m, _ in index}
     for where, line in read_lines(file):
-        holders = [(m, rows) for m, rows in index if isinstance(line, dict) and line.get("key") in rows]
+        holders = [(m, rows) for m, rows in index
+                   if isinstance(line, dict) and isinstance(line.get("key"), str) and line["key"] in rows]
         problem = check(line, holders[0][1] if holders else {}, where)
         if problem:
             raise CurateError(problem)
