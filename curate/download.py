@@ -385,7 +385,7 @@ def _find_members(tars, jobs: dict, out: dict, opts: Options) -> None:
     ids = [j.post_id for j in jobs.values()]
     if not ids:
         return
-    with tqdm(desc="archive index", unit="archive", disable=not opts.progress, dynamic_ncols=True) as bar:
+    with tqdm(desc="archive index", unit="archive", disable=None if opts.progress else True, dynamic_ncols=True) as bar:
         found = tars.find(ids, progress=bar.update)
     for key in list(jobs):
         job = jobs[key]
@@ -444,9 +444,12 @@ class _Store:
             kind = img.sniff(f.read(64))
         if kind not in img.IMAGE_EXTS or (kind == "avif" and "AVIF" not in img.FORMAT_EXT):
             raise img.ImageError(f"unsupported: {kind}" if kind else "decode: not an image")
-        w, h, fmt = img.probe(path, self.opts.guard_pixels)
+        try:
+            w, h, fmt = img.probe(path, self.opts.guard_pixels)
+        except img.ImageError:  # a header that does not read cleanly: the full check says why
+            return img.verify(path, self.opts.guard_pixels)
         ext = img.FORMAT_EXT.get(fmt.upper())
-        if ext != kind:  # the header disagrees with the magic bytes: let the decoder judge
+        if ext != kind:  # the header disagrees with the magic bytes: the full check judges
             return img.verify(path, self.opts.guard_pixels)
         return w, h, ext
 

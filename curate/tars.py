@@ -232,7 +232,7 @@ class Archives:
         """The archive's cache id, (re)reading its index when it changed; None: not there."""
         cur = self._db.execute("SELECT id, signature FROM archives WHERE location = ?", (a.location,))
         row = cur.fetchone()
-        if self.remote:
+        if a.index and a.index.startswith(("http://", "https://")):
             got = self._remote_index(a, row[1] if row else None)
             if got is None:
                 return None
@@ -329,8 +329,10 @@ def _open_cache(cache) -> sqlite3.Connection:
 
 def _local_signature(a: _Archive) -> str:
     try:
-        st = os.stat(a.location)
-        sig = f"{st.st_size}:{st.st_mtime_ns}"
+        sig = "remote"
+        if not a.location.startswith(("http://", "https://")):
+            st = os.stat(a.location)
+            sig = f"{st.st_size}:{st.st_mtime_ns}"
         if a.index:
             si = os.stat(a.index)
             sig += f"|{a.index}:{si.st_size}:{si.st_mtime_ns}"
@@ -344,7 +346,8 @@ def _read_index(a: _Archive) -> dict:
         raw = Path(a.index).read_bytes()
     except OSError as exc:
         raise CurateError(f"cannot read tar index {a.index}: {exc.strerror}") from None
-    return _parse_index(a.index, raw, os.path.getsize(a.location))
+    remote = a.location.startswith(("http://", "https://"))
+    return _parse_index(a.index, raw, None if remote else os.path.getsize(a.location))
 
 
 def _parse_index(where: str, raw: bytes, tar_size: int | None) -> dict:
