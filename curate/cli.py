@@ -110,6 +110,9 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
         quota = "all" if r.quota is None else str(r.quota)
         short = "  (fewer than the quota: took all)" if r.quota is not None and r.selected < r.quota else ""
         typer.echo(f"  {r.name:<24} {quota:>8} {r.eligible:>10} {r.selected:>9}{short}")
+    for r in sel.subsets:
+        for artist in r.unmatched_artists:
+            typer.echo(f"  warning: artist {artist!r} (subset {r.name}'s artists file) matches no post in the source; a typo?")
     if sel.skipped:
         typer.echo("  skipped from source: " + ", ".join(f"{k} {v}" for k, v in sorted(sel.skipped.items())))
     typer.echo(f"  {sel.table.num_rows} rows written")

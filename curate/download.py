@@ -43,6 +43,7 @@ import pyarrow as pa
 
 from . import images as img
 from .errors import CurateError
+from .sources.posts import CDN, cdn_url
 
 VARIANTS = {"original": "original", "sample": "sample", "720": "720x720"}
 CHUNK = 1 << 18
@@ -60,6 +61,7 @@ class Options:
     tar_index: str | None = None  # folder or URL of their JSON indexes, when kept apart
     lookup_cache: Path | None = None  # SQLite id -> member lookup (None: in memory)
     verify: str = "digest"  # digest | decode
+    cdn: str = CDN  # originals of posts with md5 but no file_url: <cdn>/original/ab/cd/<md5>.<ext>
     workers: int = 8
     rate: float | None = None  # requests/s per host; None: http.py's defaults
     retries: int = 3
@@ -355,6 +357,8 @@ def _plan(row: dict, base_dir: Path, opts: Options):
             return "no post id (needed for --from-tars)"
         return _Job([], stem, md5, post_id=pid)
     url, used = _choose_url(row, VARIANTS[opts.variant])
+    if url is None and md5 is not None:  # dumps and databases without URLs: the CDN by md5
+        url, used = cdn_url(md5, ext, opts.cdn), "original"
     if url is None:  # Danbooru drops md5 and URLs of posts the account may not see
         return "hidden" if md5 is None else "no url (images of this source need --from-tars)"
     parts = urlsplit(url)

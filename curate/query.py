@@ -90,6 +90,8 @@ class Subset:
     any_tags: list[str] = field(default_factory=list)
     exclude_tags: list[str] = field(default_factory=list)
     artists: list[str] = field(default_factory=list)
+    artists_file: str | None = None  # where listed artists came from (warnings name it)
+    file_artists: list[str] = field(default_factory=list)  # the artists that file lists
     fav_count: Range | None = None
     score: Range | None = None
     rating: list[str] | None = None
@@ -125,7 +127,7 @@ class Query:
 def load(path: str | Path) -> Query:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM from Windows editors is not TOML
     except FileNotFoundError:
         raise CurateError(f"query file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -180,7 +182,9 @@ def _subset(d: dict, where: str, base_dir: Path, default_name: str) -> Subset:
         if key in d:
             setattr(s, key, [_norm_tag(t) for t in _str_list(d[key], f"{where}.{key}")])
     if "artists_file" in d:
-        s.artists = s.artists + read_artists_file(base_dir / _typed(d["artists_file"], str, f"{where}.artists_file"))
+        s.artists_file = _typed(d["artists_file"], str, f"{where}.artists_file")
+        s.file_artists = read_artists_file(base_dir / s.artists_file)
+        s.artists = s.artists + s.file_artists
         if not s.artists:
             raise CurateError(f"{where}.artists_file: {d['artists_file']} lists no artists")
     for key in ("fav_count", "score"):
@@ -217,7 +221,7 @@ def _subset(d: dict, where: str, base_dir: Path, default_name: str) -> Subset:
 def read_artists_file(path: Path) -> list[str]:
     """One artist tag per line; blank lines and `#` comments ignored."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # BOM and CRLF: read right
     except FileNotFoundError:
         raise CurateError(f"artists file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -216,10 +216,13 @@ def test_failures_stay_as_rows_with_reasons(server, tmp_path):
         {"key": "danbooru/9", "post_id": 9, "md5": None, "file_url": None, "file_ext": "jpg"},
         post(10, IMG["cmyk"], server.add("/slow.jpg", IMG["cmyk"], stall=3.0)),
         post(11, IMG["webp"], server.add("/gone.webp", statuses=[503, 503, 503])),
-        post(12, b"visible but no URL (a HakuBooru database has none)", None),
+        post(12, IMG["gif"], None),  # no URL (a HakuBooru database, an old dump): the CDN by md5
+        post(13, b"no URL and no extension to build one", None, file_ext=None),
     ]
+    h12 = md5(IMG["gif"])
+    server.add(f"/cdn/original/{h12[:2]}/{h12[2:4]}/{h12}.jpg", IMG["gif"])
     m = write_manifest(tmp_path / "m.parquet", rows)
-    s = download_manifest(m, tmp_path / "img", **FAST)
+    s = download_manifest(m, tmp_path / "img", cdn=server.url + "/cdn", **FAST)
     got = {k: r["error"] for k, r in rows_by_key(m).items()}
     assert got == {
         "danbooru/1": "http 404",
@@ -233,14 +236,15 @@ def test_failures_stay_as_rows_with_reasons(server, tmp_path):
         "danbooru/9": "hidden",
         "danbooru/10": "timeout",
         "danbooru/11": "http 503",
-        "danbooru/12": "no url (images of this source need --from-tars)",
+        "danbooru/12": None,
+        "danbooru/13": "no url (images of this source need --from-tars)",
     }
     assert got["danbooru/6"].startswith("decode: image file is truncated")
     assert server.hits["/flaky.png"] == 2 and "/ugoira.zip" not in server.hits
     assert server.hits["/short.jpg"] == 2  # one retry of a body that broke off
-    assert [p.name.split(".")[0] for p in stored(tmp_path / "img")] == [md5(IMG["png"])]
+    assert sorted(p.name for p in stored(tmp_path / "img")) == sorted([f"{md5(IMG['png'])}.png", f"{h12}.gif"])
     assert s.failed["http 404"] == 1 and s.failed["decode"] == 2 and s.failed["unsupported: zip"] == 1
-    assert sum(s.failed.values()) == 11 and s.downloaded == 1
+    assert sum(s.failed.values()) == 11 and s.downloaded == 2
     assert not list((tmp_path / "img" / ".part").iterdir())
 
 

@@ -92,3 +92,10 @@ def test_recipe_query_parses():
     assert h.orientation == "horizontal" and v.orientation == "vertical"
     assert h.fav_count == Range(31, None) and {"1girl", "solo"} <= set(h.tags)
     assert h.count >= 1000 and v.count >= 1000 and v.artists
+
+
+def test_bom_and_crlf_query_and_artists_file(tmp_path):
+    (tmp_path / "a.txt").write_bytes("\ufefffirst_artist\r\nsecond artist\r\n".encode())
+    (tmp_path / "q.toml").write_bytes('\ufeff[[subsets]]\r\nname="v"\r\nartists_file="a.txt"\r\n'.encode())
+    q = load(tmp_path / "q.toml")
+    assert q.subsets[0].artists == ["first_artist", "second_artist"]  # a BOM used to drop the first
