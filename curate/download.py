@@ -114,9 +114,12 @@ class _Job:
     url: str | None = None
     post_id: int | None = None
     member: object = None  # curate.tars.Member
+    file_size: int | None = None  # the post's, as the source reports them
+    file_ext: str | None = None
 
 
 NOT_IN_ARCHIVES = "not in archives"
+LIST_FOLDERS_FROM = 4096  # jobs: from here on, one listing per subfolder beats ~14 stats per job
 
 
 class _Fail(Exception):
@@ -231,7 +234,7 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
     root = root.resolve()
     cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows for c in
             ("post_id", "md5", "file_url", "file_ext", "variants", "path", "error", "width", "height", "source_path",
-             *EXTRA_COLUMNS)}
+             "file_size", *EXTRA_COLUMNS)}
     out = {c: list(cols[c]) for c in ("path", "error", "width", "height", *EXTRA_COLUMNS)}
     summary = Summary(rows=table.num_rows, images=root)
 
@@ -248,6 +251,7 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
             jobs.setdefault(key, planned).rows.append(i)  # same file for several rows: one job
 
     store = _Store(root, opts)
+    store.list_folders = len(jobs) >= LIST_FOLDERS_FROM
     if store.tars is not None:
         _find_members(store.tars, jobs, out, opts)
     if opts.rate is not None:
@@ -355,7 +359,7 @@ def _plan(row: dict, base_dir: Path, opts: Options):
         pid = row["post_id"]
         if pid is None or pid < 0:
             return "no post id (needed for --from-tars)"
-        return _Job([], stem, md5, post_id=pid)
+        return _Job([], stem, md5, post_id=pid, file_size=row["file_size"], file_ext=ext or None)
     url, used = _choose_url(row, VARIANTS[opts.variant])
     if url is None and md5 is not None:  # dumps and databases without URLs: the CDN by md5
         url, used = cdn_url(md5, ext, opts.cdn), "original"
@@ -422,6 +426,9 @@ class _Store:
         self.parts = root / ".part"
         self.parts.mkdir(exist_ok=True)
         self.stop = threading.Event()
+        self.list_folders = False  # set for big runs (download_table)
+        self._listings: dict[str, frozenset] = {}
+        self._safe: set[str] = set()
         self._local = threading.local()
         self._counter = itertools.count()
         self._new_session = lambda: http.session(
@@ -466,14 +473,33 @@ class _Store:
 
     def _find(self, name: str) -> Path | None:
         """The final file of a name stem, if DIR has it: looked up directly, never a scan of
-        DIR, so each of many Ray shards costs its own rows only."""
-        sub = self.root / name[:2]
-        if sub.is_symlink() or not sub.is_dir():
+        DIR, so each of many Ray shards costs its own rows only -- except in big runs
+        (`list_folders`), where one listing per subfolder is cheaper than a stat per extension."""
+        sub = os.path.join(self.root, name[:2])
+        if self.list_folders:
+            names = self._listing(name[:2])
+            for ext in img.IMAGE_EXTS:
+                if f"{name}.{ext}" in names:
+                    return Path(sub, f"{name}.{ext}")
+            return None
+        if os.path.islink(sub) or not os.path.isdir(sub):
             return None
         for ext in img.IMAGE_EXTS:
-            if (sub / f"{name}.{ext}").is_file():
-                return sub / f"{name}.{ext}"
+            if os.path.isfile(f := os.path.join(sub, f"{name}.{ext}")):
+                return Path(f)
         return None
+
+    def _listing(self, sub: str) -> frozenset:
+        """File names in DIR/sub when this run started looking (a run's jobs never share a name)."""
+        names = self._listings.get(sub)
+        if names is None:
+            path = os.path.join(self.root, sub)
+            try:
+                names = frozenset() if os.path.islink(path) else frozenset(os.listdir(path))
+            except (FileNotFoundError, NotADirectoryError):
+                names = frozenset()
+            self._listings[sub] = names
+        return names
 
     def _session(self):
         s = getattr(self._local, "session", None)
@@ -573,11 +599,11 @@ class _Store:
             md5, _, _ = self._stream(resp.iter_content(CHUNK), part, sha=False)
         return md5
 
-    def _stream(self, chunks, part: Path, sha: bool) -> tuple[str, str | None, int]:
-        """Chunks into `part`, hashed on the way; -> (md5, sha256 or None, size)."""
+    def _stream(self, chunks, part: Path, sha: bool, md5: bool = True) -> tuple[str | None, str | None, int]:
+        """Chunks into `part`, hashed on the way; -> (md5, sha256, size), a digest not asked for None."""
         from .tars import TarError
 
-        md5, sha256 = hashlib.md5(), hashlib.sha256() if sha else None
+        md5, sha256 = _NoHash() if not md5 else hashlib.md5(), hashlib.sha256() if sha else None
         deadline = time.monotonic() + self.opts.deadline
         size = 0
         try:
@@ -611,10 +637,15 @@ class _Store:
             raise _Fail("too large")
         part = self._new_part()
         try:
+            # One hash per member where it can be: a member of the post's own extension and size,
+            # vouched for by the index's sha256, is the post's file; when unsure, the md5 decides.
+            sha_only = m.sha256 is not None and job.md5 is not None and m.size == job.file_size \
+                and m.ext == (job.file_ext or "").replace("jpeg", "jpg")
             for attempt in range(1 + self.opts.retries):
                 try:
                     session = self._session() if self.tars.remote else None
-                    got_md5, got_sha, size = self._stream(self.tars.chunks(m, session), part, m.sha256 is not None)
+                    got_md5, got_sha, size = self._stream(self.tars.chunks(m, session), part, m.sha256 is not None,
+                                                          md5=not sha_only)
                     break
                 except requests.exceptions.RequestException as exc:
                     if attempt == self.opts.retries or self.stop.is_set():
@@ -624,7 +655,9 @@ class _Store:
                 raise _Fail("truncated body")
             if m.sha256 is not None and got_sha != m.sha256:
                 raise _Fail(f"checksum: {m.name} in {m.label} does not match its index's sha256")
-            if job.md5 is None:  # nothing to compare with: named by content
+            if sha_only:
+                stem, derivative, digest_ok = job.md5, None, True
+            elif job.md5 is None:  # nothing to compare with: named by content
                 stem, derivative, digest_ok = got_md5, None, m.sha256 is not None
             elif got_md5 == job.md5:
                 stem, derivative, digest_ok = job.md5, None, True
@@ -649,7 +682,7 @@ class _Store:
                     continue
                 try:
                     digest = False
-                    if name == stem and derivative is None:
+                    if name == stem and derivative is None and not m.sha256:
                         if _hash_file(f, hashlib.md5) != job.md5:
                             raise img.ImageError("md5 mismatch")
                         digest = True
@@ -672,9 +705,11 @@ class _Store:
     def _place(self, src: Path, stem: str, w: int, h: int, ext: str):
         """Move (or downscale) a verified file to its final name; -> (path, w, h)."""
         sub = self.root / stem[:2]
-        sub.mkdir(exist_ok=True)
-        if sub.is_symlink() or sub.resolve().parent != self.root:
-            raise _Fail(f"unsafe images folder: {sub} is a link")
+        if stem[:2] not in self._safe:  # checked once per run: a folder of ours, not a link
+            sub.mkdir(exist_ok=True)
+            if sub.is_symlink() or sub.resolve().parent != self.root:
+                raise _Fail(f"unsafe images folder: {sub} is a link")
+            self._safe.add(stem[:2])
         mp = self.opts.max_pixels
         if mp and w * h > mp:
             tmp = self._new_part()
@@ -728,3 +763,11 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class _NoHash:
+    def update(self, data) -> None:
+        pass
+
+    def hexdigest(self) -> None:
+        return None

@@ -65,7 +65,9 @@ def d2023(tmp_path):
     make_archive(root / "original" / "data-0002.tar", {"./1002.jpg": JPG[3]}, root / "original" / "data-0002.json")
     make_archive(root / "recent" / "data-1001.tar", {"recent/7001.jpg": JPG[4]}, root / "recent" / "data-1001.json")
     make_archive(root / "updates" / "20240101" / "posts-1.tar", {"8011.jpg": JPG[5], "readme.txt": b"x"})
-    rows = [post(1001, JPG[1]), post(2001, JPG[2]), post(1002, JPG[3]), post(7001, JPG[4]),
+    # 1001 and 1002 carry the post's file_size: the index's sha256 alone vouches for them
+    rows = [post(1001, JPG[1], file_size=len(JPG[1])), post(2001, JPG[2]),
+            post(1002, JPG[3], file_size=len(JPG[3])), post(7001, JPG[4]),
             post(8011, JPG[5]), post(9001, JPG[6])]
     return root, rows
 
