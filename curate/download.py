@@ -431,8 +431,8 @@ class _Store:
         self._safe: set[str] = set()
         self._local = threading.local()
         self._counter = itertools.count()
-        self._new_session = lambda: http.session(
-            retries=opts.retries, backoff=opts.backoff, timeout=opts.timeout, pool_size=2)
+        self._new_session = lambda: _untrusting(http.session(
+            retries=opts.retries, backoff=opts.backoff, timeout=opts.timeout, pool_size=2))
         self.tars = None
         if opts.from_tars:
             from .tars import Archives
@@ -724,6 +724,14 @@ class _Store:
             final = sub / f"{stem}.{ext}"
             os.replace(src, final)
         return final, w, h
+
+
+def _untrusting(session):
+    """Without proxy variables, skip requests' per-request environment scan (proxies, netrc):
+    ~1 ms of CPU per file, a tenth of a digest-verified download."""
+    if not any(k.lower().endswith("_proxy") for k in os.environ):
+        session.trust_env = False
+    return session
 
 
 def _net_reason(exc: Exception) -> str:
