@@ -190,7 +190,7 @@ def _download_on_ray(table, path: Path, opts: Options, ray):
     hosts = {urlsplit(u).hostname for u in urls if u} | ({urlsplit(opts.from_tars).hostname}
                                                         if str(opts.from_tars).startswith("http") else set())
     need = ["key", "post_id", "md5", "file_url", "file_ext", "variants", "path", "error", "width", "height"]
-    need += [c for c in EXTRA_COLUMNS if c in table.column_names]
+    need += [c for c in ("file_size", *EXTRA_COLUMNS) if c in table.column_names]
     # Rows of one file (same md5) go to one shard as the first of them, as one job does here
     # locally: shards never race for a file, and the others take its result.
     first, lead = {}, []
