@@ -111,25 +111,36 @@ class Archives:
         wanted = [a for a in self.archives if a.residue is None or a.residue in need]
         rank = {}
         for a in wanted:
-            key = self._load(a)
+            try:
+                key = self._load(a)
+            except sqlite3.Error as exc:  # e.g. another process held the cache for a minute
+                raise CurateError(f"archive lookup cache: {exc} (re-run; or delete the .archives.sqlite file)") from None
             if key is not None:
                 rank[key] = (len(rank), a)
             if progress:
                 progress(1)
         found: dict[int, tuple[int, Member]] = {}
-        cur = self._db.cursor()
+        try:
+            hits = self._lookup(ids)
+        except sqlite3.Error as exc:
+            raise CurateError(f"archive lookup cache: {exc} (re-run; or delete the .archives.sqlite file)") from None
+        for pid, arch, name, offset, size, sha in hits:
+            if arch not in rank:
+                continue
+            order, a = rank[arch]
+            if pid in found and found[pid][0] <= order:
+                continue
+            ext = name.rsplit("/", 1)[-1].partition(".")[2].lower()
+            found[pid] = (order, Member(a.location, a.label, name, ext, offset, size, sha))
+        return {pid: m for pid, (_, m) in found.items()}
+
+    def _lookup(self, ids: list[int]) -> list[tuple]:
+        out, cur = [], self._db.cursor()
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
             q = f"SELECT post_id, archive, name, offset, size, sha256 FROM members WHERE post_id IN ({','.join('?' * len(chunk))})"
-            for pid, arch, name, offset, size, sha in cur.execute(q, chunk):
-                if arch not in rank:
-                    continue
-                order, a = rank[arch]
-                if pid in found and found[pid][0] <= order:
-                    continue
-                ext = name.rsplit("/", 1)[-1].partition(".")[2].lower()
-                found[pid] = (order, Member(a.location, a.label, name, ext, offset, size, sha))
-        return {pid: m for pid, (_, m) in found.items()}
+            out += cur.execute(q, chunk).fetchall()
+        return out
 
     # -- reading members ---------------------------------------------------------
 
@@ -189,7 +200,7 @@ class Archives:
     def _discover(self) -> list[_Archive]:
         if self.remote:
             return self._discover_remote()
-        root = Path(self.root)
+        root = Path(self.root).resolve()  # absolute: the cache is keyed by location
         tars = sorted(p for p in root.rglob("*.tar") if p.is_file())
         if not tars:
             raise CurateError(f"--from-tars: no .tar archives under {root}")

@@ -329,7 +329,10 @@ def test_max_pixels_downscales_on_save(server, tmp_path):
     assert len(stored(tmp_path / "img")) == 2  # the big original was not kept
 
 
-def test_rerun_reverifies_files_found_on_disk(server, tmp_path):
+@pytest.mark.parametrize("listing", [False, True])  # big runs list each subfolder once instead of stats
+def test_rerun_reverifies_files_found_on_disk(server, tmp_path, monkeypatch, listing):
+    if listing:
+        monkeypatch.setattr("curate.download.LIST_FOLDERS_FROM", 1)
     good, bad = IMG["jpg"], IMG["png"]
     img = tmp_path / "img"
     hg, hb = md5(good), md5(bad)
