@@ -1,8 +1,11 @@
 """Tag rules for captions: pure functions on tag lists and pixels, no file I/O.
 
-Tags come in Danbooru spelling (underscores). The rules follow the Kohaku-XL /
-HakuBooru caption recipe: count tags first, quality from fav_count percentiles per
-rating, period tags from the post year, short emoticons keep their underscores.
+Tags come in Danbooru spelling (underscores). The rules follow HakuBooru's captioner
+(`hakubooru.caption.make_caption`, which captioned Kohaku-XL's data): its special
+tags lead the fixed group, meta tags with its blacklisted keywords are dropped, quality
+comes from its fav_count percentile table per rating (none for posts past its id
+cut-off), year and rating tags as it adds them, and names are written as it writes
+them: underscores to spaces for names longer than 3 characters, no prompt escapes.
 """
 
 from __future__ import annotations
@@ -12,6 +15,20 @@ import functools
 import re
 import unicodedata
 from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+
+# HakuBooru's special tags (hakubooru.metainfo.special_tags): they lead the fixed
+# group of a caption. `solo` is not one of them; it shuffles with the general tags.
+SPECIAL_TAGS = frozenset(
+    [f"{n}{who}" for who in ("girl", "boy", "other") for n in ("1",)]
+    + [f"{n}{who}s" for who in ("girl", "boy", "other") for n in ("2", "3", "4", "5", "6+", "multiple_")]
+    + ["male_focus"]
+)
+# Meta tags whose names contain one of these are dropped (hakubooru.metainfo).
+META_BLACKLIST = ("(medium)", "commentary", "bad", "translat", "request", "mismatch",
+                  "revision", "audio", "video")
+BANNED_ARTIST_KEYWORD = "banned"  # `banned_artist`: HakuBooru filters artist tags with it
+QUALITY_MAX_POST_ID = 7_000_000   # HakuBooru adds no quality tag to newer posts
 
 # `1girl`, `6+girls`, `2boys`, `1other`, `multiple_girls`, `solo`: who is in the picture.
 COUNT_TAG = re.compile(r"(?:\d+\+?(?:girl|boy|other)s?|multiple_(?:girls|boys|others)|solo)")
@@ -42,6 +59,10 @@ RATING_TAGS = {"g": ("safe",), "s": ("sensitive",), "q": ("nsfw",), "e": ("expli
 # surrogate, private-use, unassigned, line and paragraph separators.
 _UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 _UNESCAPED_PAREN = re.compile(r"(?<!\\)([()])")
+_ESCAPED_PAREN = re.compile(r"\\([()])")
+# Danbooru's timestamps are US Eastern; at New Year that is always UTC-5 (no DST), so
+# the post's year is read there, as HakuBooru reads it from the API's own string.
+_DANBOORU_NEW_YEAR = timezone(timedelta(hours=-5))
 
 
 @functools.lru_cache(maxsize=64)
@@ -57,6 +78,19 @@ def is_banned(tag: str, pattern: re.Pattern | None) -> bool:
 
 def is_count_tag(tag: str) -> bool:
     return bool(COUNT_TAG.fullmatch(tag))
+
+
+def is_special_tag(tag: str) -> bool:
+    return tag in SPECIAL_TAGS
+
+
+def meta_kept(tag: str) -> bool:
+    """HakuBooru's meta filter: drop names holding a blacklisted keyword."""
+    return not any(word in tag for word in META_BLACKLIST)
+
+
+def artist_kept(tag: str) -> bool:
+    return BANNED_ARTIST_KEYWORD not in tag
 
 
 def prune_overlaps(tags: Sequence[str], source: set[str] | frozenset = frozenset()) -> list[str]:
@@ -86,42 +120,76 @@ def prune_overlaps(tags: Sequence[str], source: set[str] | frozenset = frozenset
 
 def quality_tag(rating: str | None, fav_count: int | None,
                 thresholds: dict = QUALITY_THRESHOLDS,
-                labels: Sequence[str] = QUALITY_LABELS) -> str | None:
-    """The quality label for a post, or None when rating or fav_count is unknown."""
+                labels: Sequence[str] = QUALITY_LABELS,
+                post_id: int | None = None, max_post_id: int = 0) -> str | None:
+    """The quality label for a post, or None when rating or fav_count is unknown or
+    the post is newer than `max_post_id` (0: no cut-off)."""
     if fav_count is None or rating not in thresholds:
+        return None
+    if max_post_id and post_id is not None and post_id > max_post_id:
         return None
     return labels[bisect.bisect_left(list(thresholds[rating]), fav_count)]
 
 
+def post_year(created_at: datetime | None) -> int | None:
+    """The year of a Danbooru timestamp, in Danbooru's own time zone."""
+    if created_at is None:
+        return None
+    if created_at.tzinfo is not None:
+        created_at = created_at.astimezone(_DANBOORU_NEW_YEAR)
+    return created_at.year
+
+
 def year_tag(year: int | None) -> str | None:
-    """Kohaku-XL's period tags: old (<=2010), early, mid, recent, newest (2021+)."""
+    """HakuBooru's period tags: old (2005-2010), early (up to 2014, and anything before
+    2005), mid (2015-2017), recent (2018-2020), newest (2021-2024); none after 2024."""
     if year is None:
         return None
-    for last, name in ((2010, "old"), (2014, "early"), (2017, "mid"), (2020, "recent")):
+    if 2005 <= year <= 2010:
+        return "old"
+    for last, name in ((2014, "early"), (2017, "mid"), (2020, "recent"), (2024, "newest")):
         if year <= last:
             return name
-    return "newest"
+    return None
 
 
-def format_tag(tag: str, separator: str = "") -> str | None:
-    """Danbooru spelling -> prompt spelling that cannot split or break a caption.
+def format_tag(tag: str, separator: str = "", escape: bool = False) -> str | None:
+    """Danbooru spelling -> caption spelling, as HakuBooru writes names.
 
-    Underscores become spaces except in short emoticons (`^_^`, `o_o`: three
-    characters or fewer, as HakuBooru does); parentheses are escaped; commas,
-    line breaks, control characters and the keep separator become spaces.
-    None when nothing printable is left.
+    Underscores become spaces except in short names (`^_^`, `o_o`: three characters
+    or fewer). No prompt escapes: `\\(` from a tagger's label list becomes `(`, since
+    the text encoder should see what a prompt's `\\(` reaches it as; `escape=True`
+    (for sd-scripts' weighted_captions) escapes parentheses instead. Commas, line
+    breaks, control characters and the keep separator become spaces, so a tag can
+    never split or break a caption. None when nothing printable is left.
     """
     text = unicodedata.normalize("NFC", str(tag))
     text = "".join(" " if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in text)
-    text = " ".join(text.split())
-    if len(text) > 3:
-        text = text.replace("_", " ")
     text = text.replace(",", " ")
     if separator:
         while separator in text:
             text = text.replace(separator, " ")
-    text = _UNESCAPED_PAREN.sub(r"\\\1", " ".join(text.split()))
+    text = " ".join(text.split())
+    if len(text) > 3:
+        text = text.replace("_", " ")
+    text = _ESCAPED_PAREN.sub(r"\1", text)
+    if escape:
+        text = _UNESCAPED_PAREN.sub(r"\\\1", text)
     return text or None
+
+
+def one_line(text: str) -> str:
+    """A user's caption on one line (sd-scripts reads only the first): lines joined with
+    ", ", control and invisible characters and runs of spaces made one space."""
+    text = unicodedata.normalize("NFC", text)
+    lines = ("".join(" " if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in line)
+             for line in text.splitlines())
+    return ", ".join(" ".join(line.split()) for line in lines if line.strip())
+
+
+def unescape(text: str) -> str:
+    """`\\(` -> `(` and `\\)` -> `)`: what a prompt UI hands the text encoder."""
+    return _ESCAPED_PAREN.sub(r"\1", text)
 
 
 def color_theme(rgb, share: float = 0.5) -> str | None:

@@ -251,6 +251,9 @@ def ingest(
                f"manifest, {s.failed} unreadable (error rows), {s.copies} byte-identical copies")
     if s.not_images:
         typer.echo(f"  {s.not_images} non-image files ignored")
+    if s.user_captions:
+        typer.echo(f"  {s.user_captions} images have the user's own caption (.txt/.caption beside them; "
+                   "read into user_caption, never changed)")
     if s.missing:
         typer.echo(f"  {s.missing} earlier rows point to files no longer there (rows kept)")
     _show_errors(s.errors)
@@ -325,10 +328,13 @@ def caption(
         None, "--config", help="TOML file with a \\[caption] table (and \\[caption.subsets.NAME]); "
         "default: the caption tables of the query the manifest was built from."),
 ) -> None:
-    """Build each row's caption and write <image stem>.txt (UTF-8, one line) beside its image.
+    """Choose each row's caption (the user's own, generated, or both merged) and keep a copy as a .txt file.
 
-    Order: count tags, character, copyright, (artist), general, quality/rating/year;
-    see the curate.caption module for every caption key. Rows with error or dup_of are skipped.
+    Generated captions follow HakuBooru (Kohaku-XL's captioner): special tags (1girl ...), character,
+    copyright, (artist), general, year/rating/quality; names with spaces, no prompt escapes;
+    recipe = "hakubooru" gives make_caption's exact text. The .txt goes beside images curate
+    wrote (downloads, crops), else to <manifest stem>.captions/; a file curate did not write is
+    never replaced. See the curate.caption module for every key. Rows with error or dup_of are skipped.
     """
     from .caption import run
 

@@ -215,17 +215,28 @@ def prepare(demo: Path, n_posts: int) -> None:
 # --- the "official CG" folder ---------------------------------------------------------
 
 
+# A user's captions as real folders have them: UTF-8 with a BOM and CRLF, a `.caption`
+# file, and prompt escapes (which training text drops).
+HAND_CAPTIONS = {
+    "cg_02.txt": "\ufeff1girl, solo, classroom, evening sky, looking at viewer\r\n".encode("utf-8"),
+    "cg_07.caption": "2girls, rooftop, wind, school uniform".encode("utf-8"),
+    "cg_10.txt": "1girl, hoshino \\(blue archive\\), halo, smile".encode("utf-8"),
+}
+
+
 def make_cg(out: Path, reg: Path | None, seed: int = 7) -> dict:
     """Game CGs at 16:9 with what real folders have: video-frame near-duplicates, a
     re-encode, a byte copy, letterboxed and white-bordered versions, a broken file,
-    and (with --reg) a repost of a reg-set image, which dedupe --against catches."""
+    a few images with the user's own captions beside them (HAND_CAPTIONS), and (with
+    --reg) a repost of a reg-set image, which dedupe --against catches."""
     done = cg_marker(out)
     if done.exists():
         return json.loads(done.read_text())
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     W, H = 768, 432
-    counts = {"cg": 0, "near_duplicates": 0, "letterboxed_or_bordered": 0, "broken": 0, "reposts": 0}
+    counts = {"cg": 0, "near_duplicates": 0, "letterboxed_or_bordered": 0, "broken": 0, "reposts": 0,
+              "hand_captioned": 0}
     for i in range(24):
         im = draw_scene(np.random.default_rng([seed, i]), W, H, figures=1 + i % 3)
         im.save(out / f"cg_{i:02d}.png")
@@ -245,6 +256,9 @@ def make_cg(out: Path, reg: Path | None, seed: int = 7) -> dict:
         box.paste(im, (48, 60))
         box.save(out / f"screenshot_{i:02d}.png")
         counts["letterboxed_or_bordered"] += 1
+    for name, data in HAND_CAPTIONS.items():  # CGs with no near-duplicate: each survives dedupe
+        (out / name).write_bytes(data)
+        counts["hand_captioned"] += 1
     Image.open(out / "cg_03.png").convert("RGB").save(out / "cg_03_reencoded.jpg", quality=92)
     shutil.copyfile(out / "cg_05.png", out / "cg_05 (copy).png")
     counts["near_duplicates"] += 2

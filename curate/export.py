@@ -75,6 +75,7 @@ class ExportSummary:
     subsets: list = field(default_factory=list)  # (image_dir, images, is_reg)
     skipped: Counter = field(default_factory=Counter)
     removed: int = 0
+    weighted_captions: bool = False  # captions carry `\(` escapes: sd-scripts needs --weighted_captions
 
     def lines(self) -> list[str]:
         total = sum(n for _, n, _ in self.subsets)
@@ -87,7 +88,8 @@ class ExportSummary:
             out.append("  warning: only reg subsets; sd-scripts needs training images beside them")
         if self.removed:
             out.append(f"  removed {self.removed} files the previous export wrote")
-        out.append(f"sd-scripts: --dataset_config {self.out_dir / 'dataset_config.toml'}")
+        out.append(f"sd-scripts: --dataset_config {self.out_dir / 'dataset_config.toml'}"
+                   + (" --weighted_captions" if self.weighted_captions else ""))
         out.append(f"fine-tune metadata: {self.out_dir / 'metadata.json'}")
         return out
 
@@ -160,6 +162,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     previous = _previous_files(out_dir)
     summary = ExportSummary(out_dir)
     plan = []  # (subset dir, subset values, [(key, image, caption)])
+    weighted: set[bool] = set()  # sd-scripts' weighted_captions is one flag for the whole run
     used_names: set[str] = set()
     for path in dict.fromkeys(paths):
         table, meta = manifest.read(path)
@@ -169,6 +172,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
             base["class_tokens"] = str(meta["class_token"])
         base.update(per_manifest.get(path, {}))
         separators = meta.get("stages", {}).get("caption", {}).get("keep_separators", {})
+        escaped = meta.get("stages", {}).get("caption", {}).get("escaped", {}) or {}
         name = _unique(_safe_name(path.stem), used_names)
         subset_names: set[str] = set()
         for subset, rows in _eligible(table, path.parent, summary.skipped).items():
@@ -176,14 +180,20 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
             if separators.get(subset) and "keep_tokens_separator" not in values:
                 values["keep_tokens_separator"] = separators[subset]
             folder = _unique(_safe_name(subset or "default"), subset_names)
+            if escaped.get(subset) or any("(" in c or ")" in c for *_, c in rows):  # else either way
+                weighted.add(bool(escaped.get(subset)))
             plan.append((out_dir / name / folder, values, rows))
     if not plan:
         raise CurateError("nothing to export: no captioned rows with images (run curate caption first)")
+    if len(weighted) > 1:
+        raise CurateError("some captions carry escape_parentheses escapes and some do not; sd-scripts' "
+                          "--weighted_captions is one flag for the run: caption them alike")
+    summary.weighted_captions = weighted == {True}
 
     written: set[str] = set()
     done = False
     try:
-        _write(plan, out_dir, dataset, link, summary, written)
+        _write(plan, out_dir, dataset, link, summary, written, summary.weighted_captions)
         done = True
     finally:  # a failed export still records what it wrote, so the next one can clean up
         record = written if done else previous | written
@@ -221,7 +231,7 @@ def _eligible(table, root: Path, skipped: Counter) -> dict[str, list]:
 
 
 def _write(plan, out_dir: Path, dataset: dict, link: str, summary: ExportSummary,
-           written: set[str]) -> None:
+           written: set[str], weighted: bool = False) -> None:
     """Lay out images + captions, then the TOML and metadata; note each file in `written`."""
     import tomli_w
 
@@ -240,7 +250,8 @@ def _write(plan, out_dir: Path, dataset: dict, link: str, summary: ExportSummary
         subsets.append({"image_dir": str(subset_dir), **values})
         summary.subsets.append((str(subset_dir.relative_to(out_dir)), len(rows), values.get("is_reg", False)))
     config = {"general": {"caption_extension": ".txt"}, "datasets": [{**dataset, "subsets": subsets}]}
-    header = "# written by curate export; train with sd-scripts --dataset_config <this file>\n"
+    header = ("# written by curate export; train with sd-scripts --dataset_config <this file>"
+              + (" --weighted_captions (the captions carry \\( escapes)" if weighted else "") + "\n")
     (out_dir / "dataset_config.toml").write_text(header + tomli_w.dumps(config), encoding="utf-8")
     written.add("dataset_config.toml")
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1, ensure_ascii=False),

@@ -6,6 +6,10 @@ manifest's folder, `sha256` (extension column, reused by dedupe). A file Pillow
 cannot decode becomes a row with `error`. Re-ingesting a grown folder keeps every
 existing row as it is and adds only files whose `source_path` is new.
 
+A user's caption beside an image (`<stem>.txt` or `<stem>.caption`, UTF-8 with or
+without BOM) is read into `user_caption`, for new rows and again for existing ones (the
+user may have written it since); the file itself is never changed.
+
 Byte-identical copies keep a row each (dedupe marks them); the later copy's key is
 the sha256 prefix of its bytes plus its relative path, so keys stay unique and stable.
 """
@@ -22,6 +26,8 @@ import pyarrow as pa
 from .errors import CurateError
 from .images import ImageError, open_image, probe
 
+SIDECARS = (".txt", ".caption")  # a user's caption beside the image, first found wins
+SIDECAR_MAX_BYTES = 1 << 20     # a caption, not a book: bigger files are reported and left out
 KEY_HEX = 16  # 64 bits of sha256: no accidental collision among millions of files
 SKIP_SUFFIXES = {".parquet", ".part", ".txt", ".json", ".toml", ".caption", ".npz", ".db"}
 
@@ -36,6 +42,7 @@ class Summary:
     not_images: int = 0
     missing: int = 0
     rows: int = 0
+    user_captions: int = 0
     errors: list = field(default_factory=list)
 
 
@@ -75,6 +82,39 @@ def find_images(folder: Path, exclude: set[Path]) -> tuple[list[Path], int]:
             else:
                 others += 1
     return found, others
+
+
+def read_sidecar(image: Path) -> tuple[str | None, str | None]:
+    """(the user's caption for `image`, a problem to report) from its sidecar file."""
+    for suffix in SIDECARS:
+        side = image.with_suffix(suffix)
+        if side == image or not side.is_file():
+            continue
+        try:
+            if side.stat().st_size > SIDECAR_MAX_BYTES:
+                return None, f"{side.name}: caption file over {SIDECAR_MAX_BYTES} bytes, not read"
+            text = side.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return None, f"{side.name}: caption file is not UTF-8, not read"
+        except OSError as exc:
+            return None, f"{side.name}: cannot read caption file: {exc.strerror or exc}"
+        return (text.strip() or None), None
+    return None, None
+
+
+def _user_captions(table: pa.Table, base: Path, s: Summary) -> pa.Table:
+    """Fill `user_caption` from each row's sidecar (rows whose source file is known)."""
+    from .manifest import with_column
+
+    values = []
+    for src, old in zip(table.column("source_path").to_pylist(), table.column("user_caption").to_pylist()):
+        # lexically: the manifest's folder may not exist yet (`manifests/../cg/a.png`)
+        text, problem = read_sidecar(Path(os.path.normpath(base / src))) if src else (old, None)
+        if problem:
+            s.errors.append(f"{src}: {problem}")
+        values.append(text)
+    s.user_captions = sum(1 for v in values if v)
+    return with_column(table, "user_caption", values)
 
 
 def inspect_file(path: str) -> dict:
@@ -142,6 +182,7 @@ def ingest(table: pa.Table | None, folder: Path, base: Path, name: str,
         if "sha256" not in table.column_names:
             table = table.append_column("sha256", pa.nulls(table.num_rows, pa.string()))
         table = pa.concat_tables([table, added.select(table.column_names)])
+    table = _user_captions(table, base, s)
     s.rows = table.num_rows
     return table, s
 

@@ -54,6 +54,9 @@ STAGE_FIELDS = [
     pa.field("crop", pa.list_(pa.int32())),
     pa.field("tagger", tagger_type),
     pa.field("caption", pa.string()),
+    pa.field("user_caption", pa.string()),    # the user's sidecar .txt/.caption, read at ingest
+    pa.field("caption_file", pa.string()),    # the file the caption stage wrote (relative path)
+    pa.field("caption_sha256", pa.string()),  # ... and the digest of what it wrote there
 ]
 
 MANIFEST_SCHEMA = pa.schema(

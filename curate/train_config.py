@@ -95,6 +95,7 @@ class TrainConfig:
     sample_every_n_steps: int = 0          # 0: no sample images
     sample_prompts: Union[list, str] = field(default_factory=list)  # prompts, or a file with one per line
     sample_steps: int = 28                 # Euler steps per sample image
+    weighted_captions: Optional[bool] = None  # None: as the captions were written (escape_parentheses)
     source: Optional[Path] = None          # the file this came from (not a key)
 
     @property
@@ -118,7 +119,7 @@ _TYPES = {
     "full_bf16": bool, "gradient_checkpointing": bool, "cache_latents": bool,
     "latent_cache_dir": str, "save_every_n_steps": int, "save_last_n_checkpoints": int,
     "save_precision": str, "output_name": str, "sample_every_n_steps": int,
-    "sample_prompts": (list, str), "sample_steps": int, "datasets": list,
+    "sample_prompts": (list, str), "sample_steps": int, "datasets": list, "weighted_captions": bool,
 }
 _DATASET_TYPES = {
     "manifest": str, "num_repeats": int, "is_reg": bool, "class_tokens": str,

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import manifest
+from . import caption_rules, manifest
 from .buckets import Buckets, Placement, resize_and_crop
 from .errors import CurateError
 from .images import ImageError, open_image, probe
@@ -125,7 +125,7 @@ def plan(config: TrainConfig, num_processes: int = 1) -> Plan:
     samples: list[Sample] = []
     skipped: Counter = Counter()
     for i, ds in enumerate(config.datasets):
-        samples += _read_dataset(ds, i, buckets, skipped)
+        samples += _read_dataset(ds, i, buckets, skipped, config.weighted_captions)
     train = [s for s in samples if not s.is_reg]
     reg = [s for s in samples if s.is_reg]
     if not train:
@@ -157,8 +157,10 @@ def reg_repeats(n_train: int, reg: list[int]) -> list[int]:
     return counts
 
 
-def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Counter) -> list[Sample]:
+def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Counter,
+                  weighted: bool | None = None) -> list[Sample]:
     table, meta = manifest.read(ds.manifest)
+    escaped = meta.get("stages", {}).get("caption", {}).get("escaped", {}) or {}
     is_reg = ds.is_reg if ds.is_reg is not None else meta.get("kind") == "reg"
     class_token = ds.class_tokens or meta.get("class_token")
     separators = meta.get("stages", {}).get("caption", {}).get("keep_separators", {}) or {}
@@ -179,6 +181,7 @@ def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Coun
         if not caption:
             skipped["no caption (column or .txt)"] += 1
             continue
+        caption = _text_for_encoder(caption, bool(escaped.get(row["subset"] or "")), weighted, ds.manifest)
         try:
             w, h, _ = probe(path)
         except ImageError:
@@ -192,6 +195,21 @@ def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Coun
         out.append(Sample(row["key"], path, caption, (w, h), placement, index, is_reg, sep or None,
                           subset=row["subset"] or "", repeats=ds.num_repeats))
     return out
+
+
+def _text_for_encoder(caption: str, escaped: bool, weighted: bool | None, where: Path) -> str:
+    """Escaped captions (caption's escape_parentheses) need weighted_captions, and it
+    needs them: the text encoder gets `(` for `\\(`, as from a prompt UI. (Weights such
+    as `(tag:1.2)` are not applied by curate train.)"""
+    if escaped:
+        if weighted is False:
+            raise CurateError(f"{where}: captions carry \\( escapes (escape_parentheses); "
+                              "set weighted_captions = true or caption without escapes")
+        return caption_rules.unescape(caption)
+    if weighted and ("(" in caption or ")" in caption):
+        raise CurateError(f"{where}: weighted_captions = true needs captions written with "
+                          "escape_parentheses = true (these carry plain parentheses)")
+    return caption
 
 
 def _txt_caption(image: Path) -> str | None:

@@ -1,6 +1,7 @@
 """curate caption: recipe rules on real Danbooru tag spellings, hostile tags, reg
 captions, settings from --config and from the query text, real files and CLI."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from curate import manifest
-from curate.caption import CaptionSettings, build_caption
+from curate.caption import CaptionSettings, build_caption, choose_caption
 from curate.caption_rules import color_theme, format_tag, prune_overlaps, quality_tag
 from curate.cli import app
 from curate.errors import CurateError
@@ -81,15 +82,15 @@ def feed(shared_data):
 # --- rules one by one ------------------------------------------------------------
 
 
-def test_order_count_character_copyright_artist_general_then_quality_rating_year(booru):
+def test_order_special_character_copyright_artist_general_then_year_rating_quality(booru):
     post = booru[6148686]  # 1girl solo, two asuna characters, blue_archive
     s = CaptionSettings(artist=True, rating=True, year=True, keep_separator="|||")
     caption = build_caption(post_row(post), s)
     fixed, rest = caption.split(" ||| ")
-    assert fixed == ("1girl, solo, asuna \\(blue archive\\), asuna \\(bunny\\) \\(blue archive\\), "
-                     "blue archive, user vfpg3584")
-    assert rest.endswith(", worst quality, sensitive, newest")  # fav 1 <= p10 of s (2)
-    assert "blonde hair" in tags(rest) and "1girl" not in tags(rest)
+    # HakuBooru's order and names: `solo` is not special, no `\(` escapes
+    assert fixed == "1girl, asuna (blue archive), asuna (bunny) (blue archive), blue archive, user vfpg3584"
+    assert rest.endswith(", newest, sensitive, worst quality")  # fav 1 <= p10 of s (2)
+    assert "blonde hair" in tags(rest) and "solo" in tags(rest) and "1girl" not in tags(rest)
 
 
 def test_quality_from_fav_count_percentiles_per_rating():
@@ -154,10 +155,13 @@ def test_underscores_emoticons_and_parentheses(feed, shared_data):
     assert "=_=" in caps[1] and ">_<" in caps[2]
     eyja = load_posts(shared_data, "imgbrd_posts_2020-07.json")[4018204]
     out = build_caption(post_row(eyja), CaptionSettings())
-    assert out.startswith("1girl, solo, eyjafjalla \\(arknights\\), arknights")
-    assert "originium arts \\(arknights\\)" in tags(out)
+    assert out.startswith("1girl, eyjafjalla (arknights), arknights")
+    assert "originium arts (arknights)" in tags(out) and "\\" not in out
     assert format_tag("la+_darknesss") == "la+ darknesss"
-    assert format_tag("already_\\(escaped\\)") == "already \\(escaped\\)"
+    # a label list's escapes are undone; escaping is an explicit option
+    assert format_tag("already_\\(escaped\\)") == "already (escaped)"
+    assert format_tag("yuuka_(blue_archive)", escape=True) == "yuuka \\(blue archive\\)"
+    assert format_tag("already_\\(escaped\\)", escape=True) == "already \\(escaped\\)"
 
 
 def test_hostile_tags_never_split_or_break_a_caption(booru):
@@ -169,7 +173,7 @@ def test_hostile_tags_never_split_or_break_a_caption(booru):
     assert fixed.split(", ") == ["1girl", "x y z", "touhou"]
     assert rest.split(", ") == [
         "a b", "line break", "keep split", "zero width", "para sep", "初音ミク",
-        "don't say \"lazy\"", "\\||/", "\\(unbalanced", "worst quality"]
+        "don't say \"lazy\"", "\\||/", "(unbalanced", "worst quality"]
 
 
 def test_colour_theme_from_pixels_placed_first(booru, tmp_path):
@@ -186,7 +190,7 @@ def test_colour_theme_from_pixels_placed_first(booru, tmp_path):
         "danbooru/6148686": (30, 60, 220), "danbooru/6148687": (220, 20, 20)})
     assert CliRunner().invoke(app, ["caption", str(m), "--config", str(config)]).exit_code == 0
     caps = captions_of(m)
-    assert caps["danbooru/6148686"].startswith("blue theme, baxl style, 1girl, solo")
+    assert caps["danbooru/6148686"].startswith("blue theme, baxl style, 1girl, asuna")
     assert caps["danbooru/6148687"].startswith("red theme, baxl style, 1girl")
 
 
@@ -202,7 +206,7 @@ def test_tagger_tags_merged_source_wins(booru):
         {"tag": "looking at viewer", "category": "general", "score": 0.6},
     ]
     out = tags(build_caption(row, CaptionSettings(keep_separator="|||")))
-    assert out[:4] == ["1girl", "solo", "onozuka komachi", "hakurei reimu"]
+    assert out[:3] == ["1girl", "onozuka komachi", "hakurei reimu"] and "solo" in out[3:]
     assert "kirisame marisa" not in out and "smile" not in out and "general" not in out
     assert out.count("red hair") == 1 and out.index("red hair") > out.index("touhou")
     assert "looking at viewer" in out
@@ -293,8 +297,8 @@ def test_config_file_per_subset_prefix(booru, tmp_path):
     m = write_manifest(tmp_path / "m.parquet", rows)
     CliRunner().invoke(app, ["caption", str(m), "--config", str(config)])
     caps = captions_of(m)
-    assert caps["danbooru/6148680"].startswith("baxl style, 1girl, solo, ichikawa hinana")
-    assert caps["danbooru/6148679"].startswith("1girl, solo, tsukahara hibiki")
+    assert caps["danbooru/6148680"].startswith("baxl style, 1girl, ichikawa hinana")
+    assert caps["danbooru/6148679"].startswith("1girl, tsukahara hibiki")
     assert "quality" not in caps["danbooru/6148679"]
 
 
@@ -319,6 +323,10 @@ def test_undecodable_image_gets_error_when_colours_are_needed(booru, tmp_path):
     ("[caption]\nreg_caption = 'tags'\n", "reg_caption must be one of"),
     ("[caption]\nquality_thresholds = { g = [3, 1, 2, 4, 5, 6] }\n", "ascending"),
     ("[other]\n", "no [caption] table"),
+    ("[caption]\nrecipe = 'kohaku'\n", "recipe must be one of curate, hakubooru, kohaku-xl"),
+    ("[caption]\nrecipe = ['hakubooru']\n", "recipe must be one of"),
+    ("[caption.subsets.cg]\nuser_caption = 'keep'\n", "user_caption must be one of use, merge, ignore"),
+    ("[caption]\nquality_max_post_id = 7e6\n", "quality_max_post_id' expects a whole number"),
     ("[caption\n", "not valid TOML"),
 ])
 def test_bad_config_is_an_error_and_manifest_untouched(booru, tmp_path, config_text, message):
@@ -380,3 +388,339 @@ def test_two_images_with_one_stem_share_no_caption_file(booru, tmp_path):
     assert result.exit_code == 0 and "share the caption file" in result.output
     caps = captions_of(m)
     assert (tmp_path / "i" / "same.txt").read_text(encoding="utf-8") == caps["danbooru/6148686"]
+
+
+# --- the HakuBooru recipe against hakubooru's own make_caption ----------------------
+
+API_RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
+CATEGORIES = ("general", "artist", "character", "copyright", "meta")
+
+
+def real_posts(shared_data: Path) -> list[dict]:
+    """Every real API post in ../shared/data, plus copies (real tags) at HakuBooru's edges."""
+    posts = []
+    for name in ("booru-rs_posts_2023-03.json", "rust-any2feed_posts_2023-03_limit100.json",
+                 "imgbrd_posts_2020-07.json", "booru.hs_post_9969513_2025-09_with_media_asset.json"):
+        doc = json.loads((shared_data / "danbooru" / name).read_text())
+        posts += doc if isinstance(doc, list) else [doc]
+    base = next(p for p in posts if p["id"] == 6148686)
+    edges = [  # (id, created_at, fav_count, extra artist)
+        (1_000_001, "2010-12-31T22:00:00.000-05:00", 40, ""),   # 2011 in UTC, 2010 for Danbooru
+        (1_000_002, "2004-06-01T12:00:00.000-04:00", 3, ""),    # before 2005: HakuBooru says early
+        (1_000_003, "2025-01-02T12:00:00.000-05:00", 7, ""),    # after 2024: no year tag
+        (1_000_004, "2015-05-05T12:00:00.000-04:00", 90, "banned_artist"),
+        (7_000_000, "2023-12-01T12:00:00.000-05:00", 90, ""),   # the last id with a quality tag
+        (7_000_001, "2023-12-01T12:00:00.000-05:00", 90, ""),
+    ]
+    for pid, created, fav, artist in edges:
+        copy = dict(base, id=pid, created_at=created, fav_count=fav, rating="q" if pid % 2 else "e")
+        copy["tag_string_artist"] = " ".join(filter(None, [base["tag_string_artist"], artist]))
+        copy["tag_string"] = " ".join(sorted(copy["tag_string"].split() + ([artist] if artist else [])))
+        posts.append(copy)
+    return posts
+
+
+def hakubooru_db(posts: list[dict], path: Path):
+    """A HakuBooru database written with hakubooru's own peewee models."""
+    pytest.importorskip("peewee")
+    db_module = pytest.importorskip("hakubooru.dataset.db")
+    db_module.load_db(str(path))
+    Post, Tag, Relation = db_module.Post, db_module.Tag, db_module.PostTagRelation
+    ids: dict[str, int] = {}
+    with db_module.db.atomic():
+        for p in posts:
+            category = {t: c for c in CATEGORIES for t in p.get(f"tag_string_{c}", "").split()}
+            for name in category:
+                if name not in ids:
+                    ids[name] = len(ids) + 1
+                    Tag.create(id=ids[name], name=name, type=category[name], popularity=0)
+            Post.create(
+                id=p["id"], created_at=p["created_at"], uploader_id=p.get("uploader_id") or 0,
+                source=p.get("source") or "", md5=p.get("md5"), parent_id=p.get("parent_id"),
+                has_children=bool(p.get("has_children")), is_deleted=bool(p.get("is_deleted")),
+                is_banned=bool(p.get("is_banned")), pixiv_id=p.get("pixiv_id"),
+                has_active_children=bool(p.get("has_active_children")), bit_flags=p.get("bit_flags") or 0,
+                has_large=bool(p.get("has_large")), has_visible_children=bool(p.get("has_visible_children")),
+                image_width=p["image_width"], image_height=p["image_height"], file_size=p["file_size"],
+                file_ext=p["file_ext"], rating=API_RATINGS[p["rating"]], score=p["score"],
+                up_score=p["up_score"], down_score=p["down_score"], fav_count=p["fav_count"],
+                file_url=p.get("file_url"), large_file_url=p.get("large_file_url"),
+                preview_file_url=p.get("preview_file_url"), updated_at=p["updated_at"])
+            for name in p["tag_string"].split():  # Danbooru's order, as an import writes it
+                if name in category:
+                    Relation.create(post=p["id"], tag=ids[name])
+    return db_module
+
+
+@pytest.fixture
+def hakubooru_reference(shared_data, tmp_path):
+    """({post id: make_caption's text}, the database's path)."""
+    caption_module = pytest.importorskip("hakubooru.caption")
+    posts = real_posts(shared_data)
+    path = tmp_path / "danbooru2023.db"
+    db_module = hakubooru_db(posts, path)
+    expected = {p["id"]: caption_module.make_caption(db_module.Post.get_by_id(p["id"])) for p in posts}
+    db_module.db.close()
+    return expected, path, posts
+
+
+def test_hakubooru_recipe_is_make_captions_text_for_posts_read_from_its_db(hakubooru_reference):
+    from curate.sources import open_source
+
+    expected, path, posts = hakubooru_reference
+    s = CaptionSettings.of_recipe("hakubooru")
+    rows = pa.concat_tables(list(open_source(f"hakubooru:{path}").batches())).to_pylist()
+    assert len(rows) == sum(1 for p in posts if p.get("md5") or p.get("file_url"))  # hidden posts left out
+    got = {r["post_id"]: build_caption(r, s) for r in rows}
+    assert got == {pid: expected[pid] for pid in got}
+    # the cases this recipe exists for, as make_caption writes them
+    assert "solo" not in got[6148686].split("|||")[0] and "1girl" in got[6148686].split("|||")[0]
+    assert all("commentary" not in t and "request" not in t for c in got.values() for t in tags(c))
+    assert "banned artist" not in got[1_000_004] and got[1_000_004].count("|||") == 1
+    assert "old" in tags(got[1_000_001]) and "early" in tags(got[1_000_002])
+    assert not {"old", "early", "mid", "recent", "newest"} & set(tags(got[1_000_003]))
+    assert "quality" in got[7_000_000] and "quality" not in got[7_000_001] + got[9969513]
+    assert "\\(" not in "".join(got.values()) and "(blue archive)" in got[6148686]  # no escapes
+
+
+def test_hakubooru_recipe_is_make_captions_text_for_api_posts(hakubooru_reference):
+    expected, _, posts = hakubooru_reference
+    s = CaptionSettings.of_recipe("hakubooru")
+    for post in posts:
+        assert build_caption(post_row(post), s) == expected[post["id"]], post["id"]
+
+
+def test_hakubooru_recipe_from_a_config_and_where_curate_differs(hakubooru_reference, tmp_path):
+    expected, _, posts = hakubooru_reference
+    by_id = {p["id"]: p for p in posts}
+    config = tmp_path / "c.toml"
+    config.write_text('[caption]\nrecipe = "kohaku-xl"\n[caption.subsets.cg]\nrecipe = "curate"\n')
+    ids = [6148686, 6141616, 4018204]
+    rows = [post_row(by_id[i], path=f"i/{i}.png") for i in ids]
+    rows[2]["subset"] = "cg"
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    assert CliRunner().invoke(app, ["caption", str(m), "--config", str(config)]).exit_code == 0
+    caps = captions_of(m)
+    assert [caps[f"danbooru/{i}"] for i in ids[:2]] == [expected[i] for i in ids[:2]]
+    assert (tmp_path / "i" / "6148686.txt").read_text(encoding="utf-8") == expected[6148686]
+    # the curate recipe: same names and order, but its ban / drop lists and one flat list
+    curate_text = caps["danbooru/4018204"]
+    assert "|||" not in curate_text and tags(curate_text)[0] == tags(expected[4018204])[0]
+    assert set(tags(curate_text)) < set(tags(expected[4018204]))
+    _, meta = manifest.read(m)
+    assert meta["stages"]["caption"]["keep_separators"] == {"main": "|||", "cg": ""}
+
+
+def test_cg_rows_read_like_kohaku_captions(shared_data, tmp_path):
+    """WD-tagged images with no post: the same order and names, colour scheme first."""
+    import csv
+
+    labels = {r["name"]: r["category"] for r in csv.DictReader(
+        (shared_data / "wd-tagger" / "selected_tags_wd-vit-tagger-v3.csv").open(encoding="utf-8"))}
+    picked = [("1girl", 0.99), ("solo", 0.97), ("hoshino_(blue_archive)", 0.95), ("halo", 0.9),
+              ("ahoge", 0.8), ("pink_hair", 0.7), ("general", 0.9)]
+    row = {"key": "local/cg1", "subset": "cg", "path": "cg/a.png", "source_path": "cg/a.png",
+           "tagger": [{"tag": t, "category": {"0": "general", "4": "character", "9": "rating"}[labels[t]],
+                       "score": sc} for t, sc in picked]}
+    config = tmp_path / "c.toml"
+    config.write_text('[caption]\nrecipe = "hakubooru"\ncolor_theme = true\n'
+                      'copyright_tags = ["blue_archive"]\nquality_default = "masterpiece"\n')
+    m = write_manifest(tmp_path / "m.parquet", [row], colours={"local/cg1": (255, 105, 180)})
+    assert CliRunner().invoke(app, ["caption", str(m), "--config", str(config)]).exit_code == 0
+    assert captions_of(m)["local/cg1"] == ("pink theme, 1girl, hoshino (blue archive), blue archive, "
+                                           "|||solo, halo, ahoge, pink hair, masterpiece")
+    # the caption file goes to curate's own folder: the image is the user's
+    assert (tmp_path / "m.captions" / "local_cg1.txt").is_file() and not (tmp_path / "cg" / "a.txt").exists()
+
+
+# --- the user's own captions ---------------------------------------------------------
+
+USER_TEXT = "my oc, 1girl, hoshino \\(blue archive\\), smiling"
+TAGGER = [{"tag": "1girl", "category": "general", "score": 0.99},
+          {"tag": "hoshino_(blue_archive)", "category": "character", "score": 0.95},
+          {"tag": "solo", "category": "general", "score": 0.9},
+          {"tag": "smile", "category": "general", "score": 0.8},
+          {"tag": "pink_hair", "category": "general", "score": 0.7}]
+
+
+def ingested(tmp_path: Path) -> Path:
+    """A CG folder with a hand-written caption for a.png, ingested by the real stage."""
+    from curate import ingest
+
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    for name, colour in (("a", (200, 80, 80)), ("b", (80, 200, 80))):
+        Image.new("RGB", (48, 32), colour).save(cg / f"{name}.png")
+    (cg / "a.txt").write_bytes(b"\xef\xbb\xbf" + USER_TEXT.encode() + b"\n")
+    m = tmp_path / "m.parquet"
+    ingest.run(cg, m, "cg", workers=1)
+    table, meta = manifest.read(m)
+    manifest.write(manifest.with_column(table, "tagger", [TAGGER] * table.num_rows), m, meta)
+    return m
+
+
+def by_file(m: Path, column: str) -> dict:
+    table, _ = manifest.read(m)
+    return {Path(p).stem: v for p, v in zip(table.column("path").to_pylist(), table.column(column).to_pylist())}
+
+
+@pytest.mark.parametrize("mode, expected_a", [
+    ("use", "my oc, 1girl, hoshino (blue archive), smiling"),  # the user's text, no escapes
+    ("merge", "1girl, hoshino (blue archive), my oc, smiling, solo, smile, pink hair"),
+    ("ignore", "1girl, hoshino (blue archive), solo, smile, pink hair"),
+])
+def test_user_caption_chosen_per_subset_and_its_file_unchanged(tmp_path, mode, expected_a):
+    m = ingested(tmp_path)
+    user_file = (tmp_path / "cg" / "a.txt").read_bytes()
+    config = tmp_path / "c.toml"
+    config.write_text(f'[caption]\nuser_caption = "ignore"\n[caption.subsets.cg]\nuser_caption = "{mode}"\n')
+    result = CliRunner().invoke(app, ["caption", str(m), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    caps = by_file(m, "caption")
+    assert caps == {"a": expected_a, "b": "1girl, hoshino (blue archive), solo, smile, pink hair"}
+    assert (tmp_path / "cg" / "a.txt").read_bytes() == user_file and not (tmp_path / "cg" / "b.txt").exists()
+    for stem, rel in by_file(m, "caption_file").items():  # curate's copies live in its own folder
+        assert Path(rel).parent == Path("m.captions")
+        assert (tmp_path / rel).read_text(encoding="utf-8") == caps[stem]
+    how = {"use": "1 user", "merge": "1 merged", "ignore": "2 generated"}[mode]
+    assert how in result.output
+
+    # export and train use the chosen text
+    out = tmp_path / "kohya"
+    assert CliRunner().invoke(app, ["export", str(m), "--kohya", str(out)]).exit_code == 0
+    exported = {p.read_text(encoding="utf-8") for p in out.rglob("*.txt")}
+    assert exported == set(caps.values())
+    from curate import train_config, train_data
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'pretrained = "tiny-random"\noutput_dir = "{tmp_path / "run"}"\nmax_train_steps = 1\n'
+                   f'resolution = 64\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 32\n'
+                   f'[[datasets]]\nmanifest = "{m}"\n')
+    samples = train_data.plan(train_config.load(cfg)).samples
+    assert {s.caption for s in samples} == set(caps.values())
+
+
+def test_caption_never_overwrites_a_file_it_did_not_write(booru, tmp_path):
+    rows = [post_row(booru[i], path=f"images/{i}.png") for i in (6148686, 6148687, 6148684)]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    mine = tmp_path / "images" / "6148686.txt"
+    mine.write_text("hand written", encoding="utf-8")  # a download with the user's caption beside it
+    first = CliRunner().invoke(app, ["caption", str(m)])
+    assert first.exit_code == 0 and "left alone 1 caption files" in first.output
+    assert mine.read_text(encoding="utf-8") == "hand written"
+    files = by_file(m, "caption_file")
+    assert files["6148686"] == "m.captions/danbooru_6148686.txt" and files["6148687"] == "images/6148687.txt"
+    caps = captions_of(m)
+    assert (tmp_path / files["6148686"]).read_text(encoding="utf-8") == caps["danbooru/6148686"]
+
+    # a file curate wrote and a person edited is theirs now; one nobody touched is rewritten
+    edited = tmp_path / "images" / "6148687.txt"
+    edited.write_text("edited by a person", encoding="utf-8")
+    untouched = tmp_path / "images" / "6148684.txt"
+    untouched_bytes = untouched.read_bytes()
+    untouched.touch()
+    second = CliRunner().invoke(app, ["caption", str(m)])
+    assert second.exit_code == 0 and "left alone 2 caption files" in second.output
+    assert mine.read_text(encoding="utf-8") == "hand written"
+    assert edited.read_text(encoding="utf-8") == "edited by a person"
+    assert untouched.read_bytes() == untouched_bytes and by_file(m, "caption_file")["6148684"] == "images/6148684.txt"
+    assert by_file(m, "caption_file")["6148687"] == "m.captions/danbooru_6148687.txt"
+    _, meta = manifest.read(m)
+    assert meta["stages"]["caption"]["left_alone"] == 2
+
+
+# --- escapes: none by default, and only together with weighted_captions -------------------
+
+
+def test_unescaped_text_reaches_the_tokenizer(booru, tmp_path):
+    """The caption's text is what the CLIP tokenizer gets: `(`, never `\\(` tokens."""
+    import tomli_w
+
+    from curate import sdxl, train_config, train_data
+
+    row = post_row(booru[6148686], path="i/a.png")  # asuna_(blue_archive), asuna_(bunny)_(blue_archive)
+    m = write_manifest(tmp_path / "m.parquet", [row])
+    tok, _ = sdxl._tiny_tokenizers()  # a real CLIPTokenizer (byte-level BPE), built here
+    backslash = set(tok.convert_tokens_to_ids(["\\", "\\</w>"]))
+    doc = {"pretrained": "tiny-random", "output_dir": str(tmp_path / "run"), "max_train_steps": 1,
+           "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32,
+           "max_data_loader_n_workers": 0, "datasets": [{"manifest": str(m), "shuffle_caption": True}]}
+
+    def encoder_text(config_extra: dict) -> str:
+        cfg = tmp_path / "t.toml"
+        cfg.write_text(tomli_w.dumps({**doc, **config_extra}))
+        plan = train_data.plan(train_config.load(cfg))
+        (caption,) = train_data.RunData(plan, None, 0, 0)[0]["captions"]
+        ids = tok(caption).input_ids
+        assert not backslash & set(ids)
+        assert "(" in tok.convert_ids_to_tokens(ids) or "(</w>" in tok.convert_ids_to_tokens(ids)
+        return caption
+
+    assert CliRunner().invoke(app, ["caption", str(m)]).exit_code == 0
+    assert "asuna (blue archive)" in tags(encoder_text({}))
+    with pytest.raises(CurateError, match="weighted_captions = true needs captions written with"):
+        encoder_text({"weighted_captions": True})
+
+    # escaping is an explicit option; the train side then reads `\(` as `(` (never one without the other)
+    config = tmp_path / "c.toml"
+    config.write_text("[caption]\nescape_parentheses = true\n")
+    assert CliRunner().invoke(app, ["caption", str(m), "--config", str(config)]).exit_code == 0
+    assert "asuna \\(blue archive\\)" in captions_of(m)["danbooru/6148686"]
+    assert "asuna (blue archive)" in tags(encoder_text({}))
+    assert "asuna (blue archive)" in tags(encoder_text({"weighted_captions": True}))
+    with pytest.raises(CurateError, match="set weighted_captions = true"):
+        encoder_text({"weighted_captions": False})
+
+
+def test_export_sets_weighted_captions_exactly_with_escapes(booru, tmp_path):
+    rows = [post_row(booru[6148686], path="i/a.png")]
+    plain = write_manifest(tmp_path / "plain" / "m.parquet", rows)
+    escaped = write_manifest(tmp_path / "esc" / "m.parquet", rows)
+    config = tmp_path / "c.toml"
+    config.write_text("[caption]\nescape_parentheses = true\n")
+    assert CliRunner().invoke(app, ["caption", str(plain)]).exit_code == 0
+    assert CliRunner().invoke(app, ["caption", str(escaped), "--config", str(config)]).exit_code == 0
+    for m, weighted in ((plain, False), (escaped, True)):
+        out = tmp_path / f"out-{weighted}"
+        result = CliRunner().invoke(app, ["export", str(m), "--kohya", str(out)])
+        assert result.exit_code == 0, result.output
+        assert ("--weighted_captions" in result.output) is weighted
+        assert ("--weighted_captions" in (out / "dataset_config.toml").read_text()) is weighted
+        assert ("\\(" in next(out.rglob("*.txt")).read_text(encoding="utf-8")) is weighted
+    mixed = CliRunner().invoke(app, ["export", str(plain), str(escaped), "--kohya", str(tmp_path / "mixed")])
+    assert isinstance(mixed.exception, CurateError) and "weighted_captions" in str(mixed.exception)
+
+
+def test_files_from_before_records_were_kept_are_claimed_only_when_they_hold_the_caption(booru, tmp_path):
+    rows = [post_row(booru[i], path=f"images/{i}.png", caption="old text") for i in (6148686, 6148687)]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    (tmp_path / "images" / "6148686.txt").write_text("old text", encoding="utf-8")      # curate wrote it
+    (tmp_path / "images" / "6148687.txt").write_text("someone else's", encoding="utf-8")
+    result = CliRunner().invoke(app, ["caption", str(m)])
+    assert result.exit_code == 0 and "left alone 1 caption files" in result.output
+    caps = captions_of(m)
+    assert (tmp_path / "images" / "6148686.txt").read_text(encoding="utf-8") == caps["danbooru/6148686"] != "old text"
+    assert (tmp_path / "images" / "6148687.txt").read_text(encoding="utf-8") == "someone else's"
+
+
+def test_user_caption_with_hostile_characters_stays_one_clean_line():
+    row = {"key": "local/x", "user_caption": "1girl,\tsmile\u2028rain\x00drops\r\n\r\nnight, sky |||\u200bstars"}
+    text, how = choose_caption(row, CaptionSettings())
+    assert how == "user" and text == "1girl, smile, rain drops, night, sky ||| stars"
+    merged, how = choose_caption(row, CaptionSettings(user_caption="merge", quality=False))
+    assert how == "merged" and merged == "1girl, smile, rain drops, night, sky, stars"
+    assert choose_caption({"key": "k", "user_caption": " \r\n\x00 "}, CaptionSettings(quality=False))[1] == "generated"
+
+
+def test_merged_user_tags_never_repeat_what_curate_adds():
+    """With the hakubooru recipe (which, like make_caption, removes no repeats) a user's tag or
+    a tagger's that curate also adds (copyright slot, colour theme, prefix) appears once."""
+    s = dataclasses.replace(CaptionSettings.of_recipe("hakubooru"), copyright_tags=("blue_archive",),
+                            prefix=("baxl_style",), user_caption="merge")
+    row = {"key": "local/x", "user_caption": "baxl style, blue archive, 1girl, pink theme, hoshino (blue archive)",
+           "tagger": [{"tag": "pink_theme", "category": "general", "score": 0.9},
+                      {"tag": "hoshino_(blue_archive)", "category": "character", "score": 0.9},
+                      {"tag": "solo", "category": "general", "score": 0.9}]}
+    text, how = choose_caption(row, s, theme="pink_theme")
+    assert how == "merged"
+    assert text == "pink theme, baxl style, 1girl, hoshino (blue archive), blue archive, |||solo"

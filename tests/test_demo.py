@@ -92,3 +92,33 @@ def test_devserver_serves_files_and_nothing_outside(tmp_path):
             assert resp.status == 404, bad
     finally:
         srv.stop()
+
+
+def test_hand_captioned_cgs_survive_the_pipeline(tmp_path):
+    """The demo's CG folder holds a user's own captions: ingest reads them, dedupe and crop
+    keep those images, caption uses the text (no escapes) and never touches the files."""
+    from typer.testing import CliRunner
+
+    from curate.caption_rules import unescape
+    from curate.cli import app
+    from curate.demo import HAND_CAPTIONS, make_cg
+
+    cg, m = tmp_path / "cg", tmp_path / "manifests" / "official_cg.parquet"
+    assert make_cg(cg, None)["hand_captioned"] == len(HAND_CAPTIONS)
+    sidecars = {name: (cg / name).read_bytes() for name in HAND_CAPTIONS}
+    for args in (["ingest", str(cg), "--out", str(m)], ["dedupe", str(m)],
+                 ["crop", str(m), "--max-pixels", "512x512"], ["caption", str(m)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+    rows = {Path(r["source_path"]).stem: r for r in manifest.read(m)[0].to_pylist()}
+    for name, data in HAND_CAPTIONS.items():
+        row = rows[Path(name).stem]
+        text = ", ".join(line.strip() for line in data.decode("utf-8-sig").splitlines() if line.strip())
+        assert not row["dup_of"] and not row["error"] and row["path"] != row["source_path"]  # a crop
+        assert row["user_caption"] == data.decode("utf-8-sig").strip()
+        assert row["caption"] == unescape(text) and "\\" not in row["caption"]
+        assert (cg / name).read_bytes() == sidecars[name]
+    export = CliRunner().invoke(app, ["export", str(m), "--kohya", str(tmp_path / "kohya")])
+    assert export.exit_code == 0, export.output
+    exported = {p.read_text(encoding="utf-8") for p in (tmp_path / "kohya").rglob("*.txt")}
+    assert {rows[Path(n).stem]["caption"] for n in HAND_CAPTIONS} <= exported

@@ -131,3 +131,29 @@ def test_bad_input_is_one_line_error(tmp_path):
     r = curate("ingest", tmp_path / "imgs", "--out", tmp_path / "junk.parquet")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert (tmp_path / "junk.parquet").read_text() == "not parquet"  # nothing lost
+
+
+def test_sidecar_captions_read_as_the_users_with_or_without_bom(tmp_path):
+    d = tmp_path / "cg"
+    d.mkdir()
+    for i, name in enumerate("abcde"):
+        picture(10 + i, 64, 48).save(d / f"{name}.png")
+    (d / "a.txt").write_bytes("\ufeffmy oc, 1girl, hoshino \\(blue archive\\)\r\n".encode("utf-8"))
+    (d / "b.caption").write_text("1girl, rainy street", encoding="utf-8")
+    (d / "d.txt").write_bytes("caf\xe9, 1girl".encode("latin-1"))  # not UTF-8
+    (d / "e.txt").write_text("  \n", encoding="utf-8")                 # empty: no caption
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    out = tmp_path / "m.parquet"
+    proc = curate("ingest", d, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 images have the user's own caption" in proc.stdout
+    assert "d.txt: caption file is not UTF-8" in proc.stdout
+    t = pq.read_table(out).to_pylist()
+    users = {Path(r["path"]).name: r["user_caption"] for r in t}
+    assert users == {"a.png": "my oc, 1girl, hoshino \\(blue archive\\)", "b.png": "1girl, rainy street",
+                     "c.png": None, "d.png": None, "e.png": None}
+    # a caption written after the first ingest is read on the next one; files never change
+    (d / "c.txt").write_text("later", encoding="utf-8")
+    assert curate("ingest", d, "--out", out).returncode == 0
+    assert {Path(r["path"]).name: r["user_caption"] for r in pq.read_table(out).to_pylist()}["c.png"] == "later"
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != "c.txt"} == before
