@@ -242,3 +242,23 @@ def test_the_first_archive_in_path_order_wins_and_others_are_not_guessed(tmp_pat
     found = Archives(root).find([1001, 42, 7])
     assert found[1001].label == "a/data-0001.tar" and found[42].label == "b/misc.tar" and 7 not in found
     assert manifest  # imported for write_manifest's side
+
+
+def test_local_archives_with_an_index_url(webp_set, tmp_path):
+    root, idx, rows, webp = webp_set
+    srv = Server()
+    try:
+        for js in idx.rglob("*.json"):
+            srv.add("/idx/" + js.relative_to(idx).as_posix(), js.read_bytes())
+        m = write_manifest(tmp_path / "m.parquet", rows)
+        download_manifest(m, tmp_path / "img", from_tars=str(root), tar_index=srv.url + "/idx", **FAST)
+        hits = dict(srv.hits)
+        m2 = write_manifest(tmp_path / "m.parquet", rows)
+        download_manifest(m2, tmp_path / "img", from_tars=str(root), tar_index=srv.url + "/idx", **FAST)
+    finally:
+        srv.httpd.shutdown()
+        srv.httpd.server_close()
+    got = landed(tmp_path, m2)
+    assert got["danbooru/1001"] == webp[1] and got["danbooru/5001"].startswith("checksum")
+    assert hits == {"/idx/images/data-0001.json": 1, "/idx/images/data-1001.json": 1}
+    assert srv.hits == {k: 2 for k in hits}  # asked again; unchanged headers: the cached lookup answers
