@@ -42,6 +42,7 @@ from pathlib import Path
 from .errors import CurateError
 
 CHUNK = 1 << 18
+LOCAL_READ = 8 << 20  # most members come in one read; a huge one in pieces, memory stays flat
 _REMOTE_NAMES = ("data-0{r:03d}", "data-1{r:03d}", "0{r:03d}")
 _REMOTE_FOLDERS = ("", "original/", "recent/", "images/")
 _CACHE_VERSION = "1"
@@ -144,17 +145,14 @@ class Archives:
 
     # -- reading members ---------------------------------------------------------
 
-    def read_all(self, m: Member) -> bytes:
-        """A local member's bytes in one read (pread: threads share the file)."""
-        fd = self._fd(m.archive)
-        data = os.pread(fd, m.size, m.offset)
-        if len(data) != m.size:
-            raise TarError(f"truncated archive: {m.label} ends inside {m.name}")
-        return data
-
     def chunks(self, m: Member, session=None):
-        if not self.remote:
-            yield self.read_all(m)
+        if not self.remote:  # pread: threads share one descriptor per archive
+            fd = self._fd(m.archive)
+            for at in range(m.offset, m.offset + m.size, LOCAL_READ):
+                data = os.pread(fd, min(LOCAL_READ, m.offset + m.size - at), at)
+                if not data:
+                    raise TarError(f"truncated archive: {m.label} ends inside {m.name}")
+                yield data
             return
         end = m.offset + m.size - 1
         headers = {"Range": f"bytes={m.offset}-{end}"}

@@ -261,3 +261,15 @@ def test_local_archives_with_an_index_url(webp_set, tmp_path):
     assert got["danbooru/1001"] == webp[1] and got["danbooru/5001"].startswith("checksum")
     assert hits == {"/idx/images/data-0001.json": 1, "/idx/images/data-1001.json": 1}
     assert srv.hits == {k: 2 for k in hits}  # asked again; unchanged headers: the cached lookup answers
+
+
+def test_a_member_past_the_end_of_its_archive_is_an_error_row(tmp_path):
+    root = tmp_path / "ds"
+    index = make_archive(root / "data-0001.tar", {"1001.jpg": JPG[1], "2001.jpg": JPG[2]})
+    del index["filesize"]  # an index without filesize cannot tell it is stale
+    index["files"]["2001.jpg"]["offset"] = (root / "data-0001.tar").stat().st_size + 512
+    (root / "data-0001.json").write_text(json.dumps(index))
+    m = write_manifest(tmp_path / "m.parquet", [post(1001, JPG[1]), post(2001, JPG[2])])
+    download_manifest(m, tmp_path / "img", from_tars=str(root), **FAST)
+    assert landed(tmp_path, m) == {"danbooru/1001": JPG[1],
+                                   "danbooru/2001": "truncated archive: data-0001.tar ends inside 2001.jpg"}
