@@ -478,6 +478,10 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "error: --variant must be one of original, sample, 720, not 'huge'"
     r = subprocess.run(cmd + [str(m), "--from-tars", str(tmp_path / "none")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cmd + [str(m), "--verify", "fast"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --verify must be digest or decode, not 'fast'"
+    r = subprocess.run(cmd + [str(m), "--tar-index", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --tar-index needs --from-tars"
 
 
 def test_download_table_is_a_plain_function(server, tmp_path):
