@@ -550,3 +550,22 @@ def test_download_leaves_local_and_derived_files_alone(tmp_path):
     got = {r["key"]: r for r in mf.read(m)[0].to_pylist()}
     assert got["local/a"]["path"] == "cg/a.png" and got["local/a"]["error"] is None
     assert got["danbooru/7"]["path"] == "cg/b_crop.png" and got["danbooru/7"]["error"] is None
+
+
+def test_digest_mode_reads_the_header_decode_mode_the_pixels(server, tmp_path):
+    """A file whose md5 the source vouches for is checked by digest + header; its pixels only
+    with --verify decode (here: bytes cut short after the header, md5 of the cut file)."""
+    full = encode(gradient(256, 256), "JPEG")
+    cut = full[: len(full) // 2]
+    bomb = png_header_bomb()
+    rows = [post(1, cut, server.add("/cut.jpg", cut)), post(2, bomb, server.add("/bomb.png", bomb)),
+            post(3, None, server.add("/nodigest.jpg", cut))]  # no md5: decoded whatever the mode
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    download_manifest(m, tmp_path / "img", **FAST)
+    got = rows_by_key(m)
+    assert got["danbooru/1"]["error"] is None and (got["danbooru/1"]["width"], got["danbooru/1"]["height"]) == (256, 256)
+    assert got["danbooru/2"]["error"] == "too many pixels: 100000x100000"  # the guard is in the header check
+    assert got["danbooru/3"]["error"].startswith("decode: image file is truncated")
+    m2 = write_manifest(tmp_path / "m2.parquet", rows)
+    download_manifest(m2, tmp_path / "img2", verify="decode", **FAST)
+    assert rows_by_key(m2)["danbooru/1"]["error"].startswith("decode: image file is truncated")
