@@ -71,6 +71,7 @@ class Options:
     max_bytes: int = 512 << 20
     guard_pixels: int = img.DEFAULT_MAX_PIXELS
     progress: bool = True
+    processes: bool = True  # local archive members in worker processes (big runs, >= 2 cores)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class _Job:
 
 NOT_IN_ARCHIVES = "not in archives"
 ARCHIVE_BATCH = 16  # local archive members per task
+PROCESSES_FROM = 512  # jobs: from here on, local archive members go to worker processes
 LIST_FOLDERS_FROM = 4096  # jobs: from here on, one listing per subfolder beats ~14 stats per job
 
 
@@ -201,7 +203,7 @@ def _download_on_ray(table, path: Path, opts: Options, ray):
     with engine.connect(ray) as cluster:
         limits = {h: opts.rate if opts.rate is not None else http.limiter(h).rate for h in hosts if h}
         rates = {h: r / cluster.slots for h, r in sorted(limits.items()) if r}  # all tasks together: the rate
-        shard_opts = replace(opts, rate=None)  # the rates above rule
+        shard_opts = replace(opts, rate=None, processes=False)  # the rates above rule; Ray is the parallelism
         fn = partial(download_shard, base_dir=str(path.parent.resolve()), opts=shard_opts, rates=rates)
         out, stats = cluster.map(fn, table.select(need).take(ship), engine.work_dir(path, "download"),
                                  desc="download", settings=f"download {path.parent.resolve()} {shard_opts!r}")
@@ -286,18 +288,24 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
             t = with_column(t, c, v)
         return t
 
-    bar = tqdm(total=len(jobs), desc="download", unit="img", disable=not opts.progress, dynamic_ncols=True)
-    pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="curate-dl")
     # Local archive members take well under a millisecond each: handed out in batches, so the
-    # scheduling here (which holds the GIL) stays small beside the work.
-    per = ARCHIVE_BATCH if store.tars is not None and not store.tars.remote else 1
+    # scheduling here stays small beside the work, and in big runs to processes (the GIL would
+    # otherwise hold the header parsing and Python glue to one core).
+    local = store.tars is not None and not store.tars.remote
+    per = ARCHIVE_BATCH if local else 1
+    procs = min(opts.workers, os.cpu_count() or 1)
+    if local and opts.processes and procs >= 2 and len(jobs) >= PROCESSES_FROM and _CAN_FORK:
+        pool, work = _archive_processes(root, opts, store.list_folders, procs), _archive_batch
+    else:
+        pool, work = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="curate-dl"), store.run_batch
+    bar = tqdm(total=len(jobs), desc="download", unit="img", disable=not opts.progress, dynamic_ncols=True)
     jobs_left = iter(jobs.values())
     feed, in_flight = iter(lambda: list(itertools.islice(jobs_left, per)), []), {}
     last_save = time.monotonic()
     try:
         while True:  # a bounded number of futures in flight: memory stays flat
             for batch in itertools.islice(feed, opts.workers * 4 - len(in_flight)):
-                in_flight[pool.submit(store.run_batch, batch, base_dir)] = batch
+                in_flight[pool.submit(work, batch, base_dir)] = batch
             if not in_flight:
                 break
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
@@ -325,6 +333,37 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
             summary.failed[_reason(e)] += 1
     summary.seconds = time.monotonic() - started
     return updated(), summary
+
+
+def _archive_processes(root: Path, opts: Options, list_folders: bool, n: int):
+    """Worker processes for local archive members, forked: they start at once and never
+    re-import the caller's main module (spawn would). They run only this module's code
+    (os, hashlib, Pillow headers), so no lock of another thread is theirs to need."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(n, mp_context=mp.get_context("fork"), initializer=_init_archive_worker,
+                               initargs=(str(root), opts, list_folders))
+
+
+_CAN_FORK = hasattr(os, "fork") and os.name == "posix"
+_WORKER = None  # the _Store of an archive worker process
+
+
+def _init_archive_worker(root: str, opts: Options, list_folders: bool) -> None:
+    import signal
+    from dataclasses import replace
+
+    from .tars import LocalMembers
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
+    global _WORKER
+    _WORKER = _Store(Path(root), replace(opts, from_tars=None))
+    _WORKER.tars, _WORKER.list_folders = LocalMembers(), list_folders
+
+
+def _archive_batch(jobs: list, base_dir: Path) -> list:
+    return _WORKER.run_batch(jobs, base_dir)
 
 
 def _check_options(opts: Options) -> None:

@@ -94,8 +94,7 @@ class Archives:
         self.index = str(index) if index else None
         self._session_factory = session_factory
         self._local = threading.local()
-        self._fds: dict[str, int] = {}
-        self._fd_lock = threading.Lock()
+        self._reader = LocalMembers()
         if not self.remote and not Path(self.root).is_dir():
             raise CurateError(f"--from-tars: no such folder: {self.root}")
         if self.index and not self.index.startswith(("http://", "https://")) and not Path(self.index).is_dir():
@@ -146,13 +145,8 @@ class Archives:
     # -- reading members ---------------------------------------------------------
 
     def chunks(self, m: Member, session=None):
-        if not self.remote:  # pread: threads share one descriptor per archive
-            fd = self._fd(m.archive)
-            for at in range(m.offset, m.offset + m.size, LOCAL_READ):
-                data = os.pread(fd, min(LOCAL_READ, m.offset + m.size - at), at)
-                if not data:
-                    raise TarError(f"truncated archive: {m.label} ends inside {m.name}")
-                yield data
+        if not self.remote:
+            yield from self._reader.chunks(m)
             return
         end = m.offset + m.size - 1
         headers = {"Range": f"bytes={m.offset}-{end}"}
@@ -169,23 +163,8 @@ class Archives:
         return {urlsplit(u).hostname for u in (self.root, self.index) if u and u.startswith("http")}
 
     def close(self) -> None:
-        with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self._reader.close()
         self._db.close()
-
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            with self._fd_lock:
-                fd = self._fds.get(path)
-                if fd is None:
-                    try:
-                        fd = self._fds[path] = os.open(path, os.O_RDONLY)
-                    except OSError as exc:
-                        raise TarError(f"archive unreadable: {Path(path).name}: {exc.strerror}") from None
-        return fd
 
     def _session(self):
         s = getattr(self._local, "s", None)
@@ -288,6 +267,42 @@ class Archives:
             except requests.exceptions.RequestException as exc:
                 raise CurateError(f"cannot read tar index {a.index}: {type(exc).__name__}") from None
         return signature, _parse_index(a.index, raw, None)
+
+
+class LocalMembers:
+    """Reads members of local archives (found by `Archives.find`); what worker processes use."""
+
+    remote = False
+
+    def __init__(self):
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def chunks(self, m: Member, session=None):
+        fd = self._fd(m.archive)  # pread: threads share one descriptor per archive
+        for at in range(m.offset, m.offset + m.size, LOCAL_READ):
+            data = os.pread(fd, min(LOCAL_READ, m.offset + m.size - at), at)
+            if not data:
+                raise TarError(f"truncated archive: {m.label} ends inside {m.name}")
+            yield data
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    try:
+                        fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                    except OSError as exc:
+                        raise TarError(f"archive unreadable: {Path(path).name}: {exc.strerror}") from None
+        return fd
 
 
 class _IndexFolder:

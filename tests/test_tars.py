@@ -273,3 +273,20 @@ def test_a_member_past_the_end_of_its_archive_is_an_error_row(tmp_path):
     download_manifest(m, tmp_path / "img", from_tars=str(root), **FAST)
     assert landed(tmp_path, m) == {"danbooru/1001": JPG[1],
                                    "danbooru/2001": "truncated archive: data-0001.tar ends inside 2001.jpg"}
+
+
+def test_big_runs_read_members_in_worker_processes(webp_set, d2023, tmp_path, monkeypatch):
+    """The same rows as the thread path, from worker processes (used from PROCESSES_FROM jobs on)."""
+    monkeypatch.setattr("curate.download.PROCESSES_FROM", 1)
+    monkeypatch.setattr("curate.download.ARCHIVE_BATCH", 2)
+    root, idx, rows, webp = webp_set
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    s = download_manifest(m, tmp_path / "img", from_tars=str(root), tar_index=str(idx), **FAST)
+    got = rows_by_key(m)
+    assert (tmp_path / got["danbooru/1001"]["path"]).read_bytes() == webp[1]
+    assert got["danbooru/2001"]["derivative"] == "archive" and got["danbooru/5001"]["error"].startswith("checksum")
+    assert s.derivatives == 2 and s.downloaded == 2
+    root2, rows2 = d2023
+    m2 = write_manifest(tmp_path / "m2.parquet", rows2)
+    download_manifest(m2, tmp_path / "img", from_tars=str(root2), **FAST)
+    assert landed(tmp_path, m2)["danbooru/7001"] == JPG[4] and not list((tmp_path / "img" / ".part").iterdir())
