@@ -493,12 +493,15 @@ class _Store:
         if self.tars is not None:
             self.tars.close()
 
-    def _check(self, path: Path, digest_ok: bool) -> tuple[int, int, str]:
-        """(w, h, ext) of a file to keep: header only when a digest vouched for the bytes."""
+    def _check(self, path: Path, digest_ok: bool, head: bytes | None = None) -> tuple[int, int, str]:
+        """(w, h, ext) of a file to keep: header only when a digest vouched for the bytes.
+        `head`: the file's first bytes when the caller has them."""
         if not digest_ok or self.opts.verify == "decode":
             return img.verify(path, self.opts.guard_pixels)
-        with open(path, "rb") as f:
-            kind = img.sniff(f.read(64))
+        if head is None:
+            with open(path, "rb") as f:
+                head = f.read(64)
+        kind = img.sniff(head[:64])
         if kind not in img.IMAGE_EXTS or (kind == "avif" and "AVIF" not in img.FORMAT_EXT):
             raise img.ImageError(f"unsupported: {kind}" if kind else "decode: not an image")
         try:
@@ -612,7 +615,7 @@ class _Store:
             digest = self._fetch_to(job, part)
             if job.md5 is not None and digest != job.md5:
                 raise _Fail("md5 mismatch")
-            w, h, ext = self._check(part, job.md5 is not None)
+            w, h, ext = self._check(part, job.md5 is not None, getattr(self._local, "head", None))
             final, w, h = self._place(part, job.stem or digest, w, h, ext)
             return final, w, h, True
         finally:
@@ -645,19 +648,22 @@ class _Store:
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > self.opts.max_bytes:
                 raise _Fail("too large")
-            md5, _, _ = self._stream(resp.iter_content(CHUNK), part, sha=False)
+            md5, _, _, self._local.head = self._stream(resp.iter_content(CHUNK), part, sha=False)
         return md5
 
-    def _stream(self, chunks, part: Path, sha: bool, md5: bool = True) -> tuple[str | None, str | None, int]:
-        """Chunks into `part`, hashed on the way; -> (md5, sha256, size), a digest not asked for None."""
+    def _stream(self, chunks, part: Path, sha: bool, md5: bool = True) -> tuple[str | None, str | None, int, bytes]:
+        """Chunks into `part`, hashed on the way; -> (md5, sha256, size, first bytes), a digest
+        not asked for None."""
         from .tars import TarError
 
         md5, sha256 = _NoHash() if not md5 else hashlib.md5(), hashlib.sha256() if sha else None
         deadline = time.monotonic() + self.opts.deadline
-        size = 0
+        size, head = 0, b""
         try:
             with open(part, "wb") as f:
                 for data in chunks:
+                    if len(head) < 64:
+                        head += data[: 64 - len(head)]
                     size += len(data)
                     if size > self.opts.max_bytes:
                         raise _Fail("too large")
@@ -671,7 +677,7 @@ class _Store:
                     f.write(data)
         except TarError as exc:
             raise _Fail(str(exc)) from None
-        return md5.hexdigest(), sha256.hexdigest() if sha256 else None, size
+        return md5.hexdigest(), sha256.hexdigest() if sha256 else None, size, head
 
     # -- archive members -----------------------------------------------------------
 
@@ -693,8 +699,8 @@ class _Store:
             for attempt in range(1 + self.opts.retries):
                 try:
                     session = self._session() if self.tars.remote else None
-                    got_md5, got_sha, size = self._stream(self.tars.chunks(m, session), part, m.sha256 is not None,
-                                                          md5=not sha_only)
+                    got_md5, got_sha, size, head = self._stream(self.tars.chunks(m, session), part,
+                                                                m.sha256 is not None, md5=not sha_only)
                     break
                 except requests.exceptions.RequestException as exc:
                     if attempt == self.opts.retries or self.stop.is_set():
@@ -714,7 +720,7 @@ class _Store:
                 stem, derivative, digest_ok = f"{job.md5}.archive", "archive", True
             else:
                 raise _Fail("md5 mismatch")
-            w, h, ext = self._check(part, digest_ok)
+            w, h, ext = self._check(part, digest_ok, head)
             final, w, h = self._place(part, stem, w, h, ext)
             return final, w, h, True, (got_sha if derivative else None), derivative
         finally:
