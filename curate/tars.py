@@ -45,7 +45,7 @@ CHUNK = 1 << 18
 LOCAL_READ = 8 << 20  # most members come in one read; a huge one in pieces, memory stays flat
 _REMOTE_NAMES = ("data-0{r:03d}", "data-1{r:03d}", "0{r:03d}")
 _REMOTE_FOLDERS = ("", "original/", "recent/", "images/")
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "4"
 
 
 class TarError(Exception):
@@ -131,7 +131,7 @@ class Archives:
             if pid in found and found[pid][0] <= order:
                 continue
             ext = name.rsplit("/", 1)[-1].partition(".")[2].lower()
-            found[pid] = (order, Member(a.location, a.label, name, ext, offset, size, sha))
+            found[pid] = (order, Member(a.location, a.label, name, ext, offset, size, sha.hex() if sha else None))
         return {pid: m for pid, (_, m) in found.items()}
 
     def _lookup(self, ids: list[int]) -> list[tuple]:
@@ -335,6 +335,8 @@ def _open_cache(cache) -> sqlite3.Connection:
     path = str(cache) if cache else ":memory:"
     try:
         db = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        # A cache: rebuilt from the indexes if ever lost, so no fsync per archive loaded.
+        db.execute("PRAGMA synchronous = OFF")
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         v = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
         if v and v[0] != _CACHE_VERSION:
@@ -342,7 +344,7 @@ def _open_cache(cache) -> sqlite3.Connection:
         db.executescript(
             "CREATE TABLE IF NOT EXISTS archives (id INTEGER PRIMARY KEY, location TEXT UNIQUE, signature TEXT);"
             "CREATE TABLE IF NOT EXISTS members (post_id INTEGER, archive INTEGER, name TEXT, offset INTEGER,"
-            " size INTEGER, sha256 TEXT);"
+            " size INTEGER, sha256 BLOB);"
             "CREATE INDEX IF NOT EXISTS members_post ON members (post_id);")
         with db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (_CACHE_VERSION,))
@@ -398,6 +400,15 @@ def _scan(a: _Archive) -> dict:
         raise CurateError(f"unreadable tar archive {a.location}: {exc}") from None
 
 
+def _sha_bytes(value) -> bytes | None:
+    if not isinstance(value, str) or len(value) != 64:
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
+
+
 def _members(files: dict) -> dict[int, tuple]:
     """post id -> (name, offset, size, sha256); names are `<id>.<ext>`, maybe `./` or in a folder."""
     out: dict[int, tuple] = {}
@@ -415,7 +426,6 @@ def _members(files: dict) -> dict[int, tuple]:
             continue
         if offset < 0 or size < 0:
             continue
-        sha = info.get("sha256")
-        sha = sha.lower() if isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha) else None
-        out[pid] = (str(name), offset, size, sha)
+        sha = _sha_bytes(info.get("sha256"))
+        out[pid] = (str(name), offset, size, sha)  # sha256 as 32 bytes: the cache stays small
     return out
