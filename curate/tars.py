@@ -45,7 +45,7 @@ CHUNK = 1 << 18
 LOCAL_READ = 8 << 20  # most members come in one read; a huge one in pieces, memory stays flat
 _REMOTE_NAMES = ("data-0{r:03d}", "data-1{r:03d}", "0{r:03d}")
 _REMOTE_FOLDERS = ("", "original/", "recent/", "images/")
-_CACHE_VERSION = "4"
+_CACHE_VERSION = "5"
 
 
 class TarError(Exception):
@@ -345,7 +345,8 @@ def _open_cache(cache) -> sqlite3.Connection:
             "CREATE TABLE IF NOT EXISTS archives (id INTEGER PRIMARY KEY, location TEXT UNIQUE, signature TEXT);"
             "CREATE TABLE IF NOT EXISTS members (post_id INTEGER, archive INTEGER, name TEXT, offset INTEGER,"
             " size INTEGER, sha256 BLOB);"
-            "CREATE INDEX IF NOT EXISTS members_post ON members (post_id);")
+            "CREATE INDEX IF NOT EXISTS members_post ON members (post_id);"
+            "CREATE INDEX IF NOT EXISTS members_archive ON members (archive);")  # a changed archive's rows go fast
         with db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (_CACHE_VERSION,))
     except sqlite3.Error as exc:
