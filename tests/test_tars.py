@@ -290,3 +290,46 @@ def test_big_runs_read_members_in_worker_processes(webp_set, d2023, tmp_path, mo
     m2 = write_manifest(tmp_path / "m2.parquet", rows2)
     download_manifest(m2, tmp_path / "img", from_tars=str(root2), **FAST)
     assert landed(tmp_path, m2)["danbooru/7001"] == JPG[4] and not list((tmp_path / "img" / ".part").iterdir())
+
+
+KILL_ARCHIVE = """
+import sys
+from curate.cli import main
+sys.argv = ["curate", "download", sys.argv[1], "--images", sys.argv[2], "--from-tars", sys.argv[3],
+            "--max-pixels", "4096", "--workers", "2"]
+main()
+"""
+
+
+def test_kill_9_during_an_archive_run_with_worker_processes_then_rerun(tmp_path):
+    """A big run (worker processes) killed mid-way: the re-run finishes with every file verified."""
+    import signal
+    import time
+
+    n = 1200  # over PROCESSES_FROM: members go to worker processes; downscaling keeps them busy
+    bodies = {pid: encode(gradient(100 + pid % 200, 60 + pid // 200), "PNG") for pid in range(1, n + 1)}  # distinct
+    root = tmp_path / "ds"  # one archive whose name holds no residue: searched for every id
+    make_archive(root / "all.tar", {f"./{p}.png": b for p, b in bodies.items()}, root / "all.json")
+    m = write_manifest(tmp_path / "m.parquet", [post(p, b, file_ext="png") for p, b in bodies.items()])
+    img = tmp_path / "img"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_ARCHIVE, str(m), str(img), str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(3000):
+            if img.is_dir() and len(stored(img)) >= 30:
+                break
+            if proc.poll() is not None:
+                pytest.fail("the download finished before it could be killed")
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert len(stored(img)) < n
+    s = download_manifest(m, img, from_tars=str(root), max_pixels=4096, **FAST)
+    rows = rows_by_key(m)
+    assert all(r["error"] is None for r in rows.values()) and s.downloaded + s.reused == n
+    for r in rows.values():
+        w, h = r["width"], r["height"]
+        assert w * h <= 4096 and (tmp_path / r["path"]).is_file()
+    time.sleep(0.5)  # orphaned workers of the killed run finish their batch and leave
+    assert len(stored(img)) == n
