@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import json
 
 import pyarrow as pa
@@ -187,7 +188,7 @@ def with_real_md5s(tmp_path):
         if post["md5"]:
             fmt = "PNG" if post["file_ext"] == "png" else "JPEG"
             bodies[int(post["id"])] = data = encode(gradient(20 + i, 30), fmt)
-            post["md5"] = __import__("hashlib").md5(data).hexdigest()
+            post["md5"] = hashlib.md5(data).hexdigest()
         lines.append(json.dumps(post))
     (tmp_path / "raw.jsonl").write_text("\n".join(lines) + "\n")
     return windows_copy(tmp_path / "raw.jsonl", tmp_path / "posts.jsonl"), bodies
@@ -222,7 +223,7 @@ def test_2021_era_posts_are_selected_and_downloaded(tmp_path, via):
     srv = Server()  # the CDN, by md5: no file_url in these dumps
     try:
         for pid, data in bodies.items():
-            h = __import__("hashlib").md5(data).hexdigest()
+            h = hashlib.md5(data).hexdigest()
             ext = "png" if data.startswith(b"\x89PNG") else "jpg"
             srv.add(f"/original/{h[:2]}/{h[2:4]}/{h}.{ext}", data)
         from curate.download import download_manifest
