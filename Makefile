@@ -5,6 +5,7 @@
 #   make dataset   both, then export for kohya sd-scripts                 (CONFIG, KOHYA)
 #   make train     curate train CONFIG
 #   make report    curate report -> REPORT
+#   make review    curate review of CGM and REG: a local web app to triage them (REVIEW_ARGS)
 #
 # Every stage rewrites its manifest in place, so progress is tracked by stamp files in
 # STAMPS (one per manifest and stage): re-running does only what is out of date, and a
@@ -56,14 +57,14 @@ CG_CAPTION   := $(call stamp,$(CGM),caption)
 EXPORTED     := $(KOHYA)/dataset_config.toml
 TRAINED      := $(call stamp,$(CONFIG),train)
 
-.PHONY: venv test bench reg cg dataset train report demo clean clean-demo FORCE
+.PHONY: venv test bench reg cg dataset train report review demo demo-review clean clean-demo FORCE
 
 # --- environment ------------------------------------------------------------------
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,ml,onnx,ray]'
+	$(PY) -m pip install -q -e '.[test,ml,onnx,ray,review]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -144,6 +145,11 @@ $(REPORT): $(REG_CAPTION) $(CG_CAPTION)
 
 report: $(REPORT)
 
+# a person's decisions (<manifest>.decisions.jsonl) are obeyed by every stage above
+REVIEW_ARGS ?=
+review: | venv
+	$(CURATE) review $(CGM) $(REG) $(REVIEW_ARGS)
+
 # --- the offline demo ----------------------------------------------------------------------
 # The main job on an embedded default: a generated corpus served by a Danbooru look-alike
 # on 127.0.0.1 (so the live source and the downloader run over real HTTP), a generated CG
@@ -166,6 +172,9 @@ demo: venv
 # demo only: the CG folder is made after the reg set, so it can hold a repost of a reg image
 $(DEMO)/.cg.complete: $(call stamp,$(DEMO)/manifests/demo_reg.parquet,download)
 	$(PY) -m curate.demo cg $(DEMO)/cg --reg $(DEMO)/manifests/demo_reg.parquet
+
+demo-review:
+	@$(MAKE) --no-print-directory review $(DEMO_VARS)
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -90,6 +90,7 @@ from . import caption_rules as rules
 from . import manifest
 from .caption_settings import RECIPES, CaptionConfig, CaptionSettings, load_config  # noqa: F401 (public)
 from .errors import CurateError
+from .review import decisions
 
 
 # --- one caption ---------------------------------------------------------------
@@ -273,15 +274,19 @@ COLUMNS = ("key", "post_id", "subset", "path", "source_path", "error", "dup_of",
 
 
 def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig,
-                  summary: CaptionSummary, folder: Path | None = None) -> pa.Table:
+                  summary: CaptionSummary, folder: Path | None = None, edited: dict | None = None) -> pa.Table:
     """Fill `caption` (and `error` for undecodable images when colours are on), write
-    the caption files, and record where they went (`caption_file`, `caption_sha256`)."""
+    the caption files, and record where they went (`caption_file`, `caption_sha256`).
+
+    `edited`: key -> caption text a person wrote (curate review); kept as written.
+    """
     from tqdm import tqdm
 
     from .images import ImageError, open_image
 
     folder = folder or root / "captions"
     summary.folder = str(folder)
+    edited = edited or {}
     is_reg = meta.get("kind") == "reg"
     class_token = str(meta.get("class_token") or "")
     rows = table.select(list(COLUMNS)).to_pylist()
@@ -303,14 +308,17 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
             continue
         s = config.for_subset(row["subset"])
         theme = None
-        if s.color_theme and not (is_reg and s.reg_caption == "class"):
+        if s.color_theme and row["key"] not in edited and not (is_reg and s.reg_caption == "class"):
             try:
                 theme = rules.color_theme(open_image(image, draft_size=(256, 256)), s.color_theme_share)
             except ImageError as exc:
                 errors[i] = f"caption: {exc}"
                 summary.skipped["image does not decode (error set)"] += 1
                 continue
-        text, how = choose_caption(row, s, is_reg=is_reg, class_token=class_token, theme=theme)
+        if edited.get(row["key"]):
+            text, how = edited[row["key"]], "edited by a person"
+        else:
+            text, how = choose_caption(row, s, is_reg=is_reg, class_token=class_token, theme=theme)
         captions[i] = text
         summary.chosen[how] += 1
         files[i] = _write_caption_file(row, image, text, root, folder, txt_owner, summary)
@@ -385,7 +393,9 @@ def run(manifest_path: str | Path, config_path: str | Path | None = None) -> Cap
                 raise CurateError("reg manifest has no class token: set class_token in [caption]")
     summary = CaptionSummary(manifest_path, config.origin)
     folder = manifest_path.parent / f"{manifest_path.stem}.captions"
-    table = caption_table(table, meta, manifest_path.parent, config, summary, folder)
+    review = decisions.current(manifest_path)  # a person's keepers and caption edits win
+    table = caption_table(review.applied(table), meta, manifest_path.parent, config, summary, folder,
+                          review.captions())
     # export reads the separators back to set kohya's keep_tokens_separator per subset, and
     # the escapes to set sd-scripts' weighted_captions (never one without the other)
     separators = {name: config.for_subset(name).keep_separator for name in subsets}

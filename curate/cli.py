@@ -276,11 +276,14 @@ def dedupe(
     ray_address: Optional[str] = _RAY_ADDRESS,
     shard_rows: int = _SHARD_ROWS,
 ) -> None:
-    """Mark exact and near duplicates (dup_of); the row with most pixels is kept.
+    """Mark exact and near duplicates (dup_of); the best copy of each cluster is kept.
 
     Exact: same bytes, or same pixels in another encoding. Near: 64-bit perceptual
     hash within --threshold bits (confirmed by a difference hash), taken inside
-    detected borders so a letterboxed frame matches its clean twin.
+    detected borders so a letterboxed frame matches its clean twin. Keeper: most
+    content pixels (inside borders), then colour over greyscale, lossless over lossy,
+    higher JPEG quality or more bytes per pixel, an original over a derivative, no
+    bars, key order; the column keeper_reason says which decided.
     """
     from . import engine as eng
     from .dedupe import DEFAULT_THRESHOLD, run
@@ -293,6 +296,8 @@ def dedupe(
                f"near pairs (<= {s.threshold} bits): {s.near_pairs}")
     typer.echo(f"  {s.duplicates} rows marked dup_of in {s.clusters} clusters"
                + (f"; {s.against} of them duplicate rows of --against ({s.against_rows} rows)" if against else ""))
+    if s.reasons:
+        typer.echo("  keepers by what decided: " + ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items(), key=lambda kv: -kv[1])))
     _show_errors(s.errors)
     typer.echo(f"  manifest: {manifest} ({s.rows - s.duplicates - s.skipped - s.failed} distinct images kept)")
 
@@ -352,7 +357,8 @@ def export(
         None, "--config", help="Train config (TOML, DESIGN layout) whose values to use."),
     link: str = typer.Option("symlink", "--link", help="How images enter DIR: symlink | hardlink | copy."),
 ) -> None:
-    """Write an sd-scripts dataset_config.toml, image folders with .txt captions, and metadata.json."""
+    """Write an sd-scripts dataset_config.toml, image folders with .txt captions (normalized copies where
+    sd-scripts would read other pixels; reg subsets interleaved), and metadata.json for the fine-tune route."""
     from .export import run
 
     for line in run(manifests or [], kohya, config, link).lines():
@@ -431,7 +437,7 @@ def tag(
 def train(
     config: Path = typer.Argument(..., help="Train config (TOML), e.g. configs/baxl_v3.toml; see curate.train_config."),
     checkpoint: Optional[Path] = typer.Argument(None, help="With --resume: the checkpoint folder to continue from.", show_default=False),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve config and data, load no model: buckets, images per bucket, reg balance, steps."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve config and data, load no model: buckets, images per bucket, reg use per subset, steps, peak GPU memory estimate."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print JSON."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir (or from CHECKPOINT)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -490,3 +496,38 @@ def report(
 
     for line in build(manifests, out, title=title, config=config, max_per_subset=max_per_subset, workers=workers).lines():
         typer.echo(line)
+
+
+@app.command()
+def review(
+    manifests: List[Path] = typer.Argument(..., help="Manifests to review (e.g. the CG set and the reg set)."),
+    port: int = typer.Option(0, "--port", help="Port to serve on (default: a free one)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but loopback shows your dataset to the network: a warning is printed."),
+    no_browser: bool = typer.Option(False, "--no-browser", help="Print the URL only; do not open a browser."),
+    apply: Optional[Path] = typer.Option(None, "--apply", help="Apply decisions from a JSONL file (no server): all lines are checked first, nothing is applied from a file with an error."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Write the current decisions as JSONL (no server)."),
+) -> None:
+    """A local web app to triage the dataset: drop/restore, pick keepers, split clusters, crop, edit captions.
+
+    Decisions are kept beside each manifest (<manifest>.decisions.jsonl) and every stage obeys them: dedupe, crop, caption, export, train, report. The URL carries a random token; Ctrl-C stops the server.
+
+    JSONL (--apply/--export), one object a line with "key" and "action": drop (optional "reason"), restore, keeper, split, crop ("box": left, top, right, bottom in original pixels), caption ("text"), seen.
+    """
+    from .review import decisions
+
+    for m in manifests:
+        if not m.is_file():
+            raise CurateError(f"manifest not found: {m}")
+    if apply is not None:
+        done = decisions.apply_file(manifests, apply)
+        typer.echo(f"applied {sum(done.values())} decisions from {apply}: "
+                   + ", ".join(f"{m} {n}" for m, n in done.items()))
+    if export is not None:
+        typer.echo(f"exported {decisions.export_file(manifests, export)} decisions to {export}")
+    if apply is not None or export is not None:
+        return
+    try:
+        from .review.server import serve
+    except ImportError as exc:
+        raise CurateError(f"curate review's web app needs starlette and uvicorn ({exc}): pip install 'curate[review]'") from None
+    serve(manifests, host=host, port=port, open_browser=not no_browser)

@@ -47,16 +47,16 @@ def target_size(w: int, h: int, max_pixels: int | None) -> tuple[int, int]:
 
 
 def crop_file(job: tuple) -> dict:
-    """Worker: (original, derived stem, max_pixels, trim) -> box, derived file or error."""
+    """Worker: (original, derived stem, max_pixels, trim, chosen box or None) -> box, derived file or error."""
     from PIL import Image
 
-    src, stem, max_pixels, trim = job
+    src, stem, max_pixels, trim, chosen = job
     try:
         im = open_image(src)
     except ImageError as exc:
         return {"error": f"crop: {exc}"}
     full = (0, 0, im.width, im.height)
-    box = borders.detect(im) if trim else full
+    box = tuple(chosen) if chosen else borders.detect(im) if trim else full  # a person's box wins
     if box != full:
         im = im.crop(box)
     size = target_size(im.width, im.height, max_pixels)
@@ -96,8 +96,14 @@ class Summary:
 
 
 def crop(table: pa.Table, base: Path, out_dir: Path, max_pixels: int | None, trim: bool,
-         redo: bool, workers: int | None = None) -> tuple[pa.Table, Summary]:
-    """Crop/downscale the rows not done yet; `redo` ignores earlier results."""
+         redo: bool, workers: int | None = None, chosen: dict | None = None,
+         chosen_before: dict | None = None) -> tuple[pa.Table, Summary]:
+    """Crop/downscale the rows not done yet; `redo` ignores earlier results.
+
+    `chosen`: key -> box a person chose (curate review); a row whose choice changed
+    since the last run (`chosen_before`) is redone.
+    """
+    chosen, chosen_before = chosen or {}, chosen_before or {}
     from .dedupe import default_workers, parallel_map
     from .manifest import with_column
 
@@ -118,11 +124,12 @@ def crop(table: pa.Table, base: Path, out_dir: Path, max_pixels: int | None, tri
         if dup[k] is not None:
             s.skipped_dups += 1
             continue
-        if not redo and box[k] is not None and path[k] and (base / path[k]).is_file():
+        same_choice = chosen.get(keys[k]) == chosen_before.get(keys[k])
+        if not redo and same_choice and box[k] is not None and path[k] and (base / path[k]).is_file():
             s.done_before += 1
             continue
         stem = str(out_dir / keys[k].replace("/", "_").replace("\\", "_"))
-        jobs.append((str(base / original), stem, max_pixels, trim))
+        jobs.append((str(base / original), stem, max_pixels, trim, chosen.get(keys[k])))
         rows.append(k)
     for k, res in zip(rows, parallel_map(crop_file, jobs, workers or default_workers(), "cropping")):
         original = src[k] or path[k]
@@ -149,15 +156,20 @@ def run(manifest: Path, max_pixels: str | int | None = None, trim: bool = True,
         out_dir: Path | None = None, workers: int | None = None) -> Summary:
     """Read, crop, write back atomically; settings are kept in the provenance."""
     from . import manifest as mf
+    from .review import decisions
 
     manifest = Path(manifest)
     table, meta = mf.read(manifest)
+    review = decisions.current(manifest)
+    table = review.applied(table)
     pixels = parse_max_pixels(max_pixels)
     out_dir = Path(out_dir) if out_dir else manifest.parent / f"{manifest.stem}_crops"
     settings = {"max_pixels": pixels, "trim_borders": trim, "out_dir": str(out_dir)}
     last = meta.get("stages", {}).get("crop", {})
     redo = bool(last) and {k: last.get(k) for k in settings} != settings
-    table, s = crop(table, manifest.parent, out_dir.resolve(), pixels, trim, redo, workers)
-    mf.record_stage(meta, "crop", **settings)
+    chosen = review.boxes()
+    table, s = crop(table, manifest.parent, out_dir.resolve(), pixels, trim, redo, workers,
+                    chosen, last.get("chosen_boxes"))
+    mf.record_stage(meta, "crop", **settings, chosen_boxes=chosen)
     mf.write(table, manifest, meta)
     return s

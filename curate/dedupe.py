@@ -4,13 +4,20 @@ Pipeline: hash every usable row in a process pool (JPEG decoded in draft mode,
 hashes taken inside detected borders) -> pairs within the threshold from a
 multi-index hash table (`pairs_within`), confirmed by dhash and mean colour ->
 exact pairs (digest; full-decode pixel digest for close same-size pairs) ->
-clusters (connected components, i.e. union-find) -> in each cluster the row with
-most pixels (ties: smallest key) is kept and the others get `dup_of`. With other
-manifests (`--against`), rows of ours in a cluster with theirs get `dup_of` =
-their key. Rows with an `error` or no `path` are skipped.
+clusters (connected components, i.e. union-find) -> in each cluster the best copy
+for training is kept (`choose_keeper`: most content pixels inside detected borders,
+then colour over greyscale, lossless over lossy, higher JPEG quality or more bytes
+per pixel, an original over a derivative, no bars over bars, key order last) and the
+others get `dup_of`; `keeper_reason` on every row of the cluster says what decided.
+With other manifests (`--against`), rows of ours in a cluster with theirs get
+`dup_of` = their key. Rows with an `error` or no `path` are skipped.
 
-Hashes are cached in the manifest (`phash`, plus the extension columns `dhash`,
-`colour`, `sha256`), so a re-run only hashes new rows; `dup_of` is recomputed.
+Hashes and the keeper's facts are cached in the manifest (`phash`, plus the
+extension columns `dhash`, `colour`, `sha256`, `content_px`, `file_px`, `grey`,
+`lossless`, `jpeg_quality`, `file_bytes`), so a re-run only hashes new rows; `dup_of` is
+recomputed. `phash`/`dhash` are stored as 16 hex digits (imagehash's `str()`, first
+bit highest): exact in every Parquet reader, where a nullable int64 comes back as
+float64 in pandas; manifests with the old int64 columns still read.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import pyarrow as pa
 
 from . import borders
 from .errors import CurateError
-from .images import ImageError, open_image
+from .images import ImageError, jpeg_tables, open_image, probe, sniff
 
 # Measured with benchmarks/bench_dedupe_quality.py (its threshold sweep): at 10 bits
 # recall is 0.99+ (8 bits: 0.98, variants with 2-5% crops need 10), and phash alone
@@ -42,7 +49,14 @@ EXACT_RADIUS = 6     # same-size pairs this close get a full-decode pixel compar
 MAX_THRESHOLD = 24
 DRAFT = (128, 128)   # JPEG draft decode target: ~1/8 scale for CG-sized images
 HASH_SIDE = 256      # other images are box-reduced to about this before hashing
-HASH_VERSION = "phash8+dhash8+colour/borders/draft128+reduce256/v1"  # bump when hashes change meaning
+HASH_VERSION = "phash8+dhash8+colour/borders2/draft128+reduce256/v2"  # bump when hashes change meaning
+CONTENT_TIE = 0.02   # content pixel counts this close are a tie (borders are found on a ~256 px copy)
+GREY_SPREAD = 8      # a pixel whose channels differ by at most this is grey (JPEG chroma noise),
+GREY_SHARE = 0.995   # and a picture is greyscale when this share of its pixels are
+# What settles a cluster's keeper, in this order (choose_keeper); the reason is the one that decided.
+REASONS = ("more content pixels", "colour", "lossless", "higher quality", "original", "no bars", "key order",
+           "other manifest",  # the one row of an --against manifest in the cluster
+           "review")          # a person chose the keeper or split the cluster (curate review)
 
 
 # --- hashing --------------------------------------------------------------------
@@ -54,20 +68,69 @@ def _bits(imagehash_obj) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def image_hashes(im) -> tuple[int, int, int]:
-    """(phash, dhash, mean colour 0xRRGGBB) of what lies inside the image's flat borders."""
+def to_hex(v: int | None) -> str | None:
+    """Signed int64 hash -> 16 hex digits, as stored (imagehash's str() of the same hash)."""
+    return None if v is None else f"{v & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+def from_hex(v) -> int | None:
+    """Stored hash (16 hex digits, or an int64 from a manifest before issue 17) -> signed int64."""
+    if v is None or isinstance(v, int):
+        return v
+    u = int(v, 16)
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def image_hashes(im) -> dict:
+    """phash, dhash, mean colour 0xRRGGBB of what lies inside the image's flat borders;
+    `content`: the share of the picture inside them; `grey`: no colour in it."""
     import imagehash
     from PIL import Image
 
     box = borders.detect(im)
+    content = (box[2] - box[0]) * (box[3] - box[1]) / (im.width * im.height)
     if box != (0, 0, im.width, im.height):
         im = im.crop(box)
-    r, g, b = np.asarray(im.resize((16, 16), Image.Resampling.BOX)).reshape(-1, 3).mean(axis=0).round()
-    return _bits(imagehash.phash(im)), _bits(imagehash.dhash(im)), int(r) << 16 | int(g) << 8 | int(b)
+    a = np.asarray(im.resize((64, 64), Image.Resampling.BOX)).astype(np.int16)  # averages JPEG chroma noise
+    spread = a.max(axis=2) - a.min(axis=2)
+    r, g, b = a.reshape(-1, 3).mean(axis=0).round()
+    return {"phash": _bits(imagehash.phash(im)), "dhash": _bits(imagehash.dhash(im)),
+            "colour": int(r) << 16 | int(g) << 8 | int(b), "content": content,
+            "grey": bool((spread <= GREY_SPREAD).mean() >= GREY_SHARE)}
+
+
+# IJG's luminance table (libjpeg, quality 50): JPEG quality is estimated against it.
+_IJG_LUMA_SUM = sum([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+                     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113,
+                     92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99])
+
+
+def jpeg_quality(qtables: dict) -> int | None:
+    """IJG-equivalent quality (1-100) of a JPEG from its luminance quantization table."""
+    luma = qtables.get(0) if qtables else None
+    if not luma:
+        return None
+    scale = 100 * sum(luma) / _IJG_LUMA_SUM  # what libjpeg scaled the standard table by, in %
+    q = (200 - scale) / 2 if scale <= 100 else 5000 / scale
+    return int(round(min(100.0, max(1.0, q))))
+
+
+def encoding(path: str) -> dict:
+    """What the file says about its fidelity: lossless, JPEG quality (header only), size in bytes."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    kind = sniff(head)
+    try:
+        quality = jpeg_quality(jpeg_tables(path)) if kind == "jpg" else None
+    except ImageError:  # the tables are a preference, never a reason to fail the row
+        quality = None
+    # WebP: lossless when its bitstream is VP8L; GIF is a 256-colour palette, so lossy
+    lossless = kind == "png" or (kind == "webp" and b"VP8L" in head[12:] and b"VP8 " not in head[12:])
+    return {"lossless": lossless, "jpeg_quality": quality, "file_bytes": os.path.getsize(path)}
 
 
 def hash_file(path: str) -> dict:
-    """Worker: sha256 of the bytes, phash, dhash, mean colour; `error` instead on failure."""
+    """Worker: sha256 of the bytes, phash, dhash, mean colour, the keeper's facts; `error` instead on failure."""
     try:
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
@@ -75,13 +138,18 @@ def hash_file(path: str) -> dict:
         return {"error": f"dedupe: cannot read file: {exc.strerror or exc}"}
     try:
         im = open_image(path, draft_size=DRAFT)
+        w, h = probe(path)[:2]  # the file's pixels: a draft decode is smaller
         factor = max(im.size) // HASH_SIDE
         if factor >= 2:  # what JPEG draft mode does for JPEGs, the others get too: cheap and alike
             im = im.reduce(factor)
-        ph, dh, colour = image_hashes(im)
+        found = image_hashes(im)
+        facts = encoding(path)
     except ImageError as exc:
         return {"error": f"dedupe: {exc}"}
-    return {"sha256": digest, "phash": ph, "dhash": dh, "colour": colour}
+    except OSError as exc:
+        return {"error": f"dedupe: cannot read file: {exc.strerror or exc}"}
+    content = found.pop("content")
+    return {"sha256": digest, **found, "content_px": int(round(content * w * h)), "file_px": w * h, **facts}
 
 
 def pixel_digest(path: str) -> str | None:
@@ -240,6 +308,54 @@ def clusters(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
+# --- the keeper ---------------------------------------------------------------------
+
+
+def choose_keeper(rows: list[int], facts: dict[str, list], keys: list[str]) -> tuple[int, str]:
+    """The best copy among `rows` for training, and the REASONS entry that decided.
+
+    Each step keeps the rows that are best by one fact (content pixels within
+    CONTENT_TIE of the most count as a tie) and passes them on; the reason is the
+    last step that left one row (or "key order" when several are alike to the end).
+    `facts` holds per row: content_px, file_px, file_bytes, grey, lossless,
+    jpeg_quality, derived.
+    """
+    f = facts
+
+    def quality(r):  # lossy copies: JPEG quality when all are JPEGs, then bytes per content pixel
+        if f["lossless"][r]:
+            return 0, 0.0  # a PNG's size says how well it compressed, not how good it is
+        q = f["jpeg_quality"][r] if all(f["jpeg_quality"][x] is not None for x in cands) else 0
+        return q, (f["file_bytes"][r] or 0) / max(1, f["content_px"][r] or 0)
+
+    steps = [
+        ("more content pixels", lambda r: f["content_px"][r] or 0, CONTENT_TIE),
+        ("colour", lambda r: not f["grey"][r], 0),
+        ("lossless", lambda r: bool(f["lossless"][r]), 0),
+        ("higher quality", quality, 0),
+        ("original", lambda r: not f["derived"][r], 0),
+        ("no bars", lambda r: (f["content_px"][r] or 0) / max(1, f["file_px"][r] or 0), CONTENT_TIE),
+    ]
+    cands = list(rows)
+    for reason, key, tie in steps:
+        if len(cands) < 2:
+            break
+        values = {r: key(r) for r in cands}
+        best = max(values.values())
+        cands = [r for r in cands if (values[r] >= best * (1 - tie) if tie else values[r] == best)]
+        if len(cands) == 1:
+            return cands[0], reason
+    return min(cands, key=lambda r: keys[r]), "key order"
+
+
+def _derived(table: pa.Table, base: Path, files: list) -> list[bool]:
+    """Rows whose copy is not an original: a Danbooru child post (`parent_id`), or a derived
+    file (crop, downscale) hashed because its original is gone."""
+    parent, path, src = _column(table, "parent_id"), _column(table, "path"), _column(table, "source_path")
+    return [pid is not None or bool(f and sp and p != sp and f == str(base / p))
+            for pid, p, sp, f in zip(parent, path, src, files)]
+
+
 # --- the stage --------------------------------------------------------------------
 
 
@@ -258,10 +374,26 @@ class Summary:
     against: int = 0
     threshold: int = DEFAULT_THRESHOLD
     against_rows: int = 0
+    reasons: dict = field(default_factory=dict)  # keeper_reason -> clusters it decided
     errors: list = field(default_factory=list)
 
 
-HASH_COLUMNS = {"phash": pa.int64(), "dhash": pa.int64(), "colour": pa.int32(), "sha256": pa.string()}
+# Stored per hashed row. phash/dhash as 16 hex digits (to_hex); in memory signed int64.
+HASH_COLUMNS = {"phash": pa.string(), "dhash": pa.string(), "colour": pa.int32(), "sha256": pa.string(),
+                "content_px": pa.int64(), "file_px": pa.int64(), "grey": pa.bool_(), "lossless": pa.bool_(),
+                "jpeg_quality": pa.int16(), "file_bytes": pa.int64()}
+HEX_COLUMNS = ("phash", "dhash")
+OPTIONAL = ("jpeg_quality",)  # null for every file but a JPEG: no sign of a row left to hash
+
+
+def _hash_values(name: str, values: list) -> list:
+    """A stored column's values as used in memory (hex hashes -> int64)."""
+    return [from_hex(v) for v in values] if name in HEX_COLUMNS else list(values)
+
+
+def _hash_array(name: str, values: list) -> pa.Array:
+    """In-memory values -> the stored column."""
+    return pa.array([to_hex(v) for v in values] if name in HEX_COLUMNS else values, HASH_COLUMNS[name])
 
 
 def _column(table: pa.Table, name: str) -> list:
@@ -287,10 +419,10 @@ def hash_rows(rows: pa.Table, base: Path, cached: bool, workers: int = 1,
     `hash_error` new this run), {hashed, reused}.
     """
     error, path, src = _column(rows, "error"), _column(rows, "path"), _column(rows, "source_path")
-    h = {c: _column(rows, c) for c in HASH_COLUMNS}
+    h = {c: _hash_values(c, _column(rows, c)) for c in HASH_COLUMNS}
     files = [_original(base, p, sp) if p and e is None else None for e, p, sp in zip(error, path, src)]
     todo = [k for k, f in enumerate(files)
-            if f and not (cached and all(h[c][k] is not None for c in HASH_COLUMNS))]
+            if f and not (cached and all(h[c][k] is not None for c in HASH_COLUMNS if c not in OPTIONAL))]
     stats = {"hashed": 0, "reused": sum(1 for f in files if f) - len(todo)}
     new_errors = [None] * len(files)
     for k, res in zip(todo, parallel_map(hash_file, [files[k] for k in todo], workers, desc)):
@@ -300,7 +432,7 @@ def hash_rows(rows: pa.Table, base: Path, cached: bool, workers: int = 1,
         for c in HASH_COLUMNS:
             h[c][k] = res[c]
         stats["hashed"] += 1
-    cols = {"key": rows.column("key"), **{c: pa.array(h[c], t) for c, t in HASH_COLUMNS.items()},
+    cols = {"key": rows.column("key"), **{c: _hash_array(c, h[c]) for c in HASH_COLUMNS},
             "file": pa.array(files, pa.string()), "hash_error": pa.array(new_errors, pa.string())}
     return pa.table(cols), stats
 
@@ -322,7 +454,8 @@ def _hash_rows(table: pa.Table, base: Path, cached: bool, workers: int, desc: st
         if e is not None:
             s.failed += 1
             s.errors.append(f"{key}: {e}")
-    return out.column("file").to_pylist(), {c: out.column(c).to_pylist() for c in HASH_COLUMNS}, new_errors
+    return (out.column("file").to_pylist(), {c: _hash_values(c, out.column(c).to_pylist()) for c in HASH_COLUMNS},
+            new_errors)
 
 
 def _exact_pairs(usable, own, sha, files, pixels, i, j, dist, workers, s: Summary):
@@ -350,10 +483,19 @@ def _exact_pairs(usable, own, sha, files, pixels, i, j, dist, workers, s: Summar
     return np.array(ei, np.int64), np.array(ej, np.int64)
 
 
-def confirm(dhash: np.ndarray, colour: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Which phash-close pairs (i, j) the second hash and the mean colour agree with."""
+def confirm(dhash: np.ndarray, colour: np.ndarray, i: np.ndarray, j: np.ndarray, grey=None) -> np.ndarray:
+    """Which phash-close pairs (i, j) the second hash and the mean colour agree with.
+
+    A pair with a greyscale side compares mean brightness instead: a greyscale copy of
+    a colour CG is the same picture (and the keeper then takes the colour one).
+    """
     a, b = colour[i], colour[j]
-    off = np.maximum.reduce([np.abs(((a >> sh) & 255) - ((b >> sh) & 255)) for sh in (16, 8, 0)])
+    ca, cb = (np.stack([(x >> sh) & 255 for sh in (16, 8, 0)], axis=-1) for x in (a, b))
+    off = np.abs(ca - cb).max(axis=-1)
+    if grey is not None:
+        luma = np.array([0.299, 0.587, 0.114])
+        either = grey[i] | grey[j]
+        off = np.where(either, np.abs((ca - cb) @ luma), off)
     return (hamming(dhash[i], dhash[j]) <= DHASH_CONFIRM) & (off <= COLOUR_CONFIRM)
 
 
@@ -385,12 +527,13 @@ def dedupe(
     # Rows of the other manifests join the same index; their hashes are used as
     # stored when that manifest was deduped with this hash version, else computed
     # here (in memory: the other manifest is never written).
-    keys, owner = _column(table, "key"), [0] * n
+    keys, owner, derived = _column(table, "key"), [0] * n, _derived(table, base, files)
     pixels = [(w or 0) * (ht or 0) for w, ht in zip(_column(table, "width"), _column(table, "height"))]
     for num, (other, obase, ometa) in enumerate(others, 1):
         of, oh, _ = _hash_rows(other, obase, _stored_hash_ok(ometa), workers, f"hashing --against #{num}",
                                Summary(), shards and partial(shards, name=f"dedupe-against-{num}"))
         files += of
+        derived += _derived(other, obase, of)
         for c in HASH_COLUMNS:
             h[c] += oh[c]
         keys += _column(other, "key")
@@ -406,35 +549,59 @@ def dedupe(
     keep = (own[i] == 0) | (own[j] == 0)  # pairs inside another manifest are not ours
     i, j = i[keep], j[keep]
     dist = hamming(ph[i], ph[j])
-    near = (dist <= threshold) & confirm(dh, colour, i, j)
+    grey = np.array([bool(h["grey"][k]) for k in usable], bool)
+    near = (dist <= threshold) & confirm(dh, colour, i, j, grey)
     s.near_pairs = int(near.sum())
     ei, ej = _exact_pairs(usable, own, h["sha256"], files, pixels, i, j, dist, workers, s)
     labels = clusters(len(usable), np.concatenate([i[near], ei]), np.concatenate([j[near], ej]))
 
-    # Keeper per cluster: most pixels, then smallest key; a row of another manifest
+    # Keeper per cluster: the best copy (choose_keeper); a row of another manifest
     # wins over ours, so ours point at theirs.
-    dup_of = [None] * n
+    dup_of, reason = [None] * n, [None] * n
+    facts = {**{c: h[c] for c in ("content_px", "file_px", "file_bytes", "grey", "lossless", "jpeg_quality")},
+             "derived": derived}
     order = np.argsort(labels, kind="stable")
     for group in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
         if len(group) < 2:
             continue
         rows = [int(usable[g]) for g in group]
         theirs = [r for r in rows if owner[r] != 0]
-        keeper = min(theirs or rows, key=lambda r: (-pixels[r], keys[r]))
+        keeper, why = (theirs[0], "other manifest") if len(theirs) == 1 else choose_keeper(theirs or rows, facts, keys)
         marked = [r for r in rows if owner[r] == 0 and r != keeper]
         if marked:
             s.clusters += 1
+            s.reasons[why] = s.reasons.get(why, 0) + 1
             s.duplicates += len(marked)
             s.against += len(marked) if theirs else 0
             for r in marked:
                 dup_of[r] = keys[keeper]
+            for r in marked + ([keeper] if owner[keeper] == 0 else []):
+                reason[r] = why  # on the keeper and its duplicates: the keeper may be in another manifest
 
     errors = [e if e is not None else new_err[k] for k, e in enumerate(_column(table, "error"))]
     table = with_column(table, "error", errors)
-    for c, typ in HASH_COLUMNS.items():
-        table = with_column(table, c, pa.array(mine[c], typ))
+    for c in HASH_COLUMNS:
+        table = with_column(table, c, _hash_array(c, mine[c]))
     table = with_column(table, "dup_of", dup_of)
+    table = with_column(table, "keeper_reason", pa.array(reason, pa.string()))
     return table, s
+
+
+def _reviewed_reasons(table: pa.Table, before: list) -> pa.Table:
+    """keeper_reason "review" in the clusters a person regrouped (curate review); none on a
+    row split out alone."""
+    from .manifest import with_column
+
+    keys, after = table.column("key").to_pylist(), table.column("dup_of").to_pylist()
+    if after == before:
+        return table
+    touched = {r for k, a, b in zip(keys, after, before) if a != b for r in (a or k, b or k)}
+    pointed = set(after)
+    reason = table.column("keeper_reason").to_pylist()
+    for i, (k, a) in enumerate(zip(keys, after)):
+        if (a or k) in touched or k in touched:
+            reason[i] = "review" if (a or k in pointed) else None
+    return with_column(table, "keeper_reason", pa.array(reason, pa.string()))
 
 
 def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRESHOLD,
@@ -444,6 +611,7 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
     `ray`: curate.engine.RayOptions to hash on Ray (None: here, in a process pool).
     """
     from . import manifest as mf
+    from .review import decisions
 
     manifest = Path(manifest)
     table, meta = mf.read(manifest)
@@ -464,6 +632,9 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
                 return out, engine.sum_stats(stats) or {"hashed": 0, "reused": 0}
 
             table, s = dedupe(table, manifest.parent, meta, others, threshold, workers, shards)
+    before = table.column("dup_of").to_pylist()
+    table = decisions.current(manifest).applied(table)  # a person's keepers and splits win
+    table = _reviewed_reasons(table, before)
     mf.record_stage(meta, "dedupe", hash=HASH_VERSION, threshold=threshold,
                     dhash_confirm=DHASH_CONFIRM, against=[str(p) for p in against])
     mf.write(table, manifest, meta)

@@ -343,6 +343,9 @@ def summary(demo: Path) -> list[str]:
                 step = json.loads(logged[-1]).get("step", "?") if logged else 0
                 extra = f" (trained to step {step}; model: {', '.join(models) or 'none'}; checkpoints/)"
             lines.append(f"{label:<12} {path}{extra}")
+    if (demo / "manifests" / "official_cg.parquet").exists():
+        lines.append("review       make demo-review" + ("" if str(demo) == "demo" else f" DEMO={demo}")
+                     + "  (a local web app: drop, pick keepers, move crops, edit captions; every stage obeys)")
     started = demo / ".started"
     if started.exists():
         lines.append(f"took {time.time() - float(started.read_text()):.0f}s; open the report: "

@@ -4,12 +4,14 @@ Files are untrusted. A pixel-count guard runs on the header before any pixel is
 decoded, so a decompression bomb is an error row, never a memory blow-up. What a
 file is comes from its content, never from its name. `open_image` always returns
 an RGB image in display orientation (EXIF applied), the first frame of an
-animation, CMYK / palette / LA / 16-bit converted, alpha composited on white.
+animation, CMYK / palette / LA / 16-bit converted, alpha composited on
+`alpha_background()` (white unless CURATE_ALPHA_BACKGROUND says otherwise).
 Every failure is an ImageError whose text is the manifest's `error` value.
 
     sniff(head) -> kind        what the first bytes are ("jpg", "png", "html", "zip", ...)
     verify(path) -> (w, h, ext)  full decode of a downloaded file; ext from content
     probe(path) -> (w, h, fmt)   header only
+    stored_form(path) -> (kind, mode, orientation, alpha)  header only; what a plain reader gets
     open_image(path) -> RGB Image
     save_downscaled(src, dst, max_pixels, ext) -> (w, h)
 """
@@ -153,7 +155,7 @@ def open_image(
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any mode -> RGB; transparency composited on white, 16-bit scaled to 8."""
+    """Any mode -> RGB; transparency composited on alpha_background(), 16-bit scaled to 8."""
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     elif im.mode in ("L", "RGB") and "transparency" in im.info:  # tRNS colour key
@@ -165,12 +167,56 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("LA", "La", "PA", "RGBa"):
         im = im.convert("RGBA")
     if im.mode == "RGBA":
-        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg = Image.new("RGB", im.size, alpha_background())
         bg.paste(im, mask=im.getchannel("A"))
         return bg
     if im.mode != "RGB":
         im = im.convert("RGB")  # CMYK, 1, L, YCbCr, LAB, HSV
     return im
+
+
+ALPHA_BACKGROUND_ENV = "CURATE_ALPHA_BACKGROUND"
+WHITE = (255, 255, 255)
+
+
+def parse_colour(text: str) -> tuple[int, int, int] | None:
+    """'#rrggbb' or 'rrggbb' -> (r, g, b); None when it is not that."""
+    text = text.strip().removeprefix("#")
+    if len(text) != 6:
+        return None
+    try:
+        return tuple(bytes.fromhex(text))
+    except ValueError:
+        return None
+
+
+def alpha_background() -> tuple[int, int, int]:
+    """The one colour transparency is flattened on: by the tagger, crop, export and training
+    alike, so every stage sees the same pixels. White (what the WD taggers were trained on)
+    unless env CURATE_ALPHA_BACKGROUND = #rrggbb; export and train refuse a malformed value."""
+    return parse_colour(os.environ.get(ALPHA_BACKGROUND_ENV, "")) or WHITE
+
+
+def stored_form(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, str, int, bool]:
+    """(content kind, Pillow mode, EXIF orientation, has alpha) from the header, no pixels
+    decoded: what a reader that applies neither EXIF orientation nor alpha compositing
+    (sd-scripts: open + convert("RGB")) would get wrong. Whitelisted formats only."""
+    with open(path, "rb") as f:
+        kind = sniff(f.read(64))
+    if kind not in ("jpg", "png", "gif", "webp", "avif", "bmp") or (kind == "avif" and "AVIF" not in FORMAT_EXT):
+        raise ImageError(f"unsupported: {kind}")
+    Image.init()
+    try:
+        with Image.open(path, formats=_OPEN_FORMATS + ["BMP"]) as im:
+            w, h = im.size
+            mode = im.mode
+            orientation = im.getexif().get(0x0112, 1)
+            alpha = bool({"A", "a"} & set(im.getbands())) or "transparency" in im.info
+    except Exception as exc:
+        raise ImageError(f"decode: {_reason(exc)}") from None
+    if w * h > max_pixels:
+        raise ImageError(f"too many pixels: {w}x{h}")
+    return kind, mode, orientation if isinstance(orientation, int) else 1, alpha
 
 
 def fit_pixels(w: int, h: int, max_pixels: int) -> tuple[int, int]:
@@ -209,3 +255,17 @@ def save_downscaled(src, dst, max_pixels: int, ext: str, guard: int = DEFAULT_MA
 def _reason(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:200]
+
+
+def jpeg_tables(path: str | os.PathLike) -> dict | None:
+    """A JPEG's quantization tables from its header, no pixels decoded (None for any
+    other file): how lossy it was saved. The JPEG plugin only."""
+    with open(path, "rb") as f:
+        if sniff(f.read(64)) != "jpg":
+            return None
+    Image.init()
+    try:
+        with Image.open(path, formats=["JPEG"]) as im:
+            return dict(getattr(im, "quantization", None) or {}) or None
+    except Exception as exc:
+        raise ImageError(f"decode: {_reason(exc)}") from None

@@ -7,6 +7,7 @@ from collections import Counter
 import pyarrow.compute as pc
 
 from . import manifest
+from .review import decisions
 
 # stage -> the column that stage fills
 STAGE_COLUMNS = {"download/ingest": "path", "dedupe": "phash", "crop": "crop", "tag": "tagger", "caption": "caption"}
@@ -31,6 +32,7 @@ def inspect(path) -> dict:
         "derivatives": dict(Counter(d for d in table.column("derivative").to_pylist() if d))
         if "derivative" in table.column_names else {},
         "failures": dict(Counter(reason_of(e) for e in errors).most_common()),
+        "review": decisions.current(path).counts(table.column("key").to_pylist()),
         "provenance": {k: v for k, v in meta.items() if k != "query_text"},
     }
 
@@ -64,4 +66,6 @@ def render(info: dict) -> str:
         lines.append("  failures: " + ", ".join(f"{k} {v}" for k, v in info["failures"].items()))
     else:
         lines.append("  failures: none")
+    r = info["review"]
+    lines.append(f"  review: {r['looked_at']} looked at, {r['dropped']} dropped, {r['edited']} edited by a person")
     return "\n".join(lines)

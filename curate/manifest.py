@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .errors import CurateError
-from .schema import MANIFEST_SCHEMA
+from .schema import HEX64_FIELDS, MANIFEST_SCHEMA, hex64
 
 META_KEY = b"curate"
 
@@ -30,7 +30,9 @@ def conform(table: pa.Table) -> pa.Table:
     for field in MANIFEST_SCHEMA:
         if field.name in table.column_names:
             col = table.column(field.name)
-            if col.type != field.type:
+            if field.name in HEX64_FIELDS and pa.types.is_integer(col.type):
+                col = hex64(col)  # an old manifest's int64 hash
+            elif col.type != field.type:
                 col = col.cast(field.type)
         else:
             col = pa.nulls(n, field.type)

@@ -27,10 +27,11 @@ from urllib.parse import quote
 from . import manifest
 from .errors import CurateError
 from .inspect import reason_of
+from .review import decisions
 
 THUMB = 256  # long side, pixels
 FILES = "\x00files/"  # placeholder for the thumbnails folder in image URLs
-COLUMNS = ["key", "subset", "width", "height", "path", "source_path", "error", "dup_of", "crop",
+COLUMNS = ["key", "subset", "width", "height", "path", "source_path", "error", "dup_of", "keeper_reason", "crop",
            "tagger", "caption", "tags_general", "tags_character", "tags_copyright"]
 ASPECT_BINS = [  # (upper bound of width/height, label)
     (0.58, "taller than 9:16"), (0.7, "9:16 .. 2:3"), (0.85, "2:3 .. 4:5"), (1.18, "about square"),
@@ -164,9 +165,12 @@ def load(paths: list[Path]) -> tuple[list[Row], list[dict]]:
     rows, metas = [], []
     for i, p in enumerate(paths):
         table, meta = manifest.read(p)
+        review = decisions.current(p)  # rows a person dropped are left out, keepers followed
+        table, dropped = review.applied(table), review.dropped
         cols = [c for c in COLUMNS if c in table.column_names]
         for d in table.select(cols).to_pylist():
-            rows.append(Row(i, p.parent, d))
+            if d["key"] not in dropped:
+                rows.append(Row(i, p.parent, d))
         metas.append({"path": str(p), "name": p.stem, **meta})
     return rows, metas
 
@@ -350,17 +354,22 @@ def _dups_html(clusters, thumbs, metas) -> str:
     if not clusters:
         return '<p class="empty">no duplicates marked (run curate dedupe)</p>'
     n_dups = sum(len(d) for _, d in clusters)
-    out = [f"<p>{len(clusters)} clusters, {n_dups} rows marked as duplicates. The keeper (most pixels) is "
-           f"outlined green; the others are left out of training.</p>", '<div class="clusters">']
+    out = [f"<p>{len(clusters)} clusters, {n_dups} rows marked as duplicates. The keeper (the best copy for "
+           f"training: most content pixels inside borders, then colour, lossless, higher quality, an original) is "
+           f"outlined green with what decided; the others are left out of training.</p>", '<div class="clusters">']
     for keeper, dups in clusters[:300]:
         out.append('<div class="cluster">')
+        reason = next((r.data.get("keeper_reason") for r in ([keeper] if keeper else []) + dups
+                       if r.data.get("keeper_reason")), None)
+        why = f'<br><span class="why">kept for: {e(reason)}</span>' if reason else ""
         if keeper is not None:
             where = f" ({metas[keeper.m]['name']})"
             out.append(f'<figure class="keeper">{_img(keeper.data.get("_orig"), keeper.data["key"])}'
-                       f'<figcaption><b>KEEP</b> {e(_short(keeper.data["key"]))}{e(where)}<br>{e(_name(keeper))}</figcaption></figure>')
+                       f'<figcaption><b>KEEP</b> {e(_short(keeper.data["key"]))}{e(where)}<br>{e(_name(keeper))}{why}'
+                       f'</figcaption></figure>')
         else:
             out.append(f'<figure class="keeper"><div class="noimg">keeper {e(dups[0].data["dup_of"])}<br>'
-                       f'is in a manifest not in this report</div><figcaption><b>KEEP</b></figcaption></figure>')
+                       f'is in a manifest not in this report</div><figcaption><b>KEEP</b>{why}</figcaption></figure>')
         for r in dups:
             out.append(f'<figure class="dup">{_img(r.data.get("_orig"), r.data["key"])}'
                        f'<figcaption>duplicate {e(_short(r.data["key"]))}<br>{e(_name(r))}</figcaption></figure>')
@@ -459,6 +468,7 @@ table.counts td:first-child{text-align:left}
 .clusters{display:flex;flex-wrap:wrap;gap:10px}.cluster{display:flex;gap:8px;align-items:flex-start;border:1px solid #ddd;border-radius:4px;padding:8px}
 .cluster img{height:110px;display:block}.keeper img,.keeper .noimg{outline:4px solid #2e7d32}
 .dup img{outline:3px solid #c62828;opacity:.85}
+.why{color:#2e7d32;font-style:italic}
 .cropwrap{position:relative;display:inline-block}.cropwrap img{height:150px;display:block}
 .box{position:absolute;outline:2px solid #ff1744;outline-offset:-2px;box-shadow:0 0 0 2000px rgba(0,0,0,.45)}.crops figure{overflow:hidden}
 .charts{display:flex;flex-wrap:wrap;gap:24px}.chart{min-width:340px;flex:1}

@@ -49,7 +49,7 @@ STAGE_FIELDS = [
     pa.field("path", pa.string()),
     pa.field("source_path", pa.string()),
     pa.field("error", pa.string()),
-    pa.field("phash", pa.int64()),
+    pa.field("phash", pa.string()),  # 16 hex digits: exact in every reader (a nullable int64 is float64 in pandas)
     pa.field("dup_of", pa.string()),
     pa.field("crop", pa.list_(pa.int32())),
     pa.field("tagger", tagger_type),
@@ -64,3 +64,11 @@ MANIFEST_SCHEMA = pa.schema(
     + POST_FIELDS
     + STAGE_FIELDS
 )
+
+HEX64_FIELDS = ("phash",)  # int64 before issue 17; read back as hex (`hex64`)
+
+
+def hex64(col) -> pa.Array:
+    """An int64 hash column (manifests before issue 17) -> 16 hex digits, nulls kept."""
+    mask = (1 << 64) - 1
+    return pa.array([None if v is None else f"{v & mask:016x}" for v in col.to_pylist()], pa.string())

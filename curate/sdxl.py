@@ -206,16 +206,23 @@ def _tokens(tokenizer, captions: list[str], device) -> torch.Tensor:
 
 
 def save_diffusers(model: SDXL, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """A diffusers folder (unet, vae, text_encoder[_2], tokenizer[_2], scheduler, model_index.json)."""
+    """A diffusers folder (unet, vae, text_encoder[_2], tokenizer[_2], scheduler, model_index.json)
+    that transformers 4.x (sd-scripts pins 4.54) and 5.x both load with every weight: text
+    encoder keys keep the `text_model.` prefix (5.x's flattened CLIPTextModel drops it, 4.x
+    would silently re-initialise the encoder without it) and each tokenizer folder holds
+    vocab.json + merges.txt beside tokenizer.json."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one bar per file otherwise; curate shows its own
     folder = Path(folder)
     parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.te1, "text_encoder_2": model.te2}
     for name, part in parts.items():
-        part.save_pretrained(folder / name, safe_serialization=True, **_dtype_kw(part, dtype))
-    model.tok1.save_pretrained(folder / "tokenizer")
-    model.tok2.save_pretrained(folder / "tokenizer_2")
+        state = {k: v.to(dtype) for k, v in part.state_dict().items()}
+        if name.startswith("text_encoder"):
+            state = {_text_model(k): v for k, v in state.items()}
+        part.save_pretrained(folder / name, safe_serialization=True, state_dict=state)
+    for name, tok in (("tokenizer", model.tok1), ("tokenizer_2", model.tok2)):
+        _save_tokenizer(tok, folder / name)
     noise_scheduler().save_pretrained(folder / "scheduler")
     index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
              "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
@@ -226,16 +233,37 @@ def save_diffusers(model: SDXL, folder: Path, dtype: torch.dtype = torch.float32
     return folder
 
 
-def _dtype_kw(part, dtype):
-    # save in the export precision without touching the live (training) weights
-    if dtype == torch.float32:
-        return {}
-    return {"state_dict": {k: v.to(dtype) for k, v in part.state_dict().items()}}
+def _save_tokenizer(tok, folder: Path) -> None:
+    """tokenizer.json (fast) and the vocab.json + merges.txt a slow (4.x) CLIPTokenizer reads."""
+    tok.save_pretrained(folder)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        backend.model.save(str(folder))  # a BPE model writes exactly those two files
 
 
-def save_single_file(model: SDXL, path: Path, dtype: torch.dtype = torch.float32) -> Path:
+MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # SGM layout, as sd-scripts
+
+
+def modelspec(title: str, resolution: tuple[int, int] = (1024, 1024), v_prediction: bool = False) -> dict:
+    """The SAI ModelSpec keys sd-scripts writes into a full SDXL checkpoint (library/sai_model_spec.py),
+    which UIs and model sites read."""
+    import datetime
+
+    from . import __version__
+
+    return {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-xl-v1-base",
+            "modelspec.implementation": MODELSPEC_IMPLEMENTATION, "modelspec.title": title,
+            "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+            "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+            "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+            "modelspec.implementation_version": f"curate/{__version__}"}
+
+
+def save_single_file(model: SDXL, path: Path, dtype: torch.dtype = torch.float32,
+                     metadata: dict | None = None) -> Path:
     """One .safetensors in the original SDXL layout (model.diffusion_model.*, first_stage_model.*,
-    conditioner.embedders.0.transformer.*, conditioner.embedders.1.model.*)."""
+    conditioner.embedders.0.transformer.*, conditioner.embedders.1.model.*), with ModelSpec
+    metadata (`metadata`, default: modelspec(file stem))."""
     from safetensors.torch import save_file
 
     state = {}
@@ -247,7 +275,7 @@ def save_single_file(model: SDXL, path: Path, dtype: torch.dtype = torch.float32
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
-    save_file(state, str(tmp), metadata={"format": "pt", "modelspec.architecture": "stable-diffusion-xl-v1-base"})
+    save_file(state, str(tmp), metadata={"format": "pt", **(metadata or modelspec(path.stem))})
     tmp.replace(path)
     return path
 
@@ -350,8 +378,8 @@ def te2_to_openclip(te2) -> dict:
 
 
 def _text_model(key: str) -> str:
-    # transformers >= 5.6 flattened CLIPTextModel; the original layout keeps `text_model.`
-    return key if key.startswith("text_model.") else "text_model." + key
+    # transformers >= 5.6 flattened CLIPTextModel; 4.x and the original layout keep `text_model.`
+    return key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
 
 
 def _swap_prefix(key: str, prefixes: list[tuple[str, str]]) -> str:

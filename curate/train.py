@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import sdxl, train_data
+from . import sdxl, train_data, train_memory
 from .errors import CurateError
 from .train_config import TrainConfig
 
@@ -47,6 +47,7 @@ class Position:
 def dry_run(config: TrainConfig) -> dict:
     """Resolve the config and the data, load no model."""
     summary = train_data.plan(config).summary()
+    summary["memory"] = train_memory.estimate(config)
     if config.pretrained != "tiny-random" and not Path(config.pretrained).exists():
         summary["warnings"].append(f"pretrained model not found: {config.pretrained}")
     return summary
@@ -239,7 +240,7 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
         with _ema_weights(ema, final_model.unet):
             exported["diffusers"] = str(sdxl.save_diffusers(final_model, out_dir / "diffusers", dtype))
             exported["single_file"] = str(sdxl.save_single_file(
-                final_model, out_dir / f"{config.output_name}.safetensors", dtype))
+                final_model, out_dir / f"{config.output_name}.safetensors", dtype, _modelspec(config)))
     accelerator.wait_for_everyone()
     step_s = max(timings["step_s"], 1e-9)
     return {"main_process": main, "steps": position.step, "epochs": position.epoch, "loss": last_loss,
@@ -363,6 +364,11 @@ def _save_dtype(config: TrainConfig):
     return {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.save_precision]
 
 
+def _modelspec(config: TrainConfig, step: int | None = None) -> dict:
+    title = config.output_name + (f" step {step}" if step is not None else "")
+    return sdxl.modelspec(title, config.max_reso, config.v_parameterization)
+
+
 def _unwrapped(accelerator, model: sdxl.SDXL, trained: dict) -> sdxl.SDXL:
     parts = {name: accelerator.unwrap_model(trained[name]) if name in trained else getattr(model, name)
              for name in ("unet", "te1", "te2")}
@@ -394,7 +400,8 @@ def _save_checkpoint(accelerator, config: TrainConfig, model, trained, ema, posi
         unet = accelerator.unwrap_model(trained.get("unet", model.unet))
         with _ema_weights(ema, unet):
             sdxl.save_single_file(_unwrapped(accelerator, model, trained),
-                                  folder / f"{config.output_name}-step{position.step}.safetensors", _save_dtype(config))
+                                  folder / f"{config.output_name}-step{position.step}.safetensors", _save_dtype(config),
+                                  _modelspec(config, position.step))
         (folder / "curate.json").write_text(json.dumps({**position.state_dict(), "config": str(config.source)}))
         done = sorted(p for p in folder.parent.glob("step-*") if (p / "curate.json").is_file())
         for old in done[:-config.save_last_n_checkpoints] if config.save_last_n_checkpoints else []:
@@ -420,11 +427,13 @@ def render(summary: dict) -> list[str]:
     """Dry-run summary as text (one screen)."""
     s = summary
     lines = [f"train config {s['config']}: model {s['pretrained']} -> {s['output_dir']}",
-             f"  training images {s['train_images']} ({s['train_samples']} with repeats); reg images used "
-             f"{s['reg_images_used']} of {s['reg_images_available']} ({s['reg_samples']} samples)"]
-    if len(s["reg_subsets"]) > 1:
-        lines.append("  reg subsets: " + ", ".join(f"{name or '(none)'} {c['used']}/{c['available']}"
-                                                 for name, c in s["reg_subsets"].items()))
+             f"  training images {s['train_images']} ({s['train_samples']} with repeats); reg images: "
+             f"{s['reg_samples']} drawn per epoch from {s['reg_images_available']}, "
+             f"{s['reg_images_used']} used over the run"]
+    for name, u in s["reg_subsets"].items():
+        lo, hi = u["per_epoch"]
+        lines.append(f"    reg subset {name or '(none)'}: {lo if lo == hi else f'{lo}-{hi}'} per epoch, "
+                     f"{u['used_over_run']} of {u['available']} over {s['epochs']} epoch{'s' if s['epochs'] != 1 else ''}")
     if s["skipped"]:
         lines.append("  skipped rows: " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items()))
     lines.append(f"  buckets: {s['buckets_used']} used of {s['predefined_buckets']} "
@@ -434,5 +443,7 @@ def render(summary: dict) -> list[str]:
     lines.append(f"  batch {s['batch_size']} x accumulation {s['gradient_accumulation_steps']}: "
                  f"{s['batches_per_epoch']} batches = {s['steps_per_epoch']} optimizer steps per epoch")
     lines.append(f"  total: {s['total_optimizer_steps']} optimizer steps over {s['epochs']} epochs")
+    if "memory" in s:
+        lines += train_memory.render(s["memory"])
     lines += [f"  warning: {w}" for w in s.get("warnings", [])]
     return lines

@@ -131,6 +131,16 @@ assert set(_TYPES) | {"source"} == {f.name for f in fields(TrainConfig)}
 assert set(_DATASET_TYPES) == {f.name for f in fields(DatasetConfig)}
 
 
+BUCKET_KEYS = ("resolution", "train_batch_size", "enable_bucket", "bucket_no_upscale",
+               "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")
+
+
+def dataset_defaults() -> dict:
+    """The dataset-level defaults (buckets, batch) of a config that leaves them out: the one
+    source for `curate train` and `curate export --config`, so both make the same buckets."""
+    return {f.name: f.default for f in fields(TrainConfig) if f.name in BUCKET_KEYS}
+
+
 def read_toml(path: str | Path) -> dict:
     """The parsed TOML document; unreadable or invalid files are a CurateError."""
     path = Path(path)

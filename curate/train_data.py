@@ -3,8 +3,12 @@ which caption. Everything here is decided without a model, so `--dry-run` shows 
 
 - Rows with `error` or `dup_of` are skipped; the caption is the `caption` column, or the
   `.txt` beside the image, or (reg sets) the class token.
-- Reg balancing is sd-scripts': reg images are taken round-robin until they match the
-  training count (with repeats); reg images beyond that count are not used.
+- Reg balancing: each epoch has as many reg samples as training samples (with repeats),
+  as in sd-scripts, but drawn afresh per epoch from every reg subset in proportion to its
+  size (reg_balance.window: a seeded stream, so every reg image comes up before any
+  comes up twice). Each bucket gets a fixed share of the draw (at least one when there
+  are enough), so every epoch has the same batches count, and the draw is a pure
+  function of (seed, epoch): a resumed run draws what the uninterrupted one would.
 - Each epoch shuffles every bucket and then the batches, from a seed made of (seed,
   epoch); a batch holds images of one bucket. Per-sample randomness (caption shuffle,
   dropout, flip) is seeded by (seed, epoch, batch, slot), so a resumed run sees exactly
@@ -20,7 +24,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import caption_rules, manifest
+from . import caption_rules, manifest, normalize, reg_balance
+from .review import decisions
 from .buckets import Buckets, Placement, resize_and_crop
 from .errors import CurateError
 from .images import ImageError, open_image, probe
@@ -43,18 +48,37 @@ class Sample:
 
 
 @dataclass
+class RegPool:
+    """A bucket's reg images, grouped by reg subset, and how many it draws each epoch."""
+    take: int
+    groups: list          # [[sample index, ...] per reg subset]
+    seed: str
+
+    def draw(self, epoch: int) -> list[int]:
+        flat = [i for group in self.groups for i in group]
+        return [flat[p] for p in reg_balance.window([len(g) for g in self.groups], self.take, epoch, self.seed)]
+
+
+@dataclass
 class Plan:
     """The resolved data of a run: samples, buckets, epoch length."""
     config: TrainConfig
     samples: list[Sample]
-    buckets: dict[tuple[int, int], list[int]]   # bucket -> sample indices, one per repeat
+    buckets: dict[tuple[int, int], list[int]]   # bucket -> training sample indices, one per repeat
+    reg_pools: dict[tuple[int, int], RegPool] = field(default_factory=dict)  # bucket -> its reg draw
     skipped: Counter = field(default_factory=Counter)
     reg_available: int = 0
     num_processes: int = 1
 
+    def bucket_sizes(self) -> dict[tuple[int, int], int]:
+        """Samples per bucket in every epoch (training with repeats + the reg draw)."""
+        keys = set(self.buckets) | set(self.reg_pools)
+        return {b: len(self.buckets.get(b, [])) + (self.reg_pools[b].take if b in self.reg_pools else 0)
+                for b in sorted(keys)}
+
     @property
     def batches_per_epoch(self) -> int:  # per process
-        total = sum(math.ceil(len(v) / self.config.train_batch_size) for v in self.buckets.values())
+        total = sum(math.ceil(n / self.config.train_batch_size) for n in self.bucket_sizes().values() if n)
         return math.ceil(total / self.num_processes)
 
     @property
@@ -71,13 +95,20 @@ class Plan:
     def epochs(self) -> int:
         return math.ceil(self.total_steps / max(self.steps_per_epoch, 1))
 
+    def epoch_items(self, epoch: int) -> dict[tuple[int, int], list[int]]:
+        """bucket -> the sample indices of this epoch: training ones, then this epoch's reg draw."""
+        out = {}
+        for bucket in self.bucket_sizes():
+            pool = self.reg_pools.get(bucket)
+            out[bucket] = list(self.buckets.get(bucket, [])) + (pool.draw(epoch) if pool else [])
+        return out
+
     def epoch_batches(self, epoch: int, process: int = 0) -> list[list[int]]:
         """This process's batches of an epoch: lists of sample indices, one bucket each."""
         rng = random.Random(f"{self.config.seed}:epoch:{epoch}")
         batches = []
         size = self.config.train_batch_size
-        for bucket in sorted(self.buckets):
-            items = list(self.buckets[bucket])
+        for bucket, items in self.epoch_items(epoch).items():
             rng.shuffle(items)
             batches += [items[i:i + size] for i in range(0, len(items), size)]
         rng.shuffle(batches)
@@ -85,32 +116,61 @@ class Plan:
         batches += batches[:(-len(batches)) % n]  # every process the same count (a few repeat)
         return batches[process::n]
 
+    def reg_use(self) -> dict[str, dict]:
+        """Per reg subset: images available, drawn per epoch (min, max), distinct over the run."""
+        label = {}
+        for pool in self.reg_pools.values():
+            for group in pool.groups:
+                for i in group:
+                    label[i] = self.samples[i].subset
+        names = list(dict.fromkeys(self.samples[i].subset for i in sorted(label)))
+        use = {name: {"available": 0, "per_epoch": [None, 0], "used_over_run": set()} for name in names}
+        for i in label:
+            use[label[i]]["available"] += 1
+        for epoch in range(self.epochs if self.reg_pools else 0):
+            drawn = Counter()
+            for pool in self.reg_pools.values():
+                for i in pool.draw(epoch):
+                    drawn[label[i]] += 1
+                    use[label[i]]["used_over_run"].add(i)
+            for name, u in use.items():
+                lo, hi = u["per_epoch"]
+                u["per_epoch"] = [drawn[name] if lo is None else min(lo, drawn[name]), max(hi, drawn[name])]
+        return {name: {"available": u["available"], "per_epoch": [u["per_epoch"][0] or 0, u["per_epoch"][1]],
+                       "used_over_run": len(u["used_over_run"])} for name, u in use.items()}
+
+    def used_indices(self) -> set[int]:
+        """Every sample the run draws at least once (what the latent cache needs)."""
+        used = {i for v in self.buckets.values() for i in v}
+        for epoch in range(self.epochs if self.reg_pools else 0):
+            for pool in self.reg_pools.values():
+                used.update(pool.draw(epoch))
+        return used
+
     def summary(self) -> dict:
         """What --dry-run prints: buckets, counts, balance, steps."""
         per_bucket = []
-        for (w, h), idx in sorted(self.buckets.items()):
-            reg = sum(self.samples[i].is_reg for i in idx)
-            per_bucket.append({"width": w, "height": h, "images": len(idx), "train": len(idx) - reg, "reg": reg})
+        for (w, h), n in self.bucket_sizes().items():
+            if not n:
+                continue
+            reg = self.reg_pools[(w, h)].take if (w, h) in self.reg_pools else 0
+            per_bucket.append({"width": w, "height": h, "images": n, "train": n - reg, "reg": reg})
         train = [s for s in self.samples if not s.is_reg]
-        reg = [s for s in self.samples if s.is_reg]
         c = self.config
-        reg_subsets: dict[str, list[int]] = {}  # subset -> [images used, images available]
-        for s in reg:
-            counts = reg_subsets.setdefault(s.subset, [0, 0])
-            counts[0] += bool(s.repeats)
-            counts[1] += 1
-        warnings = [f"reg subset {name!r}: none of its {n} images is used (reg images are taken in manifest "
-                    f"order until they match the training count, as sd-scripts does)"
-                    for name, (used, n) in reg_subsets.items() if not used]
+        reg_subsets = self.reg_use()
+        warnings = [f"reg subset {name!r}: none of its {u['available']} images is drawn in this run "
+                    "(more epochs or training repeats would)" for name, u in reg_subsets.items()
+                    if not u["used_over_run"]]
         return {
             "config": str(c.source), "pretrained": c.pretrained, "output_dir": str(c.output_dir),
             "predefined_buckets": len(Buckets(c.max_reso, c.min_bucket_reso, c.max_bucket_reso,
                                               c.bucket_reso_steps, c.bucket_no_upscale).predefined),
-            "buckets_used": len(self.buckets), "buckets": per_bucket,
+            "buckets_used": len(per_bucket), "buckets": per_bucket,
             "train_images": len(train), "train_samples": sum(s.repeats for s in train),
             "reg_images_available": self.reg_available,
-            "reg_images_used": sum(1 for s in reg if s.repeats), "reg_samples": sum(s.repeats for s in reg),
-            "reg_subsets": {name: {"used": u, "available": n} for name, (u, n) in reg_subsets.items()},
+            "reg_images_used": sum(u["used_over_run"] for u in reg_subsets.values()),
+            "reg_samples": sum(p.take for p in self.reg_pools.values()),
+            "reg_subsets": reg_subsets,
             "skipped": dict(sorted(self.skipped.items())),
             "batch_size": c.train_batch_size, "gradient_accumulation_steps": c.gradient_accumulation_steps,
             "batches_per_epoch": self.batches_per_epoch, "steps_per_epoch": self.steps_per_epoch,
@@ -119,7 +179,8 @@ class Plan:
 
 
 def plan(config: TrainConfig, num_processes: int = 1) -> Plan:
-    """Read every manifest, place images in buckets, balance reg images."""
+    """Read every manifest, place images in buckets, share the reg draw among buckets."""
+    normalize.check_background()  # the pixels below are flattened on it, as the tagger's were
     buckets = Buckets(config.max_reso, config.min_bucket_reso, config.max_bucket_reso,
                       config.bucket_reso_steps, config.bucket_no_upscale)
     samples: list[Sample] = []
@@ -127,46 +188,39 @@ def plan(config: TrainConfig, num_processes: int = 1) -> Plan:
     for i, ds in enumerate(config.datasets):
         samples += _read_dataset(ds, i, buckets, skipped, config.weighted_captions)
     train = [s for s in samples if not s.is_reg]
-    reg = [s for s in samples if s.is_reg]
     if not train:
         raise CurateError("no training images left (every row skipped or every dataset is a reg set)")
-    for s, n in zip(reg, reg_repeats(sum(s.repeats for s in train), [s.repeats for s in reg])):
-        s.repeats = n
     by_bucket: dict[tuple[int, int], list[int]] = {}
+    reg_groups: dict[tuple[int, int], dict[tuple[int, str], list[int]]] = {}
     for idx, s in enumerate(samples):
-        if s.repeats:  # reg images beyond the training count have none
+        if s.is_reg:
+            reg_groups.setdefault(s.placement.bucket, {}).setdefault((s.dataset, s.subset), []).append(idx)
+        else:
             by_bucket.setdefault(s.placement.bucket, []).extend([idx] * s.repeats)
-    return Plan(config, samples, by_bucket, skipped, len(reg), num_processes)
-
-
-def reg_repeats(n_train: int, reg: list[int]) -> list[int]:
-    """sd-scripts' balancing: repeats per reg image so reg samples match n_train.
-
-    First pass: each reg image with its own repeats; then one more per image, round-robin,
-    until the count is reached. Images the first pass never reached get 0.
-    """
-    counts = [0] * len(reg)
-    n, first = 0, True
-    while reg and n < n_train:
-        for i, r in enumerate(reg):
-            counts[i] += r if first else 1
-            n += r if first else 1
-            if n >= n_train:
-                break
-        first = False
-    return counts
+    # as many reg samples per epoch as training samples (sd-scripts' balance), shared by bucket size
+    order = sorted(reg_groups)
+    takes = reg_balance.allocate(sum(s.repeats for s in train),
+                                 [sum(len(g) for g in reg_groups[b].values()) for b in order], minimum=1)
+    pools = {b: RegPool(take, list(reg_groups[b].values()), f"{config.seed}:reg:{b[0]}x{b[1]}")
+             for b, take in zip(order, takes)}  # take 0 kept: the dry run reports its images unused
+    return Plan(config, samples, by_bucket, pools, skipped, len(samples) - len(train), num_processes)
 
 
 def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Counter,
                   weighted: bool | None = None) -> list[Sample]:
     table, meta = manifest.read(ds.manifest)
     escaped = meta.get("stages", {}).get("caption", {}).get("escaped", {}) or {}
+    review = decisions.current(ds.manifest)  # a person's drops and keepers win
+    table, dropped = review.applied(table), review.dropped
     is_reg = ds.is_reg if ds.is_reg is not None else meta.get("kind") == "reg"
     class_token = ds.class_tokens or meta.get("class_token")
     separators = meta.get("stages", {}).get("caption", {}).get("keep_separators", {}) or {}
     root = ds.manifest.parent
     out = []
     for row in table.select(["key", "subset", "path", "error", "dup_of", "caption"]).to_pylist():
+        if row["key"] in dropped:
+            skipped["dropped in review"] += 1
+            continue
         if row["error"]:
             skipped["error set"] += 1
             continue
@@ -306,9 +360,7 @@ class LatentCache:
 def uncached(plan: Plan, cache: LatentCache) -> list[tuple[Sample, bool]]:
     """Every (sample, flip) the run can draw whose latents are not on disk yet."""
     todo = []
-    for s in plan.samples:
-        if not s.repeats:
-            continue
+    for s in (plan.samples[i] for i in sorted(plan.used_indices())):
         s.content_hash = s.content_hash or hashlib.sha256(s.path.read_bytes()).hexdigest()
         flips = (False, True) if plan.config.datasets[s.dataset].flip_aug else (False,)
         todo += [(s, f) for f in flips if not cache.path(s, f).is_file()]

@@ -6,6 +6,7 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
@@ -209,3 +210,164 @@ def test_bad_input_is_one_line_error(deduped, tmp_path):
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert m.read_bytes() == before
     assert curate("dedupe", tmp_path / "nope.parquet").returncode == 2
+
+
+# --- the keeper: the best copy for training, and why ------------------------------------
+
+
+def muted(seed: int, w: int = 640, h: int = 360) -> Image.Image:
+    """A CG-like picture in soft colours (its greyscale copy still matches on mean colour)."""
+    return ImageEnhance.Color(picture(seed, w, h)).enhance(0.35)
+
+
+@pytest.fixture(scope="module")
+def keepers(tmp_path_factory):
+    """Pairs and trios where the most pixels or key order would keep the worse copy."""
+    d = tmp_path_factory.mktemp("keepers") / "cg"
+    d.mkdir()
+    for n in range(1, 7):  # an original PNG and the same picture as JPEG q70, same size
+        im = picture(100 + n)
+        im.save(d / f"cg{n:02d}_original.png")
+        im.save(d / f"cg{n:02d}_q70.jpg", quality=70)
+    colour = muted(200)
+    colour.save(d / "colour.png")
+    colour.convert("L").save(d / "colour_grey.png")
+    # a red-tinted CG: its mean colour is far from its greyscale copy's, which still is the same picture
+    vivid = Image.blend(picture(201), Image.new("RGB", (640, 360), (230, 40, 60)), 0.45)
+    vivid.save(d / "vivid.png")
+    vivid.convert("L").save(d / "vivid_grey.jpg", quality=90)
+    clean = picture(300, 800, 450)
+    clean.save(d / "twin_clean.png")
+    letterbox(clean.resize((720, 405), Image.Resampling.LANCZOS), 157).save(d / "twin_letterbox.png")  # 720x719
+    q = picture(400)
+    q.save(d / "q_95.jpg", quality=95)
+    q.save(d / "q_70.jpg", quality=70)
+    bars = picture(500)
+    bars.save(d / "bars_clean.png")
+    letterbox(bars, 140).save(d / "bars_letterbox.png")  # same content pixels, black bars around
+    picture(600).save(d / "copy_a.png")
+    (d / "copy_b.png").write_bytes((d / "copy_a.png").read_bytes())
+    m = d.parent / "k.parquet"
+    assert curate("ingest", d, "--out", m).returncode == 0
+    r = curate("dedupe", m)
+    assert r.returncode == 0, r.stderr
+    assert "keepers by what decided: lossless 6, colour 2" in r.stdout  # the summary counts the reasons
+    return m
+
+
+def kept(rows, *names):
+    """(kept name, its reason) of a cluster, checking the others point at it with the same reason."""
+    keepers = [n for n in names if rows[n]["dup_of"] is None]
+    assert len(keepers) == 1, [(n, rows[n]["dup_of"]) for n in names]
+    k = rows[keepers[0]]
+    for n in names:
+        assert rows[n]["dup_of"] in (None, k["key"]) and rows[n]["keeper_reason"] == k["keeper_reason"], n
+    return keepers[0], k["keeper_reason"]
+
+
+def test_keeper_lossless_original_over_its_jpeg(keepers):
+    rows = rows_by_name(keepers)
+    for n in range(1, 7):
+        assert kept(rows, f"cg{n:02d}_original.png", f"cg{n:02d}_q70.jpg") == (f"cg{n:02d}_original.png", "lossless")
+
+
+def test_keeper_colour_over_greyscale(keepers):
+    rows = rows_by_name(keepers)
+    assert rows["colour_grey.png"]["grey"] and not rows["colour.png"]["grey"]
+    assert kept(rows, "colour.png", "colour_grey.png") == ("colour.png", "colour")
+    assert kept(rows, "vivid.png", "vivid_grey.jpg") == ("vivid.png", "colour")
+
+
+def test_keeper_clean_twin_over_letterboxed_frame(keepers):
+    rows = rows_by_name(keepers)
+    lb, clean = rows["twin_letterbox.png"], rows["twin_clean.png"]
+    assert lb["width"] * lb["height"] > clean["width"] * clean["height"]  # most pixels would keep the frame
+    assert kept(rows, "twin_clean.png", "twin_letterbox.png") == ("twin_clean.png", "more content pixels")
+    assert abs(lb["content_px"] - 720 * 405) < 0.02 * 720 * 405
+
+
+def test_keeper_higher_quality_no_bars_and_key_order(keepers):
+    rows = rows_by_name(keepers)
+    assert (rows["q_95.jpg"]["jpeg_quality"], rows["q_70.jpg"]["jpeg_quality"]) == (95, 70)
+    assert rows["bars_clean.png"]["jpeg_quality"] is None
+    assert kept(rows, "q_95.jpg", "q_70.jpg") == ("q_95.jpg", "higher quality")
+    assert kept(rows, "bars_clean.png", "bars_letterbox.png") == ("bars_clean.png", "no bars")
+    first = min(("copy_a.png", "copy_b.png"), key=lambda n: rows[n]["key"])
+    assert kept(rows, "copy_a.png", "copy_b.png") == (first, "key order")
+    assert rows["q_95.jpg"]["keeper_reason"] in dedupe.REASONS
+    assert all(r["keeper_reason"] is None for r in rows.values() if r["dup_of"] is None
+               and not any(x["dup_of"] == r["key"] for x in rows.values()))  # singles: no reason
+
+
+def test_choose_keeper_order_of_facts():
+    base = dict(content_px=1000, file_px=1000, file_bytes=500, grey=False, lossless=True, jpeg_quality=None,
+                derived=False)
+
+    def pick(*rows):
+        facts = {c: [r.get(c, base[c]) for r in rows] for c in base}
+        k, why = dedupe.choose_keeper(list(range(len(rows))), facts, [f"k{i}" for i in range(len(rows))])
+        return k, why
+
+    assert pick({"content_px": 900}, {}) == (1, "more content pixels")
+    assert pick({"content_px": 990, "grey": True}, {}) == (1, "colour")  # within 2%: a tie on pixels
+    assert pick({"lossless": False, "jpeg_quality": 98, "content_px": 1010}, {}) == (1, "lossless")
+    lossy = {"lossless": False, "jpeg_quality": 80}
+    assert pick(lossy, {**lossy, "jpeg_quality": 90}) == (1, "higher quality")
+    assert pick(lossy, {**lossy, "file_bytes": 700}) == (1, "higher quality")  # same tables, more bytes
+    assert pick({**lossy, "jpeg_quality": None, "file_bytes": 300}, {**lossy, "jpeg_quality": None}) == (1, "higher quality")
+    assert pick({"derived": True}, {}) == (1, "original")
+    assert pick({"file_px": 1400}, {}) == (1, "no bars")
+    assert pick({}, {}) == (0, "key order")
+
+
+# --- hashes every reader keeps exact ------------------------------------------------------
+
+
+def test_hex_round_trip_at_the_edges():
+    for v in (-(2**63), -1, 0, 1, 2**63 - 1, 0x0123456789ABCDEF):
+        assert len(dedupe.to_hex(v)) == 16 and dedupe.from_hex(dedupe.to_hex(v)) == v
+    assert dedupe.to_hex(-1) == "ffffffffffffffff" and dedupe.from_hex(None) is None
+
+
+def test_hashes_exact_in_pandas_duckdb_polars_and_datasets(deduped, tmp_path):
+    import datasets
+    import duckdb
+    import pandas as pd
+    polars = pytest.importorskip("polars")
+
+    m, _ = deduped
+    ref = pq.read_table(m).select(["key", "phash", "dhash"]).to_pylist()
+    want = {r["key"]: (r["phash"], r["dhash"]) for r in ref}
+    assert sum(p is None for p, _ in want.values()) >= 1  # the broken file: nullable
+    assert all(len(p) == 16 and int(p, 16) >= 0 for p, _ in want.values() if p is not None)
+    assert len({p for p, _ in want.values() if p and int(p, 16) >= 2**63}) >= 1  # top bit set: int64 < 0
+
+    df = pd.read_parquet(m)  # pandas' defaults: a nullable int64 would come back float64
+    readers = {
+        "pandas": dict(zip(df["key"], zip(df["phash"], df["dhash"]))),
+        "duckdb": {k: (p, d) for k, p, d in duckdb.sql(f"select key, phash, dhash from read_parquet('{m}')").fetchall()},
+        "polars": {r["key"]: (r["phash"], r["dhash"]) for r in polars.read_parquet(m).iter_rows(named=True)},
+        "datasets": {r["key"]: (r["phash"], r["dhash"])
+                     for r in datasets.Dataset.from_parquet(str(m), cache_dir=str(tmp_path / "hf"))},
+    }
+    for name, got in readers.items():
+        got = {k: tuple(None if pd.isna(v) else v for v in pair) for k, pair in got.items()}
+        assert got == want, name
+
+
+def test_manifest_with_int64_hashes_still_reads(deduped, tmp_path):
+    from curate import manifest
+
+    m, _ = deduped
+    table = pq.read_table(m)
+    old = table
+    for c in ("phash", "dhash"):
+        ints = pa.array([dedupe.from_hex(v) for v in table.column(c).to_pylist()], pa.int64())
+        old = old.set_column(old.column_names.index(c), c, ints)
+    legacy = tmp_path / "legacy.parquet"
+    pq.write_table(old, legacy)
+    got, _ = manifest.read(legacy)
+    assert got.column("phash").to_pylist() == table.column("phash").to_pylist()
+    h, stats = dedupe.hash_rows(got, m.parent, cached=True, workers=1)  # stored int64 hashes are reused
+    assert stats["hashed"] == 0 and stats["reused"] > 10
+    assert h.column("dhash").to_pylist() == table.column("dhash").to_pylist()  # the same hashes, as hex

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from curate import manifest
+from curate import manifest, train_config
 from curate.demo import make_corpus
 from curate.devserver import DanbooruServer, read_posts
 
@@ -51,6 +51,7 @@ def test_make_demo_runs_every_stage_then_nothing(tmp_path):
     assert any(r["crop"] and r["crop"] != [0, 0, r["width"], r["height"]] for r in rows)  # bars trimmed
     assert all(r["caption"] for r in rows if not r["error"] and not r["dup_of"])
     assert (demo / "kohya" / "dataset_config.toml").is_file()
+    assert set(exported_reg_use(demo)) == {"horizontal", "vertical"}  # sd-scripts uses every reg subset
     assert (demo / "runs" / "demo" / "demo.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in (demo / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()]
     assert steps and max(steps) == 6
@@ -69,6 +70,14 @@ def test_make_demo_runs_every_stage_then_nothing(tmp_path):
     third = make(demo, "demo", "DEMO_TARGETS=cg")
     assert third.returncode == 0, third.stderr[-2000:]
     assert "curate ingest" in third.stdout and "curate build-reg" not in third.stdout and cg.is_file()
+
+
+def exported_reg_use(demo: Path) -> dict:
+    """Reg images per subset that sd-scripts' own rule takes from the demo's export."""
+    from test_export import sd_scripts_reg_use
+
+    config = train_config.read_toml(demo / "kohya" / "dataset_config.toml")
+    return sd_scripts_reg_use(config, [demo / "manifests" / "official_cg.parquet", demo / "manifests" / "demo_reg.parquet"])
 
 
 def test_devserver_serves_files_and_nothing_outside(tmp_path):

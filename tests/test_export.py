@@ -2,6 +2,7 @@
 documented dataset-config schema; every referenced image exists with its caption."""
 
 import errno
+from collections import Counter
 import json
 import os
 import subprocess
@@ -79,7 +80,8 @@ def check_layout(config: dict, manifests: list[Path]) -> int:
         for image in images:
             assert image.resolve().is_file()  # the link resolves to a real image
             caption = image.with_suffix(ext).read_text(encoding="utf-8")
-            key = image.stem.replace("_", "/", 1)
+            stem = image.stem.split("_", 1)[1] if subset.get("is_reg") else image.stem  # rank prefix
+            key = stem.replace("_", "/", 1)
             assert caption == expected[key] and len(caption.splitlines()) == 1
             found += 1
     assert found == len(expected)
@@ -145,8 +147,10 @@ def test_export_with_train_config(project):
     (root / "configs" / "baxl_v3.toml").write_text(TRAIN_TOML)
     result = CliRunner().invoke(app, ["export", "--kohya", "out", "--config", "configs/baxl_v3.toml"])
     assert result.exit_code == 0, result.output
-    assert "exported 13 images in 3 subsets" in result.output
+    assert "exported 13 images in 2 subsets" in result.output
     assert "skipped 1: duplicate" in result.output and "skipped 1: error set" in result.output
+    # 5 CGs x 3 repeats = 15 training samples: sd-scripts uses all 8 reg images
+    assert "against 15 training samples): horizontal 4/4, vertical 4/4" in result.output
     config = tomllib.loads((root / "out" / "dataset_config.toml").read_text())
     check_sd_scripts_schema(config)
     assert check_layout(config, [train, reg]) == 13
@@ -156,13 +160,12 @@ def test_export_with_train_config(project):
                                     "max_bucket_reso", "bucket_reso_steps")} == {
         "resolution": 1024, "batch_size": 2, "min_bucket_reso": 256,
         "max_bucket_reso": 4096, "bucket_reso_steps": 32}
-    cg, horizontal, vertical = dataset["subsets"]
-    assert cg["image_dir"].endswith("official_cg/official_cg")
+    cg, reg_subset = dataset["subsets"]  # the reg manifest's two subsets share one interleaved folder
+    assert cg["image_dir"].endswith("official_cg/official_cg") and reg_subset["image_dir"].endswith("baxl_v3_reg/reg")
     assert (cg["num_repeats"], cg["keep_tokens"], cg["flip_aug"], cg["shuffle_caption"]) == (3, 1, True, True)
     assert cg["caption_tag_dropout_rate"] == 0.1 and "is_reg" not in cg
-    for sub in (horizontal, vertical):
-        assert sub["is_reg"] is True and sub["class_tokens"] == "solo"
-        assert sub["keep_tokens_separator"] == "|||"
+    assert reg_subset["is_reg"] is True and reg_subset["class_tokens"] == "solo"
+    assert reg_subset["keep_tokens_separator"] == "|||"
 
 
 def test_export_defaults_without_config_and_metadata_json(project):
@@ -172,11 +175,11 @@ def test_export_defaults_without_config_and_metadata_json(project):
     config = tomllib.loads((root / "k" / "dataset_config.toml").read_text())
     check_sd_scripts_schema(config)
     check_layout(config, [train, reg])
-    cg, horizontal, _ = config["datasets"][0]["subsets"]
+    cg, reg_subset = config["datasets"][0]["subsets"]
     assert (cg["shuffle_caption"], cg["caption_tag_dropout_rate"], cg["num_repeats"]) == (True, 0.1, 1)
-    assert horizontal["is_reg"] and horizontal["class_tokens"] == "solo"
+    assert reg_subset["is_reg"] and reg_subset["class_tokens"] == "solo"
     metadata = json.loads((root / "k" / "metadata.json").read_text(encoding="utf-8"))
-    assert len(metadata) == 13
+    assert len(metadata) == 5  # the training rows: sd-scripts' fine-tune route has no reg images
     for image, entry in metadata.items():
         assert Path(image).is_absolute() and Path(image).resolve().is_file()
         assert entry == {"caption": Path(image).with_suffix(".txt").read_text(encoding="utf-8"), "tags": ""}
@@ -235,18 +238,21 @@ def test_uncaptioned_manifest_is_an_error(shared_data, tmp_path):
     assert "run curate caption first" in str(result.exception)
 
 
-def test_formats_sd_scripts_cannot_read_are_skipped(shared_data, tmp_path):
+def test_formats_sd_scripts_cannot_read_are_converted(shared_data, tmp_path):
     booru = load_posts(shared_data, "booru-rs_posts_2023-03.json")
     rows = [post_row(booru[6148686], path="i/a.gif"), post_row(booru[6148687], path="i/b.JPG")]
     m = write_manifest(tmp_path / "m.parquet", rows)
     assert CliRunner().invoke(app, ["caption", str(m)]).exit_code == 0
     result = CliRunner().invoke(app, ["export", str(m), "--kohya", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "exported 1 images" in result.output and "skipped 1: .gif files" in result.output
+    assert "exported 2 images" in result.output and "normalized 1 " in result.output
+    assert "gif converted to png 1" in result.output
     config = tomllib.loads((tmp_path / "out" / "dataset_config.toml").read_text())
     check_sd_scripts_schema(config)
-    assert [p.name for p in Path(config["datasets"][0]["subsets"][0]["image_dir"]).glob("*.jpg")] == [
-        "danbooru_6148687.jpg"]
+    folder = Path(config["datasets"][0]["subsets"][0]["image_dir"])
+    assert sorted(p.name for p in folder.iterdir() if p.suffix != ".txt") == [
+        "danbooru_6148686.png", "danbooru_6148687.jpg"]
+    assert (folder / "danbooru_6148687.jpg").is_symlink() and not (folder / "danbooru_6148686.png").is_symlink()
 
 
 def test_a_failed_export_can_be_run_again(project, monkeypatch):
@@ -280,3 +286,110 @@ def test_tampered_marker_never_deletes_outside_the_folder(project):
     marker.write_text(json.dumps(record))
     assert runner.invoke(app, ["export", str(train), str(reg), "--kohya", "out"]).exit_code == 0
     assert victim.read_text() == "keep me"
+
+
+# --- reg layout: what sd-scripts' own rule makes of it -------------------------------------
+
+
+def small_manifest(path: Path, subsets: dict[str, int], kind: str, seed: int = 1) -> Path:
+    """Real PNGs and captions: {subset: count}; reg manifests carry a class token and a seed."""
+    import pyarrow as pa
+    from PIL import Image
+
+    rows = []
+    for subset, n in subsets.items():
+        for i in range(n):
+            rel = f"img/{path.stem}-{subset}-{i:03d}.png"
+            (path.parent / "img").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (48, 32) if subset != "vertical" else (32, 48), (i, 2 * i, 100)).save(path.parent / rel)
+            rows.append({"key": f"danbooru/{seed * 10000 + len(rows)}", "subset": subset, "path": rel,
+                         "caption": f"solo, tag{i}"})
+    meta = manifest.new_provenance(kind=kind, class_token="solo", seed=seed)
+    return manifest.write(pa.Table.from_pylist(rows), path, meta)
+
+
+def sd_scripts_reg_use(config: dict, manifests: list[Path]) -> Counter:
+    """sd-scripts' DreamBoothDataset on the written config: reg images in subset order, then
+    file-name order, registered until they match the training images (with repeats)."""
+    import glob
+
+    subset_of = {r["key"]: r["subset"] for m in manifests for r in manifest.read(m)[0].to_pylist()}
+    n_train, reg = 0, []
+    for subset in config["datasets"][0]["subsets"]:
+        paths = sorted({p for ext in IMAGE_EXTS for p in glob.glob(os.path.join(subset["image_dir"], "*" + ext))})
+        if subset.get("is_reg"):
+            reg += [(p, subset.get("num_repeats", 1)) for p in paths]
+        else:
+            n_train += len(paths) * subset.get("num_repeats", 1)
+    used, n, first = Counter(), 0, True
+    while reg and n < n_train:
+        for path, repeats in reg:
+            if first:
+                used[path] += 1
+            n += repeats if first else 1
+            if n >= n_train:
+                break
+        first = False
+    key = lambda p: Path(p).stem.split("_", 1)[1].replace("_", "/", 1)  # noqa: E731  (rank prefix)
+    return Counter(subset_of[key(p)] for p in used)
+
+
+def test_sd_scripts_takes_a_proportional_choice_of_every_reg_subset(tmp_path):
+    train = small_manifest(tmp_path / "cg.parquet", {"cg": 10}, "ingest")
+    reg = small_manifest(tmp_path / "reg.parquet", {"horizontal": 40, "vertical": 10}, "reg", seed=7)
+    summary = run_export([train, reg], tmp_path / "out")
+    config = tomllib.loads((tmp_path / "out" / "dataset_config.toml").read_text())
+    check_sd_scripts_schema(config)
+    assert sd_scripts_reg_use(config, [train, reg]) == {"horizontal": 8, "vertical": 2}  # 40:10 of 10
+    assert summary.reg_use == {"horizontal": [8, 40], "vertical": [2, 10]}
+    assert "against 10 training samples): horizontal 8/40, vertical 2/10" in "\n".join(summary.lines())
+    # a seeded choice: the same layout again, and not simply the first rows of each subset
+    names = sorted(p.name for p in Path(config["datasets"][0]["subsets"][1]["image_dir"]).glob("*.png"))
+    again = run_export([train, reg], tmp_path / "out")
+    assert names == sorted(p.name for p in Path(config["datasets"][0]["subsets"][1]["image_dir"]).glob("*.png"))
+    assert again.reg_use == summary.reg_use and names[0].split("_", 1)[1] != "danbooru_70000.png"
+
+
+def test_an_unused_reg_subset_gets_a_num_repeats_suggestion(tmp_path):
+    train = small_manifest(tmp_path / "cg.parquet", {"cg": 10}, "ingest")
+    first = small_manifest(tmp_path / "a.parquet", {"horizontal": 40}, "reg", seed=2)
+    second = small_manifest(tmp_path / "b.parquet", {"vertical": 10}, "reg", seed=3)
+    summary = run_export([train, first, second], tmp_path / "out")
+    config = tomllib.loads((tmp_path / "out" / "dataset_config.toml").read_text())
+    assert sd_scripts_reg_use(config, [train, first, second]) == {"horizontal": 10}
+    assert summary.reg_use == {"horizontal": [10, 40], "vertical": [0, 10]}
+    assert summary.suggestion.startswith("reg subset vertical would go unused; num_repeats = 5 on the training")
+    # and the suggestion holds: with it, sd-scripts uses every reg subset
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'[[datasets]]\nmanifest = "{train}"\nnum_repeats = 5\n')
+    summary = run_export([train, first, second], tmp_path / "out", toml)
+    config = tomllib.loads((tmp_path / "out" / "dataset_config.toml").read_text())
+    assert sd_scripts_reg_use(config, [train, first, second]) == {"horizontal": 40, "vertical": 10}
+    assert not summary.suggestion
+
+
+def run_export(manifests, out, config=None):
+    from curate import export
+
+    return export.run(manifests, out, config)
+
+
+def test_fine_tune_route_has_training_rows_only(project):
+    root, train, reg = project
+    result = CliRunner().invoke(app, ["export", str(train), str(reg), "--kohya", "out"])
+    assert result.exit_code == 0, result.output
+    assert "--cache_latents" in result.output
+    config = tomllib.loads((root / "out" / "dataset_config_finetune.toml").read_text())
+    assert set(config) == {"datasets"}
+    (dataset,) = config["datasets"]
+    (subset,) = dataset["subsets"]  # the one training subset; reg has no place in this route
+    allowed = {**SUBSET_ASCENDABLE, "image_dir": str, "metadata_file": str}
+    for key in ("caption_extension", "class_tokens", "cache_info"):  # DreamBooth-only keys
+        del allowed[key]
+    assert set(subset) <= set(allowed) and "is_reg" not in subset
+    metadata = json.loads(Path(subset["metadata_file"]).read_text(encoding="utf-8"))
+    whole = json.loads((root / "out" / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata == whole and len(metadata) == 5
+    training_keys = {r["key"] for r in manifest.read(train)[0].to_pylist() if not r["dup_of"]}
+    assert {Path(p).stem.replace("_", "/", 1) for p in metadata} == training_keys
+    assert all(Path(p).parent == Path(subset["image_dir"]) for p in metadata)

@@ -78,7 +78,13 @@ def test_report_content(manifests, tmp_path):
     # the broken file is a failure by reason; duplicates and crops show up
     assert "ingest: decode" in page and page.count('class="keeper"') == len({r["dup_of"] for r in rows if r["dup_of"]})
     trimmed = [r for r in rows if r["crop"] is not None and r["crop"] != [0, 0, r["width"], r["height"]]]
-    assert page.count('class="box"') == len(trimmed) >= 6  # the letterboxed and bordered screenshots
+    assert page.count('class="box"') == len(trimmed) >= 3  # the bordered screenshots
+    # a letterboxed screenshot of a CG is a duplicate of the clean CG (same content, no bars)
+    letterboxed = [r for r in rows if r["source_path"].endswith("_letterbox.png")]
+    assert letterboxed and all(r["dup_of"] and r["keeper_reason"] == "no bars" for r in letterboxed)
+    # each cluster says what decided its keeper
+    assert page.count('class="why"') == page.count('class="keeper"')
+    assert "kept for: no bars" in page and "kept for: other manifest" in page
     # the repost of a reg image: its keeper lives in the reg manifest, shown beside it
     assert any(r["dup_of"] and r["dup_of"].startswith("danbooru/") for r in rows)
     # a second run reuses every thumbnail

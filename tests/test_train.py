@@ -19,7 +19,7 @@ import tomli_w
 import torch
 from PIL import Image
 
-from curate import manifest, sdxl, train_config, train_data
+from curate import manifest, reg_balance, sdxl, train_config, train_data
 from curate.errors import CurateError
 from curate.train import train
 
@@ -105,14 +105,6 @@ def test_plan_skips_bad_rows_and_finds_captions(tmp_path):
     assert by_key["local/t-1"].size == (96, 64)
 
 
-def test_reg_balancing_is_sd_scripts_round_robin():
-    assert train_data.reg_repeats(5, [1, 1, 1]) == [2, 2, 1]
-    assert train_data.reg_repeats(3, [1] * 10) == [1, 1, 1] + [0] * 7  # extra reg images unused
-    assert train_data.reg_repeats(12, [1] * 5) == [3, 3, 2, 2, 2]
-    assert train_data.reg_repeats(4, [3, 3]) == [3, 3]  # first pass takes each image's repeats
-    assert train_data.reg_repeats(10, []) == []
-
-
 def test_reg_balance_and_one_bucket_per_batch(tmp_path):
     write_images_manifest(tmp_path, "t", SIZES[:4])
     write_images_manifest(tmp_path, "r", SIZES * 2, reg=True, seed=1)
@@ -126,11 +118,13 @@ def test_reg_balance_and_one_bucket_per_batch(tmp_path):
     assert sum(b["reg"] for b in s["buckets"]) == 12
     for epoch in range(3):
         batches = plan.epoch_batches(epoch)
-        assert sorted(i for b in batches for i in b) == sorted(i for v in plan.buckets.values() for i in v)
+        assert sorted(i for b in batches for i in b) == sorted(i for v in plan.epoch_items(epoch).values() for i in v)
         for b in batches:
             assert len({plan.samples[i].placement.bucket for i in b}) == 1
     assert plan.epoch_batches(0) != plan.epoch_batches(1)  # reshuffled each epoch
-    assert s["reg_subsets"] == {"main": {"used": 12, "available": 12}} and s["warnings"] == []
+    # as many reg images as training samples: every one drawn once each epoch
+    assert s["reg_subsets"] == {"main": {"available": 12, "per_epoch": [12, 12], "used_over_run": 12}}
+    assert s["warnings"] == []
     assert plan.epoch_batches(1) == train_data.plan(cfg).epoch_batches(1)  # and reproducible
 
 
@@ -161,16 +155,62 @@ def test_keep_separator_comes_from_the_caption_stage(tmp_path):
     assert out.startswith("blue archive, 1girl, ") and sorted(out.split(", ")[2:]) == ["halo", "smile"]
 
 
-def test_unused_reg_subset_is_warned_about(tmp_path):
-    write_images_manifest(tmp_path, "t", SIZES[:2])
-    write_images_manifest(tmp_path, "r", SIZES, reg=True, seed=1)
+def reg_run(tmp_path, epochs: int = 10):
+    """8 training images against 30 horizontal (two buckets) and 10 vertical reg images."""
+    write_images_manifest(tmp_path, "t", [(64, 64)] * 8)
+    write_images_manifest(tmp_path, "r", [(96, 64), (128, 64)] * 15 + [(64, 96)] * 10, reg=True, seed=1)
     table, meta = manifest.read(tmp_path / "r.parquet")
-    manifest.write(manifest.with_column(table, "subset", ["horizontal"] * 3 + ["vertical"] * 3), tmp_path / "r.parquet", meta)
-    cfg = train_config.load(write_config(tmp_path / "c.toml", [{"manifest": "t.parquet"}, {"manifest": "r.parquet"}]))
+    manifest.write(manifest.with_column(table, "subset", ["horizontal"] * 30 + ["vertical"] * 10),
+                   tmp_path / "r.parquet", meta)
+    return train_config.load(write_config(tmp_path / "c.toml", [{"manifest": "t.parquet"}, {"manifest": "r.parquet"}],
+                                          max_train_epochs=epochs))  # wins over max_train_steps
+
+
+def test_reg_subsets_are_drawn_in_proportion_and_all_used_over_the_run(tmp_path):
+    cfg = reg_run(tmp_path)
+    plan = train_data.plan(cfg)
+    subset_of = {i: s.subset for i, s in enumerate(plan.samples) if s.is_reg}
+    per_epoch, seen = [], set()
+    for epoch in range(plan.epochs):
+        drawn = [i for b in plan.epoch_batches(epoch) for i in b if i in subset_of]
+        assert len(drawn) == 8  # as many reg samples as training samples, as sd-scripts balances
+        per_epoch.append(Counter(subset_of[i] for i in drawn))
+        seen.update(drawn)
+    assert all(c == {"horizontal": 6, "vertical": 2} for c in per_epoch)  # 30:10 of 8, every epoch
+    assert seen == set(subset_of)  # 80 draws over 10 epochs: all 40 reg images, none left out
+    first_half = {i for e in range(5) for b in plan.epoch_batches(e) for i in b if i in subset_of}
+    assert len(first_half) == 40  # a stream: each image comes up once before any twice
+    assert plan.epoch_items(0) != plan.epoch_items(1)  # a fresh draw per epoch
+    s = plan.summary()
+    assert s["reg_subsets"] == {"horizontal": {"available": 30, "per_epoch": [6, 6], "used_over_run": 30},
+                                "vertical": {"available": 10, "per_epoch": [2, 2], "used_over_run": 10}}
+    assert (s["reg_samples"], s["reg_images_used"], s["warnings"]) == (8, 40, [])
+    # sd-scripts' own rule on the manifest order: the first 8 horizontal images, every epoch
+    use = reg_balance.sd_scripts_use(8, [1] * 40)
+    assert sum(use[:30]) == 8 and sum(use[30:]) == 0
+
+
+def test_reg_draw_resumes_exactly(tmp_path):
+    plan = train_data.plan(reg_run(tmp_path, epochs=4))
+    per = plan.batches_per_epoch
+    whole = train_data.RunData(plan, None, 0, 0)
+    resumed = train_data.RunData(train_data.plan(reg_run(tmp_path, epochs=4)), None, 2, 1)
+    assert len(resumed) == len(whole) - 2 * per - 1
+    for k in range(len(resumed)):
+        assert resumed[k]["keys"] == whole[2 * per + 1 + k]["keys"]
+
+
+def test_a_short_run_warns_of_a_reg_subset_it_never_draws(tmp_path):
+    write_images_manifest(tmp_path, "t", [(64, 64)])
+    write_images_manifest(tmp_path, "r", [(96, 64)] * 9 + [(64, 96)], reg=True, seed=1)
+    table, meta = manifest.read(tmp_path / "r.parquet")
+    manifest.write(manifest.with_column(table, "subset", ["horizontal"] * 9 + ["vertical"]), tmp_path / "r.parquet", meta)
+    cfg = train_config.load(write_config(tmp_path / "c.toml", [{"manifest": "t.parquet"}, {"manifest": "r.parquet"}],
+                                         max_train_steps=1))
     s = train_data.plan(cfg).summary()
-    assert s["reg_subsets"] == {"horizontal": {"used": 2, "available": 3}, "vertical": {"used": 0, "available": 3}}
-    assert len(s["warnings"]) == 1 and "reg subset 'vertical': none of its 3 images is used" in s["warnings"][0]
-    assert all(b["images"] > 0 for b in s["buckets"]) and s["buckets_used"] == len(s["buckets"])
+    assert s["reg_subsets"]["vertical"]["used_over_run"] + s["reg_subsets"]["horizontal"]["used_over_run"] == 1
+    unused = [n for n, u in s["reg_subsets"].items() if not u["used_over_run"]]
+    assert len(s["warnings"]) == 1 and f"reg subset {unused[0]!r}: none of its" in s["warnings"][0]
 
 
 def test_caption_processing_statistics():
@@ -245,16 +285,17 @@ def test_dry_run_cli_text_and_json(tmp_path):
     r = subprocess.run([CURATE, "train", str(config), "--dry-run", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    assert (s["train_samples"], s["reg_samples"], s["reg_images_used"], s["reg_images_available"]) == (12, 12, 12, 18)
+    assert (s["train_samples"], s["reg_samples"], s["reg_images_used"], s["reg_images_available"]) == (12, 12, 18, 18)
     assert s["predefined_buckets"] == len(train_data.Buckets((64, 64), 32, 128, 32).predefined)
     assert sum(b["images"] for b in s["buckets"]) == 24
     batches = sum(math.ceil(b["images"] / 2) for b in s["buckets"])
     assert s["batches_per_epoch"] == batches and s["steps_per_epoch"] == math.ceil(batches / 4)
     assert s["total_optimizer_steps"] == 3 * s["steps_per_epoch"] and s["epochs"] == 3
     assert s["warnings"] == [f"pretrained model not found: {(Path.cwd() / 'models/none.safetensors').resolve()}"]
-    assert s["reg_subsets"] == {"main": {"used": 12, "available": 18}}
+    assert s["reg_subsets"] == {"main": {"available": 18, "per_epoch": [12, 12], "used_over_run": 18}}
     text = subprocess.run([CURATE, "train", str(config), "--dry-run"], capture_output=True, text=True)
     assert text.returncode == 0 and "buckets:" in text.stdout
+    assert "reg subset main: 12 per epoch, 18 of 18 over 3 epochs" in text.stdout
     assert f"total: {s['total_optimizer_steps']} optimizer steps over 3 epochs" in text.stdout
     for b in s["buckets"]:
         assert f"{b['width']:>5} x {b['height']:<5} {b['images']:>6}" in text.stdout
@@ -339,6 +380,12 @@ def test_export_loads_back_with_identical_weights(resumed):
     assert trained.keys() == from_folder.keys() == from_single.keys()
     for k in trained:
         assert torch.equal(trained[k], from_folder[k]) and torch.equal(trained[k], from_single[k]), k
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # ModelSpec, as sd-scripts writes it
+        spec = f.metadata()
+    assert (spec["modelspec.architecture"], spec["modelspec.title"], spec["modelspec.resolution"]) == (
+        "stable-diffusion-xl-v1-base", "model", "64x64")
     single = load_file(out / "model.safetensors")  # the original (SGM) key layout
     assert "model.diffusion_model.input_blocks.0.0.weight" in single
     assert "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.weight" in single

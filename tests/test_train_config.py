@@ -29,7 +29,7 @@ def test_recipe_config_reproduces_design():
     assert (cfg.lr_scheduler, cfg.lr_warmup_steps) == ("constant_with_warmup", 100)
     assert cfg.optimizer_type == "Lion8bit"
     assert cfg.optimizer_args == {"weight_decay": 0.1, "betas": [0.9, 0.95]}
-    assert cfg.min_snr_gamma == 5 and cfg.mixed_precision == "fp16" and not cfg.full_fp16
+    assert cfg.min_snr_gamma == 5 and cfg.mixed_precision == "fp16" and cfg.full_fp16
     assert (cfg.max_train_epochs, cfg.save_every_n_steps, cfg.seed) == (25, 200, 42)
     train, reg = cfg.datasets
     assert train.manifest.name == "official_cg.parquet" and train.shuffle_caption
@@ -99,3 +99,38 @@ def test_cli_help_stays_torch_free():
             "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+BUCKET_KEYS = "resolution = 1024\nmin_bucket_reso = 256\nmax_bucket_reso = 4096\nbucket_reso_steps = 32\n"
+
+
+@pytest.mark.parametrize("keys", [BUCKET_KEYS, "", "bucket_reso_steps = 32\n"])
+def test_export_buckets_equal_the_dry_run_buckets(tmp_path, keys):
+    """The same config gives the same buckets in sd-scripts (the exported TOML) and curate train."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from curate import manifest, train_data
+    from curate.buckets import Buckets
+
+    sizes = [(1920, 1080), (1080, 1920), (1000, 1000), (3000, 1000), (700, 1500)]  # CGs, a banner
+    rows = []
+    for i, (w, h) in enumerate(sizes):
+        Image.new("RGB", (w, h), (i * 40, 90, 160)).save(tmp_path / f"{i}.png")
+        rows.append({"key": f"local/{i}", "subset": "cg", "path": f"{i}.png", "caption": "1girl"})
+    manifest.write(pa.Table.from_pylist(rows), tmp_path / "m.parquet", manifest.new_provenance(kind="ingest"))
+    config = write(tmp_path, MINIMAL + keys + '\n[[datasets]]\nmanifest = "m.parquet"\n')
+    export.run([], tmp_path / "out", config)
+    dataset = train_config.read_toml(tmp_path / "out" / "dataset_config.toml")["datasets"][0]
+    res = dataset["resolution"]
+    sd = Buckets((res, res), dataset["min_bucket_reso"], dataset["max_bucket_reso"], dataset["bucket_reso_steps"],
+                 dataset.get("bucket_no_upscale", False))
+    exported = sorted(sd.place(w, h).bucket for w, h in sizes)
+    summary = train_data.plan(train_config.load(config)).summary()
+    dry_run = sorted(tuple((b["width"], b["height"])) for b in summary["buckets"] for _ in range(b["images"]))
+    assert exported == dry_run
+    if keys == BUCKET_KEYS:
+        assert (1344, 768) in exported  # the recipe: a 16:9 CG at 1344x768
+    if keys == "":
+        assert (dataset["max_bucket_reso"], dataset["bucket_reso_steps"]) == (1024, 64)  # curate train's defaults
+        assert dataset["batch_size"] == train_config.load(config).train_batch_size
