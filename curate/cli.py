@@ -47,10 +47,25 @@ def _source(spec: str, **options):
 
 
 # Options of the live danbooru source (ignored by the local sources).
-_RATE = typer.Option(2.0, "--rate", help="danbooru: requests per second to the API host.")
+def _range(lo: float | None = None, hi: float | None = None, above: float | None = None):
+    """An option callback: a value outside the range is a one-line error, before any work."""
+    def check(param: typer.CallbackParam, value):
+        if value is None:
+            return value
+        name = max(param.opts, key=len)
+        if above is not None and not value > above:
+            raise CurateError(f"{name} must be more than {above:g}, got {value}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            want = f"between {lo:g} and {hi:g}" if hi is not None else f"at least {lo:g}"
+            raise CurateError(f"{name} must be {want}, got {value}")
+        return value
+    return check
+
+
+_RATE = typer.Option(2.0, "--rate", callback=_range(above=0), help="danbooru: requests per second to the API host.")
 _USER_AGENT = typer.Option(None, "--user-agent", help="danbooru: User-Agent (default curate/<version>; make it unique if Cloudflare blocks you).")
 _BASE_URL = typer.Option(None, "--base-url", help="danbooru: site URL (default https://danbooru.donmai.us, env CURATE_DANBOORU_URL).")
-_TAG_LIMIT = typer.Option(None, "--tag-limit", help="danbooru: plain tags per search (default: your account's, from /profile.json; 2 anonymous; 0: no limit).")
+_TAG_LIMIT = typer.Option(None, "--tag-limit", callback=_range(0), help="danbooru: plain tags per search (default: your account's, from /profile.json; 2 anonymous; 0: no limit).")
 
 
 def _live(rate: float, user_agent: Optional[str], tag_limit: Optional[int], **more) -> dict:
@@ -62,7 +77,7 @@ def sync(
     source: str = typer.Argument(..., help="danbooru, hakubooru:PATH, dump:PATH or store:PATH"),
     store: Path = typer.Option(..., "--store", help="Folder of the local metadata store (created if missing)."),
     aliases: Optional[Path] = typer.Option(None, "--aliases", help="A /tag_aliases.json dump; active aliases are applied."),
-    since_id: Optional[int] = typer.Option(None, "--since-id", help="danbooru: mirror posts after this id (default: the store's highest)."),
+    since_id: Optional[int] = typer.Option(None, "--since-id", callback=_range(0), help="danbooru: mirror posts after this id (default: the store's highest)."),
     rate: float = _RATE,
     base_url: Optional[str] = _BASE_URL,
     user_agent: Optional[str] = _USER_AGENT,
@@ -95,14 +110,15 @@ def sync(
 
 
 def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: Optional[int],
-               images: Optional[Path], no_images: bool, live: Optional[dict] = None) -> None:
+               images: Optional[Path], no_images: bool, live: Optional[dict] = None,
+               outside_files: bool = False) -> None:
     from .fetch import fetch as run_fetch
 
     if out is None:
         out = Path("manifests") / f"{query.stem}.parquet"
     src = _source(source, **(live or {}))
     with _bar("select") as bar:
-        result = run_fetch(query, src, out, kind=kind, seed=seed, progress=bar.update)
+        result = run_fetch(query, src, out, kind=kind, seed=seed, progress=bar.update, outside_files=outside_files)
     sel = result.selection
     typer.echo(f"{'build-reg' if kind == 'reg' else 'fetch'}: {result.source} -> {result.out}")
     typer.echo(f"  {'subset':<24} {'quota':>8} {'eligible':>10} {'selected':>9}")
@@ -131,6 +147,7 @@ _OUT_OPT = typer.Option(None, "--out", help="Manifest to write (default manifest
 _SEED_OPT = typer.Option(None, "--seed", help="Override the query's seed.")
 _IMAGES_OPT = typer.Option(None, "--images", help="Download images into this folder (default: images/ beside the manifest).")
 _NO_IMAGES_OPT = typer.Option(False, "--no-images", help="Write the manifest only.")
+_OUTSIDE_OPT = typer.Option(False, "--allow-outside-files", help="Let an artists_file lie outside the query's folder.")
 
 
 def _query_command(name: str, kind: str, doc: str) -> None:
@@ -147,9 +164,10 @@ def _query_command(name: str, kind: str, doc: str) -> None:
         base_url: Optional[str] = _BASE_URL,
         user_agent: Optional[str] = _USER_AGENT,
         tag_limit: Optional[int] = _TAG_LIMIT,
+        allow_outside_files: bool = _OUTSIDE_OPT,
     ) -> None:
         _run_query(query, source, out, kind, seed, images, no_images,
-                   _live(rate, user_agent, tag_limit, base_url=base_url))
+                   _live(rate, user_agent, tag_limit, base_url=base_url), allow_outside_files)
 
     command.__doc__ = doc
     app.command(name)(command)
@@ -183,8 +201,8 @@ def artists(
     copyright: Optional[str] = typer.Option(None, "--copyright", help="Copyright tag, e.g. blue_archive."),
     tags: Optional[str] = typer.Option(None, "--tags", help="Comma-separated tags every post must carry."),
     fav_count: str = typer.Option(">30", "--fav-count", help="Danbooru range a post's fav_count must be in."),
-    min_posts: int = typer.Option(5, "--min-posts", help="Leave out artists with fewer matching posts."),
-    top: Optional[int] = typer.Option(None, "--top", help="Keep the K artists with the most posts."),
+    min_posts: int = typer.Option(5, "--min-posts", callback=_range(0), help="Leave out artists with fewer matching posts."),
+    top: Optional[int] = typer.Option(None, "--top", callback=_range(1), help="Keep the K artists with the most posts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write an artists file for a query's artists_file."),
     rate: float = _RATE,
     base_url: Optional[str] = _BASE_URL,
@@ -235,7 +253,8 @@ def ingest(
     folder: Path = typer.Argument(..., help="Folder of local images (searched recursively)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Manifest to create, or to grow if it exists (default manifests/<name>.parquet)."),
     name: Optional[str] = typer.Option(None, "--name", help="Subset name for the rows (default: the folder's name)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=_range(1), help="Processes (default: all cores)."),
+    follow_external_links: bool = typer.Option(False, "--follow-external-links", help="Read symlinks whose target lies outside the folder (default: an error row each)."),
 ) -> None:
     """Local images (official CG, screenshots) -> manifest rows.
 
@@ -246,7 +265,7 @@ def ingest(
     from .ingest import run
 
     out = out or Path("manifests") / f"{name or folder.resolve().name}.parquet"
-    s = run(folder, out, name, workers)
+    s = run(folder, out, name, workers, follow_external_links)
     typer.echo(f"ingest: {s.found} image files in {folder}: {s.added} added, {s.existing} already in the "
                f"manifest, {s.failed} unreadable (error rows), {s.copies} byte-identical copies")
     if s.not_images:
@@ -263,7 +282,7 @@ def ingest(
 # --engine ray (issue 7): the heavy per-row work of download / dedupe / tag in shards on Ray.
 _ENGINE = typer.Option("local", "--engine", help="local | ray: shards of rows on a Ray cluster (pip install 'curate[ray]'); a re-run after a crash redoes only unfinished shards.")
 _RAY_ADDRESS = typer.Option(None, "--ray-address", help="With --engine ray: the cluster to join (auto, or HEAD_IP:6379, from a node of it); default: a local Ray on this machine's cores. Workers need the manifest's folder at the same path.")
-_SHARD_ROWS = typer.Option(1000, "--shard-rows", help="With --engine ray: rows per shard (the unit of work, retry and checkpoint).")
+_SHARD_ROWS = typer.Option(1000, "--shard-rows", callback=_range(1), help="With --engine ray: rows per shard (the unit of work, retry and checkpoint).")
 
 
 @app.command()
@@ -271,7 +290,7 @@ def dedupe(
     manifest: Path = typer.Argument(..., help="Manifest to deduplicate (written back in place)."),
     against: Optional[List[Path]] = typer.Option(None, "--against", help="Other manifest(s): rows here that duplicate theirs get dup_of = their key. Repeatable."),
     threshold: Optional[int] = typer.Option(None, "--threshold", help="Max phash Hamming distance (bits) for a near duplicate, 0-24 (default: 10, measured by benchmarks/bench_dedupe_quality.py)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes for hashing (default: all cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=_range(1), help="Processes for hashing (default: all cores)."),
     engine: str = _ENGINE,
     ray_address: Optional[str] = _RAY_ADDRESS,
     shard_rows: int = _SHARD_ROWS,
@@ -308,7 +327,7 @@ def crop(
     max_pixels: Optional[str] = typer.Option(None, "--max-pixels", help="Downscale to at most this area: a pixel count or WxH, e.g. 1280x1280."),
     trim_borders: bool = typer.Option(True, "--trim-borders/--no-trim-borders", help="Trim letterbox/pillarbox bars and flat borders."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for derived images (default: <manifest name>_crops beside the manifest)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=_range(1), help="Processes (default: all cores)."),
 ) -> None:
     """Trim borders and downscale into a separate folder (originals untouched).
 
@@ -373,10 +392,10 @@ def download(
     tar_index: Optional[str] = typer.Option(None, "--tar-index", help="Folder or URL of the archives' .json indexes when they are kept apart (a separate index repo)."),
     verify: str = typer.Option("digest", "--verify", help="digest: check md5/sha256 and the header (format, size, pixel guard), full decode only without a digest | decode: always decode fully."),
     variant: str = typer.Option("original", "--variant", help="Danbooru variant: original | sample | 720 (falls back to file_url when missing; not used with --from-tars)."),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Downscale (Lanczos) images bigger than this many pixels when saving."),
-    workers: int = typer.Option(8, "--workers", help="Parallel downloads."),
-    rate: Optional[float] = typer.Option(None, "--rate", help="Requests per second per host (default: 2 for *.donmai.us, unlimited elsewhere)."),
-    retries: int = typer.Option(3, "--retries", help="Retries per file for connection errors, 429 and 5xx (with backoff)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", callback=_range(1), help="Downscale (Lanczos) images bigger than this many pixels when saving."),
+    workers: int = typer.Option(8, "--workers", callback=_range(1), help="Parallel downloads."),
+    rate: Optional[float] = typer.Option(None, "--rate", callback=_range(above=0), help="Requests per second per host (default: 2 for *.donmai.us, unlimited elsewhere)."),
+    retries: int = typer.Option(3, "--retries", callback=_range(0), help="Retries per file for connection errors, 429 and 5xx (with backoff)."),
     engine: str = _ENGINE,
     ray_address: Optional[str] = _RAY_ADDRESS,
     shard_rows: int = _SHARD_ROWS,
@@ -400,12 +419,12 @@ def download(
 def tag(
     manifest: Path = typer.Argument(..., help="Manifest whose images to tag (written back in place)."),
     model: str = typer.Option(..., "--model", help="WD tagger: a local folder (config.json, model.safetensors, selected_tags.csv; or model.onnx) or a hub id, e.g. SmilingWolf/wd-vit-tagger-v3."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch \\[default: 128 on cuda, 4 on cpu]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", callback=_range(1), help="Images per batch \\[default: 128 on cuda, 4 on cpu]."),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto (cuda when present)."),
-    general_threshold: float = typer.Option(0.35, "--general-threshold", help="Keep general tags scoring above this."),
-    character_threshold: float = typer.Option(0.85, "--character-threshold", help="Keep character tags scoring above this."),
+    general_threshold: float = typer.Option(0.35, "--general-threshold", callback=_range(0, 1), help="Keep general tags scoring above this."),
+    character_threshold: float = typer.Option(0.85, "--character-threshold", callback=_range(0, 1), help="Keep character tags scoring above this."),
     use_mcut: bool = typer.Option(False, "--mcut", help="Per image MCut thresholds instead (largest gap in the scores; character >= 0.15)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes \\[default: cores, at most 16, on cuda; half the cores on cpu]; 0: in-process."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=_range(0), help="Decoding processes \\[default: cores, at most 16, on cuda; half the cores on cpu]; 0: in-process."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (pays off on long GPU runs)."),
     draft: bool = typer.Option(True, "--draft/--no-draft", help="Decode big JPEGs at reduced scale (much faster; --no-draft: bit-exact reference preprocessing)."),
     engine: str = _ENGINE,
@@ -483,8 +502,8 @@ def report(
     out: Path = typer.Option(Path("report.html"), "--out", help="HTML page to write; thumbnails go to <name>_files/ beside it."),
     config: Optional[Path] = typer.Option(None, "--config", help="Train config whose buckets to chart (default: the recipe's, 1024 px, 256-4096 step 32)."),
     title: Optional[str] = typer.Option(None, "--title", help="Page title."),
-    max_per_subset: int = typer.Option(0, "--max-per-subset", help="Contact sheet images per subset (0: all; thumbnails load lazily)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes for thumbnails (default: all cores)."),
+    max_per_subset: int = typer.Option(0, "--max-per-subset", callback=_range(0), help="Contact sheet images per subset (0: all; thumbnails load lazily)."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=_range(1), help="Processes for thumbnails (default: all cores)."),
 ) -> None:
     """One HTML page to review manifests before training.
 

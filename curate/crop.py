@@ -21,6 +21,7 @@ import pyarrow as pa
 from . import borders
 from .errors import CurateError
 from .images import ImageError, open_image
+from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
 JPEG_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".jpe"}
 
@@ -104,7 +105,6 @@ def crop(table: pa.Table, base: Path, out_dir: Path, max_pixels: int | None, tri
     since the last run (`chosen_before`) is redone.
     """
     chosen, chosen_before = chosen or {}, chosen_before or {}
-    from .dedupe import default_workers, parallel_map
     from .manifest import with_column
 
     col = lambda name: table.column(name).to_pylist()  # noqa: E731
@@ -131,8 +131,14 @@ def crop(table: pa.Table, base: Path, out_dir: Path, max_pixels: int | None, tri
         stem = str(out_dir / keys[k].replace("/", "_").replace("\\", "_"))
         jobs.append((str(base / original), stem, max_pixels, trim, chosen.get(keys[k])))
         rows.append(k)
-    for k, res in zip(rows, parallel_map(crop_file, jobs, workers or default_workers(), "cropping")):
+    try:
+        results, stopped = parallel_map(crop_file, jobs, workers or default_workers(), "cropping"), None
+    except PoolStopped as exc:  # a worker was killed: the finished rows are kept (run() writes them)
+        results, stopped = exc.results, exc
+    for k, res in zip(rows, results):
         original = src[k] or path[k]
+        if res is UNFINISHED:
+            continue
         if "error" in res:
             err[k] = res["error"]
             s.failed += 1
@@ -149,6 +155,9 @@ def crop(table: pa.Table, base: Path, out_dir: Path, max_pixels: int | None, tri
             s.unchanged += 1
     for name, values in (("error", err), ("path", path), ("source_path", src), ("crop", box)):
         table = with_column(table, name, values)
+    if stopped:
+        stopped.table = table
+        raise stopped
     return table, s
 
 
@@ -168,8 +177,12 @@ def run(manifest: Path, max_pixels: str | int | None = None, trim: bool = True,
     last = meta.get("stages", {}).get("crop", {})
     redo = bool(last) and {k: last.get(k) for k in settings} != settings
     chosen = review.boxes()
-    table, s = crop(table, manifest.parent, out_dir.resolve(), pixels, trim, redo, workers,
-                    chosen, last.get("chosen_boxes"))
+    try:
+        table, s = crop(table, manifest.parent, out_dir.resolve(), pixels, trim, redo, workers,
+                        chosen, last.get("chosen_boxes"))
+    except PoolStopped as exc:  # settings not recorded: a changed-settings re-run redoes every row
+        mf.write(exc.table, manifest, meta)
+        raise
     mf.record_stage(meta, "crop", **settings, chosen_boxes=chosen)
     mf.write(table, manifest, meta)
     return s

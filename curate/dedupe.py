@@ -36,6 +36,7 @@ import pyarrow as pa
 from . import borders
 from .errors import CurateError
 from .images import ImageError, jpeg_tables, open_image, probe, sniff
+from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
 # Measured with benchmarks/bench_dedupe_quality.py (its threshold sweep): at 10 bits
 # recall is 0.99+ (8 bits: 0.98, variants with 2-5% crops need 10), and phash alone
@@ -132,8 +133,8 @@ def encoding(path: str) -> dict:
 def hash_file(path: str) -> dict:
     """Worker: sha256 of the bytes, phash, dhash, mean colour, the keeper's facts; `error` instead on failure."""
     try:
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
+        with open(path, "rb") as f:  # in chunks: a big file never sits in memory whole
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as exc:
         return {"error": f"dedupe: cannot read file: {exc.strerror or exc}"}
     try:
@@ -159,29 +160,6 @@ def pixel_digest(path: str) -> str | None:
     except ImageError:
         return None
     return hashlib.sha256(f"{im.width}x{im.height}".encode() + im.tobytes()).hexdigest()
-
-
-def parallel_map(fn, items: list, workers: int, desc: str) -> list:
-    """fn over items in a process pool, in order, with a progress bar."""
-    from tqdm import tqdm
-
-    if not items:
-        return []
-    if workers <= 1 or len(items) < 4:
-        return [fn(x) for x in tqdm(items, desc=desc, unit="img", leave=False)]
-    from concurrent.futures import ProcessPoolExecutor
-
-    chunk = max(1, min(16, len(items) // (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(fn, items, chunksize=chunk), total=len(items),
-                         desc=desc, unit="img", leave=False))
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # --- the index --------------------------------------------------------------------
@@ -401,7 +379,8 @@ def _column(table: pa.Table, name: str) -> list:
 
 
 def _stored_hash_ok(meta: dict) -> bool:
-    return meta.get("stages", {}).get("dedupe", {}).get("hash") == HASH_VERSION
+    return HASH_VERSION in (meta.get("stages", {}).get("dedupe", {}).get("hash"),
+                            meta.get("checkpoints", {}).get("dedupe"))
 
 
 def _original(base: Path, path: str, source: str | None) -> str:
@@ -425,7 +404,15 @@ def hash_rows(rows: pa.Table, base: Path, cached: bool, workers: int = 1,
             if f and not (cached and all(h[c][k] is not None for c in HASH_COLUMNS if c not in OPTIONAL))]
     stats = {"hashed": 0, "reused": sum(1 for f in files if f) - len(todo)}
     new_errors = [None] * len(files)
-    for k, res in zip(todo, parallel_map(hash_file, [files[k] for k in todo], workers, desc)):
+    try:
+        results, stopped = parallel_map(hash_file, [files[k] for k in todo], workers, desc), None
+    except PoolStopped as exc:  # a worker was killed: keep what finished (the caller checkpoints it)
+        results, stopped = exc.results, exc
+    for k, res in zip(todo, results):
+        if res is UNFINISHED:
+            for c in HASH_COLUMNS:  # no stale hash of another version survives the checkpoint
+                h[c][k] = None
+            continue
         if "error" in res:
             new_errors[k], files[k] = res["error"], None
             continue
@@ -434,6 +421,9 @@ def hash_rows(rows: pa.Table, base: Path, cached: bool, workers: int = 1,
         stats["hashed"] += 1
     cols = {"key": rows.column("key"), **{c: _hash_array(c, h[c]) for c in HASH_COLUMNS},
             "file": pa.array(files, pa.string()), "hash_error": pa.array(new_errors, pa.string())}
+    if stopped:
+        stopped.hashes = pa.table(cols)
+        raise stopped
     return pa.table(cols), stats
 
 
@@ -622,7 +612,16 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
         ot, ometa = mf.read(other)
         others.append((ot, Path(other).parent, ometa))
     if ray is None:
-        table, s = dedupe(table, manifest.parent, meta, others, threshold, workers)
+        try:
+            table, s = dedupe(table, manifest.parent, meta, others, threshold, workers)
+        except PoolStopped as exc:  # keep the hashes that finished: the re-run reuses them
+            part = getattr(exc, "hashes", None)
+            if part is not None and part.column("key").equals(table.column("key")):  # ours, not --against's
+                for c in HASH_COLUMNS:
+                    table = mf.with_column(table, c, part.column(c))
+                meta.setdefault("checkpoints", {})["dedupe"] = HASH_VERSION
+                mf.write(table, manifest, meta)
+            raise
     else:
         from . import engine
 
@@ -632,6 +631,7 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
                 return out, engine.sum_stats(stats) or {"hashed": 0, "reused": 0}
 
             table, s = dedupe(table, manifest.parent, meta, others, threshold, workers, shards)
+    meta.get("checkpoints", {}).pop("dedupe", None)
     before = table.column("dup_of").to_pylist()
     table = decisions.current(manifest).applied(table)  # a person's keepers and splits win
     table = _reviewed_reasons(table, before)

@@ -266,7 +266,9 @@ def make_cg(out: Path, reg: Path | None, seed: int = 7) -> dict:
     counts["broken"] += 1
     repost = _reg_image(reg) if reg else None
     if repost is not None:  # a fan upload of the same art: must not be in both sets
-        Image.open(repost).convert("RGB").save(out / "fanart_repost.jpg", quality=85)
+        from .images import open_image  # a downloaded file: through the whitelist and the guard
+
+        open_image(repost).save(out / "fanart_repost.jpg", quality=85)
         counts["reposts"] += 1
     done.write_text(json.dumps(counts))
     return counts

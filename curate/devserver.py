@@ -67,6 +67,7 @@ class DanbooruServer:
         self.rates: dict[str, float] = {}
         self.slow_s = 0.5
         self.retry_after: str | None = "0"
+        self.ignore_cursor = False  # True: answer every page with the first (a server that ignores the cursor)
         self.log: list[dict] = []
         self.lock = threading.Lock()
         self.random = random.Random(seed)
@@ -291,7 +292,7 @@ def _handler(server: DanbooruServer):
                 raise _Reply(404, {"success": False, "message": "not found"})
             fault = server.next_fault(path)
             entry["fault"] = fault
-            limit = int(params.get("limit", 20))
+            limit = _number(params.get("limit", "20"), "limit")
             if fault == "reset":
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 self.close_connection = True
@@ -313,6 +314,11 @@ def _handler(server: DanbooruServer):
                 return 200, {"counts": {"posts": len(found)}}, {}
             limit = max(1, min(limit, 200))
             page = params.get("page", "1") or "1"
+            if not re.fullmatch(r"[ab]?\d{1,18}", page):
+                raise _Reply(410, {"success": False, "error": "PaginationExtension::PaginationError",
+                                   "message": "Invalid page number."})
+            if server.ignore_cursor:  # a broken mirror: every page is the first one
+                page = "1"
             if page[0] == "b":
                 found = [p for p in found if p.id < int(page[1:])][:limit]
             elif page[0] == "a":
@@ -330,6 +336,13 @@ def _handler(server: DanbooruServer):
             return 200, [server.public(p.raw) for p in found], {}
 
     return Handler
+
+
+def _number(text: str, name: str) -> int:
+    """A query parameter that must be a number: a JSON 422 otherwise, as the site answers."""
+    if not re.fullmatch(r"-?\d{1,9}", text.strip()):
+        raise _Reply(422, {"success": False, "error": "ArgumentError", "message": f"{name} must be a number"})
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - for poking at it by hand

@@ -91,7 +91,7 @@ def connect(opts: RayOptions):
     """Join the cluster (or start a local Ray); a Ray started here is shut down after."""
     import ray
 
-    from .dedupe import default_workers
+    from .pool import default_workers
 
     started = not ray.is_initialized()
     if started:

@@ -257,6 +257,9 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
 
     written: set[str] = set()
     done = False
+    if not (out_dir / MARKER).is_file():  # claim the folder before the first file: after a kill -9
+        out_dir.mkdir(parents=True, exist_ok=True)  # the re-run knows all in it is curate's
+        (out_dir / MARKER).write_text(json.dumps({"files": [], "claimed": True}), encoding="utf-8")
     try:
         _write(plan, out_dir, dataset, link, summary, written, reusable)
         done = True
@@ -434,8 +437,12 @@ def _previous_files(out_dir: Path) -> set[str]:
     marker = out_dir / MARKER
     if marker.is_file():
         try:
-            return set(json.loads(marker.read_text(encoding="utf-8"))["files"])
-        except (ValueError, KeyError, TypeError):
+            record = json.loads(marker.read_text(encoding="utf-8"))
+            if record.get("claimed"):  # an export killed before it wrote its record: all here is its
+                return {str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
+                        if (p.is_symlink() or p.is_file()) and p.name != MARKER}
+            return set(record["files"])
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise CurateError(f"{marker} is damaged; remove {out_dir} and export again") from None
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CurateError(f"{out_dir} is not empty and was not written by curate export")

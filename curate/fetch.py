@@ -25,8 +25,8 @@ class FetchResult:
 
 
 def fetch(query_path: str | Path, source, out: str | Path, kind: str = "fetch",
-          seed: int | None = None, progress=None) -> FetchResult:
-    q = query_mod.load(query_path)
+          seed: int | None = None, progress=None, outside_files: bool = False) -> FetchResult:
+    q = query_mod.load(query_path, outside_files)
     if seed is not None:
         q.seed = seed
     if kind == "reg" and not q.class_token:

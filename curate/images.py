@@ -1,8 +1,11 @@
 """Safe image decoding, used by every stage that opens an image.
 
-Files are untrusted. A pixel-count guard runs on the header before any pixel is
-decoded, so a decompression bomb is an error row, never a memory blow-up. What a
-file is comes from its content, never from its name. `open_image` always returns
+Files are untrusted. Every open goes through `_open`: only the whitelisted
+formats (OPEN_FORMATS: the still images users bring) reach a Pillow plugin, so a
+PostScript file (even named .jpg) never reaches Ghostscript; anything else is
+`unsupported format`. The pixel-count guard runs right after the header is read,
+before EXIF or any pixel is decoded, so a decompression bomb is an error row,
+never a memory blow-up. What a file is comes from its content, never its name. `open_image` always returns
 an RGB image in display orientation (EXIF applied), the first frame of an
 animation, CMYK / palette / LA / 16-bit converted, alpha composited on
 `alpha_background()` (white unless CURATE_ALPHA_BACKGROUND says otherwise).
@@ -34,6 +37,9 @@ FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": 
 if features.check("avif"):
     FORMAT_EXT["AVIF"] = "avif"
 _OPEN_FORMATS = [f for f in FORMAT_EXT if f != "MPO"]  # JPEG's opener yields MPO itself
+# What any stage may open (ingested folders also hold BMP / TIFF); downloads stay FORMAT_EXT.
+OPEN_FORMATS = [*_OPEN_FORMATS, "BMP", "TIFF"]
+OPEN_KINDS = {"jpg", "png", "gif", "webp", "bmp", "tiff"} | ({"avif"} if "AVIF" in FORMAT_EXT else set())
 IMAGE_EXTS = frozenset(FORMAT_EXT.values()) | {"jpeg"}
 # Not images at all: Danbooru ugoira (zip), videos, flash. An error, not a decode attempt.
 NOT_IMAGE_EXTS = frozenset({"zip", "mp4", "webm", "swf", "mkv", "mov", "avi", "gz", "rar", "7z", "pdf"})
@@ -57,6 +63,14 @@ _MAGIC = [  # (offset, bytes, kind); first match wins
     (0, b"BM", "bmp"),
     (0, b"II*\x00", "tiff"),
     (0, b"MM\x00*", "tiff"),
+    (0, b"%!PS", "eps"),
+    (0, b"\xc5\xd0\xd3\xc6", "eps"),  # DOS EPS binary header
+    (0, b"8BPS", "psd"),
+    (0, b"\x00\x00\x01\x00", "ico"),
+    (0, b"DDS ", "dds"),
+    (0, b"\x01\xda", "sgi"),
+    (4, b"ftypheic", "heic"),
+    (0, b"\x00\x00\x00\x0cjP  ", "jp2"),
 ]
 
 
@@ -85,19 +99,18 @@ def verify(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tup
     """
     with open(path, "rb") as f:
         kind = sniff(f.read(64))
-    if kind in NOT_IMAGE_EXTS or kind in ("bmp", "tiff", "svg"):
+    if kind in NOT_IMAGE_EXTS or kind in ("bmp", "tiff", "svg", "eps"):
         raise ImageError(f"unsupported: {kind}")
     if kind == "avif" and "AVIF" not in FORMAT_EXT:
         raise ImageError("unsupported: avif (this Pillow cannot read it)")
-    Image.init()  # register every plugin, or `formats=` trips over unloaded ones
     try:
-        im = Image.open(path, formats=_OPEN_FORMATS)
-    except Exception as exc:
-        raise ImageError(f"decode: not an image ({kind})" if kind else f"decode: {_reason(exc)}") from None
+        im = _open(path, max_pixels, _OPEN_FORMATS)
+    except ImageError as exc:
+        if str(exc).startswith("unsupported format"):
+            raise ImageError(f"decode: not an image ({kind})") from None
+        raise
     with im:
         w, h = im.size
-        if w * h > max_pixels:
-            raise ImageError(f"too many pixels: {w}x{h}")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -111,18 +124,54 @@ def verify(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tup
 
 def probe(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, str]:
     """(width, height, format) from the header only; checks the pixel guard."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            fmt = (im.format or "").lower()
-            orientation = im.getexif().get(0x0112, 1) if fmt in ("jpeg", "mpo", "webp", "png", "tiff") else 1
-    except Exception as exc:  # PIL raises many types for junk input
-        raise ImageError(f"decode: {_reason(exc)}") from None
-    if w * h > max_pixels:
-        raise ImageError(f"too many pixels: {w}x{h}")
+    with _open(path, max_pixels) as im:
+        w, h = im.size
+        fmt = (im.format or "").lower()
+        try:
+            orientation = _header_orientation(im)
+        except Exception as exc:  # PIL raises many types for junk input
+            raise ImageError(f"decode: {_reason(exc)}") from None
     if orientation in (5, 6, 7, 8):
         w, h = h, w
     return w, h, fmt
+
+
+def _header_orientation(im: Image.Image) -> int:
+    """EXIF orientation from what the header holds; never decodes pixels
+    (PNG's getexif() would load the whole image to look for a late eXIf chunk)."""
+    if im.format == "PNG":
+        raw = im.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(0x0112, 1)
+    if im.format in ("JPEG", "MPO", "WEBP", "TIFF"):
+        return im.getexif().get(0x0112, 1)
+    return 1
+
+
+def _open(path: str | os.PathLike, max_pixels: int, formats: list[str] = OPEN_FORMATS) -> Image.Image:
+    """Open (header only) with the whitelisted plugins, then the pixel guard; nothing decoded yet."""
+    try:
+        with open(path, "rb") as f:
+            kind = sniff(f.read(64))
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    if kind is None:  # no image we know of (garbage, a cut-off header): no decoder tries it
+        raise ImageError("decode: not an image")
+    if kind not in OPEN_KINDS:
+        raise ImageError(f"unsupported format: {kind}")
+    Image.init()  # register every plugin, or `formats=` trips over unloaded ones
+    try:
+        im = Image.open(path, formats=formats)
+    except Exception as exc:  # PIL raises many types for junk input
+        raise ImageError(f"decode: {_reason(exc)}") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageError(f"too many pixels: {w}x{h}")
+    return im
 
 
 def open_image(
@@ -131,16 +180,8 @@ def open_image(
     draft_size: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Decode to RGB. `draft_size` lets JPEG decode at reduced scale (>= that size)."""
+    im = _open(path, max_pixels)  # at frame 0: n_frames would decode every frame of a GIF
     try:
-        im = Image.open(path)
-    except Exception as exc:
-        raise ImageError(f"decode: {_reason(exc)}") from None
-    try:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ImageError(f"too many pixels: {w}x{h}")
-        if getattr(im, "n_frames", 1) > 1:
-            im.seek(0)
         if draft_size and im.format in ("JPEG", "MPO"):
             im.draft("RGB", draft_size)
         with warnings.catch_warnings():
@@ -205,17 +246,13 @@ def stored_form(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
         kind = sniff(f.read(64))
     if kind not in ("jpg", "png", "gif", "webp", "avif", "bmp") or (kind == "avif" and "AVIF" not in FORMAT_EXT):
         raise ImageError(f"unsupported: {kind}")
-    Image.init()
-    try:
-        with Image.open(path, formats=_OPEN_FORMATS + ["BMP"]) as im:
-            w, h = im.size
+    with _open(path, max_pixels, _OPEN_FORMATS + ["BMP"]) as im:  # the guard before getexif (PNG: a load)
+        try:
             mode = im.mode
             orientation = im.getexif().get(0x0112, 1)
             alpha = bool({"A", "a"} & set(im.getbands())) or "transparency" in im.info
-    except Exception as exc:
-        raise ImageError(f"decode: {_reason(exc)}") from None
-    if w * h > max_pixels:
-        raise ImageError(f"too many pixels: {w}x{h}")
+        except Exception as exc:
+            raise ImageError(f"decode: {_reason(exc)}") from None
     return kind, mode, orientation if isinstance(orientation, int) else 1, alpha
 
 
@@ -241,7 +278,7 @@ def save_downscaled(src, dst, max_pixels: int, ext: str, guard: int = DEFAULT_MA
 
     The result is RGB in display orientation (no EXIF rotation left to apply).
     """
-    with Image.open(src) as head:
+    with _open(src, guard) as head:
         w, h = head.size
     tw, th = fit_pixels(w, h, max_pixels)
     im = open_image(src, max_pixels=guard, draft_size=(tw, th))

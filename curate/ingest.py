@@ -6,6 +6,12 @@ manifest's folder, `sha256` (extension column, reused by dedupe). A file Pillow
 cannot decode becomes a row with `error`. Re-ingesting a grown folder keeps every
 existing row as it is and adds only files whose `source_path` is new.
 
+Symlinks: a row records the link's own path inside the folder (never its target),
+so no later stage writes beside a file elsewhere. A link whose target lies outside
+the folder is an error row unless `follow_external` (`--follow-external-links`); a
+link loop or a dangling link is an error row too, and the rest is ingested. Linked
+folders are not entered (a sidecar caption that links out of the image's folder is not read).
+
 A user's caption beside an image (`<stem>.txt` or `<stem>.caption`, UTF-8 with or
 without BOM) is read into `user_caption`, for new rows and again for existing ones (the
 user may have written it since); the file itself is never changed.
@@ -16,6 +22,7 @@ the sha256 prefix of its bytes plus its relative path, so keys stay unique and s
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -24,7 +31,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from .errors import CurateError
-from .images import ImageError, open_image, probe
+from .images import OPEN_KINDS, ImageError, open_image, probe, sniff
+from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
 SIDECARS = (".txt", ".caption")  # a user's caption beside the image, first found wins
 SIDECAR_MAX_BYTES = 1 << 20     # a caption, not a book: bigger files are reported and left out
@@ -47,7 +55,7 @@ class Summary:
 
 
 def _looks_like_image(path: Path, known: set) -> bool:
-    """By an extension Pillow can open; other names are sniffed (header only)."""
+    """By an extension Pillow knows; other names by their first bytes (never a Pillow open)."""
     suffix = path.suffix.lower()
     if path.name.startswith("."):  # .DS_Store, macOS "._x.jpg" resource forks
         return False
@@ -55,33 +63,66 @@ def _looks_like_image(path: Path, known: set) -> bool:
         return True
     if suffix in SKIP_SUFFIXES:
         return False
-    from PIL import Image
-
     try:
-        with Image.open(path):
-            return True
-    except Exception:
+        with open(path, "rb") as f:
+            kind = sniff(f.read(64))
+    except OSError:
         return False
+    return kind in OPEN_KINDS or kind == "eps"  # eps: an `unsupported format` row, not silence
 
 
-def find_images(folder: Path, exclude: set[Path]) -> tuple[list[Path], int]:
-    """Image files under `folder` (sorted, hidden folders skipped) and the non-image count."""
+def _link_problem(p: Path, inside: Path, follow_external: bool) -> str | None:
+    """Why a symlink is refused (None: fine to read)."""
+    try:
+        target = p.resolve(strict=True)
+    except RuntimeError:  # Python's own loop detection
+        return "symlink loop"
+    except OSError as exc:
+        return "symlink loop" if exc.errno == errno.ELOOP else "broken symlink"
+    if not follow_external and not target.is_relative_to(inside):
+        return "symlink to a file outside the folder (--follow-external-links reads it)"
+    return None
+
+
+def find_images(folder: Path, exclude: set[Path], follow_external: bool = False
+                ) -> tuple[list[Path], int, list[tuple[Path, str]]]:
+    """Image files under `folder` (sorted, hidden and linked folders skipped), the
+    non-image count, and the refused symlinks with why."""
     from PIL import Image
 
     Image.init()
     known = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    found, others = [], 0
-    for root, dirs, names in os.walk(folder):
+    inside = folder.resolve()
+    found, others, refused = [], 0, []
+    for root, dirs, names in os.walk(folder):  # followlinks=False: a linked folder is not entered
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             p = Path(root) / name
-            if p.resolve() in exclude or not p.is_file():
+            if p.is_symlink() and not name.startswith("."):
+                why = _link_problem(p, inside, follow_external)
+                if why:
+                    if p.suffix.lower() in known:  # an image by its name (its target is never read)
+                        refused.append((p, why))
+                    else:
+                        others += 1
+                    continue
+            if not p.is_file() or p.resolve() in exclude:
                 continue
             if _looks_like_image(p, known):
                 found.append(p)
             else:
                 others += 1
-    return found, others
+    return found, others, refused
+
+
+def _in_folder(p: Path, base: Path) -> str:
+    """p relative to base through p's real folder, keeping p's own name (a link stays the link)."""
+    return os.path.relpath(Path(os.path.realpath(p.parent)) / p.name, base.resolve())
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:  # in chunks: an 800 MB file never sits in memory whole
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_sidecar(image: Path) -> tuple[str | None, str | None]:
@@ -90,6 +131,8 @@ def read_sidecar(image: Path) -> tuple[str | None, str | None]:
         side = image.with_suffix(suffix)
         if side == image or not side.is_file():
             continue
+        if side.is_symlink() and side.resolve().parent != image.parent.resolve():
+            return None, f"{side.name}: caption file links out of the image's folder, not read"
         try:
             if side.stat().st_size > SIDECAR_MAX_BYTES:
                 return None, f"{side.name}: caption file over {SIDECAR_MAX_BYTES} bytes, not read"
@@ -121,8 +164,7 @@ def inspect_file(path: str) -> dict:
     """Worker: digest of the bytes, size from the header, and a full (draft) decode."""
     out = {"width": None, "height": None, "error": None}
     try:
-        with open(path, "rb") as f:
-            out["sha256"] = hashlib.sha256(f.read()).hexdigest()
+        out["sha256"] = file_sha256(path)
     except OSError as exc:  # still a row; its key derives from the path instead
         out["sha256"] = hashlib.sha256(f"unreadable\0{path}".encode()).hexdigest()
         out["error"] = f"ingest: cannot read file: {exc.strerror or exc}"
@@ -136,9 +178,8 @@ def inspect_file(path: str) -> dict:
 
 
 def ingest(table: pa.Table | None, folder: Path, base: Path, name: str,
-           workers: int | None = None) -> tuple[pa.Table, Summary]:
+           workers: int | None = None, follow_external: bool = False) -> tuple[pa.Table, Summary]:
     """Add the folder's new image files to `table` (None: a new manifest)."""
-    from .dedupe import default_workers, parallel_map
     from .manifest import conform
     from .schema import MANIFEST_SCHEMA
 
@@ -153,15 +194,26 @@ def ingest(table: pa.Table | None, folder: Path, base: Path, name: str,
     s.missing = sum(1 for p in known_src if not (base / p).exists())
 
     exclude = {p.resolve() for p in base.glob("*.parquet*")}
-    files, s.not_images = find_images(folder, exclude)
-    s.found = len(files)
-    rel = [os.path.relpath(p.resolve(), base.resolve()) for p in files]
+    files, s.not_images, refused = find_images(folder, exclude, follow_external)
+    s.found = len(files) + len(refused)
+    rel = [_in_folder(p, base) for p in files]
     new = [(f, r) for f, r in zip(files, rel) if r not in known]
-    s.existing = len(files) - len(new)
+    bad = [(p, r, why) for p, why in refused if (r := _in_folder(p, base)) not in known]
+    s.existing = s.found - len(new) - len(bad)
 
-    infos = parallel_map(inspect_file, [str(f) for f, _ in new], workers or default_workers(), "ingesting")
+    try:
+        infos, stopped = parallel_map(inspect_file, [str(f) for f, _ in new], workers or default_workers(),
+                                      "ingesting"), None
+    except PoolStopped as exc:  # a worker was killed: the finished files become rows (run() writes them)
+        infos, stopped = exc.results, exc
+    for p, r, why in bad:  # refused links: a row that says why, nothing read through them
+        new.append((p, r))
+        infos.append({"width": None, "height": None, "error": f"ingest: {why}",
+                      "sha256": hashlib.sha256(f"unreadable\0{r}".encode()).hexdigest()})
     rows = []
     for (f, r), info in zip(new, infos):
+        if info is UNFINISHED:
+            continue
         key = f"local/{info['sha256'][:KEY_HEX]}"
         if key in keys:  # an identical copy already has that key
             s.copies += 1
@@ -184,10 +236,14 @@ def ingest(table: pa.Table | None, folder: Path, base: Path, name: str,
         table = pa.concat_tables([table, added.select(table.column_names)])
     table = _user_captions(table, base, s)
     s.rows = table.num_rows
+    if stopped:
+        stopped.table = table
+        raise stopped
     return table, s
 
 
-def run(folder: Path, out: Path, name: str | None = None, workers: int | None = None) -> Summary:
+def run(folder: Path, out: Path, name: str | None = None, workers: int | None = None,
+        follow_external: bool = False) -> Summary:
     """Ingest `folder` into the manifest `out` (created, or grown if it exists)."""
     from . import manifest as mf
 
@@ -199,7 +255,11 @@ def run(folder: Path, out: Path, name: str | None = None, workers: int | None = 
         table, meta = mf.read(out)
     else:
         table, meta = None, mf.new_provenance(source=f"local:{folder}")
-    table, s = ingest(table, folder, out.parent, name, workers)
+    try:
+        table, s = ingest(table, folder, out.parent, name, workers, follow_external)
+    except PoolStopped as exc:
+        mf.write(exc.table, out, meta)
+        raise
     mf.record_stage(meta, "ingest", folder=str(folder), name=name)
     mf.write(table, out, meta)
     return s

@@ -124,7 +124,8 @@ class Query:
     caption: dict = field(default_factory=dict)
 
 
-def load(path: str | Path) -> Query:
+def load(path: str | Path, outside_files: bool = False) -> Query:
+    """`outside_files`: an artists_file may lie outside the query's folder (else an error)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM from Windows editors is not TOML
@@ -132,10 +133,10 @@ def load(path: str | Path) -> Query:
         raise CurateError(f"query file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CurateError(f"cannot read query file {path}: {exc}") from None
-    return parse(text, base_dir=path.parent, label=str(path))
+    return parse(text, base_dir=path.parent, label=str(path), outside_files=outside_files)
 
 
-def parse(text: str, base_dir: Path = Path("."), label: str = "query") -> Query:
+def parse(text: str, base_dir: Path = Path("."), label: str = "query", outside_files: bool = False) -> Query:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -164,7 +165,8 @@ def parse(text: str, base_dir: Path = Path("."), label: str = "query") -> Query:
                 merged[k] = list(_str_list(merged[k], f"{label}: {k}")) + list(_str_list(v, f"{where}.{k}"))
             else:
                 merged[k] = v
-        sub = _subset(merged, where, base_dir, default_name=name if len(raw_subsets) == 1 else f"subset{i}")
+        sub = _subset(merged, where, base_dir, default_name=name if len(raw_subsets) == 1 else f"subset{i}",
+                      outside_files=outside_files)
         if sub.name in seen:
             raise CurateError(f"{where}: duplicate subset name {sub.name!r}")
         seen.add(sub.name)
@@ -172,7 +174,7 @@ def parse(text: str, base_dir: Path = Path("."), label: str = "query") -> Query:
     return Query(name, seed, class_token, subsets, text, label, doc.get("caption") or {})
 
 
-def _subset(d: dict, where: str, base_dir: Path, default_name: str) -> Subset:
+def _subset(d: dict, where: str, base_dir: Path, default_name: str, outside_files: bool = False) -> Subset:
     s = Subset(name=_typed(d.get("name", default_name), str, f"{where}.name"))
     if "count" in d:
         s.count = _typed(d["count"], int, f"{where}.count")
@@ -182,8 +184,13 @@ def _subset(d: dict, where: str, base_dir: Path, default_name: str) -> Subset:
         if key in d:
             setattr(s, key, [_norm_tag(t) for t in _str_list(d[key], f"{where}.{key}")])
     if "artists_file" in d:
-        s.artists_file = _typed(d["artists_file"], str, f"{where}.artists_file")
-        s.file_artists = read_artists_file(base_dir / s.artists_file)
+        s.artists_file = rel = _typed(d["artists_file"], str, f"{where}.artists_file")
+        path = base_dir / rel
+        if not outside_files and not path.resolve().is_relative_to(base_dir.resolve()):
+            # its lines go to the API as tags: a query must not read any file it names
+            raise CurateError(f"{where}.artists_file: {rel} lies outside the query's folder; "
+                              "move it beside the query, or pass --allow-outside-files")
+        s.file_artists = read_artists_file(path)
         s.artists = s.artists + s.file_artists
         if not s.artists:
             raise CurateError(f"{where}.artists_file: {d['artists_file']} lists no artists")

@@ -18,7 +18,6 @@ import html
 import json
 import os
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +26,7 @@ from urllib.parse import quote
 from . import manifest
 from .errors import CurateError
 from .inspect import reason_of
+from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 from .review import decisions
 
 THUMB = 256  # long side, pixels
@@ -137,15 +137,18 @@ class Thumbs:
         todo = [(src, str(self.folder / name)) for src, name in self.wanted.items()
                 if name not in self.index or not (self.folder / name).exists()]
         s.thumbs_reused = len(self.wanted) - len(todo)
-        if len(todo) > 16 and (self.workers or os.cpu_count() or 1) > 1:
-            with ProcessPoolExecutor(self.workers) as pool:
-                results = list(pool.map(_thumb_job, todo, chunksize=8))
-        else:
-            results = [_thumb_job(j) for j in todo]
+        workers = self.workers or default_workers()
+        try:
+            results, stopped = parallel_map(_thumb_job, todo, workers if len(todo) > 16 else 1, "thumbnails"), None
+        except PoolStopped as exc:  # a worker was killed: the finished thumbnails stay indexed
+            results, stopped = [r for r in exc.results if r is not UNFINISHED], exc
         for dst, w, h, err in results:
             self.index[Path(dst).name] = {"w": w, "h": h, "error": err}
             s.thumbs_made += err is None
             s.thumbs_failed += err is not None
+        if stopped:
+            self.index_file.write_text(json.dumps(self.index))
+            raise stopped
         keep = set(self.wanted.values())
         for name in set(self.index) - keep:  # thumbnails this report made before and needs no more;
             if Path(name).name == name and name.endswith(".jpg"):  # never other files in the folder

@@ -178,3 +178,26 @@ def test_unwritable_out_is_a_one_line_error(corpus, tmp_path):
     out = curate("build-reg", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}",
                  "--out", tmp_path / "file" / "m.parquet", "--no-images")
     assert out.returncode == 2 and "cannot write manifest" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, error", [
+    (["download", "m.parquet", "--retries", "-1"], "--retries must be at least 0, got -1"),
+    (["download", "m.parquet", "--workers", "0"], "--workers must be at least 1, got 0"),
+    (["download", "m.parquet", "--rate", "0"], "--rate must be more than 0, got 0.0"),
+    (["download", "m.parquet", "--max-pixels", "-5"], "--max-pixels must be at least 1, got -5"),
+    (["report", "m.parquet", "--out", "r.html", "--max-per-subset", "-1"], "--max-per-subset must be at least 0"),
+    (["report", "m.parquet", "--out", "r.html", "--workers", "-2"], "--workers must be at least 1"),
+    (["ingest", ".", "--out", "m.parquet", "--workers", "0"], "--workers must be at least 1"),
+    (["crop", "m.parquet", "--workers", "-1"], "--workers must be at least 1"),
+    (["dedupe", "m.parquet", "--shard-rows", "0"], "--shard-rows must be at least 1"),
+    (["tag", "m.parquet", "--model", "x", "--general-threshold", "1.5"], "--general-threshold must be between 0 and 1"),
+    (["tag", "m.parquet", "--model", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["sync", "danbooru", "--store", "s", "--since-id", "-3"], "--since-id must be at least 0"),
+    (["artists", "--source", "dump:x", "--top", "0"], "--top must be at least 1"),
+    (["fetch", "q.toml", "--source", "danbooru", "--tag-limit", "-1"], "--tag-limit must be at least 0"),
+])
+def test_out_of_range_numbers_are_one_line_errors(tmp_path, args, error):
+    r = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"error: {error}") and r.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # nothing was made

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,18 @@ def test_bad_input_is_one_line_error(cg, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1
     assert m.read_bytes() == before
     assert curate("crop", tmp_path / "missing.parquet").returncode == 2
+
+
+def test_killed_worker_keeps_finished_rows_and_a_rerun_finishes(cg, tmp_path):
+    d, m = cg
+    env = {**os.environ, "CURATE_POOL_KILL": "4"}  # the worker given the 5th image dies (OOM killer)
+    r = subprocess.run([sys.executable, "-m", "curate", "crop", m, "--workers", "2"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: cropping: a worker process was killed")
+    done = [x for x in pq.read_table(m).to_pylist() if x["crop"] is not None]
+    assert 0 < len(done) < 9
+    r = curate("crop", m, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert f"{len(done)} done before" in r.stdout
+    assert sum(x["crop"] is not None for x in pq.read_table(m).to_pylist()) == 9  # all but broken.png

@@ -469,3 +469,33 @@ def test_or_groups_go_in_whole_or_not_at_all(serve, tmp_path):
     assert ids_by_subset(got.table) == ids_by_subset(select(q, DumpSource(str(write_dump(posts, tmp_path / "d.jsonl")))).table)
     for e in srv.requests():
         assert "~" not in e["params"]["tags"] or e["params"]["tags"].count("~") == 2
+
+
+def test_a_server_that_ignores_the_cursor_stops_the_crawl(serve, tmp_path):
+    srv = serve(gen_posts(500, seed=5))
+    srv.ignore_cursor = True  # every page is the first one, whatever `page` says
+    with pytest.raises(CurateError, match="ignored the id cursor") as exc:
+        list(live(srv).batches_for(parse('tags = ["1girl"]\n')))
+    assert "\n" not in str(exc.value)
+    assert len(srv.requests()) == 2  # the first page, and the one that brought nothing new
+    r = subprocess.run([CURATE, "sync", "danbooru", "--store", str(tmp_path / "s"), "--rate", str(FAST)],
+                       capture_output=True, text=True, env={**os.environ, "CURATE_DANBOORU_URL": srv.url})
+    assert r.returncode == 2 and r.stderr.startswith("error: /posts.json ignored the id cursor")
+    assert r.stderr.count("\n") == 1
+    assert len(srv.requests()) == 4
+
+
+@pytest.mark.parametrize("params, status", [({"limit": "abc"}, 422), ({"limit": "1e3"}, 422),
+                                            ({"page": "x12"}, 410), ({"page": "b"}, 410),
+                                            ({"page": "99999999999999999999999"}, 410)])
+def test_devserver_answers_bad_limit_and_page_with_json_4xx(serve, params, status):
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    srv = serve(gen_posts(20))
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(f"{srv.url}/posts.json?{urllib.parse.urlencode(params)}", timeout=5)
+    assert exc.value.code == status
+    body = json.loads(exc.value.read())
+    assert body["success"] is False and body["message"]

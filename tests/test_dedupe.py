@@ -1,5 +1,6 @@
 """`curate dedupe`: the index against brute force, and the real CLI on real files."""
 
+import os
 import subprocess
 import sys
 from itertools import combinations
@@ -210,6 +211,23 @@ def test_bad_input_is_one_line_error(deduped, tmp_path):
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert m.read_bytes() == before
     assert curate("dedupe", tmp_path / "nope.parquet").returncode == 2
+
+
+def test_killed_worker_keeps_finished_hashes_and_a_rerun_finishes(cg, tmp_path):
+    m = tmp_path / "cg.parquet"
+    assert curate("ingest", cg, "--out", m).returncode == 0
+    env = {**os.environ, "CURATE_POOL_KILL": "12"}
+    r = subprocess.run([sys.executable, "-m", "curate", "dedupe", m, "--workers", "2"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: hashing: a worker process was killed")
+    hashed = sum(x["phash"] is not None for x in pq.read_table(m).to_pylist())
+    assert 0 < hashed < 22
+    r = curate("dedupe", m, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert f"{hashed} hashes reused" in r.stdout
+    rows = rows_by_name(m)
+    assert rows["base_q70.jpg"]["dup_of"] == rows["base_big.png"]["key"]
 
 
 # --- the keeper: the best copy for training, and why ------------------------------------

@@ -2,10 +2,13 @@
 documented dataset-config schema; every referenced image exists with its caption."""
 
 import errno
-from collections import Counter
 import json
 import os
+import signal
 import subprocess
+import sys
+from collections import Counter
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -286,6 +289,37 @@ def test_tampered_marker_never_deletes_outside_the_folder(project):
     marker.write_text(json.dumps(record))
     assert runner.invoke(app, ["export", str(train), str(reg), "--kohya", "out"]).exit_code == 0
     assert victim.read_text() == "keep me"
+
+
+def test_a_killed_first_export_is_cleaned_up_by_the_rerun(project):
+    """kill -9 in the middle of a first export (a real SIGKILL at the 4th file): the re-run
+    accepts the folder as curate's, finishes it and removes what the killed run left over."""
+    root, train, reg = project
+    script = (
+        "import os, signal, sys\n"
+        "from curate import export\n"
+        "real, n = os.link, []\n"
+        "def link(a, b):\n"
+        "    n.append(b)\n"
+        "    if len(n) > 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(a, b)\n"
+        "os.link = link\n"
+        "export.run(sys.argv[1:3], 'out', link='hardlink')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(train), str(reg)], capture_output=True, text=True,
+                          cwd=root)
+    assert proc.returncode == -signal.SIGKILL
+    left = [p for p in (root / "out").rglob("*") if p.is_file()]
+    assert len(left) > 1  # the claim and the files linked before the kill
+    stray = root / "out" / "official_cg" / "gone.png"  # a file of the killed run the re-run will not write
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"half")
+    result = CliRunner().invoke(app, ["export", str(train), str(reg), "--kohya", "out", "--link", "copy"])
+    assert result.exit_code == 0, result.output
+    assert not stray.exists()
+    config = tomllib.loads((root / "out" / "dataset_config.toml").read_text())
+    assert check_layout(config, [train, reg]) == 13
 
 
 # --- reg layout: what sd-scripts' own rule makes of it -------------------------------------

@@ -1,6 +1,7 @@
 """curate.images on real files written by Pillow (and a few hand-made hostile ones)."""
 
 import io
+import os
 import struct
 import zlib
 
@@ -98,7 +99,8 @@ def test_verify_reports_display_size_and_format_by_content(tmp_path):
         (b"PK\x03\x04" + b"\0" * 100, "unsupported: zip"),
         (png_header_bomb(), "too many pixels: 100000x100000"),
         (encode(gradient(), "BMP"), "unsupported: bmp"),
-        (b"\x00" * 50, "decode: cannot identify image file"),
+        (b"\x00" * 50, "decode: not an image"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "unsupported: eps"),
     ],
 )
 def test_verify_rejects(tmp_path, data, error):
@@ -210,3 +212,112 @@ def test_avif_is_accepted_when_pillow_reads_it(tmp_path):
     p = write(tmp_path, "a.avif", encode(gradient(32, 16), "AVIF", quality=80))
     assert images.sniff(p.read_bytes()[:64]) == "avif"
     assert images.verify(p) == (32, 16, "avif")
+
+
+def eps_file() -> bytes:
+    return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+            b"newpath 0 0 moveto 10 10 lineto stroke showpage\n%%EOF\n")
+
+
+@pytest.mark.parametrize("name", ["evil.eps", "evil.jpg", "evil"])
+def test_postscript_never_reaches_pillows_eps_plugin(tmp_path, name):
+    p = write(tmp_path, name, eps_file())
+    with Image.open(p) as im:  # what an open without the whitelist would do: EPS -> Ghostscript
+        assert im.format == "EPS"
+    for fn in (images.open_image, images.probe):
+        with pytest.raises(ImageError, match="^unsupported format: eps$"):
+            fn(p)
+    with pytest.raises(ImageError, match="^unsupported: eps$"):
+        images.verify(p)
+    with pytest.raises(ImageError, match="^unsupported format: eps$"):
+        images.save_downscaled(p, tmp_path / "out.png", 10_000, "png")
+
+
+@pytest.mark.parametrize("fmt, error", [("ICO", "unsupported format: ico"), ("SGI", "unsupported format: sgi"),
+                                        ("DDS", "unsupported format: dds"), ("PSD", "unsupported format: psd"),
+                                        ("PCX", "decode: not an image"), ("TGA", "decode: not an image"),
+                                        ("PPM", "decode: not an image")])
+def test_formats_outside_the_whitelist_never_reach_their_plugin(tmp_path, fmt, error):
+    if fmt == "PSD":  # Pillow cannot write PSD: the header is enough to be recognised
+        data = b"8BPS\x00\x01" + b"\x00" * 6 + struct.pack(">HIIHH", 3, 16, 16, 8, 3) + b"\x00" * 64
+    else:
+        data = encode(gradient(16, 16), fmt)
+    p = write(tmp_path, "x.png", data)
+    with Image.open(p) as im:
+        assert im.format == fmt  # Pillow itself would open it
+    for fn in (images.open_image, images.probe):
+        with pytest.raises(ImageError) as exc:
+            fn(p)
+        assert str(exc.value) == error
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF"])
+def test_bmp_and_tiff_open_for_local_folders(tmp_path, fmt):
+    p = write(tmp_path, "x.img", encode(gradient(40, 30), fmt))
+    assert images.probe(p) == (40, 30, fmt.lower())
+    assert images.open_image(p).size == (40, 30)
+
+
+@pytest.fixture(scope="module")
+def zeros_png_16k(tmp_path_factory) -> str:
+    """A ~250 KB PNG of 16000x16000 real (all-zero) grey pixels: decoding it takes 256 MB."""
+    side = 16_000
+    z = zlib.compressobj(9)
+    row = b"\0" * (side + 1)
+    data = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    p = tmp_path_factory.mktemp("bomb") / "zeros.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return str(p)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="measures peak memory in /proc (Linux)")
+def test_pixel_guard_comes_before_any_decode(zeros_png_16k):
+    """Peak memory of a fresh process that tries every entry point on the file stays far
+    below the 256 MB a decode (or PNG's getexif(), which loads) would take."""
+    import subprocess
+    import sys
+
+    script = (
+        "import re, sys\n"
+        "from curate import images\n"
+        "for fn in (images.probe, images.open_image, images.verify, images.stored_form):\n"
+        "    try:\n"
+        "        fn(sys.argv[1])\n"
+        "    except images.ImageError as e:\n"
+        "        print(e)\n"
+        "status = open('/proc/self/status').read()  # VmHWM: this process's peak, not its parent's\n"
+        "print(int(re.search(r'VmHWM:\\s*(\\d+)', status).group(1)) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, zeros_png_16k], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[:4] == ["too many pixels: 16000x16000"] * 4
+    assert int(out[4]) < 150, f"peak RSS {out[4]} MB: something decoded before the guard"
+    # the same file under a guard that lets it through does decode: the measure can see it
+    script2 = script.replace("fn(sys.argv[1])", "fn(sys.argv[1], max_pixels=300_000_000)")
+    out = subprocess.run([sys.executable, "-c", script2, zeros_png_16k], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert int(out[-2]) > 250
+
+
+def _patched(data: bytes, offset: int, fmt: str, *values) -> bytes:
+    return data[:offset] + struct.pack(fmt, *values) + data[offset + struct.calcsize(fmt):]
+
+
+def _webp_lossless_claiming(w: int, h: int) -> bytes:
+    """VP8L keeps width-1 and height-1 in 14 bits each, at byte 21 (after the 0x2f signature)."""
+    d = encode(gradient(8, 8), "WEBP", lossless=True)
+    bits = int.from_bytes(d[21:25], "little") & ~((1 << 28) - 1) | (w - 1) | (h - 1) << 14
+    return d[:21] + bits.to_bytes(4, "little") + d[25:]
+
+
+@pytest.mark.parametrize("name, data", [
+    ("bmp", lambda: _patched(encode(gradient(8, 8), "BMP"), 18, "<ii", 40_000, 40_000)),
+    ("gif", lambda: _patched(encode(gradient(8, 8), "GIF"), 6, "<HH", 65_535, 65_535)),
+    ("webp", lambda: _webp_lossless_claiming(16_384, 16_384)),
+])
+def test_header_bombs_of_every_whitelisted_format_stop_at_the_guard(tmp_path, name, data):
+    p = write(tmp_path, f"bomb.{name}", data())
+    for fn in (images.probe, images.open_image):
+        with pytest.raises(ImageError, match="^too many pixels: "):
+            fn(p, max_pixels=1_000_000)

@@ -1,5 +1,7 @@
 """`curate ingest`: real image files of many kinds on disk, the real CLI, real Parquet."""
 
+import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -131,6 +133,94 @@ def test_bad_input_is_one_line_error(tmp_path):
     r = curate("ingest", tmp_path / "imgs", "--out", tmp_path / "junk.parquet")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert (tmp_path / "junk.parquet").read_text() == "not parquet"  # nothing lost
+
+
+def test_postscript_in_the_folder_is_an_unsupported_format_row(tmp_path):
+    d = tmp_path / "cg"
+    d.mkdir()
+    picture(1).save(d / "a.png")
+    ps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    (d / "evil.eps").write_bytes(ps)
+    (d / "renamed.jpg").write_bytes(ps)
+    (d / "no_suffix_ps").write_bytes(ps)
+    out = tmp_path / "m.parquet"
+    r = curate("ingest", d, "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = {Path(x["path"]).name: x for x in pq.read_table(out).to_pylist()}
+    assert rows["a.png"]["error"] is None
+    for name in ("evil.eps", "renamed.jpg", "no_suffix_ps"):
+        assert rows[name]["error"] == "ingest: unsupported format: eps"
+
+
+@pytest.fixture
+def linked(tmp_path):
+    """A CG folder with links: inside, to an image outside, to a secret outside, a loop, a dangling one."""
+    d, outside = tmp_path / "cg", tmp_path / "elsewhere"
+    (d / "sub").mkdir(parents=True)
+    outside.mkdir()
+    picture(1).save(d / "a.png")
+    picture(2).save(outside / "outside.png")
+    (outside / "secret.jpg").write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (d / "inner_link.png").symlink_to(d / "a.png")
+    (d / "sub" / "out_link.png").symlink_to(outside / "outside.png")
+    (d / "secret_link.jpg").symlink_to(outside / "secret.jpg")
+    (d / "loop1.png").symlink_to(d / "loop2.png")
+    (d / "loop2.png").symlink_to(d / "loop1.png")
+    (d / "dangling.png").symlink_to(d / "gone.png")
+    (d / "linked_dir").symlink_to(outside, target_is_directory=True)
+    (d / "a.txt").symlink_to(outside / "secret.jpg")  # a "caption" that is a file elsewhere
+    return d, outside
+
+
+def test_symlinks_record_the_in_folder_path_and_outside_links_are_refused(linked, tmp_path):
+    d, outside = linked
+    out = tmp_path / "m.parquet"
+    r = curate("ingest", d, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    rows = {x["path"]: x for x in pq.read_table(out).to_pylist()}
+    assert set(rows) == {"cg/a.png", "cg/inner_link.png", "cg/sub/out_link.png", "cg/secret_link.jpg",
+                         "cg/loop1.png", "cg/loop2.png", "cg/dangling.png"}  # linked_dir not entered
+    assert rows["cg/a.png"]["error"] is None
+    assert rows["cg/inner_link.png"]["error"] is None  # the link's own path, not its target's
+    assert rows["cg/inner_link.png"]["source_path"] == "cg/inner_link.png"
+    for p in ("cg/sub/out_link.png", "cg/secret_link.jpg"):
+        assert rows[p]["error"].startswith("ingest: symlink to a file outside the folder")
+        assert rows[p]["sha256"] != hashlib.sha256((outside / "secret.jpg").read_bytes()).hexdigest()
+    assert rows["cg/loop1.png"]["error"] == rows["cg/loop2.png"]["error"] == "ingest: symlink loop"
+    assert rows["cg/dangling.png"]["error"] == "ingest: broken symlink"
+    assert rows["cg/a.png"]["user_caption"] is None  # its .txt links to the secret outside
+    keys = [x["key"] for x in rows.values()]
+    assert len(set(keys)) == len(keys)
+    # nothing beside the outside files after captioning the manifest
+    assert curate("caption", out).returncode == 0
+    assert sorted(p.name for p in outside.iterdir()) == ["outside.png", "secret.jpg"]
+
+
+def test_follow_external_links_reads_them_under_the_in_folder_path(linked, tmp_path):
+    d, outside = linked
+    out = tmp_path / "m.parquet"
+    r = curate("ingest", d, "--out", out, "--follow-external-links")
+    assert r.returncode == 0, r.stderr
+    rows = {x["path"]: x for x in pq.read_table(out).to_pylist()}
+    assert rows["cg/sub/out_link.png"]["error"] is None and rows["cg/sub/out_link.png"]["width"] == 320
+    assert rows["cg/secret_link.jpg"]["error"].startswith("ingest: ")  # read, and not an image
+    assert rows["cg/loop1.png"]["error"] == "ingest: symlink loop"
+
+
+def test_killed_worker_keeps_finished_rows_and_a_rerun_finishes(cg_folder, tmp_path):
+    out = tmp_path / "m.parquet"
+    env = {**os.environ, "CURATE_POOL_KILL": "5"}
+    r = subprocess.run([sys.executable, "-m", "curate", "ingest", cg_folder, "--out", out, "--workers", "2"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ingesting: a worker process was killed")
+    kept = pq.read_table(out).num_rows
+    assert 0 < kept < IMAGES
+    r = curate("ingest", cg_folder, "--out", out, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert f"{IMAGES - kept} added, {kept} already in the manifest" in r.stdout
+    assert pq.read_table(out).num_rows == IMAGES
 
 
 def test_sidecar_captions_read_as_the_users_with_or_without_bom(tmp_path):

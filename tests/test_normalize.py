@@ -4,6 +4,7 @@ curate train's loader, both against images.open_image on the original."""
 
 import glob
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +59,7 @@ def make_images(folder) -> dict[str, tuple[str, str | None]]:
     return made
 
 
-def write_manifest(root, made) -> "Path":
+def write_manifest(root, made) -> Path:
     rows = []
     for name, (file, _) in made.items():
         w, h, _ = images.probe(root / "img" / file)  # what curate measured (display orientation)

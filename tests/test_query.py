@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,24 @@ def test_bom_and_crlf_query_and_artists_file(tmp_path):
     (tmp_path / "q.toml").write_bytes('\ufeff[[subsets]]\r\nname="v"\r\nartists_file="a.txt"\r\n'.encode())
     q = load(tmp_path / "q.toml")
     assert q.subsets[0].artists == ["first_artist", "second_artist"]  # a BOM used to drop the first
+
+
+def test_artists_file_outside_the_query_folder_needs_a_flag(tmp_path):
+    from curate.query import load
+
+    (tmp_path / "q").mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password123\n")
+    for where in (str(secret), "../secret.txt"):
+        (tmp_path / "q" / "q.toml").write_text(f'[[subsets]]\nname="v"\nartists_file="{where}"\n')
+        with pytest.raises(CurateError, match="outside the query's folder.*--allow-outside-files"):
+            load(tmp_path / "q" / "q.toml")
+        assert load(tmp_path / "q" / "q.toml", outside_files=True).subsets[0].artists == ["password123"]
+    (tmp_path / "q" / "link.txt").symlink_to(secret)  # a link inside pointing out is outside too
+    (tmp_path / "q" / "q.toml").write_text('[[subsets]]\nname="v"\nartists_file="link.txt"\n')
+    with pytest.raises(CurateError, match="outside the query's folder"):
+        load(tmp_path / "q" / "q.toml")
+    (tmp_path / "none.json").write_text("[]")
+    r = subprocess.run([sys.executable, "-m", "curate", "fetch", tmp_path / "q" / "q.toml", "--source",
+                        f"dump:{tmp_path / 'none.json'}", "--no-images"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "outside the query's folder" in r.stderr

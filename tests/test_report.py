@@ -208,3 +208,32 @@ def test_report_leaves_other_files_in_its_thumbnail_folder(manifests, tmp_path):
     (folder / "saved_by_a_browser.jpg").write_bytes(b"not ours")
     build([reg], out, workers=1)  # other rows: the cg thumbnails go, the stranger stays
     assert (folder / "saved_by_a_browser.jpg").read_bytes() == b"not ours"
+
+
+def test_killed_thumbnail_worker_keeps_finished_thumbnails(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from curate import pool
+    from curate.report import Summary, Thumbs
+
+    srcs = []
+    for i in range(24):
+        p = tmp_path / f"img{i:02d}.png"
+        Image.new("RGB", (64, 48), (i * 10, 100, 200 - i * 5)).save(p)
+        srcs.append(p)
+    folder = tmp_path / "thumbs"
+    thumbs = Thumbs(folder, workers=2)
+    for p in srcs:
+        thumbs.want(p)
+    monkeypatch.setenv(pool.KILL_ENV, "20")
+    with pytest.raises(pool.PoolStopped, match="^thumbnails: a worker process was killed"):
+        thumbs.make(Summary(out=tmp_path / "r.html"))
+    made = len(list(folder.glob("*.jpg")))
+    assert 0 < made < 24
+    monkeypatch.delenv(pool.KILL_ENV)
+    again = Thumbs(folder, workers=2)
+    for p in srcs:
+        again.want(p)
+    s = Summary(out=tmp_path / "r.html")
+    again.make(s)
+    assert s.thumbs_reused == made and s.thumbs_made == 24 - made

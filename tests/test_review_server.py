@@ -1,6 +1,5 @@
 """curate/review/server.py: the API over a real socket, and each safety rule."""
 
-import json
 import os
 import signal
 import subprocess

@@ -246,3 +246,28 @@ def test_2021_era_posts_are_selected_and_downloaded(tmp_path, via):
     assert out.returncode == 0, out.stderr
     for r in manifest.read(m2)[0].to_pylist():
         assert r["path"].startswith("img2/") and (tmp_path / r["path"]).read_bytes() == bodies[r["post_id"]]
+
+
+def test_out_of_range_and_wrongly_typed_numbers_are_nulled_not_fatal(tmp_path):
+    import json
+
+    from curate.sources import open_source
+
+    good = {"id": 5, "md5": "a" * 32, "file_url": "https://x/a.jpg", "image_width": 10, "image_height": 10,
+            "rating": "g", "tag_string_general": "1girl", "file_ext": "jpg"}
+    posts = [
+        dict(good, id=1, file_size="99999999999999999999999", parent_id=1e300, fav_count=[3]),
+        dict(good, id=2, image_width=2**40, score="-5000000000", media_asset={"variants": [
+            {"type": "720x720", "url": "https://x/s.webp", "width": 2**40, "height": "12", "file_ext": "webp"}]}),
+        dict(good, id="99999999999999999999999"),  # no usable id: skipped, counted
+        dict(good, id=4, image_height=float("inf"), created_at=12345),
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(p) + "\n" for p in posts))
+    src = open_source(f"dump:{tmp_path / 'd.jsonl'}")
+    rows = {r["post_id"]: r for r in pa.concat_tables(list(src.batches())).to_pylist()}
+    assert set(rows) == {1, 2, 4} and src.skipped["no id"] == 1
+    assert rows[1]["file_size"] is None and rows[1]["parent_id"] is None and rows[1]["fav_count"] is None
+    assert rows[2]["width"] is None and rows[2]["score"] is None
+    assert rows[2]["variants"] == [{"type": "720x720", "url": "https://x/s.webp", "width": None, "height": 12,
+                                    "file_ext": "webp"}]
+    assert rows[4]["height"] is None and rows[4]["created_at"] is None and rows[4]["width"] == 10

@@ -65,3 +65,31 @@ def test_relation_to_a_missing_post_is_dropped(tmp_path):
     rows = pa.concat_tables(list(open_source(f"hakubooru:{db}").batches())).to_pylist()
     assert [r["post_id"] for r in rows] == [posts[0]["id"], posts[2]["id"]]
     assert all("orphan_tag" not in r["tags_general"] for r in rows)
+
+
+def test_hostile_values_are_nulled_and_counted_not_fatal(tmp_path):
+    """SQLite holds any type in any column: wrong types and out-of-range numbers."""
+    posts = make_posts(4, seed=21)
+    db = write_hakubooru_db(posts, tmp_path / "h.db")
+    conn = sqlite3.connect(db)
+    a, b, c, _ = (p["id"] for p in posts)
+    conn.execute("UPDATE post SET image_width = 99999999999, image_height = 'tall' WHERE id = ?", (a,))
+    conn.execute("UPDATE post SET fav_count = 1e300, file_size = 'x', md5 = ? WHERE id = ?", (b"\x00blob", b))
+    conn.execute("UPDATE post SET score = -3000000000, parent_id = '18446744073709551615' WHERE id = ?", (c,))
+    conn.execute("INSERT INTO tag VALUES (10000000000000, 'huge_id_tag', 0, 1)")  # 10^13: no 73 TiB array
+    conn.execute("INSERT INTO tag VALUES (7777777, x'00ff', 0, 1)")  # a name that is no text
+    conn.execute("INSERT INTO posttagrelation (post_id, tag_id) VALUES (?, 10000000000000)", (a,))
+    conn.execute("INSERT INTO posttagrelation (post_id, tag_id) VALUES (?, 'text')", (a,))
+    conn.execute("INSERT INTO posttagrelation (post_id, tag_id) VALUES (?, 7777777)", (a,))
+    conn.commit()
+    conn.close()
+    src = open_source(f"hakubooru:{db}")
+    rows = {r["post_id"]: r for r in pa.concat_tables(list(src.batches())).to_pylist()}
+    assert set(rows) == {a, b, c, posts[3]["id"]}
+    assert rows[a]["width"] is None and rows[a]["height"] is None
+    assert "huge_id_tag" in rows[a]["tags_general"]
+    assert rows[b]["fav_count"] is None and rows[b]["file_size"] is None and rows[b]["md5"] is None
+    assert rows[c]["score"] is None and rows[c]["parent_id"] is None
+    assert rows[posts[3]["id"]]["width"] == posts[3]["image_width"]
+    assert src.skipped["bad width"] == 1 and src.skipped["bad height"] == 1 and src.skipped["bad score"] == 1
+    assert src.skipped["tag with a bad id or name"] == 1

@@ -274,6 +274,10 @@ class DanbooruSource:
             ids = [i for i in (to_int(p.get("id")) for p in body if isinstance(p, dict)) if i is not None]
             if not ids:
                 raise CurateError("/posts.json returned a page without post ids; cannot continue the cursor")
+            if page and not (min(ids) < int(page[1:]) if page.startswith("b") else max(ids) > int(page[1:])):
+                # a server that ignores the cursor would send this page forever
+                raise CurateError(f"/posts.json ignored the id cursor (page={page} brought no post past it); "
+                                  "stopped the crawl")
             yield body
             page = f"b{min(ids)}" if page is None or page.startswith("b") else f"a{max(ids)}"
 

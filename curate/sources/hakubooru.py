@@ -22,6 +22,7 @@ from ..errors import CurateError
 from ..schema import POST_SCHEMA
 from ..store import rank_of
 from ..tables import lists_from_pairs
+from .posts import to_int
 
 TYPE_TO_CATEGORY = {0: "general", 1: "artist", 2: "character", 3: "copyright", 4: "meta"}
 RATINGS = np.array(["g", "s", "q", "e"], dtype=object)
@@ -62,16 +63,19 @@ class HakuBooruSource:
         return f"hakubooru:{self.path}"
 
     def _tag_table(self):
-        """Dense lookup arrays by tag id: name (Arrow) and category index."""
+        """Tag ids sorted (looked up by binary search: no array sized by the largest id),
+        with the row of each id's name (Arrow) and category index."""
         ids, names, types = [], [], []
         for tid, name, typ in self.db.execute("SELECT id, name, type FROM tag"):
+            if not isinstance(tid, int) or not isinstance(name, str):
+                self.skipped["tag with a bad id or name"] += 1
+                continue
             ids.append(tid)
             names.append(name)
             types.append(typ if typ in TYPE_TO_CATEGORY else 0)
         ids = np.asarray(ids, dtype=np.int64)
-        slot = np.full(int(ids.max()) + 1 if len(ids) else 1, -1, dtype=np.int64)
-        slot[ids] = np.arange(len(ids))
-        return slot, pa.array(names, pa.string()), np.asarray(types, dtype=np.int8)
+        order = np.argsort(ids, kind="stable")
+        return (ids[order], order), pa.array(names, pa.string()), np.asarray(types, dtype=np.int8)
 
     def batches(self, batch_size: int = 50_000) -> Iterator[pa.Table]:
         slot, names, types = self._tag_table()
@@ -79,15 +83,17 @@ class HakuBooruSource:
         select = ", ".join(self.columns.values())
         last = -1
         while True:
-            rows = self.db.execute(
-                f"SELECT {select} FROM post WHERE id > ? ORDER BY id LIMIT ?", (last, batch_size)
+            rows = self.db.execute(  # typeof: SQLite lets any column hold any type
+                f"SELECT {select} FROM post WHERE id > ? AND typeof(id) = 'integer' ORDER BY id LIMIT ?",
+                (last, batch_size),
             ).fetchall()
             if not rows:
                 return
             last = rows[-1][0]
             rel = np.array(
                 self.db.execute(
-                    "SELECT post_id, tag_id FROM posttagrelation WHERE post_id BETWEEN ? AND ?",
+                    "SELECT post_id, tag_id FROM posttagrelation WHERE post_id BETWEEN ? AND ? "
+                    "AND typeof(post_id) = 'integer' AND typeof(tag_id) = 'integer'",
                     (rows[0][0], last),
                 ).fetchall(),
                 dtype=np.int64,
@@ -98,10 +104,21 @@ class HakuBooruSource:
                 yield table
 
     def _posts_table(self, rows) -> pa.Table:
+        """Untrusted values: a number of the wrong type or out of its column's range is
+        nulled and counted (`skipped["bad <column>"]`), never the end of the run."""
         cols = list(zip(*rows))
         data = {}
         for i, ours in enumerate(self.columns):
             values = list(cols[i])
+            typ = POST_SCHEMA.field(ours).type
+            if pa.types.is_integer(typ):
+                coerced = [to_int(v, typ.bit_width) for v in values]
+                bad = sum(c is None and v is not None for c, v in zip(coerced, values))
+                if bad:
+                    self.skipped[f"bad {ours}"] += bad
+                values = coerced
+            elif pa.types.is_string(typ) and ours != "rating":  # rating: an int 0..3, below
+                values = [v if isinstance(v, str) else None for v in values]
             if ours == "rating":
                 r = np.array([v if isinstance(v, int) and 0 <= v <= 3 else -1 for v in values])
                 values = [RATINGS[v] if v >= 0 else None for v in r]
@@ -115,11 +132,12 @@ class HakuBooruSource:
 
     def _attach_tags(self, table, rel, slot, names, types, name_rank) -> pa.Table:
         post_ids = table.column("post_id").to_numpy()
+        sorted_ids, order = slot
         tid = rel[:, 1]
-        known = (tid >= 0) & (tid < len(slot))
-        rel, tid = rel[known], tid[known]
-        idx = slot[tid]
-        rel, idx = rel[idx >= 0], idx[idx >= 0]
+        pos = np.searchsorted(sorted_ids, tid)
+        known = pos < len(sorted_ids)
+        known[known] = sorted_ids[pos[known]] == tid[known]  # a relation to a missing tag is dropped
+        rel, idx = rel[known], order[pos[known]]
         row = np.searchsorted(post_ids, rel[:, 0])
         found = row < len(post_ids)
         found[found] = post_ids[row[found]] == rel[found, 0]  # a relation to a missing post is dropped

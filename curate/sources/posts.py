@@ -167,24 +167,25 @@ def _variants(asset) -> list[dict] | None:
         if isinstance(v, dict) and to_str(v.get("url")):
             out.append({
                 "type": to_str(v.get("type")), "url": to_str(v.get("url")),
-                "width": to_int(v.get("width")), "height": to_int(v.get("height")),
+                "width": to_int(v.get("width"), 32), "height": to_int(v.get("height"), 32),
                 "file_ext": to_str(v.get("file_ext")),
             })
     return out
 
 
-def to_int(value) -> int | None:
+def to_int(value, bits: int = 64) -> int | None:
+    """An int that fits a signed `bits`-bit column, else None (never an overflow later)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value if -(2**63) <= value < 2**63 else None
     if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
+        value = int(value)
+    elif isinstance(value, str):
         try:
-            return int(value.strip())
+            value = int(value.strip())
         except ValueError:
             return None
+    if isinstance(value, int):
+        return value if -(2 ** (bits - 1)) <= value < 2 ** (bits - 1) else None
     return None
 
 
