@@ -241,7 +241,9 @@ def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Coun
             skipped["no image on disk"] += 1
             continue
         path = root / row["path"]
-        caption = row["caption"] or _txt_caption(path) or (class_token if is_reg else None)
+        # a .txt beside the image only where curate caption never ran (None); "" is its answer
+        caption = row["caption"] if row["caption"] is not None else _txt_caption(path)
+        caption = caption or (class_token if is_reg else None)
         if not caption:
             skipped["no caption (column or .txt)"] += 1
             continue
@@ -277,9 +279,11 @@ def _text_for_encoder(caption: str, escaped: bool, weighted: bool | None, where:
 
 
 def _txt_caption(image: Path) -> str | None:
+    """The caption file beside an image, as training text (one line, a BOM and prompt
+    escapes gone, as curate caption writes a user's caption)."""
     txt = image.with_suffix(".txt")
     try:
-        return txt.read_text(encoding="utf-8").strip() or None
+        return caption_rules.person_text(txt.read_text(encoding="utf-8-sig")) or None
     except (OSError, UnicodeDecodeError):
         return None
 

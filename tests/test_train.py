@@ -87,11 +87,12 @@ def test_plan_skips_bad_rows_and_finds_captions(tmp_path):
     ])
     # a row without a caption column value but with a .txt beside its image
     Image.new("RGB", (64, 64), (9, 9, 9)).save(tmp_path / "t" / "txt.png")
-    (tmp_path / "t" / "txt.png").with_suffix(".txt").write_text("from the txt, file\n", encoding="utf-8")
+    (tmp_path / "t" / "txt.png").with_suffix(".txt").write_text("\ufefffrom the \\(txt\\),\nfile\n", encoding="utf-8")
+    (tmp_path / "t" / "002.txt").write_text("not this: curate caption gave this row no text", encoding="utf-8")
     table, meta = manifest.read(tmp_path / "t.parquet")
     table = pa.concat_tables([table, manifest.conform(pa.Table.from_pylist(
-        [{"key": "local/txt", "subset": "main", "path": "t/txt.png"},
-         {"key": "local/nocap", "subset": "main", "path": "t/002.png"}]))])
+        [{"key": "local/txt", "subset": "main", "path": "t/txt.png", "caption": None},  # caption never ran
+         {"key": "local/nocap", "subset": "main", "path": "t/002.png", "caption": ""}]))])
     manifest.write(table, tmp_path / "t.parquet", meta)
     write_images_manifest(tmp_path, "r", [(64, 64)] * 2, reg=True, captions=["", ""])  # reg: class token
 
@@ -99,7 +100,7 @@ def test_plan_skips_bad_rows_and_finds_captions(tmp_path):
     plan = train_data.plan(cfg)
     by_key = {s.key: s for s in plan.samples}
     assert set(by_key) == {"local/t-0", "local/t-1", "local/t-2", "local/txt", "local/r-0", "local/r-1"}
-    assert by_key["local/txt"].caption == "from the txt, file"
+    assert by_key["local/txt"].caption == "from the (txt), file"  # as curate caption reads a user's file
     assert by_key["local/r-0"].caption == "solo" and by_key["local/r-0"].is_reg
     assert plan.skipped == {"error set": 1, "duplicate": 1, "no image on disk": 1, "no caption (column or .txt)": 1}
     assert by_key["local/t-1"].size == (96, 64)
