@@ -155,6 +155,9 @@ def load_train_config(path: str | Path | None) -> tuple[dict, dict[Path, dict]]:
         return dict(RECIPE_DATASET), {}
     path = Path(path)
     doc = train_config.read_toml(path)  # parsed and paths resolved as `curate train` does
+    for key in doc:  # a typo would silently give other buckets than `curate train` (which refuses it)
+        if key not in train_config._TYPES:
+            raise CurateError(f"{path}: unknown key {key!r}" + train_config._hint(key))
     defaults = train_config.dataset_defaults()
     dataset = {DATASET_KEYS[key][0]: value for key, value in defaults.items()}
     for key, (name, typ) in DATASET_KEYS.items():
@@ -177,6 +180,8 @@ def load_train_config(path: str | Path | None) -> tuple[dict, dict[Path, dict]]:
             if key not in SUBSET_KEYS:
                 raise CurateError(f"{where}: unknown key {key!r}")
             values[key] = _typed(value, SUBSET_KEYS[key], f"{where}: {key}")
+        if values.get("num_repeats", 1) < 1 or values.get("keep_tokens", 0) < 0:
+            raise CurateError(f"{where}: num_repeats must be >= 1 and keep_tokens >= 0")
         per_manifest[train_config.resolve_manifest(entry["manifest"], path)] = values
     _check_buckets(dataset, path)
     return dataset, per_manifest

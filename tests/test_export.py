@@ -245,6 +245,8 @@ def test_an_unwritable_out_folder_is_a_one_line_error(project):
     ('[[datasets]]\nmanifest = "manifests/official_cg.parquet"\nnum_repeats = "2"\n', "num_repeats: unexpected value"),
     ('bucket_reso_steps = 64\nmin_bucket_reso = 96\n', "divisible by bucket_reso_steps"),
     ('[[datasets]]\nnum_repeats = 2\n', "needs manifest"),
+    ('max_bucket_res = 2048\n', "unknown key 'max_bucket_res'"),  # curate train refuses it too
+    ('[[datasets]]\nmanifest = "manifests/official_cg.parquet"\nnum_repeats = 0\n', "num_repeats must be >= 1"),
 ])
 def test_bad_train_config_is_a_curate_error(project, extra, message):
     root, train, _ = project
