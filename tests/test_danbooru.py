@@ -487,7 +487,9 @@ def test_a_server_that_ignores_the_cursor_stops_the_crawl(serve, tmp_path):
 
 @pytest.mark.parametrize("params, status", [({"limit": "abc"}, 422), ({"limit": "1e3"}, 422),
                                             ({"page": "x12"}, 410), ({"page": "b"}, 410),
-                                            ({"page": "99999999999999999999999"}, 410)])
+                                            ({"page": "99999999999999999999999"}, 410),
+                                            ({"tags": "id:abc"}, 422), ({"tags": "date:someday"}, 422),
+                                            ({"tags": "ratio:1:0"}, 422), ({"tags": "score:>1..x"}, 422)])
 def test_devserver_answers_bad_limit_and_page_with_json_4xx(serve, params, status):
     import urllib.error
     import urllib.parse
