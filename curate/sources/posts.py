@@ -40,8 +40,8 @@ def normalize(post: dict) -> tuple[dict | None, str | None]:
     row = {
         "post_id": pid,
         "md5": md5.lower(),
-        "width": to_int(post.get("image_width")),
-        "height": to_int(post.get("image_height")),
+        "width": to_size(post.get("image_width")),
+        "height": to_size(post.get("image_height")),
         "rating": _rating(post),
         "fav_count": to_int(post.get("fav_count")),
         "score": to_int(post.get("score")),
@@ -49,7 +49,7 @@ def normalize(post: dict) -> tuple[dict | None, str | None]:
         "updated_at": updated,
         "file_url": file_url,
         "file_ext": (to_str(post.get("file_ext")) or "").lower() or None,
-        "file_size": to_int(post.get("file_size")),
+        "file_size": to_size(post.get("file_size")),
         "parent_id": to_int(post.get("parent_id")),
         "source": to_str(post.get("source")),
         "is_deleted": bool(post.get("is_deleted") is True),
@@ -111,7 +111,7 @@ def _variants(asset) -> list[dict] | None:
         if isinstance(v, dict) and to_str(v.get("url")):
             out.append({
                 "type": to_str(v.get("type")), "url": to_str(v.get("url")),
-                "width": to_int(v.get("width"), 32), "height": to_int(v.get("height"), 32),
+                "width": to_size(v.get("width"), 32), "height": to_size(v.get("height"), 32),
                 "file_ext": to_str(v.get("file_ext")),
             })
     return out
@@ -131,6 +131,15 @@ def to_int(value, bits: int = 64) -> int | None:
     if isinstance(value, int):
         return value if -(2 ** (bits - 1)) <= value < 2 ** (bits - 1) else None
     return None
+
+
+SIZE_COLUMNS = ("width", "height", "file_size")
+
+
+def to_size(value, bits: int = 64) -> int | None:
+    """A pixel or byte count: a positive int that fits the column, else None."""
+    n = to_int(value, bits)
+    return n if n is not None and n > 0 else None
 
 
 def to_str(value) -> str | None:
