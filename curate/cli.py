@@ -126,6 +126,9 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
         quota = "all" if r.quota is None else str(r.quota)
         short = "  (fewer than the quota: took all)" if r.quota is not None and r.selected < r.quota else ""
         typer.echo(f"  {r.name:<24} {quota:>8} {r.eligible:>10} {r.selected:>9}{short}")
+    for r in sel.subsets:
+        for artist in r.unmatched_artists:
+            typer.echo(f"  warning: artist {artist!r} (subset {r.name}'s artists file) matches no post in the source; a typo?")
     if sel.skipped:
         typer.echo("  skipped from source: " + ", ".join(f"{k} {v}" for k, v in sorted(sel.skipped.items())))
     typer.echo(f"  {sel.table.num_rows} rows written")
@@ -385,7 +388,9 @@ def export(
 def download(
     manifest: Path = typer.Argument(..., help="Manifest whose images to download (written back in place)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder, content-addressed <md5 prefix>/<md5>.<ext> (default: images/ beside the manifest)."),
-    from_tars: Optional[str] = typer.Option(None, "--from-tars", help="danbooru2023-style data-XXXX.tar shards (id % 1000): a folder, or an http(s) URL serving the .tar and .json index files (Range requests)."),
+    from_tars: Optional[str] = typer.Option(None, "--from-tars", help="Archive dataset (danbooru2023 original/recent/updates, its WebP re-encode, danbooru2024 images/): its root or any subfolder, or an http(s) URL (Range requests). Members are found through the .json indexes, or the tar headers."),
+    tar_index: Optional[str] = typer.Option(None, "--tar-index", help="Folder or URL of the archives' .json indexes when they are kept apart (a separate index repo)."),
+    verify: str = typer.Option("digest", "--verify", help="digest: check md5/sha256 and the header (format, size, pixel guard), full decode only without a digest | decode: always decode fully."),
     variant: str = typer.Option("original", "--variant", help="Danbooru variant: original | sample | 720 (falls back to file_url when missing; not used with --from-tars)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", callback=_range(1), help="Downscale (Lanczos) images bigger than this many pixels when saving."),
     workers: int = typer.Option(8, "--workers", callback=_range(1), help="Parallel downloads."),
@@ -397,7 +402,8 @@ def download(
 ) -> None:
     """Download and verify the images of a manifest; fill path, width, height, error.
 
-    Files are checked (size, md5 when known, full decode) before they get their
+    Files are checked (size, md5 or the archive index's sha256, header and pixel
+    guard; a full decode without a digest or with --verify decode) before they get their
     final name, so a re-run -- even after kill -9 -- skips finished rows and never
     accepts a broken file. Failed rows stay, with the reason in the error column.
     """
@@ -405,7 +411,7 @@ def download(
     from .download import download_manifest
 
     s = download_manifest(manifest, images, ray=eng.options(engine, ray_address, shard_rows), variant=variant, max_pixels=max_pixels, from_tars=from_tars,
-                          workers=workers, rate=rate, retries=retries)
+                          tar_index=tar_index, verify=verify, workers=workers, rate=rate, retries=retries)
     typer.echo("download: " + s.render())
 
 

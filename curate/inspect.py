@@ -28,6 +28,9 @@ def inspect(path) -> dict:
         "stages_filled": filled,
         "stages_run": sorted((meta.get("stages") or {}).keys()),
         "duplicates": dups,
+        # download from a re-encoded archive: the file is not the post's original (md5 differs)
+        "derivatives": dict(Counter(d for d in table.column("derivative").to_pylist() if d))
+        if "derivative" in table.column_names else {},
         "failures": dict(Counter(reason_of(e) for e in errors).most_common()),
         "review": decisions.current(path).counts(table.column("key").to_pylist()),
         "provenance": {k: v for k, v in meta.items() if k != "query_text"},
@@ -56,6 +59,9 @@ def render(info: dict) -> str:
         lines.append(f"    {name:<24} {n:>8}{extra}")
     lines.append("  stages (rows filled): " + ", ".join(f"{k} {v}" for k, v in info["stages_filled"].items()))
     lines.append(f"  stages run: {', '.join(info['stages_run']) or 'none'}; duplicates marked: {info['duplicates']}")
+    for kind, n in info["derivatives"].items():
+        lines.append(f"  derivatives: {n} files are re-encoded copies from an {kind} (md5 is the post's, "
+                     f"file_sha256 the stored file's)")
     if info["failures"]:
         lines.append("  failures: " + ", ".join(f"{k} {v}" for k, v in info["failures"].items()))
     else:

@@ -90,6 +90,8 @@ class Subset:
     any_tags: list[str] = field(default_factory=list)
     exclude_tags: list[str] = field(default_factory=list)
     artists: list[str] = field(default_factory=list)
+    artists_file: str | None = None  # where listed artists came from (warnings name it)
+    file_artists: list[str] = field(default_factory=list)  # the artists that file lists
     fav_count: Range | None = None
     score: Range | None = None
     rating: list[str] | None = None
@@ -126,7 +128,7 @@ def load(path: str | Path, outside_files: bool = False) -> Query:
     """`outside_files`: an artists_file may lie outside the query's folder (else an error)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM from Windows editors is not TOML
     except FileNotFoundError:
         raise CurateError(f"query file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -182,13 +184,14 @@ def _subset(d: dict, where: str, base_dir: Path, default_name: str, outside_file
         if key in d:
             setattr(s, key, [_norm_tag(t) for t in _str_list(d[key], f"{where}.{key}")])
     if "artists_file" in d:
-        rel = _typed(d["artists_file"], str, f"{where}.artists_file")
+        s.artists_file = rel = _typed(d["artists_file"], str, f"{where}.artists_file")
         path = base_dir / rel
         if not outside_files and not path.resolve().is_relative_to(base_dir.resolve()):
             # its lines go to the API as tags: a query must not read any file it names
             raise CurateError(f"{where}.artists_file: {rel} lies outside the query's folder; "
                               "move it beside the query, or pass --allow-outside-files")
-        s.artists = s.artists + read_artists_file(path)
+        s.file_artists = read_artists_file(path)
+        s.artists = s.artists + s.file_artists
         if not s.artists:
             raise CurateError(f"{where}.artists_file: {d['artists_file']} lists no artists")
     for key in ("fav_count", "score"):
@@ -225,7 +228,7 @@ def _subset(d: dict, where: str, base_dir: Path, default_name: str, outside_file
 def read_artists_file(path: Path) -> list[str]:
     """One artist tag per line; blank lines and `#` comments ignored."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # BOM and CRLF: read right
     except FileNotFoundError:
         raise CurateError(f"artists file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:

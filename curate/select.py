@@ -232,6 +232,7 @@ class SubsetResult:
     quota: int | None
     eligible: int = 0
     selected: int = 0
+    unmatched_artists: list[str] = field(default_factory=list)  # from its artists_file, in no post at all
 
 
 @dataclass
@@ -271,9 +272,18 @@ def _select_store(query: Query, store: Store, aliases) -> Selection:
         results.append(SubsetResult(s.name, s.count, eligible=len(rows)))
         rows = top(cols, rows, s, query.seed, limit)
         ranked.append((rows, cols.post_id[rows], cols.artists(rows) if s.max_per_artist is not None else None))
+        res = results[-1]
+        res.unmatched_artists = [a for a in s.file_artists if not _store_has_artist(store, aliases.get(a, a))]
     picks = _assign(query, ranked, results)
     tables = [store.take(rows[p]) for (rows, _, _), p in zip(ranked, picks)]
     return Selection(_label(query, tables), results)
+
+
+def _store_has_artist(store: Store, name: str) -> bool:
+    ids = store.tag_ids([name])
+    ids = ids[ids >= 0]
+    ids = ids[store.tag_categories[ids] == CATEGORY_CODE["artist"]]
+    return any(store.postings_offsets[t + 1] > store.postings_offsets[t] for t in ids.tolist())
 
 
 def _select_stream(query: Query, source, aliases, progress) -> Selection:
@@ -283,8 +293,12 @@ def _select_stream(query: Query, source, aliases, progress) -> Selection:
     results = [SubsetResult(s.name, s.count) for s in query.subsets]
     # A remote source crawls only what the query can match (server-side search).
     batches = source.batches_for(query) if hasattr(source, "batches_for") else source.batches()
+    listed = {aliases.get(a, a) for s in query.subsets for a in s.file_artists}
+    seen_artists: set[str] = set()
     for batch in batches:
         cols = BatchColumns(batch)
+        if listed - seen_artists:
+            seen_artists |= listed & set(pc.unique(pc.list_flatten(batch.column("tags_artist"))).to_pylist())
         for i, (s, limit) in enumerate(zip(query.subsets, limits)):
             rows = np.flatnonzero(eligible(cols, s, aliases))
             results[i].eligible += len(rows)
@@ -306,6 +320,8 @@ def _select_stream(query: Query, source, aliases, progress) -> Selection:
         cols = BatchColumns(table)
         everything = np.arange(table.num_rows)
         ranked.append((table, cols.post_id, cols.artists(everything) if s.max_per_artist is not None else None))
+    for s, res in zip(query.subsets, results):
+        res.unmatched_artists = [a for a in s.file_artists if aliases.get(a, a) not in seen_artists]
     picks = _assign(query, ranked, results)
     tables = [t.take(pa.array(p)) if t is not None else None for (t, _, _), p in zip(ranked, picks)]
     return Selection(_label(query, tables), results, Counter(getattr(source, "skipped", {})))

@@ -216,10 +216,13 @@ def test_failures_stay_as_rows_with_reasons(server, tmp_path):
         {"key": "danbooru/9", "post_id": 9, "md5": None, "file_url": None, "file_ext": "jpg"},
         post(10, IMG["cmyk"], server.add("/slow.jpg", IMG["cmyk"], stall=3.0)),
         post(11, IMG["webp"], server.add("/gone.webp", statuses=[503, 503, 503])),
-        post(12, b"visible but no URL (a HakuBooru database has none)", None),
+        post(12, IMG["gif"], None),  # no URL (a HakuBooru database, an old dump): the CDN by md5
+        post(13, b"no URL and no extension to build one", None, file_ext=None),
     ]
+    h12 = md5(IMG["gif"])
+    server.add(f"/cdn/original/{h12[:2]}/{h12[2:4]}/{h12}.jpg", IMG["gif"])
     m = write_manifest(tmp_path / "m.parquet", rows)
-    s = download_manifest(m, tmp_path / "img", **FAST)
+    s = download_manifest(m, tmp_path / "img", cdn=server.url + "/cdn", **FAST)
     got = {k: r["error"] for k, r in rows_by_key(m).items()}
     assert got == {
         "danbooru/1": "http 404",
@@ -233,14 +236,15 @@ def test_failures_stay_as_rows_with_reasons(server, tmp_path):
         "danbooru/9": "hidden",
         "danbooru/10": "timeout",
         "danbooru/11": "http 503",
-        "danbooru/12": "no url (images of this source need --from-tars)",
+        "danbooru/12": None,
+        "danbooru/13": "no url (images of this source need --from-tars)",
     }
     assert got["danbooru/6"].startswith("decode: image file is truncated")
     assert server.hits["/flaky.png"] == 2 and "/ugoira.zip" not in server.hits
     assert server.hits["/short.jpg"] == 2  # one retry of a body that broke off
-    assert [p.name.split(".")[0] for p in stored(tmp_path / "img")] == [md5(IMG["png"])]
+    assert sorted(p.name for p in stored(tmp_path / "img")) == sorted([f"{md5(IMG['png'])}.png", f"{h12}.gif"])
     assert s.failed["http 404"] == 1 and s.failed["decode"] == 2 and s.failed["unsupported: zip"] == 1
-    assert sum(s.failed.values()) == 11 and s.downloaded == 1
+    assert sum(s.failed.values()) == 11 and s.downloaded == 2
     assert not list((tmp_path / "img" / ".part").iterdir())
 
 
@@ -325,7 +329,10 @@ def test_max_pixels_downscales_on_save(server, tmp_path):
     assert len(stored(tmp_path / "img")) == 2  # the big original was not kept
 
 
-def test_rerun_reverifies_files_found_on_disk(server, tmp_path):
+@pytest.mark.parametrize("listing", [False, True])  # big runs list each subfolder once instead of stats
+def test_rerun_reverifies_files_found_on_disk(server, tmp_path, monkeypatch, listing):
+    if listing:
+        monkeypatch.setattr("curate.download.LIST_FOLDERS_FROM", 1)
     good, bad = IMG["jpg"], IMG["png"]
     img = tmp_path / "img"
     hg, hb = md5(good), md5(bad)
@@ -382,9 +389,9 @@ def shards(tmp_path):
 
 EXPECTED_TAR_ERRORS = {
     "danbooru/1001": None, "danbooru/2001": None, "danbooru/3001": "unsupported: zip",
-    "danbooru/5": None, "danbooru/1005": "sha256 mismatch",
-    "danbooru/4001": "not in tars: data-0001.tar has no 4001.*",
-    "danbooru/7": "not in tars: no data-0007.tar", "danbooru/6001": "md5 mismatch",
+    "danbooru/5": None, "danbooru/1005": "checksum: 1005.gif in data-0005.tar does not match its index's sha256",
+    "danbooru/4001": "not in archives", "danbooru/7": "not in archives",
+    "danbooru/6001": "md5 mismatch",  # no index, so no sha256: the post's md5 is the only check
 }
 
 
@@ -410,8 +417,11 @@ def test_tars_over_http_with_range_requests(server, shards, tmp_path, with_range
     download_manifest(m, tmp_path / "img", from_tars=server.url + "/ds/", **FAST)
     got = {k: r["error"] for k, r in rows_by_key(m).items()}
     if with_ranges:
-        assert got == EXPECTED_TAR_ERRORS | {"danbooru/7": "tar index data-0007.json: http 404"}
-        assert server.hits["/ds/data-0001.json"] == 1  # index fetched once per shard
+        # Served with its index, 6001's member is vouched for by sha256: a derivative, not the post's bytes.
+        assert got == EXPECTED_TAR_ERRORS | {"danbooru/6001": None}
+        assert rows_by_key(m)["danbooru/6001"]["derivative"] == "archive"
+        assert server.hits["/ds/data-0001.json"] == 1  # index fetched once per archive
+        assert server.hits["/ds/data-0007.json"] == 1  # a guessed name: its 404 means "not there"
         assert server.range_hits == 5
     else:
         assert got["danbooru/1001"] == got["danbooru/5"] == "tar server ignored Range"
@@ -468,6 +478,10 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "error: --variant must be one of original, sample, 720, not 'huge'"
     r = subprocess.run(cmd + [str(m), "--from-tars", str(tmp_path / "none")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cmd + [str(m), "--verify", "fast"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --verify must be digest or decode, not 'fast'"
+    r = subprocess.run(cmd + [str(m), "--tar-index", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --tar-index needs --from-tars"
 
 
 def test_download_table_is_a_plain_function(server, tmp_path):
@@ -536,3 +550,22 @@ def test_download_leaves_local_and_derived_files_alone(tmp_path):
     got = {r["key"]: r for r in mf.read(m)[0].to_pylist()}
     assert got["local/a"]["path"] == "cg/a.png" and got["local/a"]["error"] is None
     assert got["danbooru/7"]["path"] == "cg/b_crop.png" and got["danbooru/7"]["error"] is None
+
+
+def test_digest_mode_reads_the_header_decode_mode_the_pixels(server, tmp_path):
+    """A file whose md5 the source vouches for is checked by digest + header; its pixels only
+    with --verify decode (here: bytes cut short after the header, md5 of the cut file)."""
+    full = encode(gradient(256, 256), "JPEG")
+    cut = full[: len(full) // 2]
+    bomb = png_header_bomb()
+    rows = [post(1, cut, server.add("/cut.jpg", cut)), post(2, bomb, server.add("/bomb.png", bomb)),
+            post(3, None, server.add("/nodigest.jpg", cut))]  # no md5: decoded whatever the mode
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    download_manifest(m, tmp_path / "img", **FAST)
+    got = rows_by_key(m)
+    assert got["danbooru/1"]["error"] is None and (got["danbooru/1"]["width"], got["danbooru/1"]["height"]) == (256, 256)
+    assert got["danbooru/2"]["error"] == "too many pixels: 100000x100000"  # the guard is in the header check
+    assert got["danbooru/3"]["error"].startswith("decode: image file is truncated")
+    m2 = write_manifest(tmp_path / "m2.parquet", rows)
+    download_manifest(m2, tmp_path / "img2", verify="decode", **FAST)
+    assert rows_by_key(m2)["danbooru/1"]["error"].startswith("decode: image file is truncated")

@@ -228,6 +228,27 @@ def test_download_on_ray_matches_local(server, tmp_path):
     assert s2.reused == s1.reused == 0
 
 
+def test_download_from_archives_on_ray_matches_local(tmp_path):
+    """Archive members on Ray shards: the same paths, errors and derivative columns as here."""
+    from test_images import encode, gradient
+    from test_tars import JPG, make_archive
+
+    webp = encode(gradient(30, 20), "WEBP")
+    root = tmp_path / "ds"
+    make_archive(root / "original" / "data-0001.tar", {"./1001.jpg": JPG[1], "./2001.webp": webp},
+                 root / "original" / "data-0001.json")
+    rows = [post(1001, JPG[1]), post(2001, JPG[2]), post(3002, JPG[3])]  # 2001: a re-encode; 3002: nowhere
+    m_local = write_manifest(tmp_path / "local" / "m.parquet", rows)
+    m_ray = write_manifest(tmp_path / "ray" / "m.parquet", rows)
+    download_manifest(m_local, from_tars=str(root), **FAST)
+    s = download_manifest(m_ray, from_tars=str(root), ray=engine.RayOptions(shard_rows=1), **FAST)
+    names = ["key", "path", "error", "width", "height", "file_sha256", "derivative"]
+    got = columns(m_ray, names)
+    assert got == columns(m_local, names)
+    assert got["derivative"] == [None, "archive", None] and got["error"] == [None, None, "not in archives"]
+    assert s.derivatives == 1
+
+
 # --- tag ---------------------------------------------------------------------------------------
 
 

@@ -321,3 +321,32 @@ def test_header_bombs_of_every_whitelisted_format_stop_at_the_guard(tmp_path, na
     for fn in (images.probe, images.open_image):
         with pytest.raises(ImageError, match="^too many pixels: "):
             fn(p, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("save", [{"lossless": True}, {"quality": 80}, {"quality": 80, "exif": "orientation 1"},
+                                  {"quality": 80, "mode": "RGBA"}, {"save_all": True, "frames": 3}])
+@pytest.mark.parametrize("size", [(1, 1), (17, 3), (640, 480), (16383, 2)])
+def test_probe_reads_webp_sizes_as_pillow_does(tmp_path, save, size):
+    """probe reads a still WebP's size from its first chunk (fast path); the answer is
+    Pillow's, and EXIF / animated files still go through Pillow for orientation."""
+    save = dict(save)
+    mode, frames = save.pop("mode", "RGB"), save.pop("frames", 1)
+    if "exif" in save:
+        exif = Image.Exif()
+        exif[0x0112] = 1
+        save["exif"] = exif.tobytes()
+    pics = [Image.new(mode, size, (i * 40, 2, 3)) for i in range(frames)]
+    path = tmp_path / "x.webp"
+    pics[0].save(path, "WEBP", append_images=pics[1:], **save)
+    with Image.open(path) as im:
+        assert images.probe(path) == (*im.size, "webp")
+    with pytest.raises(ImageError, match="too many pixels"):
+        images.probe(path, max_pixels=size[0] * size[1] - 1)
+
+
+def test_probe_webp_fast_path_refuses_a_declared_bomb(tmp_path):
+    vp8l = b"VP8L" + (5).to_bytes(4, "little") + b"\x2f" + (0x3FFF | 0x3FFF << 14).to_bytes(4, "little")
+    path = tmp_path / "bomb.webp"
+    path.write_bytes(b"RIFF" + (len(vp8l) + 4).to_bytes(4, "little") + b"WEBP" + vp8l + b"\0" * 16)
+    with pytest.raises(ImageError, match="too many pixels: 16384x16384"):
+        images.probe(path, max_pixels=100_000_000)

@@ -96,6 +96,13 @@ def test_recipe_query_parses():
     assert h.count >= 1000 and v.count >= 1000 and v.artists
 
 
+def test_bom_and_crlf_query_and_artists_file(tmp_path):
+    (tmp_path / "a.txt").write_bytes("\ufefffirst_artist\r\nsecond artist\r\n".encode())
+    (tmp_path / "q.toml").write_bytes('\ufeff[[subsets]]\r\nname="v"\r\nartists_file="a.txt"\r\n'.encode())
+    q = load(tmp_path / "q.toml")
+    assert q.subsets[0].artists == ["first_artist", "second_artist"]  # a BOM used to drop the first
+
+
 def test_artists_file_outside_the_query_folder_needs_a_flag(tmp_path):
     from curate.query import load
 

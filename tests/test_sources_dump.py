@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import json
 
 import pyarrow as pa
@@ -106,6 +107,145 @@ def test_not_json_is_one_line_error(tmp_path):
 
 def test_normalize_skips_non_posts():
     assert normalize({"id": 1, "name": "blue_eyes", "category": 0}) == (None, "not a post")
+
+
+# -- the Danbooru2017-2021 public metadata (JSON lines; fixture written by hand from its format) --
+
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ERA_2021 = Path(__file__).parent / "fixtures" / "danbooru2021_metadata.jsonl"
+
+
+def windows_copy(src: Path, dst: Path) -> Path:
+    """The same file as a Windows editor saves it: UTF-8 with a BOM, CRLF line ends."""
+    dst.write_bytes(b"\xef\xbb\xbf" + src.read_bytes().replace(b"\n", b"\r\n"))
+    return dst
+
+
+def test_danbooru2017_2021_metadata_rows():
+    src = open_source(f"dump:{ERA_2021}")
+    got = {r["post_id"]: r for r in rows(src)}
+    assert sorted(got) == [1001, 2002, 3003, 4004, 5005] and src.skipped == {"hidden": 1}  # 6006: md5 ""
+    a = got[1001]
+    assert (a["tags_general"], a["tags_artist"], a["tags_copyright"], a["tags_meta"], a["tags_character"]) == (
+        ["1girl", "smile", "solo"], ["kantoku"], ["original"], ["highres"], [])
+    assert got[2002]["tags_character"] == ["hatsune_miku"] and got[2002]["tags_copyright"] == ["vocaloid"]
+    assert [got[i]["rating"] for i in (1001, 2002, 3003, 4004)] == ["g", "q", "e", "g"]  # that era's s = safe
+    assert [got[i]["fav_count"] for i in (1001, 2002, 3003)] == [3, 35, 40]  # fav_count, else len(favs)
+    assert (a["width"], a["height"], a["score"], a["file_size"]) == (1200, 800, 45, 123456)
+    assert a["created_at"] == datetime(2019, 3, 4, 5, 6, 7, 890120, tzinfo=timezone.utc)
+    assert a["parent_id"] is None and got[2002]["parent_id"] == 1001
+    assert [(got[i]["is_deleted"], got[i]["is_banned"]) for i in (1001, 4004, 5005)] == [
+        (False, False), (True, False), (False, True)]
+    assert a["md5"] == "0a1b2c3d4e5f60718293a4b5c6d7e8f9" and a["file_url"] is None and a["file_ext"] == "jpg"
+
+
+def test_bom_and_crlf_dumps_read_the_same(tmp_path):
+    plain = rows(open_source(f"dump:{ERA_2021}"))
+    assert rows(open_source(f"dump:{windows_copy(ERA_2021, tmp_path / 'w.jsonl')}")) == plain
+    arr = tmp_path / "a.json"
+    arr.write_text("[" + ",".join(ERA_2021.read_text().splitlines()) + "]")
+    assert rows(open_source(f"dump:{windows_copy(arr, tmp_path / 'w.json')}")) == plain
+
+
+def test_old_api_site_relative_file_url():
+    h = "ab" * 16
+    row, _ = normalize({"id": 9, "md5": h, "file_ext": "png", "file_url": f"/data/{h}.png", "tag_string": "a"})
+    assert row["file_url"] == f"https://cdn.donmai.us/original/ab/ab/{h}.png"
+    row, _ = normalize({"id": 9, "md5": h, "file_url": "/data/sample/x.jpg", "tag_string": "a"})  # no ext
+    assert row["file_url"] == "https://danbooru.donmai.us/data/sample/x.jpg"
+    row, _ = normalize({"id": 9, "md5": h, "file_ext": "jpg", "file_url": "//evil.example/x.jpg", "tag_string": "a"})
+    assert row["file_url"] == "//evil.example/x.jpg"  # not site-relative: download calls it a bad url
+
+
+QUERY_2021 = """name = "era-2021"
+seed = 1
+[[subsets]]
+name = "vertical"
+tags = ["1girl", "solo"]
+fav_count = ">30"
+orientation = "vertical"
+artists_file = "artists.txt"
+"""
+
+
+def cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from curate.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def with_real_md5s(tmp_path):
+    """The fixture with each md5 replaced by a real image's, written with a BOM and CRLF."""
+    from test_images import encode, gradient
+
+    bodies, lines = {}, []
+    for i, line in enumerate(ERA_2021.read_text().splitlines()):
+        post = json.loads(line)
+        if post["md5"]:
+            fmt = "PNG" if post["file_ext"] == "png" else "JPEG"
+            bodies[int(post["id"])] = data = encode(gradient(20 + i, 30), fmt)
+            post["md5"] = hashlib.md5(data).hexdigest()
+        lines.append(json.dumps(post))
+    (tmp_path / "raw.jsonl").write_text("\n".join(lines) + "\n")
+    return windows_copy(tmp_path / "raw.jsonl", tmp_path / "posts.jsonl"), bodies
+
+
+@pytest.mark.parametrize("via", ["dump", "store"])
+def test_2021_era_posts_are_selected_and_downloaded(tmp_path, via):
+    from test_download import Server
+    from test_tars import make_archive
+
+    from curate import manifest
+
+    dump, bodies = with_real_md5s(tmp_path)
+    (tmp_path / "q.toml").write_bytes(b"\xef\xbb\xbf" + QUERY_2021.replace("\n", "\r\n").encode())
+    (tmp_path / "artists.txt").write_bytes("\ufeffkantoku\r\nwlop\r\nmika pikazo\r\nkantokku\r\n".encode())
+    source = f"dump:{dump}"
+    if via == "store":
+        out = cli("sync", source, "--store", tmp_path / "store")
+        assert out.returncode == 0, out.stderr
+        source = f"store:{tmp_path / 'store'}"
+    m = tmp_path / "m.parquet"
+    out = cli("fetch", tmp_path / "q.toml", "--source", source, "--out", m, "--no-images")
+    assert out.returncode == 0, out.stderr
+    # 2002 (mika_pikazo, 35 favs) and 3003 (wlop, 40); 4004 is deleted, 5005 banned, 1001 horizontal
+    rows_ = {r["post_id"]: r for r in manifest.read(m)[0].to_pylist()}
+    assert sorted(rows_) == [2002, 3003]
+    assert rows_[2002]["tags_artist"] == ["mika_pikazo"] and rows_[2002]["tags_character"] == ["hatsune_miku"]
+    warnings = [ln.strip() for ln in out.stdout.splitlines() if "warning" in ln]
+    assert warnings == ["warning: artist 'kantokku' (subset vertical's artists file) matches no post "
+                        "in the source; a typo?"]
+
+    srv = Server()  # the CDN, by md5: no file_url in these dumps
+    try:
+        for pid, data in bodies.items():
+            h = hashlib.md5(data).hexdigest()
+            ext = "png" if data.startswith(b"\x89PNG") else "jpg"
+            srv.add(f"/original/{h[:2]}/{h[2:4]}/{h}.{ext}", data)
+        from curate.download import download_manifest
+
+        s = download_manifest(m, tmp_path / "img", cdn=srv.url, progress=False, retries=0)
+    finally:
+        srv.httpd.shutdown()
+        srv.httpd.server_close()
+    assert s.downloaded == 2 and not s.failed
+    for r in manifest.read(m)[0].to_pylist():
+        assert (tmp_path / r["path"]).read_bytes() == bodies[r["post_id"]]
+
+    # ... or from the archives (danbooru2023 layout), into another folder
+    make_archive(tmp_path / "ds" / "original" / "data-0002.tar", {"./2002.png": bodies[2002]})
+    make_archive(tmp_path / "ds" / "original" / "data-0003.tar", {"./3003.jpg": bodies[3003]},
+                 tmp_path / "ds" / "original" / "data-0003.json")
+    m2 = tmp_path / "m2.parquet"
+    assert cli("fetch", tmp_path / "q.toml", "--source", source, "--out", m2, "--no-images").returncode == 0
+    out = cli("download", m2, "--images", tmp_path / "img2", "--from-tars", tmp_path / "ds")
+    assert out.returncode == 0, out.stderr
+    for r in manifest.read(m2)[0].to_pylist():
+        assert r["path"].startswith("img2/") and (tmp_path / r["path"]).read_bytes() == bodies[r["post_id"]]
 
 
 def test_out_of_range_and_wrongly_typed_numbers_are_nulled_not_fatal(tmp_path):

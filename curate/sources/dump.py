@@ -69,7 +69,8 @@ class DumpSource:
     def _json(self, f: Path) -> Iterator[dict]:
         opener = gzip.open if f.name.endswith(".gz") else open
         try:
-            with opener(f, "rt", encoding="utf-8", errors="replace") as fh:
+            # utf-8-sig: a BOM (Windows editors) would make the first line unparseable
+            with opener(f, "rt", encoding="utf-8-sig", errors="replace") as fh:
                 head = fh.read(1)
                 while head and head.isspace():
                     head = fh.read(1)

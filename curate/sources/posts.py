@@ -1,14 +1,22 @@
 """Danbooru API-shaped post dicts -> rows of the normalized post schema.
 
 Accepts every schema era seen in the wild (2016-2025): lock flags and pool_string,
-no media_asset, media_asset with variants. Untrusted input: wrong types are
-coerced or nulled, never crash. Hidden posts (no id, or no md5/file_url) are
-reported by `normalize` returning a skip reason instead of a row.
+no media_asset, media_asset with variants; and the Danbooru2017-2021 public metadata
+(JSON lines: numbers and booleans as strings, `tags` as a list of {id, name, category},
+`favs` as a list of user ids, md5 but no file_url). Untrusted input: wrong types are
+coerced or nulled, never crash. Posts without an id or without an md5 (hidden from
+the account that saved them) are reported by `normalize` returning a skip reason
+instead of a row; a post with md5 but no file_url stays (its image comes from the
+archives, or the CDN by md5). A site-relative file_url (`/data/<md5>.<ext>`, old
+API pages) becomes the CDN URL built from md5 and extension, or is resolved
+against the site.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
+from urllib.parse import urljoin
 
 import pyarrow as pa
 
@@ -20,6 +28,20 @@ from ..schema import POST_SCHEMA, TAG_CATEGORIES
 # the cutover. (Dates are no guide: old posts fetched today carry new ratings.)
 _OLD_SCHEMA_KEYS = ("is_rating_locked", "is_note_locked", "is_status_locked")
 _RATING_WORDS = {"general": "g", "safe": "g", "sensitive": "s", "questionable": "q", "explicit": "e"}
+# Danbooru2017-2021 metadata: tag category codes of its `tags` list.
+_CATEGORY_CODES = {0: "general", 1: "artist", 3: "copyright", 4: "character", 5: "meta"}
+SITE = "https://danbooru.donmai.us"
+CDN = "https://cdn.donmai.us"
+_MD5 = re.compile(r"[0-9a-f]{32}")
+_EXT = re.compile(r"[a-z0-9]{1,5}")
+
+
+def cdn_url(md5: str | None, ext: str | None, cdn: str = CDN) -> str | None:
+    """The original file's CDN URL, built from md5 and extension (None when either is unusable)."""
+    md5, ext = (md5 or "").strip().lower(), (ext or "").strip().lower()
+    if not _MD5.fullmatch(md5) or not _EXT.fullmatch(ext):
+        return None
+    return f"{cdn.rstrip('/')}/original/{md5[:2]}/{md5[2:4]}/{md5}.{ext}"
 
 
 def normalize(post: dict) -> tuple[dict | None, str | None]:
@@ -32,9 +54,12 @@ def normalize(post: dict) -> tuple[dict | None, str | None]:
     if pid is None or pid <= 0:
         return None, "no id"
     md5 = to_str(post.get("md5"))
-    file_url = to_str(post.get("file_url"))
-    if not md5 or not file_url:
+    if not md5:
         return None, "hidden"
+    file_ext = (to_str(post.get("file_ext")) or "").lower() or None
+    file_url = to_str(post.get("file_url"))
+    if file_url and file_url.startswith("/") and not file_url.startswith("//"):  # old API: site-relative
+        file_url = cdn_url(md5, file_ext) or urljoin(SITE, file_url)
     created = to_time(post.get("created_at"))
     updated = to_time(post.get("updated_at"))
     row = {
@@ -43,18 +68,18 @@ def normalize(post: dict) -> tuple[dict | None, str | None]:
         "width": to_size(post.get("image_width")),
         "height": to_size(post.get("image_height")),
         "rating": _rating(post),
-        "fav_count": to_int(post.get("fav_count")),
+        "fav_count": _fav_count(post),
         "score": to_int(post.get("score")),
         "created_at": created,
         "updated_at": updated,
         "file_url": file_url,
-        "file_ext": (to_str(post.get("file_ext")) or "").lower() or None,
+        "file_ext": file_ext,
         "file_size": to_size(post.get("file_size")),
-        "parent_id": to_int(post.get("parent_id")),
+        "parent_id": to_int(post.get("parent_id")) or None,  # the 2017-2021 dumps write 0 for none
         "source": to_str(post.get("source")),
-        "is_deleted": bool(post.get("is_deleted") is True),
-        "is_banned": bool(post.get("is_banned") is True),
-        "is_pending": bool(post.get("is_pending") is True),
+        "is_deleted": to_bool(post.get("is_deleted")),
+        "is_banned": to_bool(post.get("is_banned")),
+        "is_pending": to_bool(post.get("is_pending")),
         "variants": _variants(post.get("media_asset")),
     }
     row.update(split_tags(post))
@@ -66,6 +91,8 @@ def normalize(post: dict) -> tuple[dict | None, str | None]:
 
 def split_tags(post: dict) -> dict:
     """tags_<category> lists from tag_string_<category>; whitespace splits tags."""
+    if _is_tag_list(post.get("tags")):  # Danbooru2017-2021 metadata
+        return _tags_from_list(post["tags"])
     out = {}
     any_category = False
     for cat in TAG_CATEGORIES:
@@ -76,6 +103,34 @@ def split_tags(post: dict) -> dict:
     if not any_category:  # very old dumps: one tag_string, no categories
         out["tags_general"] = _tags(post.get("tag_string"))
     return out
+
+
+def _is_tag_list(value) -> bool:
+    return isinstance(value, list) and any(isinstance(t, dict) for t in value)
+
+
+def _tags_from_list(tags: list) -> dict:
+    out = {f"tags_{c}": set() for c in TAG_CATEGORIES}
+    for t in tags:
+        if not isinstance(t, dict):
+            continue
+        name, cat = to_str(t.get("name")), _CATEGORY_CODES.get(to_int(t.get("category")))
+        if name and cat:
+            out[f"tags_{cat}"].update(_tags(name))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _fav_count(post: dict) -> int | None:
+    n = to_int(post.get("fav_count"))
+    if n is None and isinstance(post.get("favs"), list):
+        return len(post["favs"])
+    return n
+
+
+def to_bool(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "t", "1", "yes")
+    return value is True or (isinstance(value, int) and not isinstance(value, bool) and value == 1)
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
@@ -99,7 +154,8 @@ def _rating(post: dict) -> str | None:
     r = _RATING_WORDS.get(r.lower(), r.lower())
     if r not in ("g", "s", "q", "e"):
         return None
-    old = any(k in post for k in _OLD_SCHEMA_KEYS)
+    # The Danbooru2017-2021 metadata (tags as a list of objects) predates the change too.
+    old = any(k in post for k in _OLD_SCHEMA_KEYS) or _is_tag_list(post.get("tags"))
     return "g" if r == "s" and old else r
 
 
@@ -155,8 +211,11 @@ def to_time(value) -> datetime | None:
         return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
     if not isinstance(value, str) or not value:
         return None
+    value = value.strip()
+    if value.endswith(" UTC"):  # "2005-05-24 03:35:31.25728 UTC" (the 2017-2021 dumps)
+        value = value[:-4] + "+00:00"
     try:
-        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
     if dt.tzinfo is None:
