@@ -4,7 +4,8 @@ Generated pictures with grain (per-pixel noise), half of them JPEG (q 70-95):
 - content kinds, nothing to trim (the truth is the full frame): flat-background art
   (a figure on a mid-green, sky-blue, white, cream... field, off-centre or centred),
   dark scenes (1920x1080 near-black night, stars, a lit figure), gradient skies (pale
-  or dark sky fading to colour over a horizon), CG scenes;
+  or dark sky fading to colour over a horizon), art on a black/white field reaching both
+  sides unequally (one side alone often leaving a standard aspect), CG scenes;
 - bar kinds (the truth is the content box): black letterbox, pillarbox, windowbox,
   white frame, grey bars, JPEG-noisy bars (q 45-70 and analog noise), colour frames
   (all four sides), a lone black bar (a cinema frame with one bar cropped away), a
@@ -127,6 +128,20 @@ def gradient_sky(k: int, rng) -> Image.Image:
     return grain(im, rng, rng.uniform(1, 3))
 
 
+def panel_on_field(k: int, rng) -> Image.Image:
+    """Art on a black or white field that reaches both sides unequally; every other picture's
+    wider side alone would leave a standard aspect (3:2, 4:3, 16:10), as a lone bar would."""
+    w, h = 1920, 1080
+    left = int(rng.integers(60, 400))
+    if k % 2:
+        left = w - int(round(h * [3 / 2, 4 / 3, 16 / 10][k % 3]))
+    right = int(rng.integers(60, 400))
+    while abs(right - left) < 40:
+        right = int(rng.integers(60, 400))
+    im, _ = framed(content(k, rng, w - left - right, h), [(0, 0, 0), (255, 255, 255)][k % 4 // 2], (left, 0, right, 0))
+    return grain(im, rng, 1.0)
+
+
 def content(k: int, rng, w: int, h: int) -> Image.Image:
     return grain(scene(k, k + int(rng.integers(0, 10**6)), w, h), rng, rng.uniform(1, 3))
 
@@ -150,8 +165,9 @@ def boxed(cont: Image.Image, frame: tuple[int, int], colour, scale: float = 1.0)
 
 def make(kind: str, k: int, rng):
     """(picture, truth box) of one kind."""
-    if kind in ("flat-background art", "dark scene", "gradient sky", "CG scene"):
+    if kind in CONTENT_KINDS:
         im = {"flat-background art": flat_art, "dark scene": dark_scene, "gradient sky": gradient_sky,
+              "panel on a black/white field": panel_on_field,
               "CG scene": lambda k, rng: content(k, rng, *SIZES[k % len(SIZES)])}[kind](k, rng)
         return im, (0, 0, im.width, im.height)
     cw = int(rng.integers(640, 1280))
@@ -203,7 +219,7 @@ def make(kind: str, k: int, rng):
     raise ValueError(kind)
 
 
-CONTENT_KINDS = ["flat-background art", "dark scene", "gradient sky", "CG scene"]
+CONTENT_KINDS = ["flat-background art", "dark scene", "gradient sky", "panel on a black/white field", "CG scene"]
 BAR_KINDS = ["letterbox (black)", "pillarbox (black)", "windowbox (black)", "white frame", "grey bars",
              "JPEG-noisy bars", "colour frame", "lone black bar", "subtitle in a bar"]
 

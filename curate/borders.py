@@ -15,12 +15,15 @@ missed bar costs a little training signal; so when unsure the pixels stay.
   next lines. (A night sky "ends" where a lit subject begins, on a few pixels; a
   white field where a centred sprite's widest point is.)
 - Two opposite runs are bars when equally wide (PAIR_TOL) and of one neutral colour
-  (black, white, grey): letterbox, pillarbox, windowbox. Unequal neutral runs only
-  when what they leave has a standard aspect (ASPECTS), or when the shorter one is a
-  bar with a caption in it (mostly bar colour up to its twin's width, then a sharp edge).
+  (black, white, grey): letterbox, pillarbox, windowbox; unequal ones only when the
+  shorter one is a bar with a caption in it (mostly bar colour up to its twin's width,
+  then a sharp edge). Unequal runs that happen to leave a standard aspect are a field
+  art sits on (about 1 in 8 such pictures would: ASPECTS are dense), so they stay.
 - Runs of any colour are bars when all four sides are equal pairs of one colour: a frame.
 - A lone run is a bar when black or white and what it leaves has a standard video or
-  screen aspect: a letterbox cropped on one side, a subtitle band. A run of content
+  screen aspect: a letterbox cropped on one side, a subtitle band. Not lone: a run of
+  the same colour on the opposite side (unequal, or it would be a pair) makes both a
+  background, whatever aspect one of them happens to leave. A run of content
   lands on such an aspect only by chance, and must pass the edge test as well.
 So a flat green or sky-blue field reaching both sides at different widths, a dark
 scene with a subject off-centre, a sprite centred on white: all kept whole. A guard
@@ -213,10 +216,8 @@ def _bars(runs, shares, colours, w: int, h: int) -> list[int]:
         other = (w, h)[axis]
         if frame or (equal[axis] and _neutral(colours[i])):
             keep[i:i + 2] = runs[i:i + 2]
-        elif pair[axis] and _neutral(colours[i]) and letterboxed(runs[i] + runs[i + 1], size, other, axis == 0):
-            keep[i:i + 2] = runs[i:i + 2]
     for axis, (i, size) in enumerate(((0, h), (2, w))):  # lone bars, once pairs are settled
-        if keep[i] or keep[i + 1]:
+        if keep[i] or keep[i + 1] or pair[axis]:  # the same colour on both sides, unequal: a background
             continue
         other = (w - keep[2] - keep[3], h - keep[0] - keep[1])[axis]
         for j in (i, i + 1):

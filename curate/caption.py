@@ -300,6 +300,7 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
     errors = table.column("error").to_pylist()
     files = [(r["caption_file"], r["caption_sha256"]) for r in rows]
     txt_owner: dict[Path, str] = {}
+    owned = curate_folders(meta, root)
     for i, row in enumerate(tqdm(rows, desc="caption", unit="img", disable=None, leave=False)):
         captions.append(None)
         if row["error"]:
@@ -328,7 +329,7 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
         captions[i] = text
         summary.chosen[how] += 1
         summary.empty += not text
-        files[i] = _write_caption_file(row, image, text, root, folder, txt_owner, summary)
+        files[i] = _write_caption_file(row, image, text, root, folder, txt_owner, summary, owned)
         summary.written += 1
         summary.per_subset[row["subset"] or "(no subset)"] += 1
         summary.example = summary.example or text
@@ -338,11 +339,30 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
     return manifest.with_column(table, "error", errors)
 
 
+def curate_folders(meta: dict, root: Path) -> list[Path]:
+    """Folders curate writes images into: the manifest's, and the download/crop folders its
+    provenance records (relative ones as given from the working folder or the manifest's)."""
+    out = [root.resolve()]
+    stages = meta.get("stages") if isinstance(meta.get("stages"), dict) else {}
+    for stage, key in (("download", "images"), ("crop", "out_dir")):
+        value = (stages.get(stage) or {}).get(key)
+        if isinstance(value, str) and value:
+            p = Path(value)
+            out += [p.resolve()] if p.is_absolute() else [p.resolve(), (root / p).resolve()]
+    return out
+
+
 def _write_caption_file(row: dict, image: Path, text: str, root: Path, folder: Path,
-                        txt_owner: dict, summary: CaptionSummary) -> tuple[str | None, str | None]:
+                        txt_owner: dict, summary: CaptionSummary,
+                        owned: list[Path] | None = None) -> tuple[str | None, str | None]:
     """Write the caption where it clobbers nothing; (file relative to root, digest) of
-    what was written, or the row's old record when nothing was."""
+    what was written, or the row's old record when nothing was. Beside the image only when
+    it lies in a folder curate writes images into (a hand-edited `path` reaching elsewhere
+    gets its caption in curate's own folder)."""
     ours = row["source_path"] is None or row["source_path"] != row["path"]  # a download or a crop
+    if ours and owned is not None:
+        where = image.parent.resolve()
+        ours = any(where.is_relative_to(f) for f in owned)
     own_file = folder / (_file_name(row["key"]) + ".txt")
     for target in ((image.with_suffix(".txt"), own_file) if ours else (own_file,)):
         if txt_owner.setdefault(target, row["key"]) != row["key"]:

@@ -138,7 +138,11 @@ class DanbooruServer:
                 status = body.split(":", 1)[1].lower()
                 continue
             if name in FREE:
-                test = _metatag(name, body.split(":", 1)[1])
+                try:
+                    test = _metatag(name, body.split(":", 1)[1])
+                except (ValueError, ZeroDivisionError):  # id:abc, date:someday, ratio:1:0
+                    raise _Reply(422, {"success": False, "error": "PostQuery::Error",
+                                       "message": f"invalid value in {body}"}) from None
             else:
                 tag = self.aliases.get(body.lower(), body.lower())
                 test = (lambda p, tag=tag: tag in p.tags)

@@ -125,7 +125,7 @@ def verify(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tup
 def probe(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, str]:
     """(width, height, format) from the header only; checks the pixel guard."""
     size = _webp_size(path)
-    if size:
+    if size and min(size) > 0:  # a zero side is a broken header: Pillow's opener says why
         if size[0] * size[1] > max_pixels:
             raise ImageError(f"too many pixels: {size[0]}x{size[1]}")
         return size[0], size[1], "webp"

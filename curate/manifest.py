@@ -11,7 +11,8 @@ read): the other process's changes are kept beside ours; the same cell changed t
 different values by both, or rows added/removed by both, is a one-line error.
 Under the lock, temp files of writers that died (`.part`) are removed. A rewritten
 manifest keeps the previous file's mode (a new one gets the umask's).
-`read` validates: provenance a JSON object, keys non-null and unique.
+`read` validates: provenance a JSON object, keys non-null and unique, hashes 16 hex
+digits, crop boxes [left, top, right, bottom].
 """
 
 from __future__ import annotations
@@ -113,7 +114,30 @@ def _read(path: Path) -> tuple[pa.Table, dict]:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise CurateError(f"manifest {path} has a column of the wrong type ({_first_line(exc)})") from None
     _check_keys(table, path)
+    _check_values(table, path)
     return table, meta
+
+
+def _check_values(table: pa.Table, path: Path) -> None:
+    """Hashes are 16 hex digits and crop boxes four ordered numbers, or null: a stage
+    that trusts them would end in a traceback on a hand-edited or foreign file."""
+    import pyarrow.compute as pc
+
+    for name in ("phash", "dhash"):
+        if name in table.column_names and pa.types.is_string(table.schema.field(name).type):
+            col = table.column(name)
+            bad = pc.sum(pc.invert(pc.match_substring_regex(col, r"^[0-9a-fA-F]{16}$"))).as_py() or 0
+            if bad:
+                raise CurateError(f"manifest {path}: {bad} rows have a malformed {name} (want 16 hex digits)")
+    crop = table.column("crop")
+    if crop.null_count < len(crop):
+        lengths = pc.list_value_length(crop)
+        bad = pc.sum(pc.not_equal(lengths, 4)).as_py() or 0
+        if not bad:
+            boxes = [b for b in crop.to_pylist() if b is not None]
+            bad = sum(None in b or not 0 <= b[0] < b[2] or not 0 <= b[1] < b[3] for b in boxes)
+        if bad:
+            raise CurateError(f"manifest {path}: {bad} rows have a malformed crop (want [left, top, right, bottom])")
 
 
 def _check_keys(table: pa.Table, path: Path) -> None:

@@ -378,7 +378,9 @@ def uncached(plan: Plan, cache: LatentCache) -> list[tuple[Sample, bool]]:
     """Every (sample, flip) the run can draw whose latents are not on disk yet."""
     todo = []
     for s in (plan.samples[i] for i in sorted(plan.used_indices())):
-        s.content_hash = s.content_hash or hashlib.sha256(s.path.read_bytes()).hexdigest()
+        if not s.content_hash:
+            with open(s.path, "rb") as f:  # in chunks: an image may be hundreds of MB
+                s.content_hash = hashlib.file_digest(f, "sha256").hexdigest()
         flips = (False, True) if plan.config.datasets[s.dataset].flip_aug else (False,)
         todo += [(s, f) for f in flips if not cache.path(s, f).is_file()]
     return todo

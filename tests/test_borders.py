@@ -145,6 +145,26 @@ def test_lone_bar_only_where_a_letterbox_would_be():
     assert borders.detect(im) == FULL
 
 
+@pytest.mark.parametrize("colour", [(0, 0, 0), (255, 255, 255)])
+def test_unequal_field_on_both_sides_is_background_even_at_a_standard_aspect(colour):
+    """Art on a black or white field reaching both sides unequally (300 and 420 px): the left
+    run alone leaves 1620x1080 = 3:2, which once made it a lone letterbox bar."""
+    im, _ = framed(scene(11, 1200, 1080), (300, 0, 420, 0), colour)
+    assert borders.standard_aspect(1920 - 300, 1080, vertical=False)
+    assert borders.detect(im) == FULL
+    assert borders.detect(jpeg(im, 70)) == FULL
+
+
+@pytest.mark.parametrize("pad", [(192, 0, 288, 0), (240, 0, 335, 0), (0, 100, 0, 177)])
+def test_unequal_black_field_that_leaves_a_standard_aspect_is_kept(pad):
+    """Art on black, the field unequal on two sides: what both leave is 4:3, 5:4, 2.39:1
+    by chance. Equal widths are what makes bars; these stay."""
+    l, t, r, b = pad
+    im, _ = framed(scene(12, 1920 - l - r, 1080 - t - b), pad, (0, 0, 0))
+    assert borders.detect(im) == FULL
+    assert borders.detect(jpeg(im, 80)) == FULL
+
+
 def test_nested_white_frame_around_black_letterbox():
     inner, _ = framed(scene(8, 800, 450), (0, 75, 0, 75), (0, 0, 0))
     im, _ = framed(inner, (20, 20, 20, 20), (255, 255, 255))

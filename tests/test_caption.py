@@ -247,6 +247,27 @@ def test_stage_writes_txt_beside_images_and_skips_error_and_dup_rows(feed, tmp_p
     assert meta["stages"]["caption"]["written"] == 3
 
 
+def test_a_path_reaching_outside_curates_folders_gets_no_txt_beside_it(feed, tmp_path):
+    """A hand-edited or foreign manifest whose `path` points at someone's picture elsewhere:
+    the caption goes to curate's own folder, nothing is written beside that picture. Images
+    in a download folder the provenance records (outside the manifest's folder) still get theirs."""
+    ids = [6141385, 6141439, 6140734]
+    proj, elsewhere, shared = tmp_path / "proj", tmp_path / "elsewhere", tmp_path / "shared_images"
+    proj.mkdir()
+    rows = [post_row(feed[ids[0]], path=f"../elsewhere/{ids[0]}.png"),
+            post_row(feed[ids[1]], path=f"images/{ids[1]}.png"),
+            post_row(feed[ids[2]], path=f"../shared_images/{ids[2]}.png")]
+    meta = manifest.record_stage(manifest.new_provenance(), "download", images=str(shared))
+    m = write_manifest(proj / "m.parquet", rows, meta)
+    result = CliRunner().invoke(app, ["caption", str(m)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in elsewhere.iterdir()) == [f"{ids[0]}.png"]
+    files = by_file(m, "caption_file")
+    assert files[str(ids[0])] == f"m.captions/danbooru_{ids[0]}.txt"
+    assert (proj / files[str(ids[0])]).read_text(encoding="utf-8") == captions_of(m)[f"danbooru/{ids[0]}"]
+    assert files[str(ids[1])] == f"images/{ids[1]}.txt" and (shared / f"{ids[2]}.txt").is_file()
+
+
 def test_deterministic_across_runs(feed, tmp_path):
     rows = [post_row(feed[i], path=f"images/{i}.png") for i in list(feed)[:20]]
     m = write_manifest(tmp_path / "m.parquet", rows)

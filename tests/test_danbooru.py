@@ -487,7 +487,9 @@ def test_a_server_that_ignores_the_cursor_stops_the_crawl(serve, tmp_path):
 
 @pytest.mark.parametrize("params, status", [({"limit": "abc"}, 422), ({"limit": "1e3"}, 422),
                                             ({"page": "x12"}, 410), ({"page": "b"}, 410),
-                                            ({"page": "99999999999999999999999"}, 410)])
+                                            ({"page": "99999999999999999999999"}, 410),
+                                            ({"tags": "id:abc"}, 422), ({"tags": "date:someday"}, 422),
+                                            ({"tags": "ratio:1:0"}, 422), ({"tags": "score:>1..x"}, 422)])
 def test_devserver_answers_bad_limit_and_page_with_json_4xx(serve, params, status):
     import urllib.error
     import urllib.parse
@@ -499,3 +501,36 @@ def test_devserver_answers_bad_limit_and_page_with_json_4xx(serve, params, statu
     assert exc.value.code == status
     body = json.loads(exc.value.read())
     assert body["success"] is False and body["message"]
+
+
+def test_a_page_of_ids_that_are_no_post_ids_is_a_clear_error():
+    """A broken mirror whose posts carry ids of 0, -4, 'abc', 1e30: none can be a cursor
+    (`page=b-4` was sent, and reported as an ignored cursor)."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            body = json.dumps([{"id": 0}, {"id": -4}, {"id": "abc"}, {"id": 1e30}]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        src = DanbooruSource(base_url=f"http://127.0.0.1:{httpd.server_address[1]}", rate=FAST, backoff=0.01,
+                             retries=0)
+        with pytest.raises(CurateError, match="^/posts.json returned a page without post ids"):
+            list(src.batches_for(parse('tags = ["1girl"]\n')))
+    finally:
+        httpd.shutdown()
+    assert len(seen) == 1

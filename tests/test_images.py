@@ -350,3 +350,16 @@ def test_probe_webp_fast_path_refuses_a_declared_bomb(tmp_path):
     path.write_bytes(b"RIFF" + (len(vp8l) + 4).to_bytes(4, "little") + b"WEBP" + vp8l + b"\0" * 16)
     with pytest.raises(ImageError, match="too many pixels: 16384x16384"):
         images.probe(path, max_pixels=100_000_000)
+
+
+def test_probe_of_a_webp_declaring_a_zero_side_is_an_error(tmp_path):
+    """A lossy WebP whose key frame says width 0: the fast path returned (0, 30); Pillow refuses it."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(buf, "WEBP", quality=80)
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"VP8 " and data[23:26] == b"\x9d\x01\x2a"
+    data[26:28] = (0).to_bytes(2, "little")
+    p = write(tmp_path, "zero.webp", bytes(data))
+    for fn in (images.probe, images.open_image):
+        with pytest.raises(ImageError, match="^decode: "):
+            fn(p)

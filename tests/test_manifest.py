@@ -180,3 +180,31 @@ def test_caption_while_download_runs_loses_neither(tmp_path):
     assert [got[f"danbooru/{i}"]["caption"] for i in range(1, 5)] == [f"1girl, tag {i}" for i in range(4)]
     stages = mf.read(m)[1]["stages"]
     assert "caption" in stages and "download" in stages
+
+
+@pytest.mark.parametrize("column, values, error", [
+    ("phash", pa.array(["1e+30", None], pa.string()), "1 rows have a malformed phash"),
+    ("phash", pa.array([1e30, None]), "1 rows have a malformed phash"),  # a float column, cast to text
+    ("dhash", pa.array(["0123456789abcdeg", "0123456789abcdef"]), "1 rows have a malformed dhash"),
+    ("crop", pa.array([[1, 2], None], pa.list_(pa.int32())), "1 rows have a malformed crop"),
+    ("crop", pa.array([[10, 0, 5, 8], [0, 0, 4, 4]], pa.list_(pa.int32())), "1 rows have a malformed crop"),
+    ("crop", pa.array([[0, None, 4, 4], None], pa.list_(pa.int32())), "1 rows have a malformed crop"),
+])
+def test_malformed_hashes_and_crop_boxes_are_one_line_errors(tmp_path, column, values, error):
+    """A hand-edited or foreign manifest: dedupe parsed the hash, report indexed the box (tracebacks)."""
+    m = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"key": ["a", "b"], column: values}), m)
+    with pytest.raises(CurateError, match=error):
+        mf.read(m)
+    for cmd in (["dedupe", m], ["report", m, "--out", tmp_path / "r.html"]):
+        r = curate(*cmd)
+        assert r.returncode == 2 and r.stderr.startswith(f"error: manifest {m}: {error}")
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_good_hashes_and_crop_boxes_read(tmp_path):
+    m = tmp_path / "ok.parquet"
+    pq.write_table(pa.table({"key": ["a", "b"], "phash": ["ffffffffffffffff", None],
+                             "dhash": ["0123456789ABCDEF", None],
+                             "crop": pa.array([[0, 0, 4, 4], None], pa.list_(pa.int32()))}), m)
+    assert mf.read(m)[0].column("crop").to_pylist() == [[0, 0, 4, 4], None]

@@ -271,3 +271,20 @@ def test_out_of_range_and_wrongly_typed_numbers_are_nulled_not_fatal(tmp_path):
     assert rows[2]["variants"] == [{"type": "720x720", "url": "https://x/s.webp", "width": None, "height": 12,
                                     "file_ext": "webp"}]
     assert rows[4]["height"] is None and rows[4]["created_at"] is None and rows[4]["width"] == 10
+
+
+def test_sizes_of_zero_or_less_are_nulled(tmp_path):
+    import json
+
+    from curate.sources import open_source
+
+    good = {"id": 5, "md5": "a" * 32, "file_url": "https://x/a.jpg", "image_width": 10, "image_height": 10,
+            "rating": "g", "tag_string_general": "1girl", "file_ext": "jpg", "score": -3}
+    posts = [dict(good, id=1, image_width=-5, image_height=0, file_size=-1),
+             dict(good, id=2, media_asset={"variants": [
+                 {"type": "720x720", "url": "https://x/s.webp", "width": 0, "height": -12, "file_ext": "webp"}]})]
+    (tmp_path / "d.json").write_text(json.dumps(posts))
+    rows = {r["post_id"]: r for r in pa.concat_tables(list(open_source(f"dump:{tmp_path / 'd.json'}").batches())).to_pylist()}
+    assert (rows[1]["width"], rows[1]["height"], rows[1]["file_size"], rows[1]["score"]) == (None, None, None, -3)
+    assert (rows[2]["variants"][0]["width"], rows[2]["variants"][0]["height"]) == (None, None)
+    assert (rows[2]["width"], rows[2]["height"]) == (10, 10)

@@ -93,3 +93,21 @@ def test_hostile_values_are_nulled_and_counted_not_fatal(tmp_path):
     assert rows[posts[3]["id"]]["width"] == posts[3]["image_width"]
     assert src.skipped["bad width"] == 1 and src.skipped["bad height"] == 1 and src.skipped["bad score"] == 1
     assert src.skipped["tag with a bad id or name"] == 1
+
+
+def test_sizes_of_zero_or_less_are_nulled_and_counted(tmp_path):
+    """A width, height or file size is a positive count; a negative score stays (it is one)."""
+    posts = make_posts(3, seed=22)
+    db = write_hakubooru_db(posts, tmp_path / "h.db")
+    conn = sqlite3.connect(db)
+    a, b, c = (p["id"] for p in posts)
+    conn.execute("UPDATE post SET image_width = -5, image_height = 0 WHERE id = ?", (a,))
+    conn.execute("UPDATE post SET file_size = -1, score = -7 WHERE id = ?", (b,))
+    conn.commit()
+    conn.close()
+    src = open_source(f"hakubooru:{db}")
+    rows = {r["post_id"]: r for r in pa.concat_tables(list(src.batches())).to_pylist()}
+    assert rows[a]["width"] is None and rows[a]["height"] is None
+    assert rows[b]["file_size"] is None and rows[b]["score"] == -7
+    assert rows[c]["width"] == posts[2]["image_width"]
+    assert src.skipped["bad width"] == 1 and src.skipped["bad height"] == 1 and src.skipped["bad file_size"] == 1

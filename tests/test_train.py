@@ -3,6 +3,7 @@
 Manifests are real Parquet with real PNGs; one run goes through the real CLI.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -269,6 +270,7 @@ def test_latent_cache_key_is_content_bucket_crop(tmp_path):
     todo = train_data.uncached(plan, cache)
     assert len(todo) == 2
     a, b = plan.samples
+    assert a.content_hash == hashlib.sha256(a.path.read_bytes()).hexdigest()  # hashed in chunks, same digest
     assert cache.path(a, False) != cache.path(a, True) != cache.path(b, False)
     assert cache.path(a, False) != train_data.LatentCache(tmp_path / "cache", "vae-b").path(a, False)
     b.content_hash = a.content_hash

@@ -271,7 +271,7 @@ class DanbooruSource:
                 raise CurateError(f"/posts.json answered with something that is not a list of posts ({type(body).__name__})")
             if not body:
                 return
-            ids = [i for i in (to_int(p.get("id")) for p in body if isinstance(p, dict)) if i is not None]
+            ids = [i for i in (to_int(p.get("id")) for p in body if isinstance(p, dict)) if i is not None and i > 0]
             if not ids:
                 raise CurateError("/posts.json returned a page without post ids; cannot continue the cursor")
             if page and not (min(ids) < int(page[1:]) if page.startswith("b") else max(ids) > int(page[1:])):
@@ -333,7 +333,7 @@ class DanbooruSource:
                 store_max_id(self.store) or 0, self._cursors().get(self.base_url, 0))
         self._high = start
         for page in self.pages(["status:any"], f"a{start}"):
-            top = max(i for i in (to_int(p.get("id")) for p in page if isinstance(p, dict)) if i is not None)
+            top = max(i for i in (to_int(p.get("id")) for p in page if isinstance(p, dict)) if i is not None and i > 0)
             _write_atomic(spool / f"page-{top:012d}.jsonl", "".join(json.dumps(p) + "\n" for p in page))
             self._high = max(self._high, top)
             table = self._rows(page, None)

@@ -22,7 +22,7 @@ from ..errors import CurateError
 from ..schema import POST_SCHEMA
 from ..store import rank_of
 from ..tables import lists_from_pairs
-from .posts import to_int
+from .posts import SIZE_COLUMNS, to_int, to_size
 
 TYPE_TO_CATEGORY = {0: "general", 1: "artist", 2: "character", 3: "copyright", 4: "meta"}
 RATINGS = np.array(["g", "s", "q", "e"], dtype=object)
@@ -112,7 +112,8 @@ class HakuBooruSource:
             values = list(cols[i])
             typ = POST_SCHEMA.field(ours).type
             if pa.types.is_integer(typ):
-                coerced = [to_int(v, typ.bit_width) for v in values]
+                coerce = to_size if ours in SIZE_COLUMNS else to_int
+                coerced = [coerce(v, typ.bit_width) for v in values]
                 bad = sum(c is None and v is not None for c, v in zip(coerced, values))
                 if bad:
                     self.skipped[f"bad {ours}"] += bad

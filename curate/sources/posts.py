@@ -65,8 +65,8 @@ def normalize(post: dict) -> tuple[dict | None, str | None]:
     row = {
         "post_id": pid,
         "md5": md5.lower(),
-        "width": to_int(post.get("image_width")),
-        "height": to_int(post.get("image_height")),
+        "width": to_size(post.get("image_width")),
+        "height": to_size(post.get("image_height")),
         "rating": _rating(post),
         "fav_count": _fav_count(post),
         "score": to_int(post.get("score")),
@@ -74,7 +74,7 @@ def normalize(post: dict) -> tuple[dict | None, str | None]:
         "updated_at": updated,
         "file_url": file_url,
         "file_ext": file_ext,
-        "file_size": to_int(post.get("file_size")),
+        "file_size": to_size(post.get("file_size")),
         "parent_id": to_int(post.get("parent_id")) or None,  # the 2017-2021 dumps write 0 for none
         "source": to_str(post.get("source")),
         "is_deleted": to_bool(post.get("is_deleted")),
@@ -167,7 +167,7 @@ def _variants(asset) -> list[dict] | None:
         if isinstance(v, dict) and to_str(v.get("url")):
             out.append({
                 "type": to_str(v.get("type")), "url": to_str(v.get("url")),
-                "width": to_int(v.get("width"), 32), "height": to_int(v.get("height"), 32),
+                "width": to_size(v.get("width"), 32), "height": to_size(v.get("height"), 32),
                 "file_ext": to_str(v.get("file_ext")),
             })
     return out
@@ -187,6 +187,15 @@ def to_int(value, bits: int = 64) -> int | None:
     if isinstance(value, int):
         return value if -(2 ** (bits - 1)) <= value < 2 ** (bits - 1) else None
     return None
+
+
+SIZE_COLUMNS = ("width", "height", "file_size")
+
+
+def to_size(value, bits: int = 64) -> int | None:
+    """A pixel or byte count: a positive int that fits the column, else None."""
+    n = to_int(value, bits)
+    return n if n is not None and n > 0 else None
 
 
 def to_str(value) -> str | None:
