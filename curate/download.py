@@ -6,6 +6,9 @@
     download_table(table, base_dir, Options, checkpoint=None) -> (table, Summary)
         the stage itself: manifest in -> manifest out.
 
+This module plans (rows -> jobs, one per file) and schedules; the files themselves are
+curate.image_store's (fetch, verify, place) and curate.archive_store's (archive members).
+
 Storage: DIR/<md5[:2]>/<name>.<ext>. <name> is the post's md5 for the original
 file, `<md5>.sample` / `<md5>.720` for a Danbooru variant, `<md5>.archive` for an
 archive's re-encoded copy (a derivative: `derivative` = "archive", `file_sha256` =
@@ -26,12 +29,9 @@ process's .part files, and fetches the rest. Failed rows keep their place with `
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import re
-import socket
-import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -42,14 +42,14 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 
 from . import images as img
+from .archive_store import CAN_FORK, NOT_IN_ARCHIVES, ArchiveStore, archive_batch, archive_processes, find_members
 from .errors import CurateError
+from .image_store import ImageStore, Job
 from .sources.posts import CDN, cdn_url
 
 VARIANTS = {"original": "original", "sample": "sample", "720": "720x720"}
-CHUNK = 1 << 18
 CHECKPOINT_SECONDS = 30
 _MD5 = re.compile(r"[0-9a-f]{32}")
-_HOST = socket.gethostname()
 
 
 @dataclass
@@ -107,26 +107,9 @@ class Summary:
         return "\n".join(lines)
 
 
-@dataclass
-class _Job:
-    rows: list[int]
-    stem: str | None  # final name without extension; None: md5 of the content
-    md5: str | None  # expected md5 of the fetched bytes
-    url: str | None = None
-    post_id: int | None = None
-    member: object = None  # curate.tars.Member
-    file_size: int | None = None  # the post's, as the source reports them
-    file_ext: str | None = None
-
-
-NOT_IN_ARCHIVES = "not in archives"
 ARCHIVE_BATCH = 16  # local archive members per task
 PROCESSES_FROM = 512  # jobs: from here on, local archive members go to worker processes
 LIST_FOLDERS_FROM = 4096  # jobs: from here on, one listing per subfolder beats ~14 stats per job
-
-
-class _Fail(Exception):
-    """One item failed; str is the row's `error`."""
 
 
 def download_manifest(manifest, images=None, ray=None, **options) -> Summary:
@@ -241,7 +224,7 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
     out = {c: list(cols[c]) for c in ("path", "error", "width", "height", *EXTRA_COLUMNS)}
     summary = Summary(rows=table.num_rows, images=root)
 
-    jobs: dict[str, _Job] = {}
+    jobs: dict[str, Job] = {}
     for i in range(table.num_rows):
         row = {c: v[i] for c, v in cols.items()}
         planned = _plan(row, base_dir, opts)
@@ -253,10 +236,10 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
             key = planned.stem or planned.url or f"post {planned.post_id}"
             jobs.setdefault(key, planned).rows.append(i)  # same file for several rows: one job
 
-    store = _Store(root, opts)
+    store = ArchiveStore(root, opts) if opts.from_tars else ImageStore(root, opts)
     store.list_folders = len(jobs) >= LIST_FOLDERS_FROM
     if store.tars is not None:
-        _find_members(store.tars, jobs, out, opts)
+        find_members(store.tars, jobs, out, opts)
     if opts.rate is not None:
         for host in {urlsplit(j.url).hostname for j in jobs.values() if j.url} | store.hosts():
             http.set_rate(host, opts.rate)
@@ -294,8 +277,8 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
     local = store.tars is not None and not store.tars.remote
     per = ARCHIVE_BATCH if local else 1
     procs = min(opts.workers, os.cpu_count() or 1)
-    if local and opts.processes and procs >= 2 and len(jobs) >= PROCESSES_FROM and _CAN_FORK:
-        pool, work = _archive_processes(root, opts, store.list_folders, procs), _archive_batch
+    if local and opts.processes and procs >= 2 and len(jobs) >= PROCESSES_FROM and CAN_FORK:
+        pool, work = archive_processes(root, opts, store.list_folders, procs), archive_batch
     else:
         pool, work = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="curate-dl"), store.run_batch
     bar = tqdm(total=len(jobs), desc="download", unit="img", disable=not opts.progress, dynamic_ncols=True)
@@ -335,37 +318,6 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
     return updated(), summary
 
 
-def _archive_processes(root: Path, opts: Options, list_folders: bool, n: int):
-    """Worker processes for local archive members, forked: they start at once and never
-    re-import the caller's main module (spawn would). They run only this module's code
-    (os, hashlib, Pillow headers), so no lock of another thread is theirs to need."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    return ProcessPoolExecutor(n, mp_context=mp.get_context("fork"), initializer=_init_archive_worker,
-                               initargs=(str(root), opts, list_folders))
-
-
-_CAN_FORK = hasattr(os, "fork") and os.name == "posix"
-_WORKER = None  # the _Store of an archive worker process
-
-
-def _init_archive_worker(root: str, opts: Options, list_folders: bool) -> None:
-    import signal
-    from dataclasses import replace
-
-    from .tars import LocalMembers
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
-    global _WORKER
-    _WORKER = _Store(Path(root), replace(opts, from_tars=None))
-    _WORKER.tars, _WORKER.list_folders = LocalMembers(), list_folders
-
-
-def _archive_batch(jobs: list, base_dir: Path) -> list:
-    return _WORKER.run_batch(jobs, base_dir)
-
-
 def _check_options(opts: Options) -> None:
     if opts.variant not in VARIANTS:
         raise CurateError(f"--variant must be one of {', '.join(VARIANTS)}, not {opts.variant!r}")
@@ -385,7 +337,7 @@ def _check_options(opts: Options) -> None:
 
 
 def _plan(row: dict, base_dir: Path, opts: Options):
-    """'done', an error string, or a _Job."""
+    """'done', an error string, or a Job."""
     md5 = (row["md5"] or "").strip().lower() or None
     if md5 is not None and not _MD5.fullmatch(md5):
         return "invalid md5"
@@ -405,7 +357,7 @@ def _plan(row: dict, base_dir: Path, opts: Options):
         pid = row["post_id"]
         if pid is None or pid < 0:
             return "no post id (needed for --from-tars)"
-        return _Job([], stem, md5, post_id=pid, file_size=row["file_size"], file_ext=ext or None)
+        return Job([], stem, md5, post_id=pid, file_size=row["file_size"], file_ext=ext or None)
     url, used = _choose_url(row, VARIANTS[opts.variant])
     if url is None and md5 is not None:  # dumps and databases without URLs: the CDN by md5
         url, used = cdn_url(md5, ext, opts.cdn), "original"
@@ -415,8 +367,8 @@ def _plan(row: dict, base_dir: Path, opts: Options):
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "bad url"
     if md5 is not None and used != "original":
-        return _Job([], stem, None, url=url)
-    return _Job([], md5, md5, url=url)
+        return Job([], stem, None, url=url)
+    return Job([], md5, md5, url=url)
 
 
 def _still_good(row, base_dir: Path, stem: str | None, opts: Options) -> bool:
@@ -432,24 +384,6 @@ def _still_good(row, base_dir: Path, stem: str | None, opts: Options) -> bool:
     return True
 
 
-def _find_members(tars, jobs: dict, out: dict, opts: Options) -> None:
-    """Attach each archive job's member; a post no archive holds is an error row."""
-    from tqdm import tqdm
-
-    ids = [j.post_id for j in jobs.values()]
-    if not ids:
-        return
-    with tqdm(desc="archive index", unit="archive", disable=None if opts.progress else True, dynamic_ncols=True) as bar:
-        found = tars.find(ids, progress=bar.update)
-    for key in list(jobs):
-        job = jobs[key]
-        job.member = found.get(job.post_id)
-        if job.member is None:
-            for i in job.rows:
-                out["error"][i], out["path"][i] = NOT_IN_ARCHIVES, None
-            del jobs[key]
-
-
 def _choose_url(row: dict, variant_type: str) -> tuple[str | None, str]:
     for v in row["variants"] or ():
         if v and v.get("type") == variant_type and v.get("url"):
@@ -462,375 +396,6 @@ def _reason(error: str) -> str:
     return error if error.startswith("unsupported") else error.split(":")[0]
 
 
-class _Store:
-    """The content-addressed folder and the per-thread work on it."""
-
-    def __init__(self, root: Path, opts: Options):
-        from . import http
-
-        self.root, self.opts = root, opts
-        self.parts = root / ".part"
-        self.parts.mkdir(exist_ok=True)
-        self.stop = threading.Event()
-        self.list_folders = False  # set for big runs (download_table)
-        self._listings: dict[str, frozenset] = {}
-        self._safe: set[str] = set()
-        self._local = threading.local()
-        self._counter = itertools.count()
-        self._new_session = lambda: _untrusting(http.session(
-            retries=opts.retries, backoff=opts.backoff, timeout=opts.timeout, pool_size=2))
-        self.tars = None
-        if opts.from_tars:
-            from .tars import Archives
-
-            self.tars = Archives(opts.from_tars, opts.tar_index, opts.lookup_cache, self._session)
-        self._clean_parts()
-
-    def hosts(self) -> set[str]:
-        return self.tars.hosts() if self.tars else set()
-
-    def close(self) -> None:
-        if self.tars is not None:
-            self.tars.close()
-
-    def _check(self, path: Path, digest_ok: bool, head: bytes | None = None) -> tuple[int, int, str]:
-        """(w, h, ext) of a file to keep: header only when a digest vouched for the bytes.
-        `head`: the file's first bytes when the caller has them."""
-        if not digest_ok or self.opts.verify == "decode":
-            return img.verify(path, self.opts.guard_pixels)
-        if head is None:
-            with open(path, "rb") as f:
-                head = f.read(64)
-        kind = img.sniff(head[:64])
-        if kind not in img.IMAGE_EXTS or (kind == "avif" and "AVIF" not in img.FORMAT_EXT):
-            raise img.ImageError(f"unsupported: {kind}" if kind else "decode: not an image")
-        try:
-            w, h, fmt = img.probe(path, self.opts.guard_pixels)
-        except img.ImageError:  # a header that does not read cleanly: the full check says why
-            return img.verify(path, self.opts.guard_pixels)
-        ext = img.FORMAT_EXT.get(fmt.upper())
-        if ext != kind:  # the header disagrees with the magic bytes: the full check judges
-            return img.verify(path, self.opts.guard_pixels)
-        return w, h, ext
-
-    def _clean_parts(self) -> None:
-        """Remove .part files of dead processes of this host (other hosts may share DIR: Ray)."""
-        for part in self.parts.glob("*.part"):
-            pid, *rest = part.name[: -len(".part")].split("-", 3)  # pid-thread-n[-host]
-            if pid.isdigit() and rest[2:] in ([], [_HOST]) and not _alive(int(pid)):
-                part.unlink(missing_ok=True)
-
-    def _find(self, name: str) -> Path | None:
-        """The final file of a name stem, if DIR has it: looked up directly, never a scan of
-        DIR, so each of many Ray shards costs its own rows only -- except in big runs
-        (`list_folders`), where one listing per subfolder is cheaper than a stat per extension."""
-        sub = os.path.join(self.root, name[:2])
-        if self.list_folders:
-            names = self._listing(name[:2])
-            for ext in img.IMAGE_EXTS:
-                if f"{name}.{ext}" in names:
-                    return Path(sub, f"{name}.{ext}")
-            return None
-        if os.path.islink(sub) or not os.path.isdir(sub):
-            return None
-        for ext in img.IMAGE_EXTS:
-            if os.path.isfile(f := os.path.join(sub, f"{name}.{ext}")):
-                return Path(f)
-        return None
-
-    def _listing(self, sub: str) -> frozenset:
-        """File names in DIR/sub when this run started looking (a run's jobs never share a name)."""
-        names = self._listings.get(sub)
-        if names is None:
-            path = os.path.join(self.root, sub)
-            try:
-                names = frozenset() if os.path.islink(path) else frozenset(os.listdir(path))
-            except (FileNotFoundError, NotADirectoryError):
-                names = frozenset()
-            self._listings[sub] = names
-        return names
-
-    def _session(self):
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = self._new_session()
-        return s
-
-    def run_batch(self, jobs: list, base_dir: Path) -> list:
-        return [self.run(job, base_dir) for job in jobs]
-
-    def run(self, job: _Job, base_dir: Path):
-        """-> (relative path, width, height, fresh, bytes, file_sha256, derivative) or an error string."""
-        sha = derivative = None
-        try:
-            if job.member is not None:
-                final, w, h, fresh, sha, derivative = self._existing_member(job) or self._fetch_member(job)
-            else:
-                final, w, h, fresh = self._existing(job) or self._fetch(job)
-        except _Fail as exc:
-            return str(exc)
-        except img.ImageError as exc:
-            return str(exc)
-        except OSError as exc:  # disk full, permissions, a file where a folder should be
-            return f"io: {exc.strerror or exc}"
-        try:
-            rel = os.path.relpath(final, base_dir)
-        except ValueError:  # another drive (Windows)
-            rel = str(final)
-        return rel, w, h, fresh, (final.stat().st_size if fresh else 0), sha, derivative
-
-    # -- files already on disk -------------------------------------------------
-
-    def _existing(self, job: _Job):
-        if job.stem is None:
-            return None
-        mp = self.opts.max_pixels
-        for name in ([f"{job.stem}.max{mp}"] if mp else []) + [job.stem]:
-            f = self._find(name)
-            if f is None:
-                continue
-            try:
-                digest = name == job.md5
-                if digest and _md5_file(f) != job.md5:
-                    raise img.ImageError("md5 mismatch")
-                w, h, ext = self._check(f, digest)
-                if ext != f.suffix[1:]:
-                    raise img.ImageError("content is not its extension")
-            except (img.ImageError, OSError):
-                f.unlink(missing_ok=True)  # ours and bad: fetch again
-                continue
-            if mp and w * h > mp:  # stored whole by an earlier run: downscale from it
-                return self._place(f, job.stem, w, h, ext) + (False,)  # f stays
-            return f, w, h, False
-        return None
-
-    # -- fetching ----------------------------------------------------------------
-
-    def _new_part(self) -> Path:  # named by pid so a re-run can tell a dead run's leftovers
-        return self.parts / f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}-{_HOST}.part"
-
-    def _fetch(self, job: _Job):
-        part = self._new_part()
-        try:
-            digest = self._fetch_to(job, part)
-            if job.md5 is not None and digest != job.md5:
-                raise _Fail("md5 mismatch")
-            w, h, ext = self._check(part, job.md5 is not None, getattr(self._local, "head", None))
-            final, w, h = self._place(part, job.stem or digest, w, h, ext)
-            return final, w, h, True
-        finally:
-            part.unlink(missing_ok=True)
-
-    def _fetch_to(self, job: _Job, part: Path) -> str:
-        """Bytes into `part`, with bounded retries for transient errors; -> md5 hex."""
-        import requests
-
-        attempts = 1 + self.opts.retries
-        for attempt in range(attempts):
-            try:
-                return self._write(job, part)
-            except requests.exceptions.RequestException as exc:  # broke off inside the body
-                if attempt + 1 == attempts or self.stop.is_set():
-                    raise _Fail(_net_reason(exc)) from None
-                time.sleep(self.opts.backoff * 2**attempt)
-        raise AssertionError("unreachable")
-
-    def _write(self, job: _Job, part: Path) -> str:
-        import requests
-
-        try:  # urllib3 already retried what happens before the body
-            resp = self._session().get(job.url, stream=True)
-        except requests.exceptions.RequestException as exc:
-            raise _Fail(_net_reason(exc)) from None
-        with resp:
-            if resp.status_code != 200:
-                raise _Fail(f"http {resp.status_code}")
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > self.opts.max_bytes:
-                raise _Fail("too large")
-            md5, _, _, self._local.head = self._stream(resp.iter_content(CHUNK), part, sha=False)
-        return md5
-
-    def _stream(self, chunks, part: Path, sha: bool, md5: bool = True) -> tuple[str | None, str | None, int, bytes]:
-        """Chunks into `part`, hashed on the way; -> (md5, sha256, size, first bytes), a digest
-        not asked for None."""
-        from .tars import TarError
-
-        md5, sha256 = _NoHash() if not md5 else hashlib.md5(), hashlib.sha256() if sha else None
-        deadline = time.monotonic() + self.opts.deadline
-        size, head = 0, b""
-        try:
-            with open(part, "wb") as f:
-                for data in chunks:
-                    if len(head) < 64:
-                        head += data[: 64 - len(head)]
-                    size += len(data)
-                    if size > self.opts.max_bytes:
-                        raise _Fail("too large")
-                    if self.stop.is_set():
-                        raise _Fail("interrupted")
-                    if time.monotonic() > deadline:
-                        raise _Fail("timeout")
-                    md5.update(data)
-                    if sha256 is not None:
-                        sha256.update(data)
-                    f.write(data)
-        except TarError as exc:
-            raise _Fail(str(exc)) from None
-        return md5.hexdigest(), sha256.hexdigest() if sha256 else None, size, head
-
-    # -- archive members -----------------------------------------------------------
-
-    def _fetch_member(self, job: _Job):
-        """Read, check and place one archive member; -> (path, w, h, fresh, file_sha256, derivative)."""
-        import requests
-
-        m = job.member
-        if m.ext in img.NOT_IMAGE_EXTS:
-            raise _Fail(f"unsupported: {m.ext}")
-        if m.size > self.opts.max_bytes:
-            raise _Fail("too large")
-        part = self._new_part()
-        try:
-            # One hash per member where it can be: a member of the post's own extension and size,
-            # vouched for by the index's sha256, is the post's file; when unsure, the md5 decides.
-            sha_only = m.sha256 is not None and job.md5 is not None and m.size == job.file_size \
-                and m.ext == (job.file_ext or "").replace("jpeg", "jpg")
-            for attempt in range(1 + self.opts.retries):
-                try:
-                    session = self._session() if self.tars.remote else None
-                    got_md5, got_sha, size, head = self._stream(self.tars.chunks(m, session), part,
-                                                                m.sha256 is not None, md5=not sha_only)
-                    break
-                except requests.exceptions.RequestException as exc:
-                    if attempt == self.opts.retries or self.stop.is_set():
-                        raise _Fail(_net_reason(exc)) from None
-                    time.sleep(self.opts.backoff * 2**attempt)
-            if size != m.size:
-                raise _Fail("truncated body")
-            if m.sha256 is not None and got_sha != m.sha256:
-                raise _Fail(f"checksum: {m.name} in {m.label} does not match its index's sha256")
-            if sha_only:
-                stem, derivative, digest_ok = job.md5, None, True
-            elif job.md5 is None:  # nothing to compare with: named by content
-                stem, derivative, digest_ok = got_md5, None, m.sha256 is not None
-            elif got_md5 == job.md5:
-                stem, derivative, digest_ok = job.md5, None, True
-            elif m.sha256 is not None:  # the index vouches for bytes that are not the post's: a re-encode
-                stem, derivative, digest_ok = f"{job.md5}.archive", "archive", True
-            else:
-                raise _Fail("md5 mismatch")
-            w, h, ext = self._check(part, digest_ok, head)
-            final, w, h = self._place(part, stem, w, h, ext)
-            return final, w, h, True, (got_sha if derivative else None), derivative
-        finally:
-            part.unlink(missing_ok=True)
-
-    def _existing_member(self, job: _Job):
-        if job.stem is None:
-            return None
-        m, mp = job.member, self.opts.max_pixels
-        for stem, derivative in ((job.stem, None), (f"{job.stem}.archive", "archive")):
-            for name in ([f"{stem}.max{mp}"] if mp else []) + [stem]:
-                f = self._find(name)
-                if f is None:
-                    continue
-                try:
-                    digest = False
-                    if name == stem and derivative is None and not m.sha256:
-                        if _hash_file(f, hashlib.md5) != job.md5:
-                            raise img.ImageError("md5 mismatch")
-                        digest = True
-                    elif name == stem and m.sha256:
-                        if _hash_file(f, hashlib.sha256) != m.sha256:
-                            raise img.ImageError("checksum")
-                        digest = True
-                    w, h, ext = self._check(f, digest)
-                    if ext != f.suffix[1:]:
-                        raise img.ImageError("content is not its extension")
-                except (img.ImageError, OSError):
-                    f.unlink(missing_ok=True)  # ours and bad: fetch again
-                    continue
-                sha = m.sha256 if derivative else None
-                if mp and w * h > mp:
-                    return self._place(f, stem, w, h, ext) + (False, sha, derivative)
-                return f, w, h, False, sha, derivative
-        return None
-
-    def _place(self, src: Path, stem: str, w: int, h: int, ext: str):
-        """Move (or downscale) a verified file to its final name; -> (path, w, h)."""
-        sub = self.root / stem[:2]
-        if stem[:2] not in self._safe:  # checked once per run: a folder of ours, not a link
-            sub.mkdir(exist_ok=True)
-            if sub.is_symlink() or sub.resolve().parent != self.root:
-                raise _Fail(f"unsafe images folder: {sub} is a link")
-            self._safe.add(stem[:2])
-        mp = self.opts.max_pixels
-        if mp and w * h > mp:
-            tmp = self._new_part()
-            try:
-                new_ext = img.DOWNSCALED_EXT[ext]
-                w, h = img.save_downscaled(src, tmp, mp, ext, self.opts.guard_pixels)
-                final = sub / f"{stem}.max{mp}.{new_ext}"
-                os.replace(tmp, final)
-            finally:
-                tmp.unlink(missing_ok=True)
-        else:
-            final = sub / f"{stem}.{ext}"
-            os.replace(src, final)
-        return final, w, h
-
-
-def _untrusting(session):
-    """Without proxy variables, skip requests' per-request environment scan (proxies, netrc):
-    ~1 ms of CPU per file, a tenth of a digest-verified download."""
-    if not any(k.lower().endswith("_proxy") for k in os.environ):
-        session.trust_env = False
-    return session
-
-
-def _net_reason(exc: Exception) -> str:
-    import requests
-
-    text = str(exc)
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return "truncated body"
-    if isinstance(exc, requests.exceptions.Timeout) or "timed out" in text.lower():
-        return "timeout"
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        return "connection failed"
-    return f"request failed: {type(exc).__name__}"
-
-
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
-
-def _md5_file(path: Path) -> str:
-    return _hash_file(path, hashlib.md5)
-
-
-def _hash_file(path: Path, algorithm) -> str:
-    h = algorithm()
-    with open(path, "rb") as f:
-        while data := f.read(1 << 20):
-            h.update(data)
-    return h.hexdigest()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _NoHash:
-    def update(self, data) -> None:
-        pass
-
-    def hexdigest(self) -> None:
-        return None
