@@ -2,13 +2,14 @@
 
 Pipeline: hash every usable row in a process pool (JPEG decoded in draft mode,
 hashes taken inside detected borders) -> pairs within the threshold from a
-multi-index hash table (`pairs_within`), confirmed by dhash and mean colour ->
-exact pairs (digest; full-decode pixel digest for close same-size pairs) ->
-clusters (connected components, i.e. union-find) -> in each cluster the best copy
-for training is kept (`choose_keeper`: most content pixels inside detected borders,
-then colour over greyscale, lossless over lossy, higher JPEG quality or more bytes
-per pixel, an original over a derivative, no bars over bars, key order last) and the
-others get `dup_of`; `keeper_reason` on every row of the cluster says what decided.
+multi-index hash table (`pairs_within`, curate.hamming_index), confirmed by dhash
+and mean colour -> exact pairs (digest; full-decode pixel digest for close same-size
+pairs) -> clusters (connected components, i.e. union-find) -> in each cluster the
+best copy for training is kept (`choose_keeper`, curate.keeper: most content pixels
+inside detected borders, then colour over greyscale, lossless over lossy, higher JPEG
+quality or more bytes per pixel, an original over a derivative, no bars over bars, key
+order last) and the others get `dup_of`; `keeper_reason` on every row of the cluster
+says what decided.
 With other manifests (`--against`), rows of ours in a cluster with theirs get
 `dup_of` = their key. Rows with an `error` or no `path` are skipped.
 
@@ -23,8 +24,6 @@ float64 in pandas; manifests with the old int64 columns still read.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import math
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,7 +34,9 @@ import pyarrow as pa
 
 from . import borders
 from .errors import CurateError
+from .hamming_index import clusters, hamming, pairs_within
 from .images import ImageError, jpeg_tables, open_image, probe, sniff
+from .keeper import choose_keeper
 from .pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
 # Measured with benchmarks/bench_dedupe_quality.py (its threshold sweep): at 10 bits
@@ -51,13 +52,8 @@ MAX_THRESHOLD = 24
 DRAFT = (128, 128)   # JPEG draft decode target: ~1/8 scale for CG-sized images
 HASH_SIDE = 256      # other images are box-reduced to about this before hashing
 HASH_VERSION = "phash8+dhash8+colour/borders2/draft128+reduce256/v2"  # bump when hashes change meaning
-CONTENT_TIE = 0.02   # content pixel counts this close are a tie (borders are found on a ~256 px copy)
 GREY_SPREAD = 8      # a pixel whose channels differ by at most this is grey (JPEG chroma noise),
 GREY_SHARE = 0.995   # and a picture is greyscale when this share of its pixels are
-# What settles a cluster's keeper, in this order (choose_keeper); the reason is the one that decided.
-REASONS = ("more content pixels", "colour", "lossless", "higher quality", "original", "no bars", "key order",
-           "other manifest",  # the one row of an --against manifest in the cluster
-           "review")          # a person chose the keeper or split the cluster (curate review)
 
 
 # --- hashing --------------------------------------------------------------------
@@ -162,178 +158,6 @@ def pixel_digest(path: str) -> str | None:
     return hashlib.sha256(f"{im.width}x{im.height}".encode() + im.tobytes()).hexdigest()
 
 
-# --- the index --------------------------------------------------------------------
-
-if hasattr(np, "bitwise_count"):  # numpy >= 2
-    popcount = np.bitwise_count
-else:  # pragma: no cover - numpy 1.x
-    _POP8 = np.array([bin(b).count("1") for b in range(256)], np.uint8)
-
-    def popcount(x: np.ndarray) -> np.ndarray:
-        return _POP8[np.ascontiguousarray(x).view(np.uint8).reshape(-1, 8)].sum(axis=1)
-
-
-def _plan(n: int, threshold: int) -> tuple[list[int], int]:
-    """Band widths and per-band search radius with the lowest estimated cost.
-
-    Pigeonhole: with m bands and Hamming distance <= t, some band differs in at most
-    t // m bits. Cost ~ sum over bands of (neighbours enumerated) x (1 + bucket
-    load). Bands are at most 22 bits so a band's bucket table is a flat array.
-    """
-    best = None
-    for m in range(3, 17):
-        widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
-        r = threshold // m
-        cost = sum(sum(math.comb(b, k) for k in range(r + 1)) * (1 + n / 2**b) for b in widths)
-        if best is None or cost < best[0]:
-            best = (cost, widths, r)
-    return best[1], best[2]
-
-
-def _flip_masks(width: int, r: int) -> np.ndarray:
-    masks = [0]
-    for k in range(1, r + 1):
-        masks += [sum(1 << c for c in combo) for combo in itertools.combinations(range(width), k)]
-    return np.array(masks, dtype=np.int64)
-
-
-def _band_pairs(h: np.ndarray, lo: int, width: int, masks: np.ndarray, threshold: int) -> np.ndarray:
-    """Pairs (coded i * n + j, i < j) found through one band and some neighbour masks.
-
-    Works in band-sorted order: a neighbour mask then maps runs of sorted values to
-    nearby table slots, so the lookups stay in cache (about 4x faster at 1M).
-    """
-    n = len(h)
-    vals = ((h >> np.uint64(lo)) & np.uint64((1 << width) - 1)).astype(np.int32)
-    order = np.argsort(vals, kind="stable")
-    vals, hs = vals[order], h[order]
-    counts = np.bincount(vals, minlength=1 << width).astype(np.int32)  # int32: cache-friendly
-    starts = (np.cumsum(counts) - counts).astype(np.int32)
-    found = []
-    for mask in masks:
-        q = vals ^ np.int32(mask)
-        cnt = counts[q]
-        idx = np.flatnonzero(cnt)
-        if not idx.size:
-            continue
-        cnt = cnt[idx].astype(np.int64)
-        first = np.cumsum(cnt) - cnt
-        qj = np.repeat(starts[q[idx]] - first, cnt) + np.arange(int(first[-1] + cnt[-1]))
-        qi = np.repeat(idx, cnt)
-        keep = qi < qj  # each unordered pair once per mask (and never itself)
-        qi, qj = qi[keep], qj[keep]
-        ok = popcount(hs[qi] ^ hs[qj]) <= threshold
-        a, b = order[qi[ok]], order[qj[ok]]
-        found.append(np.minimum(a, b) * n + np.maximum(a, b))
-    return np.concatenate(found) if found else np.empty(0, np.int64)
-
-
-_POOL_HASHES = None  # the hashes, handed once to each index worker
-
-
-def _init_worker(h: np.ndarray) -> None:
-    global _POOL_HASHES
-    _POOL_HASHES = h
-
-
-def _band_task(args) -> np.ndarray:
-    return _band_pairs(_POOL_HASHES, *args)
-
-
-def pairs_within(hashes, threshold: int, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs (i < j) whose 64-bit hashes differ in <= threshold bits.
-
-    Multi-index hashing: split the bits into bands; some band of a matching pair
-    differs in at most threshold // bands bits (pigeonhole), so look up each hash's
-    band neighbours within that radius in a counting-sorted bucket table and verify
-    each candidate by popcount of the full XOR. Vectorized per neighbour mask; the
-    (band, masks) tasks spread over `workers` processes for large inputs.
-    """
-    h = np.ascontiguousarray(np.asarray(hashes).astype(np.int64).view(np.uint64))
-    n = len(h)
-    if n < 2:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    widths, r = _plan(n, threshold)
-    tasks, lo = [], 0
-    for width in widths:
-        masks = _flip_masks(width, r)
-        for chunk in np.array_split(masks, max(1, min(workers, len(masks)))):
-            tasks.append((lo, width, chunk, threshold))
-        lo += width
-    if workers > 1 and n >= 100_000:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(h,)) as pool:
-            found = list(pool.map(_band_task, tasks))
-    else:
-        found = [_band_pairs(h, *t) for t in tasks]
-    code = np.unique(np.concatenate(found))  # a pair can show up in several bands
-    return code // n, code % n
-
-
-def hamming(a, b) -> np.ndarray:
-    a = np.asarray(a).astype(np.int64).view(np.uint64)
-    b = np.asarray(b).astype(np.int64).view(np.uint64)
-    return popcount(a ^ b)
-
-
-def clusters(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Component label per item for the undirected edges (i, j) (union-find result)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
-
-
-# --- the keeper ---------------------------------------------------------------------
-
-
-def choose_keeper(rows: list[int], facts: dict[str, list], keys: list[str]) -> tuple[int, str]:
-    """The best copy among `rows` for training, and the REASONS entry that decided.
-
-    Each step keeps the rows that are best by one fact (content pixels within
-    CONTENT_TIE of the most count as a tie) and passes them on; the reason is the
-    last step that left one row (or "key order" when several are alike to the end).
-    `facts` holds per row: content_px, file_px, file_bytes, grey, lossless,
-    jpeg_quality, derived.
-    """
-    f = facts
-
-    def quality(r):  # lossy copies: JPEG quality when all are JPEGs, then bytes per content pixel
-        if f["lossless"][r]:
-            return 0, 0.0  # a PNG's size says how well it compressed, not how good it is
-        q = f["jpeg_quality"][r] if all(f["jpeg_quality"][x] is not None for x in cands) else 0
-        return q, (f["file_bytes"][r] or 0) / max(1, f["content_px"][r] or 0)
-
-    steps = [
-        ("more content pixels", lambda r: f["content_px"][r] or 0, CONTENT_TIE),
-        ("colour", lambda r: not f["grey"][r], 0),
-        ("lossless", lambda r: bool(f["lossless"][r]), 0),
-        ("higher quality", quality, 0),
-        ("original", lambda r: not f["derived"][r], 0),
-        ("no bars", lambda r: (f["content_px"][r] or 0) / max(1, f["file_px"][r] or 0), CONTENT_TIE),
-    ]
-    cands = list(rows)
-    for reason, key, tie in steps:
-        if len(cands) < 2:
-            break
-        values = {r: key(r) for r in cands}
-        best = max(values.values())
-        cands = [r for r in cands if (values[r] >= best * (1 - tie) if tie else values[r] == best)]
-        if len(cands) == 1:
-            return cands[0], reason
-    return min(cands, key=lambda r: keys[r]), "key order"
-
-
-def _derived(table: pa.Table, base: Path, files: list) -> list[bool]:
-    """Rows whose copy is not an original: a Danbooru child post (`parent_id`), or a derived
-    file (crop, downscale) hashed because its original is gone."""
-    parent, path, src = _column(table, "parent_id"), _column(table, "path"), _column(table, "source_path")
-    return [pid is not None or bool(f and sp and p != sp and f == str(base / p))
-            for pid, p, sp, f in zip(parent, path, src, files)]
-
-
 # --- the stage --------------------------------------------------------------------
 
 
@@ -388,6 +212,14 @@ def _original(base: Path, path: str, source: str | None) -> str:
     if source and (base / source).is_file():
         return str(base / source)
     return str(base / path)
+
+
+def _derived(table: pa.Table, base: Path, files: list) -> list[bool]:
+    """Rows whose copy is not an original: a Danbooru child post (`parent_id`), or a derived
+    file (crop, downscale) hashed because its original is gone."""
+    parent, path, src = _column(table, "parent_id"), _column(table, "path"), _column(table, "source_path")
+    return [pid is not None or bool(f and sp and p != sp and f == str(base / p))
+            for pid, p, sp, f in zip(parent, path, src, files)]
 
 
 def hash_rows(rows: pa.Table, base: Path, cached: bool, workers: int = 1,

@@ -1,9 +1,8 @@
-"""`curate dedupe`: the index against brute force, and the real CLI on real files."""
+"""`curate dedupe`: the real CLI on real files (the index: test_hamming_index, the keeper: test_keeper)."""
 
 import os
 import subprocess
 import sys
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from curate import dedupe
+from curate.keeper import REASONS
 
 
 def curate(*args, cwd=None):
@@ -40,44 +40,6 @@ def letterbox(im: Image.Image, bar: int, colour=(0, 0, 0)) -> Image.Image:
     out = Image.new("RGB", (im.width, im.height + 2 * bar), colour)
     out.paste(im, (0, bar))
     return out
-
-
-# --- the index ------------------------------------------------------------------
-
-
-def brute(h, t):
-    u = np.asarray(h, np.int64).view(np.uint64)
-    return {(i, j) for i, j in combinations(range(len(u)), 2) if bin(int(u[i] ^ u[j])).count("1") <= t}
-
-
-@pytest.mark.parametrize("threshold", [0, 3, 8, 12, 20])
-def test_pairs_within_equals_brute_force(threshold):
-    rng = np.random.default_rng(threshold)
-    centres = rng.integers(-(2**63), 2**63 - 1, size=40, dtype=np.int64)
-    h = np.repeat(centres, 8).view(np.uint64)
-    for _ in range(6):  # scatter members 0..6 bits from their centre
-        bit = rng.integers(0, 64, size=len(h)).astype(np.uint64)
-        h = np.where(rng.random(len(h)) < 0.7, h ^ (np.uint64(1) << bit), h)
-    h = np.concatenate([h, h[:5]]).view(np.int64)  # exact repeats too
-    i, j = dedupe.pairs_within(h, threshold)
-    assert set(zip(i.tolist(), j.tolist())) == brute(h, threshold)
-    assert len(i) > 0
-
-
-def test_pairs_within_in_worker_processes_agrees():
-    rng = np.random.default_rng(9)
-    h = rng.integers(-(2**63), 2**63 - 1, size=100_000, dtype=np.int64)
-    h[50_000:50_500] = h[:500] ^ (1 << rng.integers(0, 64, size=500))  # 1-bit twins
-    one = dedupe.pairs_within(h, 6, workers=1)
-    two = dedupe.pairs_within(h, 6, workers=2)
-    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
-    assert {(a, b) for a, b in zip(*one) if b == a + 50_000} == {(k, k + 50_000) for k in range(500)}
-
-
-def test_clusters_are_transitive():
-    labels = dedupe.clusters(6, np.array([0, 1, 4]), np.array([1, 2, 5]))
-    assert labels[0] == labels[1] == labels[2] and labels[4] == labels[5]
-    assert len({labels[0], labels[3], labels[4]}) == 3
 
 
 # --- the stage, through the CLI ------------------------------------------------------
@@ -312,30 +274,9 @@ def test_keeper_higher_quality_no_bars_and_key_order(keepers):
     assert kept(rows, "bars_clean.png", "bars_letterbox.png") == ("bars_clean.png", "no bars")
     first = min(("copy_a.png", "copy_b.png"), key=lambda n: rows[n]["key"])
     assert kept(rows, "copy_a.png", "copy_b.png") == (first, "key order")
-    assert rows["q_95.jpg"]["keeper_reason"] in dedupe.REASONS
+    assert rows["q_95.jpg"]["keeper_reason"] in REASONS
     assert all(r["keeper_reason"] is None for r in rows.values() if r["dup_of"] is None
                and not any(x["dup_of"] == r["key"] for x in rows.values()))  # singles: no reason
-
-
-def test_choose_keeper_order_of_facts():
-    base = dict(content_px=1000, file_px=1000, file_bytes=500, grey=False, lossless=True, jpeg_quality=None,
-                derived=False)
-
-    def pick(*rows):
-        facts = {c: [r.get(c, base[c]) for r in rows] for c in base}
-        k, why = dedupe.choose_keeper(list(range(len(rows))), facts, [f"k{i}" for i in range(len(rows))])
-        return k, why
-
-    assert pick({"content_px": 900}, {}) == (1, "more content pixels")
-    assert pick({"content_px": 990, "grey": True}, {}) == (1, "colour")  # within 2%: a tie on pixels
-    assert pick({"lossless": False, "jpeg_quality": 98, "content_px": 1010}, {}) == (1, "lossless")
-    lossy = {"lossless": False, "jpeg_quality": 80}
-    assert pick(lossy, {**lossy, "jpeg_quality": 90}) == (1, "higher quality")
-    assert pick(lossy, {**lossy, "file_bytes": 700}) == (1, "higher quality")  # same tables, more bytes
-    assert pick({**lossy, "jpeg_quality": None, "file_bytes": 300}, {**lossy, "jpeg_quality": None}) == (1, "higher quality")
-    assert pick({"derived": True}, {}) == (1, "original")
-    assert pick({"file_px": 1400}, {}) == (1, "no bars")
-    assert pick({}, {}) == (0, "key order")
 
 
 # --- hashes every reader keeps exact ------------------------------------------------------
