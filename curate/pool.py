@@ -93,16 +93,21 @@ def _pooled(fn, items, workers, results, bar, desc: str) -> None:
     try:
         pending = {pool.submit(_run_chunk, fn, items[i:i + chunk], i): i for i in range(0, len(items), chunk)}
         while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
+            wait(pending, return_when=FIRST_COMPLETED)
+            # every finished chunk is kept before a broken one is reported: under load one
+            # wake-up sees many futures done, the killed worker's among them
+            broken = False
+            for fut in [f for f in pending if f.done()]:
                 i = pending.pop(fut)
-                try:
-                    got = fut.result()
-                except BrokenProcessPool:
-                    raise PoolStopped(f"{desc}: a worker process was killed (out of memory? see README "
-                                      f"'Memory', or use --workers); {_kept(results)}", results) from None
+                if isinstance(fut.exception(), BrokenProcessPool):
+                    broken = True
+                    continue
+                got = fut.result()
                 results[i:i + len(got)] = got
                 bar.update(len(got))
+            if broken:
+                raise PoolStopped(f"{desc}: a worker process was killed (out of memory? see README "
+                                  f"'Memory', or use --workers); {_kept(results)}", results)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
