@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import borders
 from .errors import CurateError
@@ -442,6 +443,9 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
         if Path(other).resolve() == manifest.resolve():
             raise CurateError(f"--against names the manifest itself: {other}")
         ot, ometa = mf.read(other)
+        dropped = list(decisions.current(other).dropped)  # a copy a person dropped there keeps nothing out here
+        if dropped:
+            ot = ot.filter(pc.invert(pc.is_in(ot.column("key"), pa.array(dropped, pa.string()))))
         others.append((ot, Path(other).parent, ometa))
     if ray is None:
         try:

@@ -371,6 +371,30 @@ def test_a_keeper_chosen_against_another_manifest_leaves_the_other_copy_out(m, t
     assert used() == ({"danbooru/1"}, {"danbooru/1", "skipped: 1"})
 
 
+def test_a_reg_copy_dropped_in_review_no_longer_marks_the_cg_as_its_duplicate(m, tmp_path):
+    """dedupe --against marked a CG as a repost of a reg post; the person drops the reg post:
+    a re-run of dedupe makes the CG a keeper again, so one copy is trained, not none."""
+    import pyarrow as pa
+
+    (tmp_path / "reg").mkdir()
+    pattern(3).save(tmp_path / "reg" / "1.png")
+    reg = tmp_path / "reg" / "reg.parquet"
+    manifest.write(pa.Table.from_pylist([{"key": "danbooru/1", "subset": "horizontal", "path": "1.png",
+                                          "width": 480, "height": 320, "caption": "solo"}]),
+                   reg, manifest.new_provenance(kind="reg", class_token="solo"))
+    dedupe.run(m, against=[reg], workers=1)
+    assert rows(m)["c"]["dup_of"] == "danbooru/1"  # the CG is a repost of the reg post
+    decisions.append(reg, [{"key": "danbooru/1", "action": "drop", "reason": "wrong style"}], who="t")
+    dedupe.run(m, against=[reg], workers=1)
+    assert rows(m)["c"]["dup_of"] is None
+    crop.run(m, workers=1)
+    caption.run(m)
+    export.run([m, reg], tmp_path / "kohya")
+    exported = {Path(p).stem for p in json.loads((tmp_path / "kohya" / "metadata.json").read_text())}
+    assert rows(m)["c"]["key"].replace("/", "_") in exported
+    assert not list((tmp_path / "kohya").rglob("*danbooru_1.png"))
+
+
 def test_dropping_a_clusters_keeper_keeps_its_next_best_copy(m, tmp_path):
     """The person drops the keeper (a bad copy): its duplicates are not lost with it."""
     from curate import train_config, train_data
