@@ -324,12 +324,9 @@ def test_export_and_train_warn_of_boxes_and_text_not_yet_applied(m, tmp_path):
     assert not any("review" in w for w in train_data.plan(train_config.load(cfg)).summary()["warnings"])
 
 
-def test_a_keeper_chosen_against_another_manifest_leaves_the_other_copy_out(m, tmp_path):
-    """dedupe --against marked a CG as a repost of a reg post; the person keeps the CG: the
-    reg copy leaves export and training (and the reg copy wins when chosen later)."""
+def reg_repost_of_c(tmp_path: Path) -> Path:
+    """A one-post reg manifest whose image is the CG `c.png` again (a repost)."""
     import pyarrow as pa
-
-    from curate import train_config, train_data
 
     (tmp_path / "reg").mkdir()
     pattern(3).save(tmp_path / "reg" / "1.png")
@@ -337,6 +334,15 @@ def test_a_keeper_chosen_against_another_manifest_leaves_the_other_copy_out(m, t
     manifest.write(pa.Table.from_pylist([{"key": "danbooru/1", "subset": "horizontal", "path": "1.png",
                                           "width": 480, "height": 320, "caption": "solo"}]),
                    reg, manifest.new_provenance(kind="reg", class_token="solo"))
+    return reg
+
+
+def test_a_keeper_chosen_against_another_manifest_leaves_the_other_copy_out(m, tmp_path):
+    """dedupe --against marked a CG as a repost of a reg post; the person keeps the CG: the
+    reg copy leaves export and training (and the reg copy wins when chosen later)."""
+    from curate import train_config, train_data
+
+    reg = reg_repost_of_c(tmp_path)
     table, meta = manifest.read(m)
     keys = table.column("key").to_pylist()
     cg_key = rows(m)["c"]["key"]
@@ -374,14 +380,7 @@ def test_a_keeper_chosen_against_another_manifest_leaves_the_other_copy_out(m, t
 def test_a_reg_copy_dropped_in_review_no_longer_marks_the_cg_as_its_duplicate(m, tmp_path):
     """dedupe --against marked a CG as a repost of a reg post; the person drops the reg post:
     a re-run of dedupe makes the CG a keeper again, so one copy is trained, not none."""
-    import pyarrow as pa
-
-    (tmp_path / "reg").mkdir()
-    pattern(3).save(tmp_path / "reg" / "1.png")
-    reg = tmp_path / "reg" / "reg.parquet"
-    manifest.write(pa.Table.from_pylist([{"key": "danbooru/1", "subset": "horizontal", "path": "1.png",
-                                          "width": 480, "height": 320, "caption": "solo"}]),
-                   reg, manifest.new_provenance(kind="reg", class_token="solo"))
+    reg = reg_repost_of_c(tmp_path)
     dedupe.run(m, against=[reg], workers=1)
     assert rows(m)["c"]["dup_of"] == "danbooru/1"  # the CG is a repost of the reg post
     decisions.append(reg, [{"key": "danbooru/1", "action": "drop", "reason": "wrong style"}], who="t")

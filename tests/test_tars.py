@@ -14,7 +14,7 @@ from curate import inspect as inspect_mod
 from curate.download import download_manifest
 from curate.errors import CurateError
 from curate.tars import Archives, residue
-from test_download import FAST, Server, md5, post, rows_by_key, stored, write_manifest
+from test_download import FAST, Server, make_shard, md5, post, rows_by_key, stored, write_manifest
 from test_images import encode, gradient
 
 JPG = {i: encode(gradient(40 + i % 7, 30 + i % 5), "JPEG") for i in range(20)}
@@ -25,24 +25,12 @@ def sha256(data: bytes) -> str:
 
 
 def make_archive(tar: Path, members: dict[str, bytes], index: Path | None = None) -> dict:
-    """A tar of `members` (names as given: `./1.jpg`, `a/1.jpg`); its hfutils index
-    written to `index` (None: no index). Returns the index."""
-    import io
-    import tarfile
-
+    """A tar of `members` (names as given: `./1.jpg`, `a/1.jpg`); its hfutils index (with
+    the archive's own hashes) written to `index` (None: no index). Returns the index."""
     tar.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(tar, "w") as t:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    files = {}
-    with tarfile.open(tar) as t:
-        for ti in t:
-            data = t.extractfile(ti).read()
-            files[ti.name] = {"offset": ti.offset_data, "size": ti.size, "sha256": sha256(data)}
+    idx = make_shard(tar, members)
     raw = tar.read_bytes()
-    idx = {"filesize": len(raw), "hash": hashlib.sha1(raw).hexdigest(), "hash_lfs": sha256(raw), "files": files}
+    idx.update(hash=hashlib.sha1(raw).hexdigest(), hash_lfs=sha256(raw))
     if index is not None:
         index.parent.mkdir(parents=True, exist_ok=True)
         index.write_text(json.dumps(idx))
