@@ -13,7 +13,7 @@ Generated pictures with grain (per-pixel noise), half of them JPEG (q 70-95):
 Per kind and method: share of frames whose box is within 2 px of the truth on every
 side (bar kinds: bars recovered; content kinds: kept whole), and the share of content
 pixels lost (outside the box). Targets: 0 content lost on every content kind, >= 99%
-of bars recovered. Methods: curate.borders (new), curate.borders before issue 17
+of bars recovered. Methods: curate.dataset.borders (new), curate.dataset.borders before issue 17
 (benchmarks/borders_v1.py), and the usual Pillow recipe (difference from the corner
 colour, getbbox). Then the extra memory border detection takes on a decoded 12 MP
 and 121 MP picture (peak RSS growth and peak traced allocations; Linux).
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import borders_v1  # noqa: E402
 from bench_dedupe_synth import jpeg, letterbox, scene  # noqa: E402
 
-from curate import borders  # noqa: E402
+from curate.dataset import borders  # noqa: E402
 
 FIELDS = [(70, 160, 80), (120, 190, 235), (250, 250, 250), (225, 225, 225), (240, 180, 200),
           (245, 235, 210), (30, 30, 40), (90, 200, 190)]

@@ -21,7 +21,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from curate import dedupe
+from curate.dataset import dedupe
 
 THRESHOLD = 8
 

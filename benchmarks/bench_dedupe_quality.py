@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_dedupe_synth import scene, variants  # noqa: E402
 
-from curate import dedupe  # noqa: E402
+from curate.dataset import dedupe  # noqa: E402
 
 
 def full_phash(path: str) -> int:

@@ -170,7 +170,7 @@ def cpu():
 """
 
 CURATE_CHILD = CPU + """
-from curate.download import download_manifest
+from curate.images.download import download_manifest
 manifest, images, threads, verify = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 extra = {"from_tars": sys.argv[5]} if len(sys.argv) > 5 else {}
 t0, c0 = time.perf_counter(), cpu()

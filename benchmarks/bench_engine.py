@@ -1,14 +1,14 @@
 """What `--engine ray` costs per image on one machine: hashing, local engine vs Ray.
 
 Same JPEGs (CG-like scenes, 1920x1080 and 1200x1600, q90), same cores, same
-per-shard function (`curate.dedupe.hash_rows`: sha256, draft decode, borders, phash
+per-shard function (`curate.dataset.dedupe.hash_rows`: sha256, draft decode, borders, phash
 + dhash + colour):
   local: one call over every row, a process pool of --workers (what `curate dedupe` runs);
   ray:   a local Ray with --workers CPUs, one task per shard of --shard-rows rows, each
          writing its Parquet result, then the driver's merge (what `--engine ray` runs).
 Best of --repeat alternating runs each; Ray's start-up is timed apart (once per
 run, not per image). Also the CPU cost per
-image of the tagger's decode + resize to 448 px (`curate.tag.Images`), one core: with
+image of the tagger's decode + resize to 448 px (`curate.dataset.tag.Images`), one core: with
 the hash cost, the inputs of the paper estimate for 9M images in the README.
 
     python benchmarks/bench_engine.py [--images 768] [--workers N] [--shard-rows 128] [--repeat 3]
@@ -28,7 +28,9 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_dedupe_synth import scene  # noqa: E402
 
-from curate import dedupe, engine  # noqa: E402
+from curate.dataset import dedupe  # noqa: E402
+
+from curate import engine
 
 SIZES = [(1920, 1080), (1200, 1600)]
 
@@ -74,7 +76,7 @@ def main() -> None:
             ray.shutdown()
         assert out.equals(local), "the engines disagree"
 
-        from curate.tag import Images
+        from curate.dataset.tag import Images
 
         ds = Images(list(enumerate(str(base / n) for n in names)), 448, "bicubic", 1.0)
         m = min(len(ds), 64)

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_dedupe_synth import scene  # noqa: E402
 
-from curate import dedupe  # noqa: E402
+from curate.dataset import dedupe  # noqa: E402
 
 
 def full_phash(path: str) -> int:

@@ -31,7 +31,7 @@ PEAK = ("import re\n"
 
 PROBE_CURATE = PEAK + """
 import sys
-from curate import images
+from curate.common import decode as images
 for fn in (images.probe, images.open_image, images.verify):
     try:
         fn(sys.argv[1])
@@ -51,7 +51,7 @@ print(peak())
 
 HASH_CURATE = PEAK + """
 import sys
-from curate.ingest import file_sha256
+from curate.dataset.ingest import file_sha256
 file_sha256(sys.argv[1])
 print(peak())
 """

@@ -27,8 +27,10 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from curate import manifest, report
-from curate.review import decisions
+from curate import manifest
+
+from curate.report import html as report
+from curate.common import decisions
 from curate.review.server import Background
 
 

@@ -9,7 +9,7 @@ screenshots, 2048x2880 and 1200x1600 CGs).
 Baseline (what sd-scripts' tag_images_by_wd14_tagger.py does by default: batch 1,
 no DataLoader, preprocessing in the main process): open, full decode, pad to a white
 square, resize, normalise, BGR, forward one image, sigmoid, threshold.
-curate: `curate.tag.run` on a manifest of the same files (DataLoader workers with
+curate: `curate.dataset.tag.run` on a manifest of the same files (DataLoader workers with
 JPEG draft decoding, batches, manifest written), same model. Threads: the baseline
 keeps torch's default (all cores); curate gives the model the cores its decode
 workers leave (tag.run does that on CPU). --threads N pins both to N threads, which
@@ -101,7 +101,7 @@ def breakdown(tagger, paths: list[Path], batch_size: int, workers: int) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from curate import tag
+    from curate.dataset import tag
 
     t0 = time.perf_counter()
     for p in paths:  # the baseline's preprocessing: full decode + resize in the main process
@@ -155,7 +155,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from curate import manifest as mf
-    from curate import tag, tagger_model as tm
+    from curate.dataset import tag
+    from curate.dataset import tagger_model as tm
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

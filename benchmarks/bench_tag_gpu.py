@@ -9,7 +9,7 @@ loaded by curate's loader -- the same code path as the real checkpoint.
    157 GFLOP/image (also counted here with torch's FlopCounterMode);
 2. decoding only: curate's DataLoader workers on JPEGs on disk (draft decode, pad,
    resize), no model;
-3. end to end: `curate.tag.run` on a manifest of those JPEGs (decode, transfer,
+3. end to end: `curate.dataset.tag.run` on a manifest of those JPEGs (decode, transfer,
    model, tag selection, manifest write);
 then which of 1 and 2 bounds 3.
 
@@ -99,8 +99,8 @@ def write_images(folder: Path, n: int, distinct: int = 32) -> list[Path]:
 def model_only(tagger, device: str, batch_size: int, iters: int, compile: bool) -> float:
     import torch
 
-    from curate.tag import Runner
-    from curate.tagger_model import normalize
+    from curate.dataset.tag import Runner
+    from curate.dataset.tagger_model import normalize
 
     runner = Runner(tagger, device, batch_size, compile)  # channels_last + autocast as in `curate tag`
     u8 = torch.randint(0, 256, (batch_size, tagger.size, tagger.size, 3), dtype=torch.uint8, device=device)
@@ -136,7 +136,7 @@ def counted_gflop(tagger, device: str) -> float:
 
 
 def decode_only(tagger, paths: list[Path], batch_size: int, workers: int, device: str) -> float:
-    from curate.tag import Images
+    from curate.dataset.tag import Images
 
     ds = Images([(i, str(p)) for i, p in enumerate(paths)], tagger.size, tagger.interpolation, tagger.crop_pct)
     loader = ds.loader(batch_size, workers, device)  # the DataLoader `curate tag` uses, pinning included
@@ -160,7 +160,8 @@ def main() -> None:
     import torch
 
     from curate import manifest as mf
-    from curate import tag, tagger_model as tm
+    from curate.dataset import tag
+    from curate.dataset import tagger_model as tm
 
     if args.smoke:
         device, arch, margs = "cpu", "vit_tiny_patch16_224", dict(ARGS, img_size=224)
@@ -198,7 +199,7 @@ def main() -> None:
         s = tag.run(m, str(tmp / "model"), device=device, batch_size=args.batch_size, workers=workers,
                     compile=args.compile, progress=False)
         e2e = s.tagged / s.seconds
-        print(f"3. end to end (curate.tag.run): {e2e:8.1f} images/s ({s.tagged} images in {s.seconds:.1f}s)")
+        print(f"3. end to end (curate.dataset.tag.run): {e2e:8.1f} images/s ({s.tagged} images in {s.seconds:.1f}s)")
 
         bound, limit = ("decoding on the CPU", dec_ips) if dec_ips < model_ips else ("the model on the GPU", model_ips)
         print(f"bottleneck: {bound} ({limit:.0f} images/s); end to end reaches {e2e / limit:.0%} of it")

@@ -3,7 +3,7 @@ step time spent waiting for data (target < 10%).
 
 Writes N real images of mixed aspect ratios (JPEG and PNG, 300-900 px) and a manifest
 into --workdir, then runs `curate train` (tiny-random, resolution 128) twice through
-curate.train.train: with cached latents (the default) and without (images decoded,
+curate.train.loop.train: with cached latents (the default) and without (images decoded,
 resized and cropped in the loader workers each step, VAE encode in the step).
 
     python benchmarks/bench_train_cpu.py [--images 48] [--steps 30] [--batch 4] [--workers 2] [--threads 1]
@@ -28,8 +28,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from curate import manifest, train_config  # noqa: E402
-from curate.train import train  # noqa: E402
+from curate import manifest  # noqa: E402
+
+from curate.common import train_config
+from curate.train.loop import train  # noqa: E402
 
 TARGET_WAIT = 0.10
 

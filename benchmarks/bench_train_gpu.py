@@ -1,6 +1,6 @@
 """Training step on one CUDA GPU with the real SDXL architecture (random weights): the
 recipe's precision and optimizer (fp16, Lion8bit wd 0.1 betas 0.9/0.95), batch 2 at
-1024x1024, cached latents, through curate.train.train.
+1024x1024, cached latents, through curate.train.loop.train.
 
 Reports step time, peak GPU memory and the data-wait share for
     gc            gradient checkpointing, fp32 master weights (fp16 mixed precision)
@@ -8,7 +8,7 @@ Reports step time, peak GPU memory and the data-wait share for
     gc+full_fp16  checkpointing with fp16 weights: the recipe (configs/baxl_v3.toml;
                   target: <= 24 GB)
 each in its own process, so one variant's memory never counts against another, and
-beside each the `--dry-run` estimate (curate/train_memory.py, from this model's
+beside each the `--dry-run` estimate (curate/train/memory.py, from this model's
 parameter counts, without its fixed CUDA-context allowance) with measured/estimate.
 
     python benchmarks/bench_train_gpu.py [--steps 12] [--images 8] [--workdir bench-data/train_gpu]
@@ -59,8 +59,12 @@ def child(args) -> None:
     """One variant: build the model, train --steps, print one JSON line."""
     import torch
 
-    from curate import sdxl, train_config, train_memory
-    from curate.train import train
+    from curate.train import sdxl
+
+    from curate.common import train_config
+
+    from curate.train import memory as train_memory
+    from curate.train.loop import train
 
     smoke = args.smoke
     values = {"pretrained": "tiny-random", "output_dir": str(args.workdir / "run"), "train_batch_size": 2,

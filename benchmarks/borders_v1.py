@@ -1,4 +1,4 @@
-"""Baseline for bench_borders.py: curate.borders before issue 17 (commit 5db1df3), code verbatim.
+"""Baseline for bench_borders.py: curate.dataset.borders before issue 17 (commit 5db1df3), code verbatim.
 
 It took any two opposite flat runs of about the same colour, or a lone black/white run, for bars.
 """

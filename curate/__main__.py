@@ -1,3 +1,3 @@
-from .cli import main
+from curate.cli import main
 
 main()

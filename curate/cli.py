@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import CurateError
+from curate.errors import CurateError
 
 app = typer.Typer(
     add_completion=False,
@@ -41,7 +41,7 @@ def _bar(desc: str, unit: str = "post"):
 
 
 def _source(spec: str, **options):
-    from .sources import open_source
+    from curate.metadata.sources import open_source
 
     return open_source(spec, **options)  # options reach the danbooru source only
 
@@ -91,7 +91,7 @@ def sync(
     """
     import time
 
-    from .sync import sync as run_sync
+    from curate.metadata.sync import sync as run_sync
 
     src = _source(source, **_live(rate, user_agent, tag_limit, base_url=base_url, since_id=since_id, store=store))
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def sync(
 def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: Optional[int],
                images: Optional[Path], no_images: bool, live: Optional[dict] = None,
                outside_files: bool = False) -> None:
-    from .fetch import fetch as run_fetch
+    from curate.metadata.fetch import fetch as run_fetch
 
     if out is None:
         out = Path("manifests") / f"{query.stem}.parquet"
@@ -133,7 +133,7 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
         typer.echo("  skipped from source: " + ", ".join(f"{k} {v}" for k, v in sorted(sel.skipped.items())))
     typer.echo(f"  {sel.table.num_rows} rows written")
     if not no_images:  # default: images/ beside the manifest
-        from .download import download_manifest
+        from curate.images.download import download_manifest
 
         typer.echo(download_manifest(result.out, images).render())
 
@@ -189,7 +189,7 @@ def inspect(
     """Show what a manifest holds: rows per subset, stages done, failures, provenance."""
     import json
 
-    from .inspect import inspect as run_inspect, render
+    from curate.report.inspect import inspect as run_inspect, render
 
     info = run_inspect(manifest)
     typer.echo(json.dumps(info, indent=1, default=str) if as_json else render(info))
@@ -210,7 +210,7 @@ def artists(
     tag_limit: Optional[int] = _TAG_LIMIT,
 ) -> None:
     """Rank artists by well-favourited posts in a copyright (or tag set)."""
-    from .artists import rank_artists, write_artists_file
+    from curate.metadata.artists import rank_artists, write_artists_file
 
     tag_list = [t.strip() for t in tags.split(",") if t.strip()] if tags else []
     if not copyright and not tag_list:
@@ -233,7 +233,7 @@ def artists(
 @app.command()
 def version() -> None:
     """Print curate's version."""
-    from . import __version__
+    from curate import __version__
 
     typer.echo(__version__)
 
@@ -264,7 +264,7 @@ def ingest(
     <stem>.caption, UTF-8 with or without BOM) is read as the user's own (user_caption;
     re-read on every run, the file never changed); curate caption uses it by default.
     """
-    from .ingest import run
+    from curate.dataset.ingest import run
 
     out = out or Path("manifests") / f"{name or folder.resolve().name}.parquet"
     s = run(folder, out, name, workers, follow_external_links)
@@ -306,8 +306,8 @@ def dedupe(
     higher JPEG quality or more bytes per pixel, an original over a derivative, no
     bars, key order; the column keeper_reason says which decided.
     """
-    from . import engine as eng
-    from .dedupe import DEFAULT_THRESHOLD, run
+    from curate import engine as eng
+    from curate.dataset.dedupe import DEFAULT_THRESHOLD, run
 
     t = DEFAULT_THRESHOLD if threshold is None else threshold
     s = run(manifest, against or [], t, workers, ray=eng.options(engine, ray_address, shard_rows))
@@ -336,7 +336,7 @@ def crop(
     Records crop [left, top, right, bottom] in original pixels, points path at the
     derived file and keeps the original in source_path. Duplicates are skipped.
     """
-    from .crop import run
+    from curate.dataset.crop import run
 
     s = run(manifest, max_pixels, trim_borders, out_dir, workers)
     typer.echo(f"crop: {s.rows} rows: {s.processed} processed ({s.trimmed} trimmed, {s.resized} downscaled, "
@@ -360,9 +360,9 @@ def caption(
     copyright, (artist), general, year/rating/quality; names with spaces, no prompt escapes;
     recipe = "hakubooru" gives make_caption's exact text. The .txt goes beside images curate
     wrote (downloads, crops), else to <manifest stem>.captions/; a file curate did not write is
-    never replaced. See the curate.caption module for every key. Rows with error or dup_of are skipped.
+    never replaced. See the curate.dataset.caption module for every key. Rows with error or dup_of are skipped.
     """
-    from .caption import run
+    from curate.dataset.caption import run
 
     for line in run(manifest, config).lines():
         typer.echo(line)
@@ -380,7 +380,7 @@ def export(
 ) -> None:
     """Write an sd-scripts dataset_config.toml, image folders with .txt captions (normalized copies where
     sd-scripts would read other pixels; reg subsets interleaved), and metadata.json for the fine-tune route."""
-    from .export import run
+    from curate.dataset.export import run
 
     for line in run(manifests or [], kohya, config, link).lines():
         typer.echo(line)
@@ -409,8 +409,8 @@ def download(
     final name, so a re-run -- even after kill -9 -- skips finished rows and never
     accepts a broken file. Failed rows stay, with the reason in the error column.
     """
-    from . import engine as eng
-    from .download import download_manifest
+    from curate import engine as eng
+    from curate.images.download import download_manifest
 
     s = download_manifest(manifest, images, ray=eng.options(engine, ray_address, shard_rows), variant=variant, max_pixels=max_pixels, from_tars=from_tars,
                           tar_index=tar_index, verify=verify, workers=workers, rate=rate, retries=retries)
@@ -440,8 +440,8 @@ def tag(
     the same model and thresholds skips tagged rows; other ones re-tag every row.
     Rows with error or dup_of, or without a path, are skipped.
     """
-    from . import engine as eng
-    from .tag import run
+    from curate import engine as eng
+    from curate.dataset.tag import run
 
     s = run(manifest, model, ray=eng.options(engine, ray_address, shard_rows), batch_size=batch_size, device=device, general_threshold=general_threshold,
             character_threshold=character_threshold, use_mcut=use_mcut, workers=workers, compile=compile, draft=draft)
@@ -456,7 +456,7 @@ def tag(
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="Train config (TOML), e.g. configs/baxl_v3.toml; see curate.train_config."),
+    config: Path = typer.Argument(..., help="Train config (TOML), e.g. configs/baxl_v3.toml; see curate.common.train_config."),
     checkpoint: Optional[Path] = typer.Argument(None, help="With --resume: the checkpoint folder to continue from.", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="Resolve config and data, load no model: buckets, images per bucket, reg use per subset, steps, peak GPU memory estimate."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print JSON."),
@@ -472,8 +472,8 @@ def train(
     """
     import json
 
-    from . import train_config
-    from .train import dry_run as plan_run, render, train as run_train
+    from curate.common import train_config
+    from curate.train.loop import dry_run as plan_run, render, train as run_train
 
     if checkpoint is not None and not resume:
         raise CurateError("a checkpoint path goes with --resume: curate train CONFIG --resume PATH")
@@ -513,7 +513,7 @@ def report(
     clusters (keeper marked), crop boxes on the originals, top tags, aspect ratios and
     buckets, caption examples. Needs no network to view. Thumbnails are made once and reused by later runs.
     """
-    from .report import build
+    from curate.report.html import build
 
     for line in build(manifests, out, title=title, config=config, max_per_subset=max_per_subset, workers=workers).lines():
         typer.echo(line)
@@ -534,7 +534,7 @@ def review(
 
     JSONL (--apply/--export), one object a line with "key" and "action": drop (optional "reason"), restore, keeper, split, crop ("box": left, top, right, bottom in original pixels), caption ("text"), seen.
     """
-    from .review import decisions
+    from curate.common import decisions
 
     for m in manifests:
         if not m.is_file():
@@ -550,7 +550,7 @@ def review(
     if apply is not None or export is not None:
         return
     try:
-        from .review.server import serve
+        from curate.review.server import serve
     except ImportError as exc:
         raise CurateError(f"curate review's web app needs starlette and uvicorn ({exc}): pip install 'curate[review]'") from None
     serve(manifests, host=host, port=port, open_browser=not no_browser)

@@ -37,8 +37,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
-from .errors import CurateError
+from curate import __version__
+from curate.errors import CurateError
 
 ENGINES = ("local", "ray")
 FAIL_ENV = "CURATE_ENGINE_FAIL"
@@ -91,7 +91,7 @@ def connect(opts: RayOptions):
     """Join the cluster (or start a local Ray); a Ray started here is shut down after."""
     import ray
 
-    from .pool import default_workers
+    from curate.pool import default_workers
 
     started = not ray.is_initialized()
     if started:

@@ -37,7 +37,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from . import __version__
+from curate import __version__
 
 DEFAULT_TIMEOUT = (10.0, 60.0)  # connect, read (seconds between bytes)
 RETRY_STATUSES = (429, 500, 502, 503, 504)

@@ -30,9 +30,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
-from .errors import CurateError
-from .schema import HEX64_FIELDS, MANIFEST_SCHEMA, hex64
+from curate import __version__
+from curate.errors import CurateError
+from curate.schema import HEX64_FIELDS, MANIFEST_SCHEMA, hex64
 
 META_KEY = b"curate"
 

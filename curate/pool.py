@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 
-from .errors import CurateError
+from curate.errors import CurateError
 
 KILL_ENV = "CURATE_POOL_KILL"
 WORKER_MEMORY = 2 << 30  # bytes one worker may take at the pixel guard's limit (see README "Memory")

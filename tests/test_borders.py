@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from curate import borders
+from curate.dataset import borders
 
 
 def grain(im, seed, std=2.5):

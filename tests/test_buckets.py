@@ -6,7 +6,7 @@ import random
 import pytest
 from PIL import Image
 
-from curate.buckets import Buckets, make_bucket_resolutions, resize_and_crop
+from curate.common.buckets import Buckets, make_bucket_resolutions, resize_and_crop
 
 
 def sd_scripts_reference(max_reso, min_size, max_size, divisible):

@@ -14,8 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from curate import manifest
-from curate.caption import CaptionSettings, build_caption, choose_caption
-from curate.caption_rules import color_theme, format_tag, prune_overlaps, quality_tag
+from curate.dataset.caption import CaptionSettings, build_caption, choose_caption
+from curate.common.caption_rules import color_theme, format_tag, prune_overlaps, quality_tag
 from curate.cli import app
 from curate.errors import CurateError
 from curate.schema import MANIFEST_SCHEMA
@@ -486,7 +486,7 @@ def hakubooru_reference(shared_data, tmp_path):
 
 
 def test_hakubooru_recipe_is_make_captions_text_for_posts_read_from_its_db(hakubooru_reference):
-    from curate.sources import open_source
+    from curate.metadata.sources import open_source
 
     expected, path, posts = hakubooru_reference
     s = CaptionSettings.of_recipe("hakubooru")
@@ -566,7 +566,7 @@ TAGGER = [{"tag": "1girl", "category": "general", "score": 0.99},
 
 def ingested(tmp_path: Path) -> Path:
     """A CG folder with a hand-written caption for a.png, ingested by the real stage."""
-    from curate import ingest
+    from curate.dataset import ingest
 
     cg = tmp_path / "cg"
     cg.mkdir()
@@ -611,7 +611,8 @@ def test_user_caption_chosen_per_subset_and_its_file_unchanged(tmp_path, mode, e
     assert CliRunner().invoke(app, ["export", str(m), "--kohya", str(out)]).exit_code == 0
     exported = {p.read_text(encoding="utf-8") for p in out.rglob("*.txt")}
     assert exported == set(caps.values())
-    from curate import train_config, train_data
+    from curate.common import train_config
+    from curate.train import data as train_data
 
     cfg = tmp_path / "t.toml"
     cfg.write_text(f'pretrained = "tiny-random"\noutput_dir = "{tmp_path / "run"}"\nmax_train_steps = 1\n'
@@ -657,7 +658,11 @@ def test_unescaped_text_reaches_the_tokenizer(booru, tmp_path):
     """The caption's text is what the CLIP tokenizer gets: `(`, never `\\(` tokens."""
     import tomli_w
 
-    from curate import sdxl, train_config, train_data
+    from curate.train import sdxl
+
+    from curate.common import train_config
+
+    from curate.train import data as train_data
 
     row = post_row(booru[6148686], path="i/a.png")  # asuna_(blue_archive), asuna_(bunny)_(blue_archive)
     m = write_manifest(tmp_path / "m.parquet", [row])
@@ -719,12 +724,12 @@ def test_export_sets_weighted_captions_exactly_with_escapes(booru, tmp_path):
 def test_text_a_person_wrote_is_escaped_as_the_generated_captions_are(tmp_path, escape, expected):
     """A review edit (pasted from a prompt UI: `\\(`, a line break) and a user's .txt with
     plain parentheses both reach training escaped exactly like the generated text."""
-    from curate.review import decisions
+    from curate.common import decisions
 
     m = ingested(tmp_path)
     (tmp_path / "cg" / "a.txt").write_text("shiroko (blue archive), 1girl, ice cream", encoding="utf-8")
     m.unlink()
-    from curate import ingest
+    from curate.dataset import ingest
 
     ingest.run(tmp_path / "cg", m, "cg", workers=1)
     key_b = next(k for k, p in zip(*(manifest.read(m)[0].column(c).to_pylist() for c in ("key", "path")))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from curate.synthetic import make_posts, write_hakubooru_db
+from curate.demo.synthetic import make_posts, write_hakubooru_db
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_artists_ranks_and_writes_a_usable_file(corpus, tmp_path):
     assert out.returncode == 0, out.stderr
     lines = [line for line in (tmp_path / "a.txt").read_text().splitlines() if not line.startswith("#")]
     assert 0 < len(lines) <= 10
-    from curate.query import read_artists_file
+    from curate.metadata.query import read_artists_file
 
     assert len(read_artists_file(tmp_path / "a.txt")) == len(lines)
     posts = [json.loads(x) for x in (corpus / "posts.jsonl").read_text().splitlines()]

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from curate import borders
+from curate.dataset import borders
 
 
 def curate(*args, cwd=None):

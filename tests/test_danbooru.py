@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 from curate import manifest
 from curate.cli import app
 from curate.errors import CurateError
-from curate.query import parse
-from curate.select import select
-from curate.sources.danbooru import DanbooruSource, free_metatags
-from curate.sources.dump import DumpSource
-from curate.store import Store
+from curate.metadata.query import parse
+from curate.metadata.select import select
+from curate.metadata.sources.danbooru import DanbooruSource, free_metatags
+from curate.metadata.sources.dump import DumpSource
+from curate.metadata.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from danbooru_server import DanbooruServer  # noqa: E402

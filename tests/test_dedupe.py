@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from curate import dedupe
-from curate.keeper import REASONS
+from curate.dataset import dedupe
+from curate.dataset.keeper import REASONS
 
 
 def curate(*args, cwd=None):

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from curate import manifest, train_config
-from curate.demo import make_corpus
-from curate.devserver import DanbooruServer, read_posts
+from curate import manifest
+
+from curate.common import train_config
+from curate.demo.run import make_corpus
+from curate.demo.devserver import DanbooruServer, read_posts
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parents[1]
@@ -108,9 +110,9 @@ def test_hand_captioned_cgs_survive_the_pipeline(tmp_path):
     keep those images, caption uses the text (no escapes) and never touches the files."""
     from typer.testing import CliRunner
 
-    from curate.caption_rules import unescape
+    from curate.common.caption_rules import unescape
     from curate.cli import app
-    from curate.demo import HAND_CAPTIONS, make_cg
+    from curate.demo.run import HAND_CAPTIONS, make_cg
 
     cg, m = tmp_path / "cg", tmp_path / "manifests" / "official_cg.parquet"
     assert make_cg(cg, None)["hand_captioned"] == len(HAND_CAPTIONS)

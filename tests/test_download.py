@@ -1,4 +1,4 @@
-"""curate.download against a real HTTP server on 127.0.0.1 with injected faults."""
+"""curate.images.download against a real HTTP server on 127.0.0.1 with injected faults."""
 
 import hashlib
 import io
@@ -19,8 +19,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from curate import images, manifest
-from curate.download import Options, download_manifest, download_table
+from curate.common import decode as images
+
+from curate import manifest
+from curate.images.download import Options, download_manifest, download_table
 from curate.schema import MANIFEST_SCHEMA
 from test_images import animated_gif, encode, exif_rotated_jpeg, gradient, palette_png_transparent, png_header_bomb
 
@@ -332,7 +334,7 @@ def test_max_pixels_downscales_on_save(server, tmp_path):
 @pytest.mark.parametrize("listing", [False, True])  # big runs list each subfolder once instead of stats
 def test_rerun_reverifies_files_found_on_disk(server, tmp_path, monkeypatch, listing):
     if listing:
-        monkeypatch.setattr("curate.download.LIST_FOLDERS_FROM", 1)
+        monkeypatch.setattr("curate.images.download.LIST_FOLDERS_FROM", 1)
     good, bad = IMG["jpg"], IMG["png"]
     img = tmp_path / "img"
     hg, hb = md5(good), md5(bad)

@@ -16,10 +16,12 @@ ray = pytest.importorskip("ray")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from curate import dedupe, engine  # noqa: E402
+from curate.dataset import dedupe  # noqa: E402
+
+from curate import engine
 from curate import manifest as mf  # noqa: E402
 from curate.cli import app  # noqa: E402
-from curate.download import download_manifest  # noqa: E402
+from curate.images.download import download_manifest  # noqa: E402
 from curate.errors import CurateError  # noqa: E402
 from test_dedupe import letterbox, picture  # noqa: E402
 from test_download import FAST, IMG, post, server, write_manifest  # noqa: E402,F401 (server: a fixture)
@@ -255,7 +257,7 @@ def test_download_from_archives_on_ray_matches_local(tmp_path):
 def test_tag_on_ray_matches_local(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("timm")
-    from curate import tag
+    from curate.dataset import tag
     from test_tag import make_images, make_manifest, make_tagger, small_labels
 
     model = tmp_path / "model"

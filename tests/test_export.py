@@ -319,7 +319,7 @@ def test_a_killed_first_export_is_cleaned_up_by_the_rerun(project):
     root, train, reg = project
     script = (
         "import os, signal, sys\n"
-        "from curate import export\n"
+        "from curate.dataset import export\n"
         "real, n = os.link, []\n"
         "def link(a, b):\n"
         "    n.append(b)\n"
@@ -425,7 +425,7 @@ def test_an_unused_reg_subset_gets_a_num_repeats_suggestion(tmp_path):
 
 
 def run_export(manifests, out, config=None):
-    from curate import export
+    from curate.dataset import export
 
     return export.run(manifests, out, config)
 

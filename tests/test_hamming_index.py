@@ -1,11 +1,11 @@
-"""curate.hamming_index: the multi-index search against brute force, and the clusters."""
+"""curate.dataset.hamming_index: the multi-index search against brute force, and the clusters."""
 
 from itertools import combinations
 
 import numpy as np
 import pytest
 
-from curate import hamming_index
+from curate.dataset import hamming_index
 
 
 def brute(h, t):

@@ -7,7 +7,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from curate import __version__, http
+from curate import __version__
+
+from curate import http
 
 
 class Server:

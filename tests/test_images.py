@@ -1,4 +1,4 @@
-"""curate.images on real files written by Pillow (and a few hand-made hostile ones)."""
+"""curate.common.decode on real files written by Pillow (and a few hand-made hostile ones)."""
 
 import io
 import os
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate import images
-from curate.images import ImageError
+from curate.common import decode as images
+from curate.common.decode import ImageError
 
 
 def chunk(kind: bytes, data: bytes) -> bytes:
@@ -280,7 +280,7 @@ def test_pixel_guard_comes_before_any_decode(zeros_png_16k):
 
     script = (
         "import re, sys\n"
-        "from curate import images\n"
+        "from curate.common import decode as images\n"
         "for fn in (images.probe, images.open_image, images.verify, images.stored_form):\n"
         "    try:\n"
         "        fn(sys.argv[1])\n"

@@ -1,6 +1,6 @@
-"""curate.keeper: the order in which the facts settle a cluster's keeper."""
+"""curate.dataset.keeper: the order in which the facts settle a cluster's keeper."""
 
-from curate import keeper
+from curate.dataset import keeper
 
 
 def test_choose_keeper_order_of_facts():

@@ -151,7 +151,7 @@ def test_caption_while_download_runs_loses_neither(tmp_path):
 
     from test_download import FAST, Server, encode, gradient, post, rows_by_key, write_manifest
 
-    from curate.download import download_manifest
+    from curate.images.download import download_manifest
 
     server = Server()
     try:

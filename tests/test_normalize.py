@@ -12,8 +12,18 @@ import pytest
 import tomli_w
 from PIL import Image, features
 
-from curate import export, images, manifest, normalize, train_config, train_data
-from curate.buckets import resize_and_crop
+from curate.dataset import export
+
+from curate.common import decode as images
+
+from curate import manifest
+
+from curate.common import normalize
+
+from curate.common import train_config
+
+from curate.train import data as train_data
+from curate.common.buckets import resize_and_crop
 from curate.errors import CurateError
 
 SD_EXTS = [".png", ".jpg", ".jpeg", ".webp", ".bmp"]

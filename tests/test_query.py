@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from curate.errors import CurateError
-from curate.query import Range, load, parse
+from curate.metadata.query import Range, load, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_bom_and_crlf_query_and_artists_file(tmp_path):
 
 
 def test_artists_file_outside_the_query_folder_needs_a_flag(tmp_path):
-    from curate.query import load
+    from curate.metadata.query import load
 
     (tmp_path / "q").mkdir()
     secret = tmp_path / "secret.txt"

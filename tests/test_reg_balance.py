@@ -2,7 +2,7 @@
 
 from collections import Counter
 
-from curate import reg_balance
+from curate.common import reg_balance
 
 
 def test_sd_scripts_rule_is_round_robin_in_order():

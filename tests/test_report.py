@@ -18,9 +18,9 @@ import pyarrow as pa
 import pytest
 
 from curate import manifest
-from curate.demo import make_cg, make_corpus, make_tagger
-from curate.devserver import DanbooruServer, read_posts
-from curate.report import build
+from curate.demo.run import make_cg, make_corpus, make_tagger
+from curate.demo.devserver import DanbooruServer, read_posts
+from curate.report.html import build
 
 ROOT = Path(__file__).resolve().parents[1]
 CURATE = str(Path(sys.executable).with_name("curate"))
@@ -218,7 +218,7 @@ def test_killed_thumbnail_worker_keeps_finished_thumbnails(tmp_path, monkeypatch
     from PIL import Image
 
     from curate import pool
-    from curate.report import Summary, Thumbs
+    from curate.report.html import Summary, Thumbs
 
     srcs = []
     for i in range(24):

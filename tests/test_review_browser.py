@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from curate import caption, crop, dedupe, export
-from curate.review import decisions
+from curate.dataset import caption
+
+from curate.dataset import crop
+
+from curate.dataset import dedupe
+
+from curate.dataset import export
+from curate.common import decisions
 pytest.importorskip("starlette", reason="the review extra: pip install -e '.[review]'")
 pytest.importorskip("uvicorn", reason="the review extra: pip install -e '.[review]'")
 from curate.review.server import Background  # noqa: E402

@@ -13,9 +13,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate import caption, crop, dedupe, export, inspect, manifest, report
+from curate.dataset import caption
+
+from curate.dataset import crop
+
+from curate.dataset import dedupe
+
+from curate.dataset import export
+
+from curate.report import inspect
+
+from curate import manifest
+
+from curate.report import html as report
 from curate.errors import CurateError
-from curate.review import decisions
+from curate.common import decisions
 
 CURATE = str(Path(sys.executable).with_name("curate"))
 HOSTILE = '<img src=x onerror="document.title=\'pwned\'">'  # tag names come from the internet
@@ -268,9 +280,9 @@ def test_export_report_and_inspect_follow_drops(m, tmp_path):
 
 
 def test_train_leaves_dropped_rows_out(m, tmp_path):
-    from curate import train_data
-    from curate.buckets import Buckets
-    from curate.train_config import DatasetConfig
+    from curate.train import data as train_data
+    from curate.common.buckets import Buckets
+    from curate.common.train_config import DatasetConfig
     from collections import Counter
 
     r = rows(m)
@@ -285,7 +297,7 @@ def test_two_writers_at_once_lose_nothing(m):
     """The server and a script (or two servers) appending together, while a stage rewrites the manifest."""
     keys = list(rows(m))
     key_of = {n: r["key"] for n, r in rows(m).items()}
-    script = ("import sys; from curate.review import decisions\n"
+    script = ("import sys; from curate.common import decisions\n"
               "for i in range(40): decisions.append(sys.argv[1], [{'key': sys.argv[2], 'action': 'caption', 'text': f'{sys.argv[3]} {i}'}])")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(m), key_of[name], name])
              for name in keys[:2]]
@@ -302,7 +314,8 @@ def test_two_writers_at_once_lose_nothing(m):
 def test_export_and_train_warn_of_boxes_and_text_not_yet_applied(m, tmp_path):
     """A person who reviews and then exports (or trains) without re-running crop and
     caption is told, in both routes, which stage to re-run; afterwards, no warning."""
-    from curate import train_config, train_data
+    from curate.common import train_config
+    from curate.train import data as train_data
 
     r = rows(m)
     decide(m, {"key": r["c"]["key"], "action": "crop", "box": [20, 10, 460, 300]},
@@ -340,7 +353,8 @@ def reg_repost_of_c(tmp_path: Path) -> Path:
 def test_a_keeper_chosen_against_another_manifest_leaves_the_other_copy_out(m, tmp_path):
     """dedupe --against marked a CG as a repost of a reg post; the person keeps the CG: the
     reg copy leaves export and training (and the reg copy wins when chosen later)."""
-    from curate import train_config, train_data
+    from curate.common import train_config
+    from curate.train import data as train_data
 
     reg = reg_repost_of_c(tmp_path)
     table, meta = manifest.read(m)
@@ -396,7 +410,8 @@ def test_a_reg_copy_dropped_in_review_no_longer_marks_the_cg_as_its_duplicate(m,
 
 def test_dropping_a_clusters_keeper_keeps_its_next_best_copy(m, tmp_path):
     """The person drops the keeper (a bad copy): its duplicates are not lost with it."""
-    from curate import train_config, train_data
+    from curate.common import train_config
+    from curate.train import data as train_data
 
     r = rows(m)
     big, mid, small = (r[n]["key"] for n in ("a_big", "a_mid", "a_small"))

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from curate import manifest
-from curate.review import decisions
+from curate.common import decisions
 pytest.importorskip("starlette", reason="the review extra: pip install -e '.[review]'")
 pytest.importorskip("uvicorn", reason="the review extra: pip install -e '.[review]'")
 from curate.review.server import Background  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from curate import sdxl
+from curate.train import sdxl
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.errors import CurateError
-from curate.sources import open_source
-from curate.sources.posts import normalize
-from curate.synthetic import make_posts
+from curate.metadata.sources import open_source
+from curate.metadata.sources.posts import normalize
+from curate.demo.synthetic import make_posts
 
 SAMPLES = ["imgbrd_posts_2020-07.json", "booru-rs_posts_2023-03.json",
            "rust-any2feed_posts_2023-03_limit100.json", "booru.hs_post_9969513_2025-09_with_media_asset.json"]
@@ -226,7 +226,7 @@ def test_2021_era_posts_are_selected_and_downloaded(tmp_path, via):
             h = hashlib.md5(data).hexdigest()
             ext = "png" if data.startswith(b"\x89PNG") else "jpg"
             srv.add(f"/original/{h[:2]}/{h[2:4]}/{h}.{ext}", data)
-        from curate.download import download_manifest
+        from curate.images.download import download_manifest
 
         s = download_manifest(m, tmp_path / "img", cdn=srv.url, progress=False, retries=0)
     finally:
@@ -251,7 +251,7 @@ def test_2021_era_posts_are_selected_and_downloaded(tmp_path, via):
 def test_out_of_range_and_wrongly_typed_numbers_are_nulled_not_fatal(tmp_path):
     import json
 
-    from curate.sources import open_source
+    from curate.metadata.sources import open_source
 
     good = {"id": 5, "md5": "a" * 32, "file_url": "https://x/a.jpg", "image_width": 10, "image_height": 10,
             "rating": "g", "tag_string_general": "1girl", "file_ext": "jpg"}
@@ -276,7 +276,7 @@ def test_out_of_range_and_wrongly_typed_numbers_are_nulled_not_fatal(tmp_path):
 def test_sizes_of_zero_or_less_are_nulled(tmp_path):
     import json
 
-    from curate.sources import open_source
+    from curate.metadata.sources import open_source
 
     good = {"id": 5, "md5": "a" * 32, "file_url": "https://x/a.jpg", "image_width": 10, "image_height": 10,
             "rating": "g", "tag_string_general": "1girl", "file_ext": "jpg", "score": -3}

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pytest
 
 from curate.errors import CurateError
-from curate.sources import open_source
-from curate.synthetic import make_posts, write_hakubooru_db
+from curate.metadata.sources import open_source
+from curate.demo.synthetic import make_posts, write_hakubooru_db
 
 CORE = ["post_id", "md5", "width", "height", "rating", "fav_count", "score", "created_at",
         "tags_general", "tags_character", "tags_copyright", "tags_artist", "tags_meta",
@@ -24,7 +24,7 @@ def test_hakubooru_matches_dump(tmp_path):
 def test_hakubooru_types_and_ratings(tmp_path):
     db = tmp_path / "h.db"
     conn = sqlite3.connect(db)
-    from curate.synthetic import HAKUBOORU_SCHEMA
+    from curate.demo.synthetic import HAKUBOORU_SCHEMA
 
     conn.executescript(HAKUBOORU_SCHEMA)
     conn.executemany("INSERT INTO tag VALUES (?,?,?,?)", [

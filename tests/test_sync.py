@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.errors import CurateError
-from curate.sources import open_source
-from curate.store import Store
-from curate.sync import load_aliases, resolve_chains, sync
-from curate.synthetic import make_posts
+from curate.metadata.sources import open_source
+from curate.metadata.store import Store
+from curate.metadata.sync import load_aliases, resolve_chains, sync
+from curate.demo.synthetic import make_posts
 
 
 def dump(path, posts):

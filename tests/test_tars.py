@@ -1,5 +1,5 @@
-"""curate.tars: every public archive layout, built for real (tarfile + hfutils JSON indexes),
-read through curate.download so the check is the bytes that land."""
+"""curate.images.tars: every public archive layout, built for real (tarfile + hfutils JSON indexes),
+read through curate.images.download so the check is the bytes that land."""
 
 import hashlib
 import json
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from curate import inspect as inspect_mod
-from curate.download import download_manifest
+from curate.report import inspect as inspect_mod
+from curate.images.download import download_manifest
 from curate.errors import CurateError
-from curate.tars import Archives, residue
+from curate.images.tars import Archives, residue
 from test_download import FAST, Server, make_shard, md5, post, rows_by_key, stored, write_manifest
 from test_images import encode, gradient
 
@@ -265,8 +265,8 @@ def test_a_member_past_the_end_of_its_archive_is_an_error_row(tmp_path):
 
 def test_big_runs_read_members_in_worker_processes(webp_set, d2023, tmp_path, monkeypatch):
     """The same rows as the thread path, from worker processes (used from PROCESSES_FROM jobs on)."""
-    monkeypatch.setattr("curate.download.PROCESSES_FROM", 1)
-    monkeypatch.setattr("curate.download.ARCHIVE_BATCH", 2)
+    monkeypatch.setattr("curate.images.download.PROCESSES_FROM", 1)
+    monkeypatch.setattr("curate.images.download.ARCHIVE_BATCH", 2)
     root, idx, rows, webp = webp_set
     m = write_manifest(tmp_path / "m.parquet", rows)
     s = download_manifest(m, tmp_path / "img", from_tars=str(root), tar_index=str(idx), **FAST)

@@ -20,9 +20,17 @@ import tomli_w
 import torch
 from PIL import Image
 
-from curate import manifest, reg_balance, sdxl, train_config, train_data
+from curate import manifest
+
+from curate.common import reg_balance
+
+from curate.train import sdxl
+
+from curate.common import train_config
+
+from curate.train import data as train_data
 from curate.errors import CurateError
-from curate.train import train
+from curate.train.loop import train
 
 CURATE = str(Path(sys.executable).with_name("curate"))
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}

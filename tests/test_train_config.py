@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from curate import export, train_config
+from curate.dataset import export
+
+from curate.common import train_config
 from curate.errors import CurateError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,8 +112,10 @@ def test_export_buckets_equal_the_dry_run_buckets(tmp_path, keys):
     import pyarrow as pa
     from PIL import Image
 
-    from curate import manifest, train_data
-    from curate.buckets import Buckets
+    from curate import manifest
+
+    from curate.train import data as train_data
+    from curate.common.buckets import Buckets
 
     sizes = [(1920, 1080), (1080, 1920), (1000, 1000), (3000, 1000), (700, 1500)]  # CGs, a banner
     rows = []

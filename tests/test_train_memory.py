@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from curate import train_config, train_memory
-from curate.train_memory import GIB, SDXL_PARAMS
+from curate.common import train_config
+
+from curate.train import memory as train_memory
+from curate.train.memory import GIB, SDXL_PARAMS
 from test_train import write_config, write_images_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,7 +16,7 @@ CURATE = str(Path(sys.executable).with_name("curate"))
 
 
 def test_parameter_counts_are_the_sdxl_architecture():
-    from curate import sdxl
+    from curate.train import sdxl
 
     model = sdxl.full_size_random("meta")  # the real shapes, no memory
     for name in ("unet", "te1", "te2", "vae"):

@@ -1,5 +1,5 @@
-"""`curate review`: a person's triage of the dataset (decisions store, local web app).
+"""`curate review`: the local web app where a person triages the dataset.
 
-`decisions` has no web imports: every stage reads it. `server` (Starlette) is only
-imported by the `review` command.
+The decisions it writes are read by every stage through curate.common.decisions,
+which has no web imports; `server` (Starlette) is only imported by the `review` command.
 """

@@ -21,10 +21,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from .. import manifest as mf
-from ..errors import CurateError
-from ..report import RECIPE_BUCKETS, Thumbs, _thumb_job
-from . import decisions
+from curate import manifest as mf
+from curate.errors import CurateError
+from curate.common.buckets import RECIPE_BUCKETS
+from curate.common.thumbs import Thumbs, thumb_job
+from curate.common import decisions
 
 STATIC = Path(__file__).with_name("static")
 COOKIE = "curate_review"
@@ -84,7 +85,7 @@ class Source:
 
 class Review:
     def __init__(self, manifests: list, host: str, port: int, token: str | None = None):
-        from ..buckets import Buckets
+        from curate.common.buckets import Buckets
 
         self.sources = [Source(i, Path(p)) for i, p in enumerate(manifests)]
         self.token = token or secrets.token_urlsafe(24)
@@ -190,7 +191,7 @@ class Review:
                     s.thumbs.folder.mkdir(parents=True, exist_ok=True)
                 except OSError:
                     return None
-                _, _, _, err = _thumb_job((str(src.resolve()), str(dst)))
+                _, _, _, err = thumb_job((str(src.resolve()), str(dst)))
                 if err:
                     return None
         return dst

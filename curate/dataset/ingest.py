@@ -1,0 +1,265 @@
+"""Local images (an official CG folder) -> manifest rows.
+
+One row per image file found recursively: key `local/<sha256 prefix>` of the bytes,
+width/height, `subset` = the ingest name, `path` and `source_path` relative to the
+manifest's folder, `sha256` (extension column, reused by dedupe). A file Pillow
+cannot decode becomes a row with `error`. Re-ingesting a grown folder keeps every
+existing row as it is and adds only files whose `source_path` is new.
+
+Symlinks: a row records the link's own path inside the folder (never its target),
+so no later stage writes beside a file elsewhere. A link whose target lies outside
+the folder is an error row unless `follow_external` (`--follow-external-links`); a
+link loop or a dangling link is an error row too, and the rest is ingested. Linked
+folders are not entered (a sidecar caption that links out of the image's folder is not read).
+
+A user's caption beside an image (`<stem>.txt` or `<stem>.caption`, UTF-8 with or
+without BOM) is read into `user_caption`, for new rows and again for existing ones (the
+user may have written it since); the file itself is never changed.
+
+Byte-identical copies keep a row each (dedupe marks them); the later copy's key is
+the sha256 prefix of its bytes plus its relative path, so keys stay unique and stable.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from curate.errors import CurateError
+from curate.common.decode import OPEN_KINDS, ImageError, open_image, probe, sniff
+from curate.pool import UNFINISHED, PoolStopped, default_workers, parallel_map
+
+SIDECARS = (".txt", ".caption")  # a user's caption beside the image, first found wins
+SIDECAR_MAX_BYTES = 1 << 20     # a caption, not a book: bigger files are reported and left out
+KEY_HEX = 16  # 64 bits of sha256: no accidental collision among millions of files
+SKIP_SUFFIXES = {".parquet", ".part", ".txt", ".json", ".toml", ".caption", ".npz", ".db"}
+
+
+@dataclass
+class Summary:
+    found: int = 0
+    added: int = 0
+    existing: int = 0
+    failed: int = 0
+    copies: int = 0
+    not_images: int = 0
+    missing: int = 0
+    rows: int = 0
+    user_captions: int = 0
+    errors: list = field(default_factory=list)
+
+
+def _looks_like_image(path: Path, known: set) -> bool:
+    """By an extension Pillow knows; other names by their first bytes (never a Pillow open)."""
+    suffix = path.suffix.lower()
+    if path.name.startswith("."):  # .DS_Store, macOS "._x.jpg" resource forks
+        return False
+    if suffix in known:
+        return True
+    if suffix in SKIP_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            kind = sniff(f.read(64))
+    except OSError:
+        return False
+    return kind in OPEN_KINDS or kind == "eps"  # eps: an `unsupported format` row, not silence
+
+
+def _link_problem(p: Path, inside: Path, follow_external: bool) -> str | None:
+    """Why a symlink is refused (None: fine to read)."""
+    try:
+        target = p.resolve(strict=True)
+    except RuntimeError:  # Python's own loop detection
+        return "symlink loop"
+    except OSError as exc:
+        return "symlink loop" if exc.errno == errno.ELOOP else "broken symlink"
+    if not follow_external and not target.is_relative_to(inside):
+        return "symlink to a file outside the folder (--follow-external-links reads it)"
+    return None
+
+
+def find_images(folder: Path, exclude: set[Path], follow_external: bool = False
+                ) -> tuple[list[Path], int, list[tuple[Path, str]]]:
+    """Image files under `folder` (sorted, hidden and linked folders skipped), the
+    non-image count, and the refused symlinks with why."""
+    from PIL import Image
+
+    Image.init()
+    known = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    inside = folder.resolve()
+    found, others, refused = [], 0, []
+    for root, dirs, names in os.walk(folder):  # followlinks=False: a linked folder is not entered
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            p = Path(root) / name
+            if p.is_symlink() and not name.startswith("."):
+                why = _link_problem(p, inside, follow_external)
+                if why:
+                    if p.suffix.lower() in known:  # an image by its name (its target is never read)
+                        refused.append((p, why))
+                    else:
+                        others += 1
+                    continue
+            if not p.is_file() or p.resolve() in exclude:
+                continue
+            if _looks_like_image(p, known):
+                found.append(p)
+            else:
+                others += 1
+    return found, others, refused
+
+
+def _in_folder(p: Path, base: Path) -> str:
+    """p relative to base through p's real folder, keeping p's own name (a link stays the link)."""
+    return os.path.relpath(Path(os.path.realpath(p.parent)) / p.name, base.resolve())
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:  # in chunks: an 800 MB file never sits in memory whole
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_sidecar(image: Path) -> tuple[str | None, str | None]:
+    """(the user's caption for `image`, a problem to report) from its sidecar file."""
+    for suffix in SIDECARS:
+        side = image.with_suffix(suffix)
+        if side == image or not side.is_file():
+            continue
+        if side.is_symlink() and side.resolve().parent != image.parent.resolve():
+            return None, f"{side.name}: caption file links out of the image's folder, not read"
+        try:
+            if side.stat().st_size > SIDECAR_MAX_BYTES:
+                return None, f"{side.name}: caption file over {SIDECAR_MAX_BYTES} bytes, not read"
+            text = side.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return None, f"{side.name}: caption file is not UTF-8, not read"
+        except OSError as exc:
+            return None, f"{side.name}: cannot read caption file: {exc.strerror or exc}"
+        return (text.strip() or None), None
+    return None, None
+
+
+def _user_captions(table: pa.Table, base: Path, s: Summary) -> pa.Table:
+    """Fill `user_caption` from each row's sidecar (rows whose source file is known)."""
+    from curate.manifest import with_column
+
+    values = []
+    for src, old in zip(table.column("source_path").to_pylist(), table.column("user_caption").to_pylist()):
+        # lexically: the manifest's folder may not exist yet (`manifests/../cg/a.png`)
+        text, problem = read_sidecar(Path(os.path.normpath(base / src))) if src else (old, None)
+        if problem:
+            s.errors.append(f"{src}: {problem}")
+        values.append(text)
+    s.user_captions = sum(1 for v in values if v)
+    return with_column(table, "user_caption", values)
+
+
+def inspect_file(path: str) -> dict:
+    """Worker: digest of the bytes, size from the header, and a full (draft) decode."""
+    out = {"width": None, "height": None, "error": None}
+    try:
+        out["sha256"] = file_sha256(path)
+    except OSError as exc:  # still a row; its key derives from the path instead
+        out["sha256"] = hashlib.sha256(f"unreadable\0{path}".encode()).hexdigest()
+        out["error"] = f"ingest: cannot read file: {exc.strerror or exc}"
+        return out
+    try:
+        out["width"], out["height"], _ = probe(path)
+        open_image(path, draft_size=(64, 64))  # truncated / corrupt data fails here
+    except ImageError as exc:
+        out["error"] = f"ingest: {exc}"
+    return out
+
+
+def ingest(table: pa.Table | None, folder: Path, base: Path, name: str,
+           workers: int | None = None, follow_external: bool = False) -> tuple[pa.Table, Summary]:
+    """Add the folder's new image files to `table` (None: a new manifest)."""
+    from curate.manifest import conform
+    from curate.schema import MANIFEST_SCHEMA
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CurateError(f"not a folder: {folder}")
+    table = conform(table if table is not None else MANIFEST_SCHEMA.empty_table())
+    s = Summary()
+    known_src = {p for p in table.column("source_path").to_pylist() if p}
+    known = known_src | {p for p in table.column("path").to_pylist() if p}  # + derived files
+    keys = set(table.column("key").to_pylist())
+    s.missing = sum(1 for p in known_src if not (base / p).exists())
+
+    exclude = {p.resolve() for p in base.glob("*.parquet*")}
+    files, s.not_images, refused = find_images(folder, exclude, follow_external)
+    s.found = len(files) + len(refused)
+    rel = [_in_folder(p, base) for p in files]
+    new = [(f, r) for f, r in zip(files, rel) if r not in known]
+    bad = [(p, r, why) for p, why in refused if (r := _in_folder(p, base)) not in known]
+    s.existing = s.found - len(new) - len(bad)
+
+    try:
+        infos, stopped = parallel_map(inspect_file, [str(f) for f, _ in new], workers or default_workers(),
+                                      "ingesting"), None
+    except PoolStopped as exc:  # a worker was killed: the finished files become rows (run() writes them)
+        infos, stopped = exc.results, exc
+    for p, r, why in bad:  # refused links: a row that says why, nothing read through them
+        new.append((p, r))
+        infos.append({"width": None, "height": None, "error": f"ingest: {why}",
+                      "sha256": hashlib.sha256(f"unreadable\0{r}".encode()).hexdigest()})
+    rows = []
+    for (f, r), info in zip(new, infos):
+        if info is UNFINISHED:
+            continue
+        key = f"local/{info['sha256'][:KEY_HEX]}"
+        if key in keys:  # an identical copy already has that key
+            s.copies += 1
+            key = "local/" + hashlib.sha256(f"{info['sha256']}\0{r}".encode()).hexdigest()[:KEY_HEX]
+        keys.add(key)
+        if info["error"]:
+            s.failed += 1
+            s.errors.append(f"{r}: {info['error']}")
+        rows.append({"key": key, "subset": name, "width": info["width"], "height": info["height"],
+                     "path": r, "source_path": r, "error": info["error"], "sha256": info["sha256"],
+                     "file_ext": f.suffix.lower().lstrip(".") or None})
+    s.added = len(rows)
+    if rows:
+        added = conform(pa.Table.from_pylist(rows))
+        for col in table.schema:  # extension columns of earlier stages: null for new rows
+            if col.name not in added.column_names:
+                added = added.append_column(col, pa.nulls(added.num_rows, col.type))
+        if "sha256" not in table.column_names:
+            table = table.append_column("sha256", pa.nulls(table.num_rows, pa.string()))
+        table = pa.concat_tables([table, added.select(table.column_names)])
+    table = _user_captions(table, base, s)
+    s.rows = table.num_rows
+    if stopped:
+        stopped.table = table
+        raise stopped
+    return table, s
+
+
+def run(folder: Path, out: Path, name: str | None = None, workers: int | None = None,
+        follow_external: bool = False) -> Summary:
+    """Ingest `folder` into the manifest `out` (created, or grown if it exists)."""
+    from curate import manifest as mf
+
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise CurateError(f"not a folder: {folder}")
+    name = name or folder.resolve().name
+    if out.exists():
+        table, meta = mf.read(out)
+    else:
+        table, meta = None, mf.new_provenance(source=f"local:{folder}")
+    try:
+        table, s = ingest(table, folder, out.parent, name, workers, follow_external)
+    except PoolStopped as exc:
+        mf.write(exc.table, out, meta)
+        raise
+    mf.record_stage(meta, "ingest", folder=str(folder), name=name)
+    mf.write(table, out, meta)
+    return s

@@ -1,0 +1,457 @@
+"""`curate train`: fine-tune SDXL on curate manifests. Read it top to bottom:
+
+    plan the data (train_data) -> load the model (sdxl) -> cache latents -> optimizer and
+    schedule -> [resume] -> loop: micro-batches, loss, backward, step -> checkpoints -> export
+
+Precision: accelerate's mixed precision keeps fp32 master weights and autocasts the
+forward pass; `full_fp16`/`full_bf16` put the weights themselves in half precision. The
+VAE always runs in fp32 (SDXL's VAE overflows in fp16). Multi-GPU: `accelerate launch`
+with the same command; each process takes every n-th batch of the epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from curate.train import sdxl
+
+from curate.train import data as train_data
+
+from curate.train import memory as train_memory
+from curate.errors import CurateError
+from curate.common.train_config import TrainConfig
+
+BNB_OPTIMIZERS = {"AdamW8bit": "AdamW8bit", "Lion": "Lion", "Lion8bit": "Lion8bit"}
+CHECKPOINTS = "checkpoints"
+MAX_BAD_LOSSES = 10  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class Position:
+    """Where the run is; saved in every checkpoint so --resume continues exactly there."""
+    step: int = 0       # optimizer steps done
+    epoch: int = 0
+    batch: int = 0      # batches of `epoch` consumed by this process
+    batches_per_epoch: int = 0  # to notice data or batch settings that changed before a resume
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def dry_run(config: TrainConfig) -> dict:
+    """Resolve the config and the data, load no model."""
+    summary = train_data.plan(config).summary()
+    summary["memory"] = train_memory.estimate(config)
+    if config.pretrained != "tiny-random" and not Path(config.pretrained).exists():
+        summary["warnings"].append(f"pretrained model not found: {config.pretrained}")
+    return summary
+
+
+def train(config: TrainConfig, resume: str | bool | None = None, progress: bool = True,
+          model: sdxl.SDXL | None = None, log=print, save_final: bool = True) -> dict:
+    """Run (or continue) training; returns a summary. Benchmarks pass `model` in and
+    skip the final checkpoint and export (`save_final=False`)."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from tqdm import tqdm
+
+    if config.mixed_precision != "no" and not torch.cuda.is_available():
+        raise CurateError(f"mixed_precision = \"{config.mixed_precision}\" needs a CUDA GPU; "
+                          "set mixed_precision = \"no\" to train on the CPU")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    main = accelerator.is_main_process
+    device = accelerator.device
+    out_dir = Path(config.output_dir)
+    try:  # before minutes of model loading: a typo in output_dir is a one-line error now
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CurateError(f"cannot write output_dir {out_dir}: {exc.strerror or exc}") from None
+    plan = train_data.plan(config, accelerator.num_processes)
+    resume_from = _find_checkpoint(out_dir, resume) if resume else None
+    for warning in plan.summary()["warnings"] if main else []:
+        log(f"warning: {warning}")
+
+    # --- model: only what has a learning rate trains; frozen parts in the compute dtype
+    model = model or sdxl.load(config.pretrained, config.pretrained_config)
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    lrs = {"unet": config.learning_rate, "te1": config.learning_rate_te1, "te2": config.learning_rate_te2}
+    trained = {name: getattr(model, name) for name, lr in lrs.items() if lr > 0}
+    _place(model.vae.requires_grad_(False).eval(), device, torch.float32)
+    for name in ("unet", "te1", "te2"):
+        part = getattr(model, name)
+        is_trained = name in trained
+        part.requires_grad_(is_trained).train(is_trained)
+        full_half = config.full_fp16 or config.full_bf16
+        _place(part, device, half if (full_half or not is_trained) else torch.float32)
+        if is_trained and config.gradient_checkpointing:
+            (part.enable_gradient_checkpointing if name == "unet" else part.gradient_checkpointing_enable)()
+    scheduler = sdxl.noise_scheduler(config.v_parameterization)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+
+    # --- latents: encoded once, on disk, when nothing needs the pixels at each step
+    cache = None
+    if config.cache_latents:
+        cache = train_data.LatentCache(config.latent_cache_dir or out_dir / "latent_cache", model.vae_id)
+        with accelerator.main_process_first():
+            todo = train_data.uncached(plan, cache)
+            show = main and progress and bool(todo)
+            with tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show) as bar:
+                train_data.fill_cache(todo, cache, lambda px: _encode(model.vae, px, device), bar.update)
+        model.vae.to("cpu")
+
+    # --- optimizer, schedule (warmup counted in optimizer steps), accelerate
+    groups = [{"params": [p for p in part.parameters()], "lr": lrs[name]} for name, part in trained.items()]
+    optimizer = _optimizer(config, groups)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=plan.total_steps)
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    for name, wrapped in zip(trained, prepared):
+        trained[name] = wrapped
+    optimizer = prepared[-1]
+    if config.full_fp16:
+        _allow_fp16_grads(accelerator)
+    unet = trained.get("unet", model.unet)
+    ema = None
+    if config.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=config.ema_decay)
+    position = Position(batches_per_epoch=plan.batches_per_epoch)
+    accelerator.register_for_checkpointing(lr_scheduler, position, *([ema] if ema else []))
+    if resume_from:
+        accelerator.load_state(str(resume_from))
+        if position.batches_per_epoch != plan.batches_per_epoch:
+            raise CurateError(f"{resume_from}: the data or batch settings changed since this checkpoint "
+                              f"({position.batches_per_epoch} batches per epoch then, {plan.batches_per_epoch} now); "
+                              "an exact resume needs the same manifests, buckets and batch size")
+        if main:
+            log(f"resumed from {resume_from} (step {position.step}, epoch {position.epoch + 1}, "
+                f"batch {position.batch})")
+        if ema:
+            ema.to(device)
+
+    # --- the loop
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = (out_dir / "metrics.jsonl").open("a", encoding="utf-8") if main else None
+    board = _tensorboard(out_dir) if main else None
+    total = plan.total_steps
+    bar = tqdm(total=total, initial=position.step, desc="train", unit="step", disable=not (main and progress))
+    accum = config.gradient_accumulation_steps
+    params = [p for g in groups for p in g["params"]]
+    timings = {"step_s": 0.0, "wait_s": 0.0, "steps": 0}
+    last_loss = float("nan")
+    bad_losses = 0
+
+    def loss_of(batch) -> "torch.Tensor":
+        if "latents" in batch:
+            latents = batch["latents"].to(device, non_blocking=True)
+        else:
+            latents = _encode(model.vae, batch["pixels"], device)
+        where = f"{config.seed}:noise:{batch['epoch']}:{batch['batch']}:{accelerator.process_index}"
+        gen = torch.Generator(device).manual_seed(random.Random(where).getrandbits(62))  # resumable noise
+        noise = torch.randn(latents.shape, generator=gen, device=device)
+        if config.noise_offset:  # shifts the mean per channel: lets the model learn very dark/bright images
+            noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen, device=device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, latents.shape[:1], generator=gen, device=device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        with accelerator.autocast(), torch.set_grad_enabled(bool({"te1", "te2"} & set(trained))):
+            context, pooled = sdxl.encode_text(model, batch["captions"], device)
+        added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device)}
+        with accelerator.autocast():
+            pred = unet(noisy, t, context, added_cond_kwargs=added).sample
+        target = scheduler.get_velocity(latents, noise, t) if config.v_parameterization else noise
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.min_snr_gamma:  # min-SNR-gamma: down-weight the easy, low-noise timesteps
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            clipped = snr.clamp(max=config.min_snr_gamma)
+            loss = loss * (clipped / (snr + 1) if config.v_parameterization else clipped / snr)
+        return loss.mean()
+
+    per_epoch = plan.batches_per_epoch
+    it = iter(_loader(plan, position, cache, accelerator.process_index, config.max_data_loader_n_workers, device))
+    while position.step < total:
+        t0 = time.perf_counter()
+        wait = 0.0
+        n_micro = min(accum, per_epoch - position.batch)  # the last step of an epoch may be short
+        loss_sum = torch.zeros((), device=device)
+        for k in range(n_micro):
+            t_wait = time.perf_counter()
+            batch = next(it)
+            wait += time.perf_counter() - t_wait
+            sync = k == n_micro - 1  # all-reduce gradients only on the last micro-batch
+            with contextlib.ExitStack() as stack:
+                if not sync:
+                    for part in trained.values():
+                        stack.enter_context(accelerator.no_sync(part))
+                loss = loss_of(batch)
+                accelerator.backward(loss / n_micro)
+            loss_sum += loss.detach() / n_micro
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        _step(optimizer, config, position.step)
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema:
+            ema.step(accelerator.unwrap_model(unet).parameters())
+        position.step += 1
+        position.batch += n_micro
+        if position.batch == per_epoch:
+            position.epoch, position.batch = position.epoch + 1, 0
+        last_loss = accelerator.reduce(loss_sum, "mean").item()
+        # fp16's grad scaler skips an overflowing step by itself; only a run of them is fatal
+        bad_losses = 0 if math.isfinite(last_loss) else bad_losses + 1
+        if bad_losses >= MAX_BAD_LOSSES:
+            raise CurateError(f"loss is {last_loss} for {bad_losses} steps in a row (step {position.step}): "
+                              "lower learning_rate, or use mixed_precision = \"bf16\" / no full_fp16")
+        dt = time.perf_counter() - t0
+        timings["step_s"] += dt
+        timings["wait_s"] += wait
+        timings["steps"] += 1
+        lr = lr_scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.update(1)
+        if metrics:
+            metrics.write(json.dumps({"step": position.step, "epoch": batch["epoch"] + 1,
+                                      "loss": last_loss if math.isfinite(last_loss) else None,
+                                      "lr": lr, "step_s": round(dt, 4), "data_wait_s": round(wait, 4)}) + "\n")
+            metrics.flush()
+        if config.save_every_n_steps and position.step % config.save_every_n_steps == 0 and position.step < total:
+            _save_checkpoint(accelerator, config, model, trained, ema, position)
+        if config.sample_every_n_steps and position.step % config.sample_every_n_steps == 0 and main:
+            _sample_images(accelerator, config, _unwrapped(accelerator, model, trained), position.step, device)
+        if board:
+            board.add_scalar("loss", last_loss, position.step)
+            board.add_scalar("lr", lr, position.step)
+    bar.close()
+    if metrics:
+        metrics.close()
+    if board:
+        board.close()
+
+    # --- final: a full checkpoint (so a longer run can --resume) and the exported model
+    final = _save_checkpoint(accelerator, config, model, trained, ema, position) if save_final else None
+    exported = {}
+    if main and save_final:
+        final_model, dtype = _unwrapped(accelerator, model, trained), _save_dtype(config)
+        with _ema_weights(ema, final_model.unet):
+            exported["diffusers"] = str(sdxl.save_diffusers(final_model, out_dir / "diffusers", dtype))
+            exported["single_file"] = str(sdxl.save_single_file(
+                final_model, out_dir / f"{config.output_name}.safetensors", dtype, _modelspec(config)))
+    accelerator.wait_for_everyone()
+    step_s = max(timings["step_s"], 1e-9)
+    return {"main_process": main, "steps": position.step, "epochs": position.epoch, "loss": last_loss,
+            "checkpoint": str(final) if final else None, "exported": exported,
+            "steps_per_s": timings["steps"] / step_s, "data_wait_share": timings["wait_s"] / step_s,
+            "metrics": str(out_dir / "metrics.jsonl"), "resumed_from": str(resume_from) if resume_from else None}
+
+
+# --- helpers, in the order the loop uses them ------------------------------------------
+
+
+def _place(part, device, dtype) -> None:
+    part.to(device)
+    if next(part.parameters()).dtype != dtype:  # (diffusers warns on every dtype .to())
+        part.to(dtype)
+
+
+def _encode(vae, pixels, device):
+    """Pixels [-1, 1] -> scaled latents. The distribution's mode: deterministic, cacheable."""
+    import torch
+
+    with torch.no_grad():
+        vae_device = next(vae.parameters()).device
+        latents = vae.encode(pixels.to(vae_device, torch.float32)).latent_dist.mode()
+    return (latents * vae.config.scaling_factor).to(device)
+
+
+def _optimizer(config: TrainConfig, groups: list):
+    import torch
+
+    args = dict(config.optimizer_args)
+    if "betas" in args:
+        args["betas"] = tuple(args["betas"])
+    name = config.optimizer_type
+    if name == "AdamW":
+        cls = torch.optim.AdamW
+    else:
+        try:
+            import bitsandbytes as bnb
+        except Exception as exc:  # ImportError, or a CUDA setup error raised at import
+            raise CurateError(f"optimizer_type {name} needs bitsandbytes, which cannot load here "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                              "use optimizer_type = \"AdamW\"") from None
+        cls = getattr(bnb.optim, BNB_OPTIMIZERS[name])
+    try:
+        return cls(groups, **args)
+    except (TypeError, ValueError) as exc:
+        raise CurateError(f"optimizer_args for {name}: {exc}") from None
+
+
+def _step(optimizer, config: TrainConfig, step: int) -> None:
+    """optimizer.step(); bitsandbytes failing on this device becomes a one-line error."""
+    try:
+        optimizer.step()
+    except (RuntimeError, NotImplementedError, AttributeError) as exc:
+        if config.optimizer_type in BNB_OPTIMIZERS and step == 0:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CurateError(f"{config.optimizer_type} (bitsandbytes) cannot run on this device: {first}; "
+                              "use optimizer_type = \"AdamW\"") from None
+        raise
+
+
+def _allow_fp16_grads(accelerator) -> None:
+    """full_fp16: fp16 weights have fp16 gradients, which torch's GradScaler refuses to unscale
+    by default; sd-scripts lets it (allow_fp16=True). The loss is still scaled."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        return
+    unscale = scaler._unscale_grads_
+    scaler._unscale_grads_ = lambda opt, inv_scale, found_inf, allow_fp16: unscale(opt, inv_scale, found_inf, True)
+
+
+def _loader(plan, position: Position, cache, process: int, workers: int, device):
+    from torch.utils.data import DataLoader
+
+    data = train_data.RunData(plan, cache, position.epoch, position.batch, process)
+    return DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+
+
+def _tensorboard(out_dir: Path):
+    """A TensorBoard writer when tensorboard is installed (metrics.jsonl is always written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _sample_images(accelerator, config: TrainConfig, model: sdxl.SDXL, step: int, device) -> None:
+    """One image per prompt with the current weights (Euler, fixed seeds) into output_dir/samples."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    folder = Path(config.output_dir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    vae_device = next(model.vae.parameters()).device
+    model.vae.to(device)
+    was_training = model.unet.training
+    model.unet.eval()
+    pipe = StableDiffusionXLPipeline(
+        vae=model.vae, text_encoder=model.te1, text_encoder_2=model.te2, tokenizer=model.tok1,
+        tokenizer_2=model.tok2, unet=model.unet,
+        scheduler=EulerDiscreteScheduler.from_config(sdxl.noise_scheduler(config.v_parameterization).config))
+    pipe.set_progress_bar_config(disable=True)
+    width, height = config.max_reso
+    try:
+        with accelerator.autocast():
+            for i, prompt in enumerate(config.sample_prompts):
+                image = pipe(prompt, width=width, height=height, num_inference_steps=config.sample_steps,
+                             generator=torch.Generator(device).manual_seed(config.seed + i)).images[0]
+                image.save(folder / f"step-{step:07d}-{i}.png")
+    finally:
+        model.unet.train(was_training)
+        model.vae.to(vae_device)
+
+
+def _save_dtype(config: TrainConfig):
+    import torch
+
+    return {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.save_precision]
+
+
+def _modelspec(config: TrainConfig, step: int | None = None) -> dict:
+    title = config.output_name + (f" step {step}" if step is not None else "")
+    return sdxl.modelspec(title, config.max_reso, config.v_parameterization)
+
+
+def _unwrapped(accelerator, model: sdxl.SDXL, trained: dict) -> sdxl.SDXL:
+    parts = {name: accelerator.unwrap_model(trained[name]) if name in trained else getattr(model, name)
+             for name in ("unet", "te1", "te2")}
+    return sdxl.SDXL(parts["unet"], model.vae, parts["te1"], parts["te2"], model.tok1, model.tok2)
+
+
+@contextlib.contextmanager
+def _ema_weights(ema, unet):
+    """Export the EMA weights, then put the training weights back."""
+    if ema is None:
+        yield
+        return
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(unet.parameters())
+
+
+def _save_checkpoint(accelerator, config: TrainConfig, model, trained, ema, position: Position) -> Path:
+    """Full state (weights, optimizer, scheduler, grad scaler, RNG, data position) plus the
+    model as one .safetensors to try out; `curate.json` marks it complete."""
+    folder = Path(config.output_dir) / CHECKPOINTS / f"step-{position.step:07d}"
+    if (folder / "curate.json").is_file():  # the final save right after a periodic one
+        return folder
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(trained.get("unet", model.unet))
+        with _ema_weights(ema, unet):
+            sdxl.save_single_file(_unwrapped(accelerator, model, trained),
+                                  folder / f"{config.output_name}-step{position.step}.safetensors", _save_dtype(config),
+                                  _modelspec(config, position.step))
+        (folder / "curate.json").write_text(json.dumps({**position.state_dict(), "config": str(config.source)}))
+        done = sorted(p for p in folder.parent.glob("step-*") if (p / "curate.json").is_file())
+        for old in done[:-config.save_last_n_checkpoints] if config.save_last_n_checkpoints else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _find_checkpoint(out_dir: Path, resume: str | bool) -> Path:
+    """--resume: the newest complete checkpoint in output_dir; --resume PATH: that one."""
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not (path / "curate.json").is_file():
+            raise CurateError(f"not a complete curate checkpoint: {path}")
+        return path
+    done = sorted(p for p in (out_dir / CHECKPOINTS).glob("step-*") if (p / "curate.json").is_file())
+    if not done:
+        raise CurateError(f"nothing to resume: no checkpoint in {out_dir / CHECKPOINTS}")
+    return done[-1]
+
+
+def render(summary: dict) -> list[str]:
+    """Dry-run summary as text (one screen)."""
+    s = summary
+    lines = [f"train config {s['config']}: model {s['pretrained']} -> {s['output_dir']}",
+             f"  training images {s['train_images']} ({s['train_samples']} with repeats); reg images: "
+             f"{s['reg_samples']} drawn per epoch from {s['reg_images_available']}, "
+             f"{s['reg_images_used']} used over the run"]
+    for name, u in s["reg_subsets"].items():
+        lo, hi = u["per_epoch"]
+        lines.append(f"    reg subset {name or '(none)'}: {lo if lo == hi else f'{lo}-{hi}'} per epoch, "
+                     f"{u['used_over_run']} of {u['available']} over {s['epochs']} epoch{'s' if s['epochs'] != 1 else ''}")
+    if s["skipped"]:
+        lines.append("  skipped rows: " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items()))
+    lines.append(f"  buckets: {s['buckets_used']} used of {s['predefined_buckets']} "
+                 f"(width x height: images, train/reg)")
+    for b in s["buckets"]:
+        lines.append(f"    {b['width']:>5} x {b['height']:<5} {b['images']:>6}  ({b['train']}/{b['reg']})")
+    lines.append(f"  batch {s['batch_size']} x accumulation {s['gradient_accumulation_steps']}: "
+                 f"{s['batches_per_epoch']} batches = {s['steps_per_epoch']} optimizer steps per epoch")
+    lines.append(f"  total: {s['total_optimizer_steps']} optimizer steps over {s['epochs']} epochs")
+    if "memory" in s:
+        lines += train_memory.render(s["memory"])
+    lines += [f"  warning: {w}" for w in s.get("warnings", [])]
+    return lines

@@ -1,0 +1,72 @@
+"""Peak GPU memory of a `curate train` run, estimated from parameter counts, no model loaded
+(what `--dry-run` prints beside the cards people train on).
+
+Bytes per parameter, as curate.train.loop places them:
+- weights: trained parts in fp32 (master weights) or, with full_fp16/full_bf16, in 16 bits;
+  frozen parts in the compute dtype; the VAE leaves the GPU once latents are cached.
+- gradients: the trained weights' dtype.
+- optimizer state: AdamW two moments, Lion one, in the weights' dtype; the 8-bit
+  bitsandbytes variants one byte per moment.
+- autocast copies: mixed precision over fp32 weights keeps a 16-bit copy of each trained
+  weight for the backward pass.
+- activations: per sample at 1024x1024 (scaled by pixels and batch), with and without
+  gradient checkpointing. These two are rough figures for the SDXL UNet with PyTorch SDPA,
+  not derived from first principles; benchmarks/bench_train_gpu.py measures the real peak.
+"""
+
+from __future__ import annotations
+
+from curate.common.train_config import TrainConfig
+
+GIB = 2**30
+CARDS_GB = (12, 16, 24, 48, 80)  # what people train on; a "24 GB" card holds 24 GiB
+# sdxl.full_size_random() (the SDXL base architecture), counted in tests/test_train_memory.py
+SDXL_PARAMS = {"unet": 2_567_463_684, "te1": 123_060_480, "te2": 694_659_840, "vae": 83_653_863}
+ACTIVATION_GIB_PER_MEGAPIXEL = {True: 1.5, False: 14.0}  # gradient checkpointing -> GiB per 1024^2 sample
+OVERHEAD_GIB = 1.0  # CUDA context, cuDNN/cuBLAS workspaces, allocator slack
+OPTIMIZER_MOMENTS = {"AdamW": 2, "AdamW8bit": 2, "Lion": 1, "Lion8bit": 1}
+
+
+def estimate(config: TrainConfig, params: dict | None = None) -> dict:
+    """{part: GiB} for the run's peak, plus `total` and `total_other_checkpointing` (the other
+    gradient_checkpointing setting), for the SDXL architecture unless `params` says otherwise."""
+    params = params or SDXL_PARAMS
+    lrs = {"unet": config.learning_rate, "te1": config.learning_rate_te1, "te2": config.learning_rate_te2}
+    trained = sum(params[p] for p, lr in lrs.items() if lr > 0)
+    frozen = sum(params[p] for p, lr in lrs.items() if lr <= 0)
+    mixed = config.mixed_precision != "no"
+    half_weights = config.full_fp16 or config.full_bf16
+    w_bytes = 2 if half_weights else 4
+    moment_bytes = 1 if config.optimizer_type.endswith("8bit") else w_bytes
+    parts = {
+        "weights": trained * w_bytes + frozen * (2 if mixed else 4)
+        + (0 if config.cache_latents else params["vae"] * 4),
+        "gradients": trained * w_bytes,
+        "optimizer": trained * OPTIMIZER_MOMENTS[config.optimizer_type] * moment_bytes,
+        "autocast_copies": trained * 2 if mixed and not half_weights else 0,
+        "ema": params["unet"] * 4 if config.ema_decay else 0,
+    }
+    out = {k: v / GIB for k, v in parts.items()}
+    megapixels = config.max_reso[0] * config.max_reso[1] / 1024**2 * config.train_batch_size
+    scale = params["unet"] / SDXL_PARAMS["unet"]  # a smaller UNet: proportionally fewer activations
+    act = {gc: ACTIVATION_GIB_PER_MEGAPIXEL[gc] * megapixels * scale for gc in (True, False)}
+    out["activations"] = act[config.gradient_checkpointing]
+    out["overhead"] = OVERHEAD_GIB
+    out["total"] = sum(out.values())
+    out["total_other_checkpointing"] = out["total"] - act[config.gradient_checkpointing] + act[not config.gradient_checkpointing]
+    out["gradient_checkpointing"] = config.gradient_checkpointing
+    return out
+
+
+def render(est: dict) -> list[str]:
+    gc = est["gradient_checkpointing"]
+    parts = " + ".join(f"{name.replace('_', ' ')} {est[name]:.1f}" for name in
+                       ("weights", "gradients", "optimizer", "autocast_copies", "ema", "activations", "overhead")
+                       if est[name])
+    other = "without" if gc else "with"
+    lines = [f"  peak GPU memory (estimate, SDXL): {parts} = {est['total']:.1f} GiB "
+             f"({'with' if gc else 'without'} gradient checkpointing; {other}: {est['total_other_checkpointing']:.1f})"]
+    fits = lambda total: "  ".join(f"{gb} GB {'yes' if total <= gb else 'no'}" for gb in CARDS_GB)  # noqa: E731
+    lines.append(f"    fits: {fits(est['total'])}")
+    lines.append(f"    {other} checkpointing: {fits(est['total_other_checkpointing'])}")
+    return lines
