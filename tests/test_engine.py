@@ -23,8 +23,8 @@ from curate import manifest as mf  # noqa: E402
 from curate.cli import app  # noqa: E402
 from curate.images.download import download_manifest  # noqa: E402
 from curate.errors import CurateError  # noqa: E402
-from test_dedupe import letterbox, picture  # noqa: E402
-from test_download import FAST, IMG, post, server, write_manifest  # noqa: E402,F401 (server: a fixture)
+from tests.dataset.test_dedupe import letterbox, picture  # noqa: E402
+from tests.images.test_download import FAST, IMG, post, server, write_manifest  # noqa: E402,F401 (server: a fixture)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -232,8 +232,8 @@ def test_download_on_ray_matches_local(server, tmp_path):
 
 def test_download_from_archives_on_ray_matches_local(tmp_path):
     """Archive members on Ray shards: the same paths, errors and derivative columns as here."""
-    from test_images import encode, gradient
-    from test_tars import JPG, make_archive
+    from tests.common.test_decode import encode, gradient
+    from tests.images.test_tars import JPG, make_archive
 
     webp = encode(gradient(30, 20), "WEBP")
     root = tmp_path / "ds"
@@ -258,7 +258,7 @@ def test_tag_on_ray_matches_local(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("timm")
     from curate.dataset import tag
-    from test_tag import make_images, make_manifest, make_tagger, small_labels
+    from tests.dataset.test_tag import make_images, make_manifest, make_tagger, small_labels
 
     model = tmp_path / "model"
     make_tagger(model, "vit", small_labels())

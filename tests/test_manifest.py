@@ -146,10 +146,9 @@ def test_keys_of_the_wrong_type_are_an_error(tmp_path):
 def test_caption_while_download_runs_loses_neither(tmp_path):
     """The case as users meet it: `curate download` fetching slow files in one process,
     `curate caption` on the same manifest in another, finishing first."""
-    sys.path.insert(0, str(Path(__file__).parent))
     import time
 
-    from test_download import FAST, Server, encode, gradient, post, rows_by_key, write_manifest
+    from tests.images.test_download import FAST, Server, encode, gradient, post, rows_by_key, write_manifest
 
     from curate.images.download import download_manifest
 

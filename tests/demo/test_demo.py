@@ -16,7 +16,7 @@ from curate.common import train_config
 from curate.demo.run import make_corpus
 from curate.demo.devserver import DanbooruServer, read_posts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parents[1]
 
 
@@ -76,7 +76,7 @@ def test_make_demo_runs_every_stage_then_nothing(tmp_path):
 
 def exported_reg_use(demo: Path) -> dict:
     """Reg images per subset that sd-scripts' own rule takes from the demo's export."""
-    from test_export import sd_scripts_reg_use
+    from tests.dataset.test_export import sd_scripts_reg_use
 
     config = train_config.read_toml(demo / "kohya" / "dataset_config.toml")
     return sd_scripts_reg_use(config, [demo / "manifests" / "official_cg.parquet", demo / "manifests" / "demo_reg.parquet"])

@@ -11,7 +11,7 @@ from curate.dataset import export
 from curate.common import train_config
 from curate.errors import CurateError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CURATE = str(Path(sys.executable).with_name("curate"))
 MINIMAL = 'pretrained = "tiny-random"\noutput_dir = "run"\nmax_train_steps = 10\n'
 DATASET = '\n[[datasets]]\nmanifest = "m.parquet"\n'

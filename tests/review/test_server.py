@@ -14,7 +14,7 @@ from curate.common import decisions
 pytest.importorskip("starlette", reason="the review extra: pip install -e '.[review]'")
 pytest.importorskip("uvicorn", reason="the review extra: pip install -e '.[review]'")
 from curate.review.server import Background  # noqa: E402
-from test_review_decisions import CURATE, HOSTILE, make_manifest, rows
+from tests.common.test_decisions import CURATE, HOSTILE, make_manifest, rows
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from curate.common import train_config
 
 from curate.train import memory as train_memory
 from curate.train.memory import GIB, SDXL_PARAMS
-from test_train import write_config, write_images_manifest
+from tests.train.test_loop import write_config, write_images_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CURATE = str(Path(sys.executable).with_name("curate"))
 
 

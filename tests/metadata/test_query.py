@@ -7,7 +7,7 @@ import pytest
 from curate.errors import CurateError
 from curate.metadata.query import Range, load, parse
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("text,lo,hi", [

@@ -24,7 +24,7 @@ from curate.common import decode as images
 from curate import manifest
 from curate.images.download import Options, download_manifest, download_table
 from curate.schema import MANIFEST_SCHEMA
-from test_images import animated_gif, encode, exif_rotated_jpeg, gradient, palette_png_transparent, png_header_bomb
+from tests.common.test_decode import animated_gif, encode, exif_rotated_jpeg, gradient, palette_png_transparent, png_header_bomb
 
 
 # -- a real server with faults ------------------------------------------------------

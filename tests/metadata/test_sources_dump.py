@@ -114,7 +114,7 @@ def test_normalize_skips_non_posts():
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-ERA_2021 = Path(__file__).parent / "fixtures" / "danbooru2021_metadata.jsonl"
+ERA_2021 = Path(__file__).resolve().parents[1] / "fixtures" / "danbooru2021_metadata.jsonl"
 
 
 def windows_copy(src: Path, dst: Path) -> Path:
@@ -180,7 +180,7 @@ def cli(*args):
 
 def with_real_md5s(tmp_path):
     """The fixture with each md5 replaced by a real image's, written with a BOM and CRLF."""
-    from test_images import encode, gradient
+    from tests.common.test_decode import encode, gradient
 
     bodies, lines = {}, []
     for i, line in enumerate(ERA_2021.read_text().splitlines()):
@@ -196,8 +196,8 @@ def with_real_md5s(tmp_path):
 
 @pytest.mark.parametrize("via", ["dump", "store"])
 def test_2021_era_posts_are_selected_and_downloaded(tmp_path, via):
-    from test_download import Server
-    from test_tars import make_archive
+    from tests.images.test_download import Server
+    from tests.images.test_tars import make_archive
 
     from curate import manifest
 

@@ -20,8 +20,8 @@ from curate.common import decisions
 pytest.importorskip("starlette", reason="the review extra: pip install -e '.[review]'")
 pytest.importorskip("uvicorn", reason="the review extra: pip install -e '.[review]'")
 from curate.review.server import Background  # noqa: E402
-from test_report import chromium
-from test_review_decisions import HOSTILE, make_manifest, rows
+from tests.report.test_html import chromium
+from tests.common.test_decisions import HOSTILE, make_manifest, rows
 
 
 def wait(fn, timeout=20, what="condition"):
@@ -139,7 +139,7 @@ def test_the_review_loop(session, tmp_path):
     assert undo["of"] == seen["id"] and undo["set"] == seen["prev"]
 
     shot = os.environ.get("CURATE_REVIEW_SCREENSHOT")
-    if shot:  # the README's picture: `CURATE_REVIEW_SCREENSHOT=docs/review.png pytest tests/test_review_browser.py`
+    if shot:  # the README's picture: `CURATE_REVIEW_SCREENSHOT=docs/review.png pytest tests/review/test_browser.py`
         browser.find_element("css selector", "nav button[data-view=images]").click()
         open_card(browser, "b_letterbox.png")
         browser.set_window_size(1400, 900)

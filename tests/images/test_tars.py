@@ -14,8 +14,8 @@ from curate.report import inspect as inspect_mod
 from curate.images.download import download_manifest
 from curate.errors import CurateError
 from curate.images.tars import Archives, residue
-from test_download import FAST, Server, make_shard, md5, post, rows_by_key, stored, write_manifest
-from test_images import encode, gradient
+from tests.images.test_download import FAST, Server, make_shard, md5, post, rows_by_key, stored, write_manifest
+from tests.common.test_decode import encode, gradient
 
 JPG = {i: encode(gradient(40 + i % 7, 30 + i % 5), "JPEG") for i in range(20)}
 

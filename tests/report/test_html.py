@@ -22,7 +22,7 @@ from curate.demo.run import make_cg, make_corpus, make_tagger
 from curate.demo.devserver import DanbooruServer, read_posts
 from curate.report.html import build
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CURATE = str(Path(sys.executable).with_name("curate"))
 SECTIONS = ["summary", "contact-sheets", "duplicates", "crops", "tags", "aspect", "captions"]
 

@@ -25,8 +25,7 @@ from curate.metadata.sources.danbooru import DanbooruSource, free_metatags
 from curate.metadata.sources.dump import DumpSource
 from curate.metadata.store import Store
 
-sys.path.insert(0, str(Path(__file__).parent))
-from danbooru_server import DanbooruServer  # noqa: E402
+from tests.danbooru_server import DanbooruServer  # noqa: E402
 
 FAST = 50.0  # requests/s in most tests
 SECRET = "s3cret-API-key-do-not-leak"
