@@ -26,7 +26,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 # sd-scripts subset keys that `curate export` passes on but `curate train` does not implement.
 EXPORT_ONLY_KEYS = {"color_aug", "random_crop", "face_crop_aug_range", "caption_prefix",
-                    "caption_suffix", "secondary_separator", "enable_wildcard",
+                    "caption_suffix", "secondary_separator",
                     "caption_dropout_every_n_epochs", "cache_info", "resize_interpolation"}
 
 
@@ -44,6 +44,7 @@ class DatasetConfig:
     caption_tag_dropout_rate: float = 0.0
     caption_dropout_rate: float = 0.0
     flip_aug: bool = False
+    enable_wildcard: bool = False          # a caption's lines are alternatives: one per step (else the first)
 
 
 @dataclass
@@ -126,6 +127,7 @@ _DATASET_TYPES = {
     "shuffle_caption": bool, "keep_tokens": int, "keep_tokens_separator": str,
     "caption_separator": str, "caption_tag_dropout_rate": _NUMBER,
     "caption_dropout_rate": _NUMBER, "flip_aug": bool,
+    "enable_wildcard": bool,
 }
 assert set(_TYPES) | {"source"} == {f.name for f in fields(TrainConfig)}
 assert set(_DATASET_TYPES) == {f.name for f in fields(DatasetConfig)}

@@ -17,8 +17,15 @@
     DIR/<manifest>/<subset>.json  {"caption": ..., "tags": ""}} for training rows only (no
     DIR/dataset_config_finetune.toml  reg in sd-scripts' fine-tune route); `tags` stays
                                   empty because sd-scripts appends it to `caption`
-    DIR/.curate-export.json       what the last export wrote; a re-export removes
-                                  what it no longer writes, nothing else
+    DIR/.curate-export.json       what the last export wrote (files, and a content hash
+                                  of each image's pixels and caption); a re-export removes
+                                  what it no longer writes, nothing else, and sd-scripts'
+                                  caches (`<stem>*.npz`, sd_caches.py) of images whose
+                                  pixels (latents) or caption (TE outputs) changed
+
+A caption of several lines (a user's alternatives) is written whole where the subset
+sets `enable_wildcard` (sd-scripts then picks a line per step), else its first line,
+as sd-scripts reads it; the summary counts the captions that lost lines.
 
 Only captioned rows with a readable image on disk and no `error`/`dup_of` are exported.
 
@@ -54,6 +61,7 @@ from curate.common import train_config
 from curate.errors import CurateError
 from curate.common.decode import ImageError
 from curate.common import decisions
+from curate.dataset import sd_caches
 
 MARKER = ".curate-export.json"
 LINK_MODES = ("symlink", "hardlink", "copy")
@@ -119,6 +127,10 @@ class ExportSummary:
     removed: int = 0
     weighted_captions: bool = False  # captions carry `\(` escapes: sd-scripts needs --weighted_captions
     review_pending: list = field(default_factory=list)  # curate review boxes/text crop/caption have not applied
+    caches_removed: int = 0     # sd-scripts .npz caches of changed images
+    changed_images: int = 0     # exported before, and now with other pixels or another caption
+    cache_record: bool = True   # the last export recorded contents (else every cache found is removed)
+    lines_left_out: int = 0     # multi-line captions cut to their first line (no enable_wildcard)
 
     def lines(self) -> list[str]:
         total = sum(n for _, n, _ in self.subsets)
@@ -142,6 +154,15 @@ class ExportSummary:
             out.append("  warning: only reg subsets; sd-scripts needs training images beside them")
         if self.removed:
             out.append(f"  removed {self.removed} files the previous export wrote")
+        if self.lines_left_out:
+            out.append(f"  {self.lines_left_out} captions have several lines (the user's alternatives): wrote the "
+                       "first, as sd-scripts reads it; enable_wildcard = true in the subset's [[datasets]] keeps all")
+        if self.caches_removed:
+            why = (f"{self.changed_images} images changed pixels or caption" if self.cache_record
+                   else "no record of what the last export wrote")
+            out.append(f"  removed {self.caches_removed} sd-scripts cache files (.npz) that no longer fit ({why})")
+        elif self.changed_images:
+            out.append(f"  {self.changed_images} images changed pixels or caption; no sd-scripts caches beside them")
         out += [f"  warning: {note}" for note in self.review_pending]
         flag = " --weighted_captions" if self.weighted_captions else ""
         out.append(f"sd-scripts: --dataset_config {self.out_dir / 'dataset_config.toml'}{flag}")
@@ -224,6 +245,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
         raise CurateError("no manifests: name them, or give a train config with [[datasets]]")
     out_dir = Path(out_dir).resolve()
     previous = _previous_files(out_dir)
+    content, previous_content = {}, _previous_content(out_dir)
     summary = ExportSummary(out_dir, background=normalize.check_background())
     # normalized copies from the last export are reused only if made on the same background
     reusable = previous if _previous_background(out_dir) == list(summary.background) else set()
@@ -280,7 +302,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     except OSError as exc:
         raise CurateError(f"cannot write the export folder {out_dir}: {exc.strerror or exc}") from None
     try:
-        _write(plan, out_dir, dataset, link, summary, written, reusable)
+        _write(plan, out_dir, dataset, link, summary, written, reusable, content, previous_content)
         done = True
     except OSError as exc:  # disk full, a file in a folder's place, ...: what was written is recorded
         where = f" ({exc.filename})" if exc.filename else ""
@@ -288,10 +310,12 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
                           "fix it and run again (the re-run replaces this one's files)") from None
     finally:  # a failed export still records what it wrote, so the next one can clean up
         record = written if done else previous | written
+        contents = content if done else {**(previous_content or {}), **content}
         try:
             if out_dir.is_dir():
                 (out_dir / MARKER).write_text(json.dumps({"files": sorted(record),
-                                                          "background": summary.background}, indent=1),
+                                                          "background": summary.background,
+                                                          "content": contents}, indent=1),
                                               encoding="utf-8")
         except OSError as exc:
             if done:
@@ -303,6 +327,9 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
         if target.is_symlink() or target.is_file():
             target.unlink()
             summary.removed += 1
+            for cache in sd_caches.caches_of(target):  # a dropped image's caches go with it
+                cache.unlink()
+                summary.caches_removed += 1
     _remove_empty_dirs(out_dir)
     return summary
 
@@ -371,7 +398,8 @@ def _predict_reg_use(plan: list[Folder], summary: ExportSummary) -> None:
 
 
 def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary: ExportSummary,
-           written: set[str], reusable: set[str]) -> None:
+           written: set[str], reusable: set[str], content: dict | None = None,
+           previous_content: dict | None = None) -> None:
     """Lay out images + captions, then the TOMLs and metadata; note each file in `written`."""
     import tomli_w
 
@@ -396,12 +424,14 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
                 _place(row.image.resolve(), target, link)
             if row.form.why:
                 summary.normalized[row.form.why] += 1
+            caption = _caption_text(row.caption, folder.values, summary)
+            _drop_stale_caches(target, rel, row.image, caption, content, previous_content, summary)
             caption_file = target.with_suffix(".txt")
-            caption_file.write_text(row.caption, encoding="utf-8", newline="")
+            caption_file.write_text(caption, encoding="utf-8", newline="")
             written.add(rel)
             written.add(str(caption_file.relative_to(out_dir)))
             if not folder.is_reg:  # sd-scripts' fine-tune route has no reg images
-                subset_metadata[str(target)] = {"caption": row.caption, "tags": ""}
+                subset_metadata[str(target)] = {"caption": caption, "tags": ""}
         subsets.append({"image_dir": str(folder.path), **folder.values})
         if not folder.is_reg:
             meta_file = folder.path.with_name(folder.path.name + ".json")
@@ -420,6 +450,39 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
         _write_text(out_dir / "dataset_config_finetune.toml",
                     header + tomli_w.dumps({"datasets": [{**dataset, "subsets": finetune}]}), out_dir, written)
     _write_text(out_dir / "metadata.json", json.dumps(metadata, indent=1, ensure_ascii=False), out_dir, written)
+
+
+def _caption_text(caption: str, values: dict, summary: ExportSummary) -> str:
+    """The caption as sd-scripts should read it: every line with enable_wildcard, else the first."""
+    if "\n" in caption and not values.get("enable_wildcard"):
+        summary.lines_left_out += 1
+        return caption.split("\n", 1)[0]
+    return caption
+
+
+def _drop_stale_caches(target: Path, rel: str, source: Path, caption: str, content: dict | None,
+                       previous: dict | None, summary: ExportSummary) -> None:
+    """Record this file's pixels and caption; remove sd-scripts' caches the change made stale."""
+    if content is None:
+        return
+    old = (previous or {}).get(rel)
+    pixels, fp = sd_caches.pixels_hash(source, old)
+    new = content[rel] = {"pixels": pixels, "caption": sd_caches.text_hash(caption), "source": fp}
+    if old is not None and (old.get("pixels"), old.get("caption")) != (new["pixels"], new["caption"]):
+        summary.changed_images += 1
+    summary.cache_record = summary.cache_record and previous is not None
+    for cache in sd_caches.stale(target, old if previous is not None else None, new):
+        cache.unlink()
+        summary.caches_removed += 1
+
+
+def _previous_content(out_dir: Path) -> dict | None:
+    """{exported image: {pixels, caption, source}} of the last export; None: not recorded."""
+    try:
+        content = json.loads((out_dir / MARKER).read_text(encoding="utf-8")).get("content")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return content if isinstance(content, dict) else None
 
 
 def _write_text(path: Path, text: str, out_dir: Path, written: set[str]) -> None:

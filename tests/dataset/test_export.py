@@ -449,3 +449,70 @@ def test_fine_tune_route_has_training_rows_only(project):
     training_keys = {r["key"] for r in manifest.read(train)[0].to_pylist() if not r["dup_of"]}
     assert {Path(p).stem.replace("_", "/", 1) for p in metadata} == training_keys
     assert all(Path(p).parent == Path(subset["image_dir"]) for p in metadata)
+
+
+# --- sd-scripts' caches beside the exported images (kohya_ss #1629: "npz will not update
+# when resolution remain same" after editing an image) ------------------------------------
+
+
+def sd_scripts_caches(image: Path, w: int, h: int) -> list[Path]:
+    """Cache files with exactly sd-scripts' names (library/strategy_sd.py, strategy_sdxl.py)."""
+    names = [f"{image.stem}.npz", f"{image.stem}_{w:04d}x{h:04d}_sd.npz", f"{image.stem}_{w:04d}x{h:04d}_sdxl.npz",
+             f"{image.stem}_te_outputs.npz"]
+    for name in names:
+        (image.parent / name).write_bytes(b"PK\x03\x04 cached")
+    return [image.parent / n for n in names]
+
+
+def test_reexport_removes_only_the_changed_files_caches(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    for i, name in enumerate("abc"):
+        Image.new("RGB", (96, 64), (60 * i, 100, 200 - 60 * i)).save(cg / f"{name}.png")
+        Image.new("RGB", (16, 64), (250, 250, 0)).save(cg / "stripe.png")
+        with Image.open(cg / f"{name}.png") as im:  # a stripe: moving the box changes the pixels
+            im.paste(Image.open(cg / "stripe.png"), (8 * i, 0))
+            im.save(cg / f"{name}.png")
+        (cg / f"{name}.txt").write_text(f"1girl, {name}", encoding="utf-8")  # the user's own captions
+    (cg / "stripe.png").unlink()
+    m = tmp_path / "m.parquet"
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    assert run("ingest", cg, "--out", m).exit_code == 0
+    keys = {Path(r["path"]).stem: r["key"] for r in manifest.read(m)[0].to_pylist()}
+
+    def review(*lines):
+        f = tmp_path / "d.jsonl"
+        f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        assert run("review", m, "--apply", f).exit_code == 0
+        for stage in ("crop", "caption"):
+            result = run(stage, m)
+            assert result.exit_code == 0, result.output
+
+    review({"key": keys["a"], "action": "crop", "box": [0, 0, 80, 64]})
+    first = run("export", m, "--kohya", "out")
+    assert first.exit_code == 0, first.output
+    folder = tmp_path / "out" / "m" / "cg"
+    images = {stem: folder / (key.replace("/", "_") + ".png") for stem, key in keys.items()}
+    caches = {stem: sd_scripts_caches(p, *Image.open(p).size) for stem, p in images.items()}
+    # a person moves a's box (same size) and rewrites b's caption; c stays as it was
+    review({"key": keys["a"], "action": "crop", "box": [16, 0, 96, 64]},
+           {"key": keys["b"], "action": "caption", "text": "1girl, rewritten"})
+    again = run("export", m, "--kohya", "out")
+    assert again.exit_code == 0, again.output
+    assert Image.open(images["a"]).size == (80, 64)
+    left = {stem: [p.name.removeprefix(images[stem].stem) for p in files if p.exists()] for stem, files in caches.items()}
+    assert left == {"a": ["_te_outputs.npz"],                               # new pixels: latents gone
+                    "b": [".npz", "_0096x0064_sd.npz", "_0096x0064_sdxl.npz"],  # new caption: TE outputs gone
+                    "c": [".npz", "_0096x0064_sd.npz", "_0096x0064_sdxl.npz", "_te_outputs.npz"]}
+    assert "removed 4 sd-scripts cache files (.npz) that no longer fit (2 images changed pixels or caption)" in again.output
+    assert images["b"].with_suffix(".txt").read_text(encoding="utf-8") == "1girl, rewritten"
+    # nothing changed: nothing removed, and no unchanged image is hashed again
+    from curate.dataset import sd_caches
+
+    monkeypatch.setattr(sd_caches.hashlib, "file_digest", lambda *a: pytest.fail("an unchanged image was read"))
+    quiet = run("export", m, "--kohya", "out")
+    assert quiet.exit_code == 0 and "sd-scripts cache" not in quiet.output, quiet.output
+    assert sum(p.exists() for files in caches.values() for p in files) == 8
