@@ -386,12 +386,13 @@ def export(
     config: Optional[Path] = typer.Option(
         None, "--config", help="Train config (TOML, DESIGN layout) whose values to use."),
     link: str = typer.Option("symlink", "--link", help="How images enter DIR: symlink | hardlink | copy."),
+    portable: bool = typer.Option(False, "--portable", help="A folder that travels: real files (copies unless --link hardlink) and paths relative to DIR (run sd-scripts from inside it)."),
 ) -> None:
     """Write an sd-scripts dataset_config.toml, image folders with .txt captions (normalized copies where
     sd-scripts would read other pixels; reg subsets interleaved), and metadata.json for the fine-tune route."""
     from curate.dataset.export import run
 
-    for line in run(manifests or [], kohya, config, link).lines():
+    for line in run(manifests or [], kohya, config, link, portable).lines():
         typer.echo(line)
 
 

@@ -133,6 +133,39 @@ assert set(_TYPES) | {"source"} == {f.name for f in fields(TrainConfig)}
 assert set(_DATASET_TYPES) == {f.name for f in fields(DatasetConfig)}
 
 
+# sd-scripts' spellings of the same settings, accepted so one file serves both
+ALIASES = {"pretrained_model_name_or_path": "pretrained"}
+
+
+def canonical(doc: dict, path: Path) -> dict:
+    """`doc` with sd-scripts' spellings as curate's: ALIASES, and `optimizer_args` in its
+    list form (["weight_decay=0.1", "betas=0.9,0.95"], each value a Python literal) as a table."""
+    doc = dict(doc)
+    for alias, key in ALIASES.items():
+        if alias in doc:
+            if key in doc:
+                raise CurateError(f"{path}: {key} and {alias} name one setting: keep one")
+            doc[key] = doc.pop(alias)
+    args = doc.get("optimizer_args")
+    if isinstance(args, list):
+        doc["optimizer_args"] = dict(_optimizer_arg(a, path) for a in args)
+    return doc
+
+
+def _optimizer_arg(arg, path: Path) -> tuple[str, object]:
+    import ast
+
+    key, eq, text = arg.partition("=") if isinstance(arg, str) else ("", "", "")
+    try:
+        if not (eq and key.strip()):
+            raise ValueError
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        raise CurateError(f"{path}: optimizer_args entry {arg!r} is not name=value "
+                          "(a Python literal, as sd-scripts reads it)") from None
+    return key.strip(), list(value) if isinstance(value, tuple) else value
+
+
 BUCKET_KEYS = ("resolution", "train_batch_size", "enable_bucket", "bucket_no_upscale",
                "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")
 
@@ -167,7 +200,7 @@ def resolve_manifest(text: str, config_path: Path) -> Path:
 def load(path: str | Path) -> TrainConfig:
     """Parse and check a train config; every problem is a one-line CurateError."""
     path = Path(path)
-    doc = read_toml(path)
+    doc = canonical(read_toml(path), path)
     values = {}
     for key, value in doc.items():
         if key not in _TYPES:

@@ -23,6 +23,15 @@
                                   caches (`<stem>*.npz`, sd_caches.py) of images whose
                                   pixels (latents) or caption (TE outputs) changed
 
+    DIR/names.csv                 each exported file's original name and path (`file,key,
+                                  original_name,original_path`)
+    DIR/sdxl_train_args.toml      with --config: the sd-scripts arguments that reproduce the
+                                  train config (sdxl_train.py --config_file; sd_args.py)
+
+`--portable`: a folder that travels (copied to a GPU machine): real files (copies unless
+`--link hardlink`), and every path in the configs, metadata and arguments relative to DIR,
+which sd-scripts resolves against its working folder: run it from inside DIR.
+
 A caption of several lines (a user's alternatives) is written whole where the subset
 sets `enable_wildcard` (sd-scripts then picks a line per step), else its first line,
 as sd-scripts reads it; the summary counts the captions that lost lines.
@@ -61,7 +70,7 @@ from curate.common import train_config
 from curate.errors import CurateError
 from curate.common.decode import ImageError
 from curate.common import decisions
-from curate.dataset import sd_caches
+from curate.dataset import sd_args, sd_caches
 
 MARKER = ".curate-export.json"
 LINK_MODES = ("symlink", "hardlink", "copy")
@@ -102,6 +111,7 @@ class Row:
     caption: str
     form: normalize.Form
     subset: str = ""     # the manifest subset (reg folders hold several)
+    original: str = ""   # the image's original path (source_path, else path) as the manifest has it
 
 
 @dataclass
@@ -112,6 +122,7 @@ class Folder:
     is_reg: bool = False
     seed: str = ""
     merged: bool = False
+    names: list = field(default_factory=list)  # (exported file, key, original path) for names.csv
 
 
 @dataclass
@@ -131,6 +142,9 @@ class ExportSummary:
     changed_images: int = 0     # exported before, and now with other pixels or another caption
     cache_record: bool = True   # the last export recorded contents (else every cache found is removed)
     lines_left_out: int = 0     # multi-line captions cut to their first line (no enable_wildcard)
+    portable: bool = False
+    train_args: str = ""        # sdxl_train_args.toml written ("" none)
+    train_notes: list = field(default_factory=list)
 
     def lines(self) -> list[str]:
         total = sum(n for _, n, _ in self.subsets)
@@ -165,8 +179,17 @@ class ExportSummary:
             out.append(f"  {self.changed_images} images changed pixels or caption; no sd-scripts caches beside them")
         out += [f"  warning: {note}" for note in self.review_pending]
         flag = " --weighted_captions" if self.weighted_captions else ""
-        out.append(f"sd-scripts: --dataset_config {self.out_dir / 'dataset_config.toml'}{flag}")
-        out.append(f"fine-tune route: --dataset_config {self.out_dir / 'dataset_config_finetune.toml'} "
+        out.append(f"  names.csv: the original file name of each exported image")
+        out += [f"  note: {n}" for n in self.train_notes]
+        where = (lambda name: name) if self.portable else (lambda name: self.out_dir / name)  # noqa: E731
+        if self.portable:
+            out.append(f"portable: paths relative to {self.out_dir.name}/, real files; copy the folder and run "
+                       f"sd-scripts from inside it (cd {self.out_dir.name})")
+        if self.train_args:
+            out.append(f"sd-scripts: accelerate launch sdxl_train.py --config_file {where(self.train_args)}")
+        else:
+            out.append(f"sd-scripts: --dataset_config {where('dataset_config.toml')}{flag}")
+        out.append(f"fine-tune route: --dataset_config {where('dataset_config_finetune.toml')} "
                    f"--cache_latents{flag} (metadata.json, training rows only)")
         return out
 
@@ -181,7 +204,7 @@ def load_train_config(path: str | Path | None) -> tuple[dict, dict[Path, dict]]:
     if path is None:
         return dict(RECIPE_DATASET), {}
     path = Path(path)
-    doc = train_config.read_toml(path)  # parsed and paths resolved as `curate train` does
+    doc = train_config.canonical(train_config.read_toml(path), path)  # as `curate train` reads it
     for key in doc:  # a typo would silently give other buckets than `curate train` (which refuses it)
         if key not in train_config._TYPES:
             raise CurateError(f"{path}: unknown key {key!r}" + train_config._hint(key))
@@ -235,18 +258,21 @@ def _check_buckets(dataset: dict, path: Path) -> None:
 
 
 def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Path | None = None,
-        link: str = "symlink") -> ExportSummary:
+        link: str = "symlink", portable: bool = False) -> ExportSummary:
     """`curate export --kohya DIR`: write the dataset folder, config and metadata."""
     if link not in LINK_MODES:
         raise CurateError(f"--link must be one of {', '.join(LINK_MODES)}")
+    if portable and link == "symlink":
+        link = "copy"  # a link points back to this machine's files; a hardlink is a real file
     dataset, per_manifest = load_train_config(config_path)
+    train = _train_config(config_path)
     paths = [Path(m).resolve() for m in manifests] or list(per_manifest)
     if not paths:
         raise CurateError("no manifests: name them, or give a train config with [[datasets]]")
     out_dir = Path(out_dir).resolve()
     previous = _previous_files(out_dir)
     content, previous_content = {}, _previous_content(out_dir)
-    summary = ExportSummary(out_dir, background=normalize.check_background())
+    summary = ExportSummary(out_dir, background=normalize.check_background(), portable=portable)
     # normalized copies from the last export are reused only if made on the same background
     reusable = previous if _previous_background(out_dir) == list(summary.background) else set()
     plan: list[Folder] = []
@@ -303,6 +329,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
         raise CurateError(f"cannot write the export folder {out_dir}: {exc.strerror or exc}") from None
     try:
         _write(plan, out_dir, dataset, link, summary, written, reusable, content, previous_content)
+        _write_extras(plan, out_dir, train, summary, written)
         done = True
     except OSError as exc:  # disk full, a file in a folder's place, ...: what was written is recorded
         where = f" ({exc.filename})" if exc.filename else ""
@@ -337,7 +364,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
 def _eligible(table, root: Path, skipped: Counter, dropped=(), losers=()) -> dict[str, list[Row]]:
     """{subset: [Row]} for rows sd-scripts can train on, each with how to hand it over."""
     out: dict[str, list] = {}
-    cols = table.select(["key", "subset", "path", "error", "dup_of", "caption"]).to_pylist()
+    cols = table.select(["key", "subset", "path", "error", "dup_of", "caption", "source_path"]).to_pylist()
     for row in cols:
         if row["key"] in dropped:
             skipped["dropped in review"] += 1
@@ -358,7 +385,8 @@ def _eligible(table, root: Path, skipped: Counter, dropped=(), losers=()) -> dic
                 skipped[f"unreadable image ({str(exc).split(':')[0]})"] += 1
                 continue
             subset = row["subset"] or ""
-            out.setdefault(subset, []).append(Row(row["key"], root / row["path"], row["caption"], form, subset))
+            out.setdefault(subset, []).append(Row(row["key"], root / row["path"], row["caption"], form, subset,
+                                                  row.get("source_path") or row["path"]))
     return out
 
 
@@ -404,6 +432,8 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
     import tomli_w
 
     subsets, finetune, metadata = [], [], {}
+    portable = summary.portable
+    where = (lambda p: p.relative_to(out_dir).as_posix()) if portable else str  # noqa: E731
     for folder in plan:
         folder.path.mkdir(parents=True, exist_ok=True)
         stems: set[str] = set()
@@ -430,15 +460,16 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
             caption_file.write_text(caption, encoding="utf-8", newline="")
             written.add(rel)
             written.add(str(caption_file.relative_to(out_dir)))
-            if not folder.is_reg:  # sd-scripts' fine-tune route has no reg images
-                subset_metadata[str(target)] = {"caption": caption, "tags": ""}
-        subsets.append({"image_dir": str(folder.path), **folder.values})
+            if not folder.is_reg:  # sd-scripts' fine-tune route has no reg images (relative keys: to image_dir)
+                subset_metadata[target.name if portable else str(target)] = {"caption": caption, "tags": ""}
+                metadata[where(target)] = {"caption": caption, "tags": ""}
+            folder.names.append((rel, row.key, row.original))
+        subsets.append({"image_dir": where(folder.path), **folder.values})
         if not folder.is_reg:
             meta_file = folder.path.with_name(folder.path.name + ".json")
             _write_text(meta_file, json.dumps(subset_metadata, indent=1, ensure_ascii=False), out_dir, written)
-            finetune.append({"image_dir": str(folder.path), "metadata_file": str(meta_file),
+            finetune.append({"image_dir": where(folder.path), "metadata_file": where(meta_file),
                              **{k: v for k, v in folder.values.items() if k not in DREAMBOOTH_ONLY}})
-            metadata.update(subset_metadata)
         summary.subsets.append((str(folder.path.relative_to(out_dir)), len(folder.rows), folder.is_reg))
     config = {"general": {"caption_extension": ".txt"}, "datasets": [{**dataset, "subsets": subsets}]}
     flag = " --weighted_captions (the captions carry \\( escapes)" if summary.weighted_captions else ""
@@ -450,6 +481,56 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
         _write_text(out_dir / "dataset_config_finetune.toml",
                     header + tomli_w.dumps({"datasets": [{**dataset, "subsets": finetune}]}), out_dir, written)
     _write_text(out_dir / "metadata.json", json.dumps(metadata, indent=1, ensure_ascii=False), out_dir, written)
+
+
+def _train_config(config_path):
+    """The train config as `curate train` reads it, for sdxl_train_args.toml (None: no config,
+    or one `curate train` would refuse: export still writes the dataset)."""
+    if config_path is None:
+        return None
+    try:
+        cfg = train_config.load(config_path)
+    except CurateError as exc:
+        return str(exc)
+    # the model as the user wrote it (a hub id stays one; a local file is the GPU machine's to have)
+    raw = train_config.canonical(train_config.read_toml(config_path), Path(config_path))
+    cfg.pretrained = raw.get("pretrained", cfg.pretrained)
+    return cfg
+
+
+def _write_extras(plan: list[Folder], out_dir: Path, train, summary: ExportSummary, written: set[str]) -> None:
+    """names.csv, and with a train config sdxl_train_args.toml (+ its sample prompts file)."""
+    import csv
+    import io
+
+    import tomli_w
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["file", "key", "original_name", "original_path"])
+    for folder in plan:
+        for rel, key, original in folder.names:
+            w.writerow([Path(rel).as_posix(), key, Path(original).name, original])
+    _write_text(out_dir / "names.csv", buf.getvalue(), out_dir, written)
+    if isinstance(train, str):
+        summary.train_notes.append(f"no sdxl_train_args.toml: the train config is incomplete for a run ({train})")
+        return
+    if train is None:
+        return
+    where = (lambda name: name) if summary.portable else (lambda name: str(out_dir / name))  # noqa: E731
+    prompts = sd_args.prompt_lines(train)
+    if prompts:
+        _write_text(out_dir / "sample_prompts.txt", prompts, out_dir, written)
+    args, notes = sd_args.sdxl_train_args(train, where("dataset_config.toml"),
+                                          where("sample_prompts.txt") if prompts else None)
+    if summary.weighted_captions:
+        args["weighted_captions"] = True
+    summary.train_notes += notes
+    header = ("# written by curate export from " + str(train.source) + ": sd-scripts' arguments for the same run;\n"
+              "# accelerate launch sdxl_train.py --config_file <this file>"
+              + (" (from inside this folder: the paths are relative)" if summary.portable else "") + "\n")
+    _write_text(out_dir / "sdxl_train_args.toml", header + tomli_w.dumps(args), out_dir, written)
+    summary.train_args = "sdxl_train_args.toml"
 
 
 def _caption_text(caption: str, values: dict, summary: ExportSummary) -> str:

@@ -516,3 +516,123 @@ def test_reexport_removes_only_the_changed_files_caches(tmp_path, monkeypatch):
     quiet = run("export", m, "--kohya", "out")
     assert quiet.exit_code == 0 and "sd-scripts cache" not in quiet.output, quiet.output
     assert sum(p.exists() for files in caches.values() for p in files) == 8
+
+
+# --- an export that travels ------------------------------------------------------------------
+
+# sdxl_train.py's argument names, as library/train_util.py, sdxl_train_util.py,
+# custom_train_functions.py and config_util.py add them (sd-scripts main, 2026-02)
+SD_SCRIPTS_ARGS = {
+    "pretrained_model_name_or_path", "output_dir", "output_name", "dataset_config", "save_model_as",
+    "gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "seed", "max_data_loader_n_workers",
+    "learning_rate", "learning_rate_te1", "learning_rate_te2", "train_text_encoder", "lr_scheduler",
+    "lr_warmup_steps", "optimizer_type", "optimizer_args", "max_grad_norm", "min_snr_gamma", "noise_offset",
+    "v_parameterization", "mixed_precision", "full_fp16", "full_bf16", "gradient_checkpointing",
+    "cache_latents", "cache_latents_to_disk", "save_every_n_steps", "save_last_n_steps", "save_precision",
+    "sample_every_n_steps", "sample_prompts", "sample_sampler", "weighted_captions",
+}
+
+
+def sd_scripts_dataset(config_file: Path) -> dict[str, str]:
+    """What sd-scripts reads from a dataset config, run from the working folder: `image_dir`
+    and `metadata_file` as given (relative ones against the working folder, as
+    train_util's os.path.isdir / glob / open do), images globbed, the first caption line read
+    (DreamBooth); metadata keys joined to image_dir when relative (fine-tune)."""
+    import ast  # noqa: F401  (sd-scripts reads optimizer_args with it; see below)
+    import glob
+
+    import toml  # sd-scripts' own TOML reader (config_util.load_user_config)
+
+    config = toml.load(config_file)
+    ext = config.get("general", {}).get("caption_extension", ".caption")
+    found = {}
+    for subset in config["datasets"][0]["subsets"]:
+        assert os.path.isdir(subset["image_dir"]), subset["image_dir"]
+        if "metadata_file" in subset:
+            metadata = json.loads(Path(subset["metadata_file"]).read_text(encoding="utf-8"))
+            for key, value in metadata.items():
+                path = key if os.path.isabs(key) else os.path.join(subset["image_dir"], key)
+                assert os.path.isfile(path) and not os.path.islink(path), path
+                found[path] = value["caption"]
+            continue
+        for path in sorted(p for e in IMAGE_EXTS for p in glob.glob(os.path.join(subset["image_dir"], "*" + e))):
+            assert os.path.isfile(path) and not os.path.islink(path), path
+            with open(os.path.splitext(path)[0] + ext, "rt", encoding="utf-8") as f:
+                found[path] = f.readlines()[0].strip()
+    return found
+
+
+def test_portable_export_travels_with_sd_scripts_arguments(project, tmp_path):
+    import ast
+    import csv
+
+    import toml
+
+    root, train, reg = project
+    (root / "configs").mkdir()
+    cfg = root / "configs" / "train.toml"
+    cfg.write_text(TRAIN_TOML.replace('pretrained = "models/kohaku-xl-delta.safetensors"',
+                                      'pretrained_model_name_or_path = "KBlueLeaf/Kohaku-XL-Delta"')
+                   .replace("optimizer_args = { weight_decay = 0.1, betas = [0.9, 0.95] }",
+                            'optimizer_args = ["weight_decay=0.1", "betas=0.9,0.95"]')
+                   .replace("[[datasets]]", "max_train_steps = 100\nsave_every_n_steps = 50\n\n[[datasets]]", 1))
+    result = CliRunner().invoke(app, ["export", "--config", str(cfg), "--kohya", "dist", "--portable"])
+    assert result.exit_code == 0, result.output
+    assert "accelerate launch sdxl_train.py --config_file sdxl_train_args.toml" in result.output
+    # copied to "another machine": the folder alone, somewhere else, the originals gone
+    moved = tmp_path / "gpu-box" / "dataset"
+    moved.parent.mkdir()
+    shutil.move(str(root / "dist"), moved)
+    rows = {r["key"]: r for m in (train, reg) for r in manifest.read(m)[0].to_pylist()}
+    for folder in ("cg", "reg"):
+        shutil.rmtree(root / "manifests" / folder)
+    os.chdir(moved)
+    seen = sd_scripts_dataset(Path("dataset_config.toml"))
+    exported = {r["key"]: r["caption"] for r in rows.values() if r["caption"] and not r["error"] and not r["dup_of"]}
+    assert len(seen) == len(exported) == 13
+    assert all(not os.path.isabs(p) for p in seen)
+    finetune = sd_scripts_dataset(Path("dataset_config_finetune.toml"))
+    assert len(finetune) == 5 and set(finetune.values()) <= set(exported.values())
+
+    # sd-scripts' --config_file: tables flattened, each key an argument of sdxl_train.py
+    args = {}
+    for key, value in toml.load("sdxl_train_args.toml").items():
+        args.update(value if isinstance(value, dict) else {key: value})
+    assert set(args) <= SD_SCRIPTS_ARGS, set(args) - SD_SCRIPTS_ARGS
+    assert args["pretrained_model_name_or_path"] == "KBlueLeaf/Kohaku-XL-Delta"
+    assert args["dataset_config"] == "dataset_config.toml" and os.path.isfile(args["dataset_config"])
+    assert args["optimizer_type"] == "Lion8bit" and args["learning_rate"] == 7.5e-6
+    assert args["save_last_n_steps"] == 150  # 3 checkpoints (curate's default) of every 50 steps
+    kwargs = {}
+    for arg in args["optimizer_args"]:  # as sd-scripts' get_optimizer reads them
+        key, value = arg.split("=")
+        kwargs[key] = ast.literal_eval(value)
+    assert kwargs == {"weight_decay": 0.1, "betas": (0.9, 0.95)}
+
+    # the original file names, beside the files
+    with open("names.csv", newline="", encoding="utf-8") as f:
+        names = list(csv.DictReader(f))
+    assert len(names) == 13 and all(os.path.isfile(n["file"]) for n in names)
+    assert {n["key"]: n["original_path"] for n in names} == {
+        k: rows[k]["source_path"] or rows[k]["path"] for k in exported}
+    assert {n["original_name"] for n in names} >= {"%s.png" % k.split("/")[1] for k in rows if k in exported}
+
+
+def test_sd_scripts_spellings_in_the_train_config(tmp_path):
+    from curate.common import train_config
+
+    base = 'output_dir = "o"\nmax_train_steps = 1\n[[datasets]]\nmanifest = "m.parquet"\n'
+    table = tmp_path / "a.toml"
+    table.write_text('pretrained = "x/y"\noptimizer_args = { weight_decay = 0.1, betas = [0.9, 0.95] }\n' + base)
+    spelled = tmp_path / "b.toml"
+    spelled.write_text('pretrained_model_name_or_path = "x/y"\n'
+                       'optimizer_args = ["weight_decay=0.1", "betas=(0.9, 0.95)"]\n' + base)
+    a, b = train_config.load(table), train_config.load(spelled)
+    assert a.pretrained == b.pretrained and a.optimizer_args == b.optimizer_args == {"weight_decay": 0.1,
+                                                                                   "betas": [0.9, 0.95]}
+    for text, message in (('pretrained = "x"\npretrained_model_name_or_path = "x"\n', "keep one"),
+                          ('pretrained = "x"\noptimizer_args = ["weight_decay"]\n', "is not name=value")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text + base)
+        with pytest.raises(CurateError, match=message):
+            train_config.load(bad)
