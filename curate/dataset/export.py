@@ -461,8 +461,11 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
             written.add(rel)
             written.add(str(caption_file.relative_to(out_dir)))
             if not folder.is_reg:  # sd-scripts' fine-tune route has no reg images (relative keys: to image_dir)
-                subset_metadata[target.name if portable else str(target)] = {"caption": caption, "tags": ""}
-                metadata[where(target)] = {"caption": caption, "tags": ""}
+                # with enable_wildcard sd-scripts appends `separator + tags` to every line when
+                # `tags` is there at all (an empty one leaves a trailing comma): then none
+                entry = {"caption": caption} if folder.values.get("enable_wildcard") else {"caption": caption, "tags": ""}
+                subset_metadata[target.name if portable else str(target)] = entry
+                metadata[where(target)] = entry
             folder.names.append((rel, row.key, row.original))
         subsets.append({"image_dir": where(folder.path), **folder.values})
         if not folder.is_reg:

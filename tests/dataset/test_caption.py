@@ -874,6 +874,9 @@ def test_a_users_lines_are_alternatives_in_export_and_train(tmp_path):
     cfg = train_config_for(tmp_path, m, "enable_wildcard = true\n")
     wild = export.run([m], tmp_path / "wild", cfg)
     assert wild.lines_left_out == 0
+    meta = json.loads((tmp_path / "wild" / "metadata.json").read_text(encoding="utf-8"))
+    assert {v["caption"] for v in meta.values()} == set(caps.values())
+    assert all("tags" not in v for v in meta.values())  # sd-scripts would add "," + "" to every line
     (a_txt,) = [p for p in (tmp_path / "wild").rglob("*.txt") if "smile" in p.read_text(encoding="utf-8")]
     assert sd_scripts_read_caption(a_txt, True).split("\n") == caps["a"].split("\n")
     toml = (tmp_path / "wild" / "dataset_config.toml").read_text(encoding="utf-8")
@@ -894,9 +897,9 @@ def test_a_users_lines_are_alternatives_in_export_and_train(tmp_path):
     assert train_data.process_caption("1girl, smile", first.datasets[0], None, rng) == "1girl, smile"
 
 
-# sd-scripts docs/fine_tune_README_ja.md: make_captions.py leaves BLIP sentences in
-# <stem>.caption, tag_images_by_wd14_tagger.py tags in <stem>.txt; merge_dd_tags_to_metadata
-# joins them, and FineTuningDataset trains on caption + caption_separator + tags.
+# sd-scripts' fine-tune preparation: finetune/make_captions.py and merge_captions_to_metadata.py
+# use <stem>.caption (BLIP sentences), tag_images_by_wd14_tagger.py and merge_dd_tags_to_metadata.py
+# <stem>.txt (tags); FineTuningDataset trains on caption + caption_separator + tags.
 @pytest.mark.parametrize("mode, expected, said", [
     ("use", "1girl, umbrella", ["used .txt for 1 rows with several caption files", "left out",
                                 ".caption 1"]),

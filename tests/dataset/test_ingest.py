@@ -279,8 +279,8 @@ def test_housekeeping_folders_are_skipped_and_counted(tmp_path):
     assert "skipped housekeeping" not in r.stdout
 
 
-# sd-scripts' fine-tune preparation (docs/fine_tune_README_ja.md: make_captions.py writes
-# BLIP sentences to <stem>.caption, tag_images_by_wd14_tagger.py WD14 tags to <stem>.txt)
+# sd-scripts' fine-tune preparation: finetune/make_captions.py writes BLIP sentences to
+# <stem>.caption, finetune/tag_images_by_wd14_tagger.py WD14 tags to <stem>.txt, beside one image
 def test_paired_sidecars_are_all_kept(tmp_path):
     d = tmp_path / "cg"
     d.mkdir()

@@ -359,6 +359,7 @@ def test_onnx_model_folder(tmp_path):
 
 # sd-scripts PR #864 (wd14 tagger --onnx): SmilingWolf/wd-v1-4-convnext-tagger-v2's model.onnx
 # "can only use batch_size=1"; at curate's default batch size onnxruntime refused the batch.
+# (sd-scripts' tag_images_by_wd14_tagger.py now reads the input's dim 0 and uses it likewise.)
 @pytest.mark.parametrize("fixed, args", [(1, ()), (3, ("--batch-size", "8"))])
 def test_onnx_fixed_batch_sets_the_batch_size(tmp_path, fixed, args):
     model = make_tagger(tmp_path / "src", "vit", small_labels(), seed=3)
