@@ -476,7 +476,8 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
         summary.subsets.append((str(folder.path.relative_to(out_dir)), len(folder.rows), folder.is_reg))
     config = {"general": {"caption_extension": ".txt"}, "datasets": [{**dataset, "subsets": subsets}]}
     flag = " --weighted_captions (the captions carry \\( escapes)" if summary.weighted_captions else ""
-    header = f"# written by curate export; train with sd-scripts --dataset_config <this file>{flag}\n"
+    inside = " (from inside this folder: the paths are relative)" if portable else ""
+    header = f"# written by curate export; train with sd-scripts --dataset_config <this file>{flag}{inside}\n"
     _write_text(out_dir / "dataset_config.toml", header + tomli_w.dumps(config), out_dir, written)
     if finetune:
         header = ("# written by curate export: sd-scripts' fine-tune route (metadata files, training rows "
