@@ -636,3 +636,50 @@ def test_sd_scripts_spellings_in_the_train_config(tmp_path):
         bad.write_text(text + base)
         with pytest.raises(CurateError, match=message):
             train_config.load(bad)
+
+
+def test_portable_export_loads_in_sd_scripts_own_reader(project, tmp_path, monkeypatch):
+    """sd-scripts' own argument parser and dataset-config reader on the moved folder. Runs
+    where SD_SCRIPTS names a kohya-ss/sd-scripts checkout whose requirements are importable
+    (voluptuous, imagesize, opencv); elsewhere sd_scripts_dataset above stands in for it."""
+    if not os.environ.get("SD_SCRIPTS"):
+        pytest.skip("SD_SCRIPTS (a kohya-ss/sd-scripts checkout) not set")
+    monkeypatch.syspath_prepend(os.environ["SD_SCRIPTS"])
+    transformers = pytest.importorskip("transformers")
+    if "CLIPFeatureExtractor" not in dir(transformers):  # gone from newer transformers; sd-scripts imports it
+        sys.modules["transformers"].__dict__["CLIPFeatureExtractor"] = transformers.CLIPImageProcessor
+    root, train, reg = project
+    cfg = root / "train.toml"
+    cfg.write_text(TRAIN_TOML.replace('optimizer_args = { weight_decay = 0.1, betas = [0.9, 0.95] }',
+                                      'optimizer_args = ["weight_decay=0.1", "betas=0.9,0.95"]')
+                   .replace("[[datasets]]", "max_train_steps = 100\n\n[[datasets]]", 1))
+    result = CliRunner().invoke(app, ["export", "--config", str(cfg), "--kohya", "dist", "--portable"])
+    assert result.exit_code == 0, result.output
+    moved = tmp_path / "gpu-box" / "dataset"
+    moved.parent.mkdir()
+    shutil.move(str(root / "dist"), moved)
+    for folder in ("cg", "reg"):
+        shutil.rmtree(root / "manifests" / folder)
+    monkeypatch.chdir(moved)
+
+    import sdxl_train
+    from library import config_util, strategy_base, strategy_sd, train_util
+
+    strategy_base.LatentsCachingStrategy.set_strategy(strategy_sd.SdSdxlLatentsCachingStrategy(False, True, 1, False))
+    parser = sdxl_train.setup_parser()
+    monkeypatch.setattr(sys, "argv", ["sdxl_train.py", "--config_file", "sdxl_train_args.toml"])
+    args = train_util.read_config_from_file(parser.parse_args(), parser)
+    assert args.optimizer_type == "Lion8bit" and args.optimizer_args == ["weight_decay=0.1", "betas=0.9,0.95"]
+    expected = {r["caption"] for m in (train, reg) for r in manifest.read(m)[0].to_pylist()
+                if r["caption"] and not r["error"] and not r["dup_of"]}
+    for name, kind, n in (("dataset_config.toml", "DreamBoothDataset", 13),
+                          ("dataset_config_finetune.toml", "FineTuningDataset", 5)):
+        blueprint = config_util.BlueprintGenerator(config_util.ConfigSanitizer(True, True, False, True)).generate(
+            config_util.load_user_config(args.dataset_config if kind == "DreamBoothDataset" else name), args)
+        group, _ = config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
+        (dataset,) = group.datasets
+        infos = list(dataset.image_data.values())
+        assert type(dataset).__name__ == kind and len(infos) == n
+        assert all(os.path.isfile(i.absolute_path) and not os.path.islink(i.absolute_path)
+                   and not os.path.isabs(i.absolute_path) for i in infos)
+        assert {i.caption for i in infos} <= expected
