@@ -142,6 +142,7 @@ class ExportSummary:
     changed_images: int = 0     # exported before, and now with other pixels or another caption
     cache_record: bool = True   # the last export recorded contents (else every cache found is removed)
     lines_left_out: int = 0     # multi-line captions cut to their first line (no enable_wildcard)
+    caches_kept: int = 0        # sd-scripts .npz caches left beside unchanged images
     portable: bool = False
     train_args: str = ""        # sdxl_train_args.toml written ("" none)
     train_notes: list = field(default_factory=list)
@@ -171,12 +172,15 @@ class ExportSummary:
         if self.lines_left_out:
             out.append(f"  {self.lines_left_out} captions have several lines (the user's alternatives): wrote the "
                        "first, as sd-scripts reads it; enable_wildcard = true in the subset's [[datasets]] keeps all")
-        if self.caches_removed:
-            why = (f"{self.changed_images} images changed pixels or caption" if self.cache_record
-                   else "no record of what the last export wrote")
-            out.append(f"  removed {self.caches_removed} sd-scripts cache files (.npz) that no longer fit ({why})")
-        elif self.changed_images:
-            out.append(f"  {self.changed_images} images changed pixels or caption; no sd-scripts caches beside them")
+        if self.caches_removed or self.caches_kept or self.changed_images:
+            if not self.cache_record and self.caches_removed:
+                why = "no record of what the last export wrote"
+            elif self.changed_images:
+                why = f"{self.changed_images} images changed pixels or caption"
+            else:
+                why = "no image or caption changed" if not self.caches_removed else "their images left the export"
+            out.append(f"  sd-scripts caches (.npz): removed {self.caches_removed} that no longer fit, "
+                       f"kept {self.caches_kept} ({why})")
         out += [f"  warning: {note}" for note in self.review_pending]
         flag = " --weighted_captions" if self.weighted_captions else ""
         out.append(f"  names.csv: the original file name of each exported image")
@@ -357,6 +361,7 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
             for cache in sd_caches.caches_of(target):  # a dropped image's caches go with it
                 cache.unlink()
                 summary.caches_removed += 1
+                summary.caches_kept -= any(cache.parent == f.path for f in plan)  # counted as kept in _write
     _remove_empty_dirs(out_dir)
     return summary
 
@@ -467,6 +472,7 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
                 subset_metadata[target.name if portable else str(target)] = entry
                 metadata[where(target)] = entry
             folder.names.append((rel, row.key, row.original))
+        summary.caches_kept += sum(1 for _ in folder.path.glob("*.npz"))
         subsets.append({"image_dir": where(folder.path), **folder.values})
         if not folder.is_reg:
             meta_file = folder.path.with_name(folder.path.name + ".json")

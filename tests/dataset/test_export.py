@@ -507,15 +507,25 @@ def test_reexport_removes_only_the_changed_files_caches(tmp_path, monkeypatch):
     assert left == {"a": ["_te_outputs.npz"],                               # new pixels: latents gone
                     "b": [".npz", "_0096x0064_sd.npz", "_0096x0064_sdxl.npz"],  # new caption: TE outputs gone
                     "c": [".npz", "_0096x0064_sd.npz", "_0096x0064_sdxl.npz", "_te_outputs.npz"]}
-    assert "removed 4 sd-scripts cache files (.npz) that no longer fit (2 images changed pixels or caption)" in again.output
+    assert ("sd-scripts caches (.npz): removed 4 that no longer fit, kept 8 (2 images changed pixels or caption)"
+            in again.output)
     assert images["b"].with_suffix(".txt").read_text(encoding="utf-8") == "1girl, rewritten"
     # nothing changed: nothing removed, and no unchanged image is hashed again
     from curate.dataset import sd_caches
 
     monkeypatch.setattr(sd_caches.hashlib, "file_digest", lambda *a: pytest.fail("an unchanged image was read"))
     quiet = run("export", m, "--kohya", "out")
-    assert quiet.exit_code == 0 and "sd-scripts cache" not in quiet.output, quiet.output
+    assert quiet.exit_code == 0, quiet.output
+    assert "sd-scripts caches (.npz): removed 0 that no longer fit, kept 8 (no image or caption changed)" in quiet.output
     assert sum(p.exists() for files in caches.values() for p in files) == 8
+    monkeypatch.undo()
+    # a dropped image's caches leave with it
+    monkeypatch.chdir(tmp_path)
+    review({"key": keys["c"], "action": "drop"})
+    dropped = run("export", m, "--kohya", "out")
+    assert dropped.exit_code == 0, dropped.output
+    assert not any(p.exists() for p in caches["c"]) and not images["c"].exists()
+    assert "removed 4 that no longer fit, kept 4 (their images left the export)" in dropped.output
 
 
 # --- an export that travels ------------------------------------------------------------------
