@@ -548,12 +548,9 @@ def sd_scripts_dataset(config_file: Path) -> dict[str, str]:
     and `metadata_file` as given (relative ones against the working folder, as
     train_util's os.path.isdir / glob / open do), images globbed, the first caption line read
     (DreamBooth); metadata keys joined to image_dir when relative (fine-tune)."""
-    import ast  # noqa: F401  (sd-scripts reads optimizer_args with it; see below)
     import glob
 
-    import toml  # sd-scripts' own TOML reader (config_util.load_user_config)
-
-    config = toml.load(config_file)
+    config = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))  # sd-scripts: toml.load
     ext = config.get("general", {}).get("caption_extension", ".caption")
     found = {}
     for subset in config["datasets"][0]["subsets"]:
@@ -572,11 +569,9 @@ def sd_scripts_dataset(config_file: Path) -> dict[str, str]:
     return found
 
 
-def test_portable_export_travels_with_sd_scripts_arguments(project, tmp_path):
+def test_portable_export_travels_with_sd_scripts_arguments(project, tmp_path, monkeypatch):
     import ast
     import csv
-
-    import toml
 
     root, train, reg = project
     (root / "configs").mkdir()
@@ -596,7 +591,7 @@ def test_portable_export_travels_with_sd_scripts_arguments(project, tmp_path):
     rows = {r["key"]: r for m in (train, reg) for r in manifest.read(m)[0].to_pylist()}
     for folder in ("cg", "reg"):
         shutil.rmtree(root / "manifests" / folder)
-    os.chdir(moved)
+    monkeypatch.chdir(moved)
     seen = sd_scripts_dataset(Path("dataset_config.toml"))
     exported = {r["key"]: r["caption"] for r in rows.values() if r["caption"] and not r["error"] and not r["dup_of"]}
     assert len(seen) == len(exported) == 13
@@ -606,7 +601,7 @@ def test_portable_export_travels_with_sd_scripts_arguments(project, tmp_path):
 
     # sd-scripts' --config_file: tables flattened, each key an argument of sdxl_train.py
     args = {}
-    for key, value in toml.load("sdxl_train_args.toml").items():
+    for key, value in tomllib.loads(Path("sdxl_train_args.toml").read_text(encoding="utf-8")).items():
         args.update(value if isinstance(value, dict) else {key: value})
     assert set(args) <= SD_SCRIPTS_ARGS, set(args) - SD_SCRIPTS_ARGS
     assert args["pretrained_model_name_or_path"] == "KBlueLeaf/Kohaku-XL-Delta"
