@@ -255,6 +255,8 @@ def ingest(
     name: Optional[str] = typer.Option(None, "--name", help="Subset name for the rows (default: the folder's name)."),
     workers: Optional[int] = typer.Option(None, "--workers", callback=_range(1), help="Processes (default: all cores)."),
     follow_external_links: bool = typer.Option(False, "--follow-external-links", help="Read symlinks whose target lies outside the folder (default: an error row each)."),
+    include_housekeeping: bool = typer.Option(False, "--include-housekeeping", help="Also read NAS/OS housekeeping folders and files (@eaDir, #recycle, $RECYCLE.BIN, __MACOSX, .Trash-*, Thumbs.db, ...; default: skipped and counted)."),
+    caption_ext: Optional[list[str]] = typer.Option(None, "--caption-ext", help="A further sidecar extension to read (repeatable; .txt and .caption always are, first found is user_caption)."),
 ) -> None:
     """Local images (official CG, screenshots) -> manifest rows.
 
@@ -267,11 +269,18 @@ def ingest(
     from curate.dataset.ingest import run
 
     out = out or Path("manifests") / f"{name or folder.resolve().name}.parquet"
-    s = run(folder, out, name, workers, follow_external_links)
+    s = run(folder, out, name, workers, follow_external_links, include_housekeeping, caption_ext or ())
     typer.echo(f"ingest: {s.found} image files in {folder}: {s.added} added, {s.existing} already in the "
                f"manifest, {s.failed} unreadable (error rows), {s.copies} byte-identical copies")
     if s.not_images:
         typer.echo(f"  {s.not_images} non-image files ignored")
+    if s.housekeeping:
+        typer.echo("  skipped housekeeping files (--include-housekeeping reads them): "
+                   + ", ".join(f"{kind} {n}" for kind, n in sorted(s.housekeeping.items())))
+    if s.several_sidecars:
+        typer.echo(f"  {s.several_sidecars} images have several caption files ("
+                   + ", ".join(f"{ext} {n}" for ext, n in sorted(s.sidecars.items()))
+                   + "): all kept in user_sidecars; curate caption's user_caption setting combines or picks")
     if s.user_captions:
         typer.echo(f"  {s.user_captions} images have the user's own caption (.txt/.caption beside them; "
                    "read into user_caption, never changed)")
@@ -377,12 +386,13 @@ def export(
     config: Optional[Path] = typer.Option(
         None, "--config", help="Train config (TOML, DESIGN layout) whose values to use."),
     link: str = typer.Option("symlink", "--link", help="How images enter DIR: symlink | hardlink | copy."),
+    portable: bool = typer.Option(False, "--portable", help="A folder that travels: real files (copies unless --link hardlink) and paths relative to DIR (run sd-scripts from inside it)."),
 ) -> None:
     """Write an sd-scripts dataset_config.toml, image folders with .txt captions (normalized copies where
     sd-scripts would read other pixels; reg subsets interleaved), and metadata.json for the fine-tune route."""
     from curate.dataset.export import run
 
-    for line in run(manifests or [], kohya, config, link).lines():
+    for line in run(manifests or [], kohya, config, link, portable).lines():
         typer.echo(line)
 
 

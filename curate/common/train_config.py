@@ -26,7 +26,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 # sd-scripts subset keys that `curate export` passes on but `curate train` does not implement.
 EXPORT_ONLY_KEYS = {"color_aug", "random_crop", "face_crop_aug_range", "caption_prefix",
-                    "caption_suffix", "secondary_separator", "enable_wildcard",
+                    "caption_suffix", "secondary_separator",
                     "caption_dropout_every_n_epochs", "cache_info", "resize_interpolation"}
 
 
@@ -44,6 +44,7 @@ class DatasetConfig:
     caption_tag_dropout_rate: float = 0.0
     caption_dropout_rate: float = 0.0
     flip_aug: bool = False
+    enable_wildcard: bool = False          # a caption's lines are alternatives: one per step (else the first)
 
 
 @dataclass
@@ -126,9 +127,43 @@ _DATASET_TYPES = {
     "shuffle_caption": bool, "keep_tokens": int, "keep_tokens_separator": str,
     "caption_separator": str, "caption_tag_dropout_rate": _NUMBER,
     "caption_dropout_rate": _NUMBER, "flip_aug": bool,
+    "enable_wildcard": bool,
 }
 assert set(_TYPES) | {"source"} == {f.name for f in fields(TrainConfig)}
 assert set(_DATASET_TYPES) == {f.name for f in fields(DatasetConfig)}
+
+
+# sd-scripts' spellings of the same settings, accepted so one file serves both
+ALIASES = {"pretrained_model_name_or_path": "pretrained"}
+
+
+def canonical(doc: dict, path: Path) -> dict:
+    """`doc` with sd-scripts' spellings as curate's: ALIASES, and `optimizer_args` in its
+    list form (["weight_decay=0.1", "betas=0.9,0.95"], each value a Python literal) as a table."""
+    doc = dict(doc)
+    for alias, key in ALIASES.items():
+        if alias in doc:
+            if key in doc:
+                raise CurateError(f"{path}: {key} and {alias} name one setting: keep one")
+            doc[key] = doc.pop(alias)
+    args = doc.get("optimizer_args")
+    if isinstance(args, list):
+        doc["optimizer_args"] = dict(_optimizer_arg(a, path) for a in args)
+    return doc
+
+
+def _optimizer_arg(arg, path: Path) -> tuple[str, object]:
+    import ast
+
+    key, eq, text = arg.partition("=") if isinstance(arg, str) else ("", "", "")
+    try:
+        if not (eq and key.strip()):
+            raise ValueError
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        raise CurateError(f"{path}: optimizer_args entry {arg!r} is not name=value "
+                          "(a Python literal, as sd-scripts reads it)") from None
+    return key.strip(), list(value) if isinstance(value, tuple) else value
 
 
 BUCKET_KEYS = ("resolution", "train_batch_size", "enable_bucket", "bucket_no_upscale",
@@ -165,7 +200,7 @@ def resolve_manifest(text: str, config_path: Path) -> Path:
 def load(path: str | Path) -> TrainConfig:
     """Parse and check a train config; every problem is a one-line CurateError."""
     path = Path(path)
-    doc = read_toml(path)
+    doc = canonical(read_toml(path), path)
     values = {}
     for key, value in doc.items():
         if key not in _TYPES:

@@ -24,8 +24,14 @@ Recipes (`recipe = ...`) are presets for the keys below; keys set beside them wi
 
 A user's own caption (a `.txt` / `.caption` sidecar that ingest read into
 `user_caption`) is chosen per subset with `user_caption`: "use" (default: the user's
-text as it is, one line; rows without one are generated), "merge" (the user's tags plus
-the tagger's, deduplicated, ordered as above), "ignore" (always generate).
+text as it is; rows without one are generated), "merge" (the user's tags plus the
+tagger's, deduplicated, ordered as above), "ignore" (always generate). A file of several
+lines keeps them as alternatives, one caption line each (export writes them all where
+the subset sets sd-scripts' `enable_wildcard`, else the first). With several sidecars
+(`user_sidecars`), "use" takes the first (ingest's `--caption-ext` order: `.txt`,
+`.caption`, ...) and the summary counts the ones left out; "merge" reads sd-scripts'
+fine-tune pair as it does: `.caption` sentences, then the tags of the other files merged
+with curate's, `<sentence>, <tags>` (one line per sentence line).
 
 Caption files: `<image stem>.txt` beside an image curate wrote (a download, a crop);
 for a user's own image, `<manifest stem>.captions/<key>.txt` in the manifest's folder.
@@ -105,14 +111,55 @@ def build_caption(row: dict, s: CaptionSettings, *, is_reg: bool = False,
 
 def choose_caption(row: dict, s: CaptionSettings, *, is_reg: bool = False,
                    class_token: str = "", theme: str | None = None) -> tuple[str, str]:
-    """(caption text, how: "user" | "merged" | "generated") as the subset's settings choose."""
-    user = row.get("user_caption")
-    if user and rules.one_line(user) and s.user_caption != "ignore":
-        if s.user_caption == "use":
-            return rules.person_text(user, s.escape_parentheses), "user"
-        return _compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme,
-                        user_tags=user_tags(user, s.keep_separator)), "merged"
-    return _compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme), "generated"
+    """(caption text, how: "user" | "merged" | "generated") as the subset's settings choose.
+
+    A user's caption of several lines keeps them as alternatives, one per line (sd-scripts
+    reads the first, or one at random per step with `enable_wildcard`; export and `curate
+    train` decide). With `merge`, sd-scripts' fine-tune pair (BLIP sentences in `.caption`,
+    tags in another sidecar) becomes `<sentence>, <tags>` per sentence line, its order."""
+    return _choose(row, s, is_reg=is_reg, class_token=class_token, theme=theme)[:2]
+
+
+SENTENCES = ".caption"  # sd-scripts' make_captions.py writes BLIP sentences there, the taggers .txt
+SENTENCE_SEPARATOR = ", "  # sd-scripts: caption + caption_separator (",") + tags; it strips each piece
+
+
+def sidecars_of(row: dict) -> list[dict]:
+    """The row's sidecar captions [{ext, text}] (`user_sidecars`, else `user_caption` alone)."""
+    found = [f for f in (row.get("user_sidecars") or []) if f.get("text") and user_lines(f["text"])]
+    if not found and row.get("user_caption") and user_lines(row["user_caption"]):
+        found = [{"ext": "", "text": row["user_caption"]}]
+    return found
+
+
+def user_lines(text: str) -> list[str]:
+    """A user's caption file as its non-empty lines, each one clean line (split where
+    sd-scripts' text-mode readlines splits: \n, \r\n, \r)."""
+    return [line for line in (rules.one_line(x) for x in re.split(r"\r\n|\r|\n", text)) if line]
+
+
+def _choose(row: dict, s: CaptionSettings, *, is_reg: bool = False, class_token: str = "",
+            theme: str | None = None) -> tuple[str, str, str, list[str]]:
+    """(text, how, the sidecar extension used, the extensions left out)."""
+    found = sidecars_of(row) if s.user_caption != "ignore" else []
+    if not found:
+        return _compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme), "generated", "", []
+    exts = [f["ext"] for f in found]
+    if s.user_caption == "use":  # the first sidecar (ingest's --caption-ext order), its lines kept
+        lines = user_lines(found[0]["text"])
+        return "\n".join(rules.person_text(x, s.escape_parentheses) for x in lines), "user", exts[0], exts[1:]
+    sentences = [f for f in found if f["ext"] == SENTENCES] if len(found) > 1 else []
+    tag_files = [f for f in found if f not in sentences]
+    tag_lines = user_lines(tag_files[0]["text"]) if tag_files else []
+    if sentences:  # every tag file's tags in one list, merged with curate's; then one line per sentence
+        tags = [t for f in tag_files for line in user_lines(f["text"]) for t in user_tags(line, s.keep_separator)]
+        merged = _compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme, user_tags=tags)
+        lines = [rules.person_text(x, s.escape_parentheses) + (SENTENCE_SEPARATOR + merged if merged else "")
+                 for f in sentences for x in user_lines(f["text"])]
+        return "\n".join(lines), "merged", "+".join(exts), []
+    lines = [_compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme,
+                      user_tags=user_tags(line, s.keep_separator)) for line in tag_lines]
+    return "\n".join(dict.fromkeys(lines)), "merged", exts[0], exts[1:]
 
 
 def user_tags(text: str, separator: str = "") -> list[str]:
@@ -249,6 +296,9 @@ class CaptionSummary:
     folder: str = ""
     example: str = ""
     empty: int = 0  # rows with nothing to caption from (no tags, no tagger output, no user text)
+    sidecar_used: Counter = field(default_factory=Counter)  # ext (or ".caption+.txt" merged) -> rows
+    sidecar_left: Counter = field(default_factory=Counter)  # ext -> rows whose file `use` left out
+    lines_kept: int = 0  # captions of several lines (a user's alternatives)
 
     def lines(self) -> list[str]:
         out = [f"captioned {self.written} rows of {self.manifest} (settings: {self.origin})"]
@@ -258,6 +308,18 @@ class CaptionSummary:
             out.append("  text: " + ", ".join(f"{n} {how}" for how, n in sorted(self.chosen.items())))
         for why, n in sorted(self.skipped.items()):
             out.append(f"  skipped {n}: {why}")
+        for used, n in sorted(self.sidecar_used.items()):
+            if "+" in used:
+                out.append(f"  merged {n} rows' sentences and tags ({used}) as sd-scripts' fine-tune does: "
+                           "<sentence>, <tags>")
+            else:
+                out.append(f"  used {used} for {n} rows with several caption files")
+        if self.sidecar_left:
+            out.append("  left out (user_caption = \"use\" takes one file; \"merge\" combines them): "
+                       + ", ".join(f"{ext} {n}" for ext, n in sorted(self.sidecar_left.items())))
+        if self.lines_kept:
+            out.append(f"  {self.lines_kept} captions keep the user's lines as alternatives (export writes them "
+                       "where a subset sets enable_wildcard, else the first line, as sd-scripts reads it)")
         for txt in self.shared_txt[:5]:
             out.append(f"  warning: two images share the caption file {txt} (the first has it; the other's went to curate's folder)")
         if self.empty:
@@ -276,6 +338,7 @@ class CaptionSummary:
 COLUMNS = ("key", "post_id", "subset", "path", "source_path", "error", "dup_of", "rating", "fav_count",
            "created_at", "tags_general", "tags_character", "tags_copyright", "tags_artist", "tags_meta",
            "tagger", "user_caption", "caption", "caption_file", "caption_sha256")
+EXTRA_COLUMNS = ("user_sidecars",)  # extension columns read when a manifest has them
 
 
 def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig,
@@ -295,7 +358,7 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
     edited = edited or {}
     is_reg = meta.get("kind") == "reg"
     class_token = str(meta.get("class_token") or "")
-    rows = table.select(list(COLUMNS)).to_pylist()
+    rows = table.select(list(COLUMNS) + [c for c in EXTRA_COLUMNS if c in table.column_names]).to_pylist()
     captions: list[str | None] = []
     errors = table.column("error").to_pylist()
     files = [(r["caption_file"], r["caption_sha256"]) for r in rows]
@@ -325,7 +388,13 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
         if edited.get(row["key"]) and rules.one_line(edited[row["key"]]):
             text, how = rules.person_text(edited[row["key"]], s.escape_parentheses), "edited by a person"
         else:
-            text, how = choose_caption(row, s, is_reg=is_reg, class_token=class_token, theme=theme)
+            text, how, used, left = _choose(row, s, is_reg=is_reg, class_token=class_token, theme=theme)
+            if left:  # several sidecars and `use` took one: say which, and what was left out
+                summary.sidecar_used[used] += 1
+                summary.sidecar_left.update(left)
+            elif "+" in used:
+                summary.sidecar_used[used] += 1
+        summary.lines_kept += "\n" in (text or "")
         captions[i] = text
         summary.chosen[how] += 1
         summary.empty += not text

@@ -253,6 +253,8 @@ def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Coun
         if not caption:
             skipped["no caption (column or .txt)"] += 1
             continue
+        if not ds.enable_wildcard:  # a user's lines are alternatives: sd-scripts reads the first
+            caption = caption.split("\n", 1)[0]
         caption = _text_for_encoder(caption, bool(escaped.get(row["subset"] or "")), weighted, ds.manifest)
         try:
             w, h, _ = probe(path)
@@ -298,9 +300,12 @@ def _txt_caption(image: Path) -> str | None:
 
 
 def process_caption(caption: str, ds: DatasetConfig, keep_separator: str | None, rng: random.Random) -> str:
-    """sd-scripts' order: whole-caption dropout, keep group, shuffle the rest, tag dropout."""
+    """sd-scripts' order: whole-caption dropout, one line (enable_wildcard), keep group,
+    shuffle the rest, tag dropout."""
     if ds.caption_dropout_rate > 0 and rng.random() < ds.caption_dropout_rate:
         return ""
+    if ds.enable_wildcard and "\n" in caption:  # seeded by the sample: a resumed run picks alike
+        caption = rng.choice(caption.split("\n"))
     sep = ds.caption_separator
     if not (ds.shuffle_caption or ds.caption_tag_dropout_rate > 0 or keep_separator):
         return caption
