@@ -353,6 +353,9 @@ def caption(
     config: Optional[Path] = typer.Option(
         None, "--config", help="TOML file with a \\[caption] table (and \\[caption.subsets.NAME]); "
         "default: the caption tables of the query the manifest was built from."),
+    images: Optional[List[Path]] = typer.Option(
+        None, "--images", help="An image folder outside the manifest's folder whose images may get a "
+        ".txt beside them (repeatable; a folder the manifest records counts only inside its own folder)."),
 ) -> None:
     """Choose each row's caption (the user's own, generated, or both merged) and keep a copy as a .txt file.
 
@@ -364,7 +367,7 @@ def caption(
     """
     from curate.dataset.caption import run
 
-    for line in run(manifest, config).lines():
+    for line in run(manifest, config, images or ()).lines():
         typer.echo(line)
 
 

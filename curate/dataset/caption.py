@@ -279,7 +279,8 @@ COLUMNS = ("key", "post_id", "subset", "path", "source_path", "error", "dup_of",
 
 
 def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig,
-                  summary: CaptionSummary, folder: Path | None = None, edited: dict | None = None) -> pa.Table:
+                  summary: CaptionSummary, folder: Path | None = None, edited: dict | None = None,
+                  trusted: tuple = ()) -> pa.Table:
     """Fill `caption` (and `error` for undecodable images when colours are on), write
     the caption files, and record where they went (`caption_file`, `caption_sha256`).
 
@@ -300,7 +301,7 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
     errors = table.column("error").to_pylist()
     files = [(r["caption_file"], r["caption_sha256"]) for r in rows]
     txt_owner: dict[Path, str] = {}
-    owned = curate_folders(meta, root)
+    owned = curate_folders(meta, root) + [Path(t).resolve() for t in trusted]  # the user's own word
     for i, row in enumerate(tqdm(rows, desc="caption", unit="img", disable=None, leave=False)):
         captions.append(None)
         if row["error"]:
@@ -341,14 +342,19 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
 
 def curate_folders(meta: dict, root: Path) -> list[Path]:
     """Folders curate writes images into: the manifest's, and the download/crop folders its
-    provenance records (relative ones as given from the working folder or the manifest's)."""
-    out = [root.resolve()]
+    provenance records (relative ones as given from the working folder or the manifest's).
+    A recorded folder counts only inside the manifest's folder: a manifest from someone
+    else may name `/` or `../..`, and nothing read from a file decides where curate writes
+    (captions of images elsewhere go to the manifest's `<stem>.captions/` folder)."""
+    home = root.resolve()
+    out = [home]
     stages = meta.get("stages") if isinstance(meta.get("stages"), dict) else {}
     for stage, key in (("download", "images"), ("crop", "out_dir")):
         value = (stages.get(stage) or {}).get(key)
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and "\0" not in value:
             p = Path(value)
-            out += [p.resolve()] if p.is_absolute() else [p.resolve(), (root / p).resolve()]
+            found = [p.resolve()] if p.is_absolute() else [p.resolve(), (root / p).resolve()]
+            out += [f for f in found if f.is_relative_to(home)]
     return out
 
 
@@ -409,7 +415,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
         raise CurateError(f"cannot write caption file {path}: {exc.strerror}") from None
 
 
-def run(manifest_path: str | Path, config_path: str | Path | None = None) -> CaptionSummary:
+def run(manifest_path: str | Path, config_path: str | Path | None = None, images: tuple = ()) -> CaptionSummary:
     """`curate caption`: read the manifest, caption every row, write it back."""
     manifest_path = Path(manifest_path)
     table, meta = manifest.read(manifest_path)
@@ -423,7 +429,7 @@ def run(manifest_path: str | Path, config_path: str | Path | None = None) -> Cap
     folder = manifest_path.parent / f"{manifest_path.stem}.captions"
     review = decisions.current(manifest_path)  # a person's keepers and caption edits win
     table = caption_table(review.applied(table), meta, manifest_path.parent, config, summary, folder,
-                          review.captions())
+                          review.captions(), trusted=tuple(images))
     # export reads the separators back to set kohya's keep_tokens_separator per subset, and
     # the escapes to set sd-scripts' weighted_captions (never one without the other)
     separators = {name: config.for_subset(name).keep_separator for name in subsets}

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from curate.common import toml_bounds
 from curate.common import caption_rules as rules
 from curate.errors import CurateError
 
@@ -163,7 +164,9 @@ def load_config(config_path: str | Path | None, meta: dict) -> CaptionConfig:
     if config_path is not None:
         path = Path(config_path)
         try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            toml_bounds.check(text, str(path))  # tomllib has no depth or size limit
+            doc = tomllib.loads(text)
         except OSError as exc:
             raise CurateError(f"cannot read caption config {path}: {exc.strerror}") from None
         except UnicodeDecodeError:
@@ -176,6 +179,7 @@ def load_config(config_path: str | Path | None, meta: dict) -> CaptionConfig:
     text = meta.get("query_text")
     if not text:
         return CaptionConfig(CaptionSettings(), {}, "defaults")
+    toml_bounds.check(text, "manifest provenance: query_text")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
