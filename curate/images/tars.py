@@ -410,6 +410,9 @@ def _sha_bytes(value) -> bytes | None:
         return None
 
 
+_BEYOND = 2**61  # bytes: past every archive, and offset + size still fits an off_t
+
+
 def _members(files: dict) -> dict[int, tuple]:
     """post id -> (name, offset, size, sha256); names are `<id>.<ext>`, maybe `./` or in a folder."""
     out: dict[int, tuple] = {}
@@ -427,6 +430,10 @@ def _members(files: dict) -> dict[int, tuple]:
             continue
         if offset < 0 or size < 0:
             continue
+        # SQLite (and pread) hold 64-bit signed integers: a value past what any archive reaches
+        # (a lying index) is clamped, so the row fails cleanly when read ("too large" /
+        # "truncated archive"), never a traceback
+        offset, size = min(offset, _BEYOND), min(size, _BEYOND)
         sha = _sha_bytes(info.get("sha256"))
         out[pid] = (str(name), offset, size, sha)  # sha256 as 32 bytes: the cache stays small
     return out
