@@ -249,6 +249,8 @@ class Archives:
         """(signature, files or None when the cached copy is current), or None for a 404 on a guessed name."""
         import requests
 
+        from curate import http
+
         try:
             r = self._session().get(a.index, stream=True)
         except requests.exceptions.RequestException as exc:
@@ -263,7 +265,7 @@ class Archives:
             if cached == signature and (h.get("ETag") or h.get("Last-Modified") or h.get("Content-Length")):
                 return signature, None
             try:
-                raw = r.content
+                raw = http.read_body(r)  # capped and timed: an index is small, a lying server's is not
             except requests.exceptions.RequestException as exc:
                 raise CurateError(f"cannot read tar index {a.index}: {type(exc).__name__}") from None
         return signature, _parse_index(a.index, raw, None)
