@@ -151,8 +151,8 @@ def read_toml(path: str | Path) -> dict:
         return tomllib.loads(text)
     except OSError as exc:
         raise CurateError(f"cannot read train config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CurateError(f"{path}: not valid TOML ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, and int() past 4300 digits
+        raise CurateError(f"{path}: not valid TOML ({str(exc)[:200]})") from None
     except UnicodeDecodeError:
         raise CurateError(f"{path}: not UTF-8 text") from None
 

@@ -171,8 +171,8 @@ def load_config(config_path: str | Path | None, meta: dict) -> CaptionConfig:
             raise CurateError(f"cannot read caption config {path}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise CurateError(f"caption config {path} is not UTF-8 text") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise CurateError(f"{path}: not valid TOML ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError, and int() past 4300 digits
+            raise CurateError(f"{path}: not valid TOML ({str(exc)[:200]})") from None
         if "caption" not in doc:
             raise CurateError(f"{path}: no [caption] table")
         return _from_doc(doc, str(path))
@@ -182,8 +182,8 @@ def load_config(config_path: str | Path | None, meta: dict) -> CaptionConfig:
     toml_bounds.check(text, "manifest provenance: query_text")
     try:
         doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise CurateError(f"manifest provenance: query_text is not valid TOML ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise CurateError(f"manifest provenance: query_text is not valid TOML ({str(exc)[:200]})") from None
     return _from_doc(doc, "query_text", default_name=meta.get("query_name", ""))
 
 

@@ -28,8 +28,13 @@ def toml_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') + '"'
 
 
+# Public reports: python-poetry/tomlkit PR #510 (nested arrays, inline tables and a dotted key
+# `'a.'*10000 + 'a = 1'` crash the parser with RecursionError) and notatallshaw/nab PR #974
+# (an integer over 4300 digits is a bare ValueError from tomllib/tomli, not a TOMLDecodeError).
 @pytest.mark.parametrize("text,message", [
     ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than"),
+    ("a." * 10000 + "a = 1\n", "dotted parts"),
+    ("seed = " + "9" * 5000 + "\n", "not valid TOML|invalid TOML"),
     ("x = " + "{a = " * 2000 + "1" + "}" * 2000 + "\n", "nested deeper than"),
     ("a" + ".a" * 100_000 + " = 1\n", "dotted parts"),          # 200 KB dotted key: GBs in tomllib
     ("[" + ".".join(["t"] * 500) + "]\n", "dotted parts"),
