@@ -277,6 +277,9 @@ def ingest(
                    "read into user_caption, never changed)")
     if s.missing:
         typer.echo(f"  {s.missing} earlier rows point to files no longer there (rows kept)")
+    if getattr(s, "changed", 0):
+        typer.echo(f"  {s.changed} images were replaced under the same name: read again, and their crop, "
+                   "hashes, duplicate mark, tags and caption cleared for those stages to redo")
     _show_errors(s.errors)
     typer.echo(f"  manifest: {out} ({s.rows} rows)")
 

@@ -58,6 +58,7 @@ from curate.common import train_config
 from curate.errors import CurateError
 from curate.common.decode import ImageError
 from curate.common import decisions
+from curate.common import changed
 
 MARKER = ".curate-export.json"
 JOURNAL = ".curate-export.journal"
@@ -317,9 +318,12 @@ def _eligible(table, root: Path, skipped: Counter, dropped=(), losers=()) -> dic
     """{subset: [Row]} for rows sd-scripts can train on, each with how to hand it over."""
     out: dict[str, list] = {}
     cols = table.select(["key", "subset", "path", "error", "dup_of", "caption"]).to_pylist()
+    replaced = changed.changed_keys(table, root)  # new pixels under old facts: not shipped
     for row in cols:
         if row["key"] in dropped:
             skipped["dropped in review"] += 1
+        elif row["key"] in replaced:
+            skipped[f"{changed.REASON} (run curate ingest again)"] += 1
         elif row["key"] in losers:
             skipped["duplicate (review chose the copy in another manifest)"] += 1
         elif row["error"]:
