@@ -111,6 +111,8 @@ def test_an_endless_body_is_refused_at_the_cap(liar):
         http.session(retries=0, max_bytes=2 << 20).get(srv.url + "/posts.json")
 
 
+# Public report: postmanlabs/httpbin #642 (requests with timeout=3 never times out against a
+# server that throttles to a byte at a time: requests' timeout is per read, not per response).
 @pytest.mark.parametrize("handler", [drip_body, drip_headers])
 def test_a_server_dripping_a_byte_at_a_time_meets_the_deadline(liar, handler):
     """Each byte comes well inside the read timeout: only a total deadline ends it."""
@@ -135,6 +137,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Public reports: mikf/gallery-dl #1520 ("Need proper timeout for connection issues": minutes of
+# silent retries before one error) and #8238 (danbooru: ConnectTimeoutError retried 5 times).
 def test_connection_refused_ends_after_a_short_bounded_retry(monkeypatch):
     monkeypatch.setattr(http, "CONNECT_WAITS", (0.05, 0.05))
     tries = []
@@ -207,3 +211,24 @@ def test_fetch_from_a_gzip_bomb_is_one_line_naming_the_host(tmp_path, liar):
     r = _fetch(tmp_path, srv.url)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == "error: 127.0.0.1: response over the 64 MiB cap (decompressed)"
+
+
+def test_a_download_from_an_unreachable_cdn_ends_the_run_and_keeps_finished_rows(tmp_path, monkeypatch):
+    """gallery-dl #8238 / #1520: each file retried against a host that never answers, for
+    minutes, before anything names it. curate: three tries, one line, finished rows kept."""
+    from curate.images.download import download_manifest
+    from tests.images.test_download import FAST, IMG, Server, post, rows_by_key, write_manifest
+
+    monkeypatch.setattr(http, "CONNECT_WAITS", (0.05, 0.05))
+    srv = Server()
+    try:
+        good = srv.add("/a.jpg", IMG["jpg"])
+        dead = f"http://127.0.0.1:{free_port()}/b.jpg"
+        m = write_manifest(tmp_path / "m.parquet", [post(1, IMG["jpg"], good), post(2, IMG["png"], dead)])
+        with pytest.raises(http.HostUnreachable, match=r"^cannot reach 127\.0\.0\.1: connection refused"):
+            download_manifest(m, tmp_path / "img", **{**FAST, "workers": 1})
+        rows = rows_by_key(m)
+        assert rows["danbooru/1"]["path"] and rows["danbooru/2"]["path"] is None
+    finally:
+        srv.httpd.shutdown()
+        srv.httpd.server_close()

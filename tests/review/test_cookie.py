@@ -1,7 +1,11 @@
 """Issue 26.5: no host-wide cookie grants access to curate review. Cookies are scoped to the
 host, not the port, so a token cookie for 127.0.0.1 reached every local service, and two
 review servers in one browser overwrote each other's. The page keeps the token itself and
-sends it (header for the API, query for images). Both cases in real headless Chromium."""
+sends it (header for the API, query for images). Both cases in real headless Chromium.
+
+Public reference: RFC 6265 section 8.5 "Weak Confidentiality" ("Cookies do not provide
+isolation by port ... servers SHOULD NOT ... use cookies to store security sensitive
+information"), the case Q&A threads on "Are HTTP cookies port specific?" report in practice."""
 
 from __future__ import annotations
 
