@@ -152,13 +152,18 @@ class _LimitedRetry(Retry):
         return new
 
     def sleep(self, response=None) -> None:
-        super().sleep(response)
-        host = getattr(self, "_host", None)
-        if host:
-            limiter(host).wait()
         watch = getattr(_watching, "watch", None)
-        if watch is not None:  # the deadline is per try: a patient 429 wait is no stall
-            watch.rearm()
+        if watch is not None:
+            watch.waiting = True
+        try:
+            super().sleep(response)
+            host = getattr(self, "_host", None)
+            if host:
+                limiter(host).wait()
+        finally:
+            if watch is not None:  # the deadline is per try: a patient 429 wait is no stall
+                watch.waiting = False
+                watch.rearm()
 
 
 _watching = threading.local()  # the _Watch of this thread's request in flight
@@ -170,10 +175,12 @@ class _Watch:
 
     def __init__(self, seconds: float):
         self.seconds, self.fired, self.conns = seconds, False, []
-        self.entry = None
+        self.entry, self.waiting = None, False
         _dog.arm(self)
 
     def fire(self) -> None:
+        if self.waiting:  # in a patient 429/5xx wait, no socket in use: the next try gets its own deadline
+            return
         self.fired = True
         for conn in list(self.conns):
             sock = getattr(conn, "sock", None)

@@ -232,3 +232,20 @@ def test_a_download_from_an_unreachable_cdn_ends_the_run_and_keeps_finished_rows
     finally:
         srv.httpd.shutdown()
         srv.httpd.server_close()
+
+
+def test_a_retry_after_wait_longer_than_the_deadline_is_no_stall(liar):
+    """429/5xx keep the patient policy: the deadline counts each try, not the wait between."""
+    hits = []
+
+    def busy_then_ok(conn, stopped):
+        hits.append(1)
+        if len(hits) == 1:
+            conn.sendall(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\n\r\n")
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]")
+
+    srv = liar(busy_then_ok)
+    assert http.session(retries=2, backoff=0.01, deadline=1.0).get(srv.url + "/x").json() == []
+    assert len(hits) == 2
