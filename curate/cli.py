@@ -286,6 +286,9 @@ def ingest(
                    "read into user_caption, never changed)")
     if s.missing:
         typer.echo(f"  {s.missing} earlier rows point to files no longer there (rows kept)")
+    if getattr(s, "changed", 0):
+        typer.echo(f"  {s.changed} images were replaced under the same name: read again, and their crop, "
+                   "hashes, duplicate mark, tags and caption cleared for those stages to redo")
     _show_errors(s.errors)
     typer.echo(f"  manifest: {out} ({s.rows} rows)")
 
@@ -362,6 +365,9 @@ def caption(
     config: Optional[Path] = typer.Option(
         None, "--config", help="TOML file with a \\[caption] table (and \\[caption.subsets.NAME]); "
         "default: the caption tables of the query the manifest was built from."),
+    images: Optional[List[Path]] = typer.Option(
+        None, "--images", help="An image folder outside the manifest's folder whose images may get a "
+        ".txt beside them (repeatable; a folder the manifest records counts only inside its own folder)."),
 ) -> None:
     """Choose each row's caption (the user's own, generated, or both merged) and keep a copy as a .txt file.
 
@@ -373,7 +379,7 @@ def caption(
     """
     from curate.dataset.caption import run
 
-    for line in run(manifest, config).lines():
+    for line in run(manifest, config, images or ()).lines():
         typer.echo(line)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
+from curate.common import toml_bounds
 from curate.errors import CurateError
 
 if sys.version_info >= (3, 11):
@@ -180,11 +181,13 @@ def read_toml(path: str | Path) -> dict:
     """The parsed TOML document; unreadable or invalid files are a CurateError."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        toml_bounds.check(text, str(path))
+        return tomllib.loads(text)
     except OSError as exc:
         raise CurateError(f"cannot read train config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CurateError(f"{path}: not valid TOML ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, and int() past 4300 digits
+        raise CurateError(f"{path}: not valid TOML ({str(exc)[:200]})") from None
     except UnicodeDecodeError:
         raise CurateError(f"{path}: not UTF-8 text") from None
 
@@ -311,8 +314,17 @@ def _check(cfg: TrainConfig, path: Path) -> None:
         bad("sample_every_n_steps needs sample_prompts")
     if min(cfg.lr_warmup_steps, cfg.save_every_n_steps, cfg.max_data_loader_n_workers, cfg.sample_every_n_steps) < 0:
         bad("lr_warmup_steps, save_every_n_steps, sample_every_n_steps and max_data_loader_n_workers must be >= 0")
+    if not _plain_name(cfg.output_name):  # checked before any work: it names files in output_dir
+        bad(f"output_name must be a plain file name (no folders, not '.' or '..'), got {cfg.output_name!r}")
     if not any(not d.is_reg for d in cfg.datasets if d.is_reg is not None) and all(d.is_reg for d in cfg.datasets):
         bad("every [[datasets]] is a reg set: training images are needed too")
+
+
+def _plain_name(name: str) -> bool:
+    """A name that stays a file in output_dir: no separators, no `..`, no control characters,
+    short enough for any filesystem with the suffixes curate adds."""
+    return (bool(name) and name.strip() == name and name not in (".", "..") and len(name.encode()) <= 200
+            and not any(c in name for c in "/\\:") and all(c.isprintable() for c in name))
 
 
 def _hint(key: str) -> str:

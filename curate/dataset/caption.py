@@ -37,7 +37,10 @@ Caption files: `<image stem>.txt` beside an image curate wrote (a download, a cr
 for a user's own image, `<manifest stem>.captions/<key>.txt` in the manifest's folder.
 The stage never replaces a file it did not write: `caption_file` and `caption_sha256`
 record what it wrote, and a file that differs (a user's, or one a person edited) is left
-alone (the caption goes to curate's folder instead and the summary lists it).
+alone (the caption goes to curate's folder instead and the summary lists it). Each write
+is first noted in `<manifest>.caption-journal.jsonl` (key, file, digest), so a run killed
+before it saved the manifest (Ctrl-C, SIGTERM, kill -9) is followed by a re-run that
+knows those files as its own; the journal is removed once the manifest holds them.
 
 Settings: a `[caption]` table, from `--config FILE` or else from the query text the
 manifest's provenance records (`query_text`). Per-subset overrides go in
@@ -84,6 +87,7 @@ filtered.
 from __future__ import annotations
 
 import contextlib
+import json
 import hashlib
 import os
 import re
@@ -342,7 +346,8 @@ EXTRA_COLUMNS = ("user_sidecars",)  # extension columns read when a manifest has
 
 
 def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig,
-                  summary: CaptionSummary, folder: Path | None = None, edited: dict | None = None) -> pa.Table:
+                  summary: CaptionSummary, folder: Path | None = None, edited: dict | None = None,
+                  trusted: tuple = (), journal: "Journal | None" = None) -> pa.Table:
     """Fill `caption` (and `error` for undecodable images when colours are on), write
     the caption files, and record where they went (`caption_file`, `caption_sha256`).
 
@@ -363,7 +368,7 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
     errors = table.column("error").to_pylist()
     files = [(r["caption_file"], r["caption_sha256"]) for r in rows]
     txt_owner: dict[Path, str] = {}
-    owned = curate_folders(meta, root)
+    owned = curate_folders(meta, root) + [Path(t).resolve() for t in trusted]  # the user's own word
     for i, row in enumerate(tqdm(rows, desc="caption", unit="img", disable=None, leave=False)):
         captions.append(None)
         if row["error"]:
@@ -398,7 +403,7 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
         captions[i] = text
         summary.chosen[how] += 1
         summary.empty += not text
-        files[i] = _write_caption_file(row, image, text, root, folder, txt_owner, summary, owned)
+        files[i] = _write_caption_file(row, image, text, root, folder, txt_owner, summary, owned, journal)
         summary.written += 1
         summary.per_subset[row["subset"] or "(no subset)"] += 1
         summary.example = summary.example or text
@@ -410,20 +415,25 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
 
 def curate_folders(meta: dict, root: Path) -> list[Path]:
     """Folders curate writes images into: the manifest's, and the download/crop folders its
-    provenance records (relative ones as given from the working folder or the manifest's)."""
-    out = [root.resolve()]
+    provenance records (relative ones as given from the working folder or the manifest's).
+    A recorded folder counts only inside the manifest's folder: a manifest from someone
+    else may name `/` or `../..`, and nothing read from a file decides where curate writes
+    (captions of images elsewhere go to the manifest's `<stem>.captions/` folder)."""
+    home = root.resolve()
+    out = [home]
     stages = meta.get("stages") if isinstance(meta.get("stages"), dict) else {}
     for stage, key in (("download", "images"), ("crop", "out_dir")):
         value = (stages.get(stage) or {}).get(key)
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and "\0" not in value:
             p = Path(value)
-            out += [p.resolve()] if p.is_absolute() else [p.resolve(), (root / p).resolve()]
+            found = [p.resolve()] if p.is_absolute() else [p.resolve(), (root / p).resolve()]
+            out += [f for f in found if f.is_relative_to(home)]
     return out
 
 
 def _write_caption_file(row: dict, image: Path, text: str, root: Path, folder: Path,
                         txt_owner: dict, summary: CaptionSummary,
-                        owned: list[Path] | None = None) -> tuple[str | None, str | None]:
+                        owned: list[Path] | None = None, journal=None) -> tuple[str | None, str | None]:
     """Write the caption where it clobbers nothing; (file relative to root, digest) of
     what was written, or the row's old record when nothing was. Beside the image only when
     it lies in a folder curate writes images into (a hand-edited `path` reaching elsewhere
@@ -438,17 +448,21 @@ def _write_caption_file(row: dict, image: Path, text: str, root: Path, folder: P
             summary.shared_txt.append(str(target))
             continue
         rel = os.path.relpath(target, root)
-        if not _written_by_us(target, rel, row):
+        if not _written_by_us(target, rel, row, journal):
             summary.left_alone.append(rel)
             continue
         data = text.encode("utf-8")
+        digest = hashlib.sha256(data).hexdigest()
+        if journal is not None:
+            journal.note(row["key"], rel, digest)  # before the file: a kill after it loses nothing
         _write_bytes(target, data)
-        return rel, hashlib.sha256(data).hexdigest()
+        return rel, digest
     return row["caption_file"], row["caption_sha256"]
 
 
-def _written_by_us(target: Path, rel: str, row: dict) -> bool:
-    """True when the target is free, or holds exactly what this row's record says curate wrote."""
+def _written_by_us(target: Path, rel: str, row: dict, journal=None) -> bool:
+    """True when the target is free, or holds exactly what this row's record (or the journal
+    of a run that did not get to save the manifest) says curate wrote."""
     if not target.is_symlink() and not target.exists():
         return True
     if target.is_symlink() or not target.is_file():
@@ -457,9 +471,50 @@ def _written_by_us(target: Path, rel: str, row: dict) -> bool:
         digest = hashlib.sha256(target.read_bytes()).hexdigest()
     except OSError:
         return False
+    if journal is not None and digest in journal.written.get((row["key"], rel), ()):
+        return True
     if row["caption_file"] is None and row["caption"] is not None:  # captioned before records were kept
         return digest == hashlib.sha256(row["caption"].encode("utf-8")).hexdigest()
     return row["caption_file"] == rel and digest == row["caption_sha256"]
+
+
+class Journal:
+    """`<manifest>.caption-journal.jsonl`: what caption wrote, noted before each write."""
+
+    def __init__(self, manifest_path: Path):
+        self.path = manifest_path.with_name(manifest_path.name + ".caption-journal.jsonl")
+        self.written: dict[tuple[str, str], set[str]] = {}
+        try:
+            lines = self.path.read_text(encoding="utf-8").split("\n")
+        except FileNotFoundError:
+            lines = []
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CurateError(f"cannot read {self.path}: {exc}") from None
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                key, rel, digest = entry["key"], entry["file"], entry["sha256"]
+            except (ValueError, TypeError, KeyError):
+                continue  # a torn last line: its file was never written
+            if all(isinstance(v, str) for v in (key, rel, digest)):
+                self.written.setdefault((key, rel), set()).add(digest)
+        self._f = None
+
+    def note(self, key: str, rel: str, digest: str) -> None:
+        try:
+            if self._f is None:
+                self._f = open(self.path, "a", encoding="utf-8")
+            self._f.write(json.dumps({"key": key, "file": rel, "sha256": digest}) + "\n")
+            self._f.flush()
+        except OSError as exc:
+            raise CurateError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self.written.setdefault((key, rel), set()).add(digest)
+
+    def done(self) -> None:
+        """The manifest holds every record now."""
+        if self._f is not None:
+            self._f.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _file_name(key: str) -> str:
@@ -478,7 +533,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
         raise CurateError(f"cannot write caption file {path}: {exc.strerror}") from None
 
 
-def run(manifest_path: str | Path, config_path: str | Path | None = None) -> CaptionSummary:
+def run(manifest_path: str | Path, config_path: str | Path | None = None, images: tuple = ()) -> CaptionSummary:
     """`curate caption`: read the manifest, caption every row, write it back."""
     manifest_path = Path(manifest_path)
     table, meta = manifest.read(manifest_path)
@@ -491,8 +546,9 @@ def run(manifest_path: str | Path, config_path: str | Path | None = None) -> Cap
     summary = CaptionSummary(manifest_path, config.origin)
     folder = manifest_path.parent / f"{manifest_path.stem}.captions"
     review = decisions.current(manifest_path)  # a person's keepers and caption edits win
+    journal = Journal(manifest_path)
     table = caption_table(review.applied(table), meta, manifest_path.parent, config, summary, folder,
-                          review.captions())
+                          review.captions(), trusted=tuple(images), journal=journal)
     # export reads the separators back to set kohya's keep_tokens_separator per subset, and
     # the escapes to set sd-scripts' weighted_captions (never one without the other)
     separators = {name: config.for_subset(name).keep_separator for name in subsets}
@@ -501,4 +557,5 @@ def run(manifest_path: str | Path, config_path: str | Path | None = None) -> Cap
                           keep_separators=separators, escaped=escaped,
                           left_alone=len(summary.left_alone))
     manifest.write(table, manifest_path, meta)
+    journal.done()
     return summary

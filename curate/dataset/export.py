@@ -22,6 +22,10 @@
                                   what it no longer writes, nothing else, and sd-scripts'
                                   caches (`<stem>*.npz`, sd_caches.py) of images whose
                                   pixels (latents) or caption (TE outputs) changed
+                                  (written atomically: a full disk never leaves it empty)
+    DIR/.curate-export.journal    while an export runs: each file's name, noted before
+                                  the file is made, so the re-run of a killed export
+                                  removes only files it recorded, never the user's
 
     DIR/names.csv                 each exported file's original name and path (`file,key,
                                   original_name,original_path`)
@@ -71,8 +75,10 @@ from curate.errors import CurateError
 from curate.common.decode import ImageError
 from curate.common import decisions
 from curate.dataset import sd_args, sd_caches
+from curate.common import changed
 
 MARKER = ".curate-export.json"
+JOURNAL = ".curate-export.journal"
 LINK_MODES = ("symlink", "hardlink", "copy")
 
 # sd-scripts dataset keys (docs/config_README): train-config name -> (config name, type)
@@ -323,12 +329,12 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
     summary.weighted_captions = weighted == {True}
     _predict_reg_use(plan, summary)
 
-    written: set[str] = set()
     done = False
     try:
-        if not (out_dir / MARKER).is_file():  # claim the folder before the first file: after a kill -9
-            out_dir.mkdir(parents=True, exist_ok=True)  # the re-run knows all in it is curate's
-            (out_dir / MARKER).write_text(json.dumps({"files": [], "claimed": True}), encoding="utf-8")
+        if not (out_dir / MARKER).is_file():  # claim the folder before the first file
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _write_marker(out_dir, {"files": [], "claimed": True, "journal": True})
+        written = _Journal(out_dir / JOURNAL)  # after a kill -9 the re-run knows what was ours
     except OSError as exc:
         raise CurateError(f"cannot write the export folder {out_dir}: {exc.strerror or exc}") from None
     try:
@@ -340,17 +346,18 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
         raise CurateError(f"export to {out_dir} stopped: {exc.strerror or exc}{where}; "
                           "fix it and run again (the re-run replaces this one's files)") from None
     finally:  # a failed export still records what it wrote, so the next one can clean up
-        record = written if done else previous | written
+        record = set(written) if done else previous | written
         contents = content if done else {**(previous_content or {}), **content}
+        written.close()
         try:
             if out_dir.is_dir():
-                (out_dir / MARKER).write_text(json.dumps({"files": sorted(record),
-                                                          "background": summary.background,
-                                                          "content": contents}, indent=1),
-                                              encoding="utf-8")
-        except OSError as exc:
+                _write_marker(out_dir, {"files": sorted(record), "background": summary.background,
+                                        "content": contents})
+                (out_dir / JOURNAL).unlink(missing_ok=True)  # the marker holds it all now
+        except OSError as exc:  # (the journal stays: the re-run still knows)
             if done:
-                raise CurateError(f"cannot write {out_dir / MARKER}: {exc.strerror or exc}") from None
+                raise CurateError(f"cannot write {out_dir / MARKER}: {exc.strerror or exc}; "
+                                  "free some space and run again") from None
     for rel in previous - written:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:  # the marker is a file anyone can edit
             continue
@@ -370,9 +377,12 @@ def _eligible(table, root: Path, skipped: Counter, dropped=(), losers=()) -> dic
     """{subset: [Row]} for rows sd-scripts can train on, each with how to hand it over."""
     out: dict[str, list] = {}
     cols = table.select(["key", "subset", "path", "error", "dup_of", "caption", "source_path"]).to_pylist()
+    replaced = changed.changed_keys(table, root)  # new pixels under old facts: not shipped
     for row in cols:
         if row["key"] in dropped:
             skipped["dropped in review"] += 1
+        elif row["key"] in replaced:
+            skipped[f"{changed.REASON} (run curate ingest again)"] += 1
         elif row["key"] in losers:
             skipped["duplicate (review chose the copy in another manifest)"] += 1
         elif row["error"]:
@@ -450,6 +460,9 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
                 stem = f"{rank:0{width}d}_{stem}"
             target = folder.path / (_unique(stem, stems) + row.form.ext)
             rel = str(target.relative_to(out_dir))
+            caption_file = target.with_suffix(".txt")
+            written.add(rel)  # noted before they are made (a killed export's re-run knows them)
+            written.add(str(caption_file.relative_to(out_dir)))
             if row.form.copy:
                 if not (rel in reusable and _current(target, row.image)):
                     _clear(target)
@@ -461,10 +474,7 @@ def _write(plan: list[Folder], out_dir: Path, dataset: dict, link: str, summary:
                 summary.normalized[row.form.why] += 1
             caption = _caption_text(row.caption, folder.values, summary)
             _drop_stale_caches(target, rel, row.image, caption, content, previous_content, summary)
-            caption_file = target.with_suffix(".txt")
             caption_file.write_text(caption, encoding="utf-8", newline="")
-            written.add(rel)
-            written.add(str(caption_file.relative_to(out_dir)))
             if not folder.is_reg:  # sd-scripts' fine-tune route has no reg images (relative keys: to image_dir)
                 # with enable_wildcard sd-scripts appends `separator + tags` to every line when
                 # `tags` is there at all (an empty one leaves a trailing comma): then none
@@ -577,8 +587,60 @@ def _previous_content(out_dir: Path) -> dict | None:
 
 
 def _write_text(path: Path, text: str, out_dir: Path, written: set[str]) -> None:
+    written.add(str(path.relative_to(out_dir)))  # noted first: see _Journal
     path.write_text(text, encoding="utf-8")
-    written.add(str(path.relative_to(out_dir)))
+
+
+class _Journal(set):
+    """The set of files this export writes; each is noted in DIR/.curate-export.journal
+    before it is made (a killed export's re-run removes only those)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._f = open(path, "a", encoding="utf-8")
+
+    def add(self, rel: str) -> None:
+        if rel not in self:
+            self._f.write(json.dumps(rel) + "\n")
+            self._f.flush()  # in the kernel's hands: a kill -9 of this process loses nothing
+        super().add(rel)
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+
+
+def _write_marker(out_dir: Path, record: dict) -> None:
+    """The marker, atomically: a full disk leaves the old one, never an empty file."""
+    tmp = out_dir / (MARKER + ".part")
+    try:
+        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        os.replace(tmp, out_dir / MARKER)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
+
+
+def _journal_files(out_dir: Path) -> set[str]:
+    """Files a killed or failed export noted before making them (a torn last line: skipped)."""
+    out = set()
+    try:
+        lines = (out_dir / JOURNAL).read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError):
+        return out
+    for line in lines:
+        try:
+            rel = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rel, str):
+            out.add(rel)
+    return out
 
 
 def _current(target: Path, source: Path) -> bool:
@@ -622,10 +684,10 @@ def _previous_files(out_dir: Path) -> set[str]:
     if marker.is_file():
         try:
             record = json.loads(marker.read_text(encoding="utf-8"))
-            if record.get("claimed"):  # an export killed before it wrote its record: all here is its
+            if record.get("claimed") and not record.get("journal"):  # an older curate's claim: all here is its
                 return {str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
-                        if (p.is_symlink() or p.is_file()) and p.name != MARKER}
-            return set(record["files"])
+                        if (p.is_symlink() or p.is_file()) and p.name not in (MARKER, JOURNAL)}
+            return set(record["files"]) | _journal_files(out_dir)  # a killed run's files were journaled
         except (ValueError, KeyError, TypeError, AttributeError):
             raise CurateError(f"{marker} is damaged; remove {out_dir} and export again") from None
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

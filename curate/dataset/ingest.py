@@ -29,6 +29,12 @@ kind in the summary; `include_housekeeping` (`--include-housekeeping`) reads the
 
 Byte-identical copies keep a row each (dedupe marks them); the later copy's key is
 the sha256 prefix of its bytes plus its relative path, so keys stay unique and stable.
+
+An image replaced under the same name (size, or mtime and bytes, differ from what ingest
+recorded in `source_size` / `source_mtime_ns`) is redone by the next ingest: its size and
+hash are read again, and what later stages derived from the old pixels (crop box and
+derived file, hashes, duplicate mark, tagger output, caption) is cleared for them to redo.
+Until then export leaves such a row out and says so (curate.common.changed).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from curate.common import changed
 from curate.errors import CurateError
 from curate.common.decode import OPEN_KINDS, ImageError, open_image, probe, sniff
 from curate.pool import UNFINISHED, PoolStopped, default_workers, parallel_map
@@ -80,6 +87,7 @@ class Summary:
     copies: int = 0
     not_images: int = 0
     missing: int = 0
+    changed: int = 0   # replaced under the same name since the last ingest: redone
     rows: int = 0
     user_captions: int = 0
     errors: list = field(default_factory=list)
@@ -253,6 +261,7 @@ def _user_captions(table: pa.Table, base: Path, s: Summary, exts=SIDECARS) -> pa
 def inspect_file(path: str) -> dict:
     """Worker: digest of the bytes, size from the header, and a full (draft) decode."""
     out = {"width": None, "height": None, "error": None}
+    out["source_size"], out["source_mtime_ns"] = changed.stat(path) or (None, None)
     try:
         out["sha256"] = file_sha256(path)
     except OSError as exc:  # still a row; its key derives from the path instead
@@ -289,6 +298,7 @@ def ingest(table: pa.Table | None, folder: Path, base: Path, name: str,
                                                include_housekeeping)
     s.found = len(files) + len(refused)
     rel = [_in_folder(p, base) for p in files]
+    table = _redo_changed(table, base, set(rel), workers, s)
     new = [(f, r) for f, r in zip(files, rel) if r not in known]
     bad = [(p, r, why) for p, why in refused if (r := _in_folder(p, base)) not in known]
     s.existing = s.found - len(new) - len(bad)
@@ -316,22 +326,75 @@ def ingest(table: pa.Table | None, folder: Path, base: Path, name: str,
             s.errors.append(f"{r}: {info['error']}")
         rows.append({"key": key, "subset": name, "width": info["width"], "height": info["height"],
                      "path": r, "source_path": r, "error": info["error"], "sha256": info["sha256"],
-                     "file_ext": f.suffix.lower().lstrip(".") or None})
+                     "file_ext": f.suffix.lower().lstrip(".") or None,
+                     "source_size": info.get("source_size"), "source_mtime_ns": info.get("source_mtime_ns")})
     s.added = len(rows)
     if rows:
         added = conform(pa.Table.from_pylist(rows))
         for col in table.schema:  # extension columns of earlier stages: null for new rows
             if col.name not in added.column_names:
                 added = added.append_column(col, pa.nulls(added.num_rows, col.type))
-        if "sha256" not in table.column_names:
-            table = table.append_column("sha256", pa.nulls(table.num_rows, pa.string()))
-        table = pa.concat_tables([table, added.select(table.column_names)])
+        for name_, typ in (("sha256", pa.string()), *((c, pa.int64()) for c in changed.COLUMNS)):
+            if name_ not in table.column_names:
+                table = table.append_column(name_, pa.nulls(table.num_rows, typ))
+        table = pa.concat_tables([table, added.select(table.column_names)], promote_options="permissive")
     table = _user_captions(table, base, s, caption_exts)
     s.rows = table.num_rows
     if stopped:
         stopped.table = table
         raise stopped
     return table, s
+
+
+CLEARED = ("crop", "phash", "dhash", "dup_of", "tagger", "caption")  # derived from the old pixels
+
+
+def _redo_changed(table: pa.Table, base: Path, present: set, workers, s: Summary) -> pa.Table:
+    """Rows whose file was replaced under the same name: read again, derived facts cleared;
+    rows from before sizes were recorded get today's as their baseline."""
+    from curate.manifest import with_column
+
+    if not table.num_rows:
+        return table
+    for c in changed.COLUMNS:
+        if c not in table.column_names:
+            table = table.append_column(c, pa.nulls(table.num_rows, pa.int64()))
+    cols = table.select(["source_path", "sha256" if "sha256" in table.column_names else "source_path",
+                         *changed.COLUMNS]).to_pydict()
+    shas = cols["sha256"] if "sha256" in table.column_names else [None] * table.num_rows
+    sizes, mtimes = list(cols["source_size"]), list(cols["source_mtime_ns"])
+    redo = []
+    for i, (src, sha) in enumerate(zip(cols["source_path"], shas)):
+        if not src or src not in present:
+            continue
+        if sizes[i] is None or mtimes[i] is None:  # an older manifest: the baseline starts now
+            sizes[i], mtimes[i] = changed.stat(base / src) or (None, None)
+        elif changed.changed(base / src, sizes[i], mtimes[i], sha):
+            redo.append(i)
+    table = with_column(with_column(table, "source_size", pa.array(sizes, pa.int64())),
+                        "source_mtime_ns", pa.array(mtimes, pa.int64()))
+    if not redo:
+        return table
+    srcs = table.column("source_path").to_pylist()
+    infos = parallel_map(inspect_file, [str(base / srcs[i]) for i in redo], workers or default_workers(), "re-reading")
+    values = {c: table.column(c).to_pylist() for c in ("width", "height", "error", "path", *changed.COLUMNS,
+                                                        *(c for c in ("sha256", *CLEARED) if c in table.column_names))}
+    for i, info in zip(redo, infos):
+        if info is UNFINISHED:
+            continue
+        s.changed += 1
+        for c in ("width", "height", "error", "sha256", *changed.COLUMNS):
+            if c in values:
+                values[c][i] = info.get(c)
+        if values["error"][i]:
+            s.errors.append(f"{srcs[i]}: {values['error'][i]}")
+        values["path"][i] = srcs[i]  # a derived crop of the old pixels is stale
+        for c in CLEARED:
+            if c in values:
+                values[c][i] = None
+    for c, v in values.items():
+        table = with_column(table, c, pa.array(v, table.schema.field(c).type))
+    return table
 
 
 def run(folder: Path, out: Path, name: str | None = None, workers: int | None = None,

@@ -250,7 +250,7 @@ def test_stage_writes_txt_beside_images_and_skips_error_and_dup_rows(feed, tmp_p
 def test_a_path_reaching_outside_curates_folders_gets_no_txt_beside_it(feed, tmp_path):
     """A hand-edited or foreign manifest whose `path` points at someone's picture elsewhere:
     the caption goes to curate's own folder, nothing is written beside that picture. Images
-    in a download folder the provenance records (outside the manifest's folder) still get theirs."""
+    in a download folder outside the manifest's folder get theirs when the user names it (--images)."""
     ids = [6141385, 6141439, 6140734]
     proj, elsewhere, shared = tmp_path / "proj", tmp_path / "elsewhere", tmp_path / "shared_images"
     proj.mkdir()
@@ -259,7 +259,7 @@ def test_a_path_reaching_outside_curates_folders_gets_no_txt_beside_it(feed, tmp
             post_row(feed[ids[2]], path=f"../shared_images/{ids[2]}.png")]
     meta = manifest.record_stage(manifest.new_provenance(), "download", images=str(shared))
     m = write_manifest(proj / "m.parquet", rows, meta)
-    result = CliRunner().invoke(app, ["caption", str(m)])
+    result = CliRunner().invoke(app, ["caption", str(m), "--images", str(shared)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in elsewhere.iterdir()) == [f"{ids[0]}.png"]
     files = by_file(m, "caption_file")

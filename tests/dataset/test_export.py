@@ -337,9 +337,13 @@ def test_a_killed_first_export_is_cleaned_up_by_the_rerun(project):
     stray = root / "out" / "official_cg" / "gone.png"  # a file of the killed run the re-run will not write
     stray.parent.mkdir(parents=True, exist_ok=True)
     stray.write_bytes(b"half")
+    with open(root / "out" / ".curate-export.journal", "a") as f:  # as the killed run noted it
+        f.write(json.dumps("official_cg/gone.png") + "\n")
+    mine = root / "out" / "official_cg" / "mine.png"  # the user's, added in between: never curate's
+    mine.write_bytes(b"keep me")
     result = CliRunner().invoke(app, ["export", str(train), str(reg), "--kohya", "out", "--link", "copy"])
     assert result.exit_code == 0, result.output
-    assert not stray.exists()
+    assert not stray.exists() and mine.read_bytes() == b"keep me"
     config = tomllib.loads((root / "out" / "dataset_config.toml").read_text())
     assert check_layout(config, [train, reg]) == 13
 
