@@ -503,6 +503,9 @@ def _contradictions(config: TrainConfig, plan) -> list[str]:
         out.append(f"the validation set ({len(plan.val)} images) is as large as the training set ({n_train})")
     if config.validate_every_n_steps and not plan.val:
         out.append("validate_every_n_steps is set but nothing is held out (validation_split or is_val)")
+    if config.full_fp16 and config.optimizer_type == "AdamW" and not config.stochastic_rounding:
+        out.append("full_fp16 with AdamW: its fp16 state underflows (eps 1e-8 is 0 in fp16) and the loss turns "
+                   "NaN; use Lion8bit/AdamW8bit, or stochastic_rounding = true (fp32 update math)")
     stop = _text_encoder_stop(config, total)
     if stop != math.inf and stop >= total:
         out.append(f"stop_text_encoder_training ({stop}) is not before the end of the run ({total} steps)")

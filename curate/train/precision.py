@@ -13,7 +13,7 @@ CPU), so curate drives them itself: every path above runs in the tests on the ti
 from __future__ import annotations
 
 import contextlib
-import functools
+import types
 
 import torch
 
@@ -67,7 +67,12 @@ class Precision:
         """With stochastic_rounding, each parameter's update is computed in fp32 and rounded
         to its 16-bit dtype stochastically (unbiased), one parameter at a time."""
         if self.stochastic_rounding:
-            optimizer.step = functools.partial(stochastic_step, optimizer, optimizer.step)
+            own = optimizer.step
+
+            def step(self, closure=None):  # a bound method, as torch's LR schedulers expect to wrap
+                return stochastic_step(self, own, closure)
+
+            optimizer.step = types.MethodType(step, optimizer)
 
 
 def _allow_fp16_grads(scaler) -> None:
