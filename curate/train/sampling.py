@@ -111,7 +111,7 @@ def due(config, step: int, epoch_end: int | None = None) -> bool:
         return config.sample_at_first
     if config.sample_every_n_epochs:
         return epoch_end is not None and epoch_end % config.sample_every_n_epochs == 0
-    return epoch_end is None and bool(config.sample_every_n_steps) and step % config.sample_every_n_steps == 0
+    return bool(config.sample_every_n_steps) and step % config.sample_every_n_steps == 0
 
 
 def sample(config, model, step: int, device, precision, board=None) -> list[Path]:
