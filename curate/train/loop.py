@@ -244,6 +244,7 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
             loss_sum += loss.detach() / n_micro
         precision.unscale(optimizer)
         grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+        lrs_now = [g["lr"] for g in optimizer.param_groups]  # what this step used, before the schedule moves
         stepped = _step(optimizer, config, position.step, precision)
         if stepped:  # the LR schedule counts optimizer steps that happened (fp16 may skip one)
             lr_scheduler.step()
@@ -271,7 +272,6 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
         timings["wait_s"] += wait
         timings["steps"] += 1
         timings["images"] += images
-        lrs_now = lr_scheduler.get_last_lr()
         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lrs_now[0]:.2e}", refresh=False)
         bar.update(1)
         validating = bool(plan.val) and (position.step == total or bool(config.validate_every_n_steps)

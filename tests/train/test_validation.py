@@ -93,7 +93,7 @@ def test_polynomial_schedule_honours_the_power(validated):
     *_, rows, _ = validated
     lr, end = 1e-3, 1e-7  # diffusers' polynomial decay ends at lr_end = 1e-7
     for r in rows:
-        assert r["lr"] == pytest.approx((lr - end) * (1 - r["step"] / 4) ** 2 + end)
+        assert r["lr"] == pytest.approx((lr - end) * (1 - (r["step"] - 1) / 4) ** 2 + end)  # the LR step k used
 
 
 def test_tensorboard_event_files_hold_the_scalars(validated):
