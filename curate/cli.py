@@ -493,6 +493,8 @@ def train(
         return
     typer.echo(f"train: {r['steps']} optimizer steps, last loss {r['loss']:.4f}, {r['steps_per_s']:.2f} steps/s, "
                f"{100 * r['data_wait_share']:.1f}% of step time waiting for data")
+    if r["val_loss"] == r["val_loss"]:  # not NaN: there is a held-out set
+        typer.echo(f"  validation loss {r['val_loss']:.4f}")
     typer.echo(f"  checkpoint: {r['checkpoint']}  (continue with --resume)")
     for kind, path in r["exported"].items():
         typer.echo(f"  model ({kind}): {path}")

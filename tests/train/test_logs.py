@@ -51,7 +51,7 @@ def te_run(tmp_path_factory):
     logged = []
     train(cfg, progress=False, log=logged.append)
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-    return root / "run", rows, logged
+    return root / "run", rows, logged, cfg
 
 
 def test_text_encoders_freeze_after_the_stop_and_free_their_state(te_run):
@@ -59,7 +59,7 @@ def test_text_encoders_freeze_after_the_stop_and_free_their_state(te_run):
 
     from curate.train import sdxl
 
-    run, rows, logged = te_run
+    run, rows, logged, _ = te_run
     assert "step 2: text encoders frozen (stop_text_encoder_training)" in logged  # 0.25 of 8 steps
     te1 = "conditioner.embedders.0.transformer."
     step = {s: load_file(run / "checkpoints" / f"step-{s:07d}" / f"model-step{s}.safetensors") for s in (2, 4, 6)}
@@ -79,7 +79,18 @@ def test_cosine_with_restarts_restarts(te_run):
     """huggingface/diffusers#1232 and bmaltais/kohya_ss#881: cosine_with_restarts ran as one
     plain cosine (num_cycles never reached the scheduler). Two cycles over 8 steps: the LR falls
     to its low at step 4 and is back up at step 5."""
-    run, rows, _ = te_run
+    run, rows, *_ = te_run
     lr = [r["lr/unet"] for r in rows]
     assert lr[0] > lr[1] > lr[2] > lr[3] and lr[4] == pytest.approx(1e-3) and lr[4] > lr[5] > lr[6] > lr[7]
     assert [r["lr/te1"] for r in rows] == lr  # the text encoder's own LR (here equal) on the same schedule
+
+
+def test_a_resume_after_the_stop_continues_exactly(te_run):
+    """The checkpoint after the stop holds no text-encoder optimizer state; the resumed run
+    freezes them before loading it, and trains on as the uninterrupted run did."""
+    run, rows, _, cfg = te_run
+    train(cfg, resume=str(run / "checkpoints" / "step-0000004"), progress=False, log=lambda _: None)
+    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == list(range(1, 9))
+    for a, b in zip(rows[4:], again[4:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6) and b["lr/unet"] == a["lr/unet"]
