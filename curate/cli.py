@@ -478,6 +478,7 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print JSON."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir (or from CHECKPOINT)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output_dir that holds a run (its checkpoints, metrics, logs and samples are removed)."),
 ) -> None:
     """Fine-tune SDXL on the config's manifests (kohya-style recipe; see DESIGN.md).
 
@@ -500,11 +501,16 @@ def train(
         summary = plan_run(cfg)
         typer.echo(json.dumps(summary, indent=1) if as_json else "\n".join(render(summary)))
         return
-    r = run_train(cfg, resume=str(checkpoint) if checkpoint else resume, progress=not quiet, log=typer.echo)
+    if overwrite and (resume or checkpoint):
+        raise CurateError("--overwrite starts over; --resume continues: use one")
+    r = run_train(cfg, resume=str(checkpoint) if checkpoint else resume, progress=not quiet, log=typer.echo,
+                  overwrite=overwrite)
     if not r["main_process"]:  # accelerate launch: one summary, from the main process
         return
     typer.echo(f"train: {r['steps']} optimizer steps, last loss {r['loss']:.4f}, {r['steps_per_s']:.2f} steps/s, "
                f"{100 * r['data_wait_share']:.1f}% of step time waiting for data")
+    if r["val_loss"] == r["val_loss"]:  # not NaN: there is a held-out set
+        typer.echo(f"  validation loss {r['val_loss']:.4f}")
     typer.echo(f"  checkpoint: {r['checkpoint']}  (continue with --resume)")
     for kind, path in r["exported"].items():
         typer.echo(f"  model ({kind}): {path}")

@@ -25,6 +25,11 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
+SAMPLERS = ("euler_a", "euler", "dpm++_2m")  # sample_sampler (sd-scripts' names; k_ prefixes accepted)
+LOGGERS = ("tensorboard", "wandb", "all", "none")
+# the sample defaults of the recipe's model card (Kohaku-XL: Euler a, 25 steps, CFG 5, its quality tags)
+SAMPLE_NEGATIVE = ("low quality, worst quality, normal quality, text, signature, jpeg artifacts, "
+                   "bad anatomy, old, early, copyright name, watermark, artist name")
 # sd-scripts subset keys that `curate export` passes on but `curate train` does not implement.
 EXPORT_ONLY_KEYS = {"color_aug", "random_crop", "face_crop_aug_range", "caption_prefix",
                     "caption_suffix", "secondary_separator",
@@ -46,6 +51,8 @@ class DatasetConfig:
     caption_dropout_rate: float = 0.0
     flip_aug: bool = False
     enable_wildcard: bool = False          # a caption's lines are alternatives: one per step (else the first)
+    is_val: bool = False                   # the whole manifest is held out for validation loss
+    validation_split: Optional[float] = None  # None: the top-level validation_split
 
 
 @dataclass
@@ -74,6 +81,9 @@ class TrainConfig:
     learning_rate_te2: float = 0.0
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0               # in optimizer steps
+    lr_scheduler_num_cycles: int = 1       # cosine_with_restarts: hard restarts over the run
+    lr_scheduler_power: float = 1.0        # polynomial: the decay's power
+    stop_text_encoder_training: Union[int, float] = 0  # step (int) or fraction of the run (float); 0: never
     optimizer_type: str = "AdamW"
     optimizer_args: dict = field(default_factory=dict)
     max_grad_norm: float = 1.0             # 0: no clipping
@@ -86,6 +96,8 @@ class TrainConfig:
     full_fp16: bool = False                # weights themselves in fp16 (explicit opt-in)
     full_bf16: bool = False
     gradient_checkpointing: bool = False
+    stochastic_rounding: bool = False      # full_fp16/full_bf16: round each update stochastically
+    masked_loss: bool = False              # weight the loss by alpha (or <stem>_mask.png)
     cache_latents: bool = True             # VAE latents on disk, keyed by content + bucket + crop
     latent_cache_dir: Optional[Path] = None  # default <output_dir>/latent_cache
     # saving
@@ -95,8 +107,18 @@ class TrainConfig:
     output_name: str = "model"
     # feedback
     sample_every_n_steps: int = 0          # 0: no sample images
-    sample_prompts: Union[list, str] = field(default_factory=list)  # prompts, or a file with one per line
-    sample_steps: int = 28                 # Euler steps per sample image
+    sample_every_n_epochs: int = 0
+    sample_at_first: bool = False          # samples before the first step too
+    sample_prompts: Union[list, str] = field(default_factory=list)  # sd-scripts prompt lines, or a .txt/.toml/.json file
+    sample_steps: int = 25                 # default steps per sample image (--s)
+    sample_sampler: str = "euler_a"
+    sample_cfg: float = 5.0                # default CFG scale (--l)
+    sample_negative_prompt: str = SAMPLE_NEGATIVE  # default negative prompt (--n)
+    validation_split: float = 0.0          # fraction of each training [[datasets]] held out (seeded)
+    validation_split_reg: bool = False     # split reg sets too
+    validate_every_n_steps: int = 0        # 0: only at the end (when there is a held-out set)
+    log_with: str = "tensorboard"
+    wandb_project: str = "curate"
     weighted_captions: Optional[bool] = None  # None: as the captions were written (escape_parentheses)
     source: Optional[Path] = None          # the file this came from (not a key)
 
@@ -122,12 +144,16 @@ _TYPES = {
     "latent_cache_dir": str, "save_every_n_steps": int, "save_last_n_checkpoints": int,
     "save_precision": str, "output_name": str, "sample_every_n_steps": int,
     "sample_prompts": (list, str), "sample_steps": int, "datasets": list, "weighted_captions": bool,
+    "lr_scheduler_num_cycles": int, "lr_scheduler_power": _NUMBER, "stop_text_encoder_training": (int, float),
+    "stochastic_rounding": bool, "masked_loss": bool, "sample_every_n_epochs": int, "sample_at_first": bool,
+    "sample_sampler": str, "sample_cfg": _NUMBER, "sample_negative_prompt": str, "validation_split": _NUMBER,
+    "validation_split_reg": bool, "validate_every_n_steps": int, "log_with": str, "wandb_project": str,
 }
 _DATASET_TYPES = {
     "manifest": str, "num_repeats": int, "is_reg": bool, "class_tokens": str,
     "shuffle_caption": bool, "keep_tokens": int, "keep_tokens_separator": str,
     "caption_separator": str, "caption_tag_dropout_rate": _NUMBER,
-    "caption_dropout_rate": _NUMBER, "flip_aug": bool,
+    "caption_dropout_rate": _NUMBER, "flip_aug": bool, "is_val": bool, "validation_split": _NUMBER,
     "enable_wildcard": bool,
 }
 assert set(_TYPES) | {"source"} == {f.name for f in fields(TrainConfig)}
@@ -223,24 +249,42 @@ def load(path: str | Path) -> TrainConfig:
     if values["pretrained"] != "tiny-random":
         values["pretrained"] = str(resolve_manifest(values["pretrained"], path))
     if isinstance(values.get("sample_prompts"), str):
-        prompts = resolve_manifest(values["sample_prompts"], path)
-        try:
-            text = prompts.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            raise CurateError(f"{path}: sample_prompts: cannot read {prompts}") from None
-        values["sample_prompts"] = [t.strip() for t in text.splitlines() if t.strip() and not t.startswith("#")]
-    if not all(isinstance(p, str) for p in values.get("sample_prompts", [])):
-        raise CurateError(f"{path}: sample_prompts must be a list of strings or a file name")
+        values["sample_prompts"] = _prompt_file(resolve_manifest(values["sample_prompts"], path), path)
+    if not all(isinstance(p, (str, dict)) for p in values.get("sample_prompts", [])):
+        raise CurateError(f"{path}: sample_prompts must be a list of prompt lines or a file name")
     cfg = TrainConfig(**values, source=path)
     _check(cfg, path)
     return cfg
+
+
+def _prompt_file(prompts: Path, path: Path) -> list:
+    """sd-scripts' prompt files: .txt (one prompt line each, `#` comments), .toml ([prompt] defaults
+    and [[prompt.subset]] entries) or .json (a list of lines or of {prompt, negative_prompt, ...})."""
+    try:
+        text = prompts.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise CurateError(f"{path}: sample_prompts: cannot read {prompts}") from None
+    try:
+        if prompts.suffix == ".toml":
+            doc = tomllib.loads(text)["prompt"]
+            return [{**{k: v for k, v in doc.items() if k != "subset"}, **sub} for sub in doc["subset"]]
+        if prompts.suffix == ".json":
+            import json
+
+            entries = json.loads(text)
+            if not isinstance(entries, list):
+                raise ValueError("not a list")
+            return entries
+    except (tomllib.TOMLDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise CurateError(f"{path}: sample_prompts: {prompts} is not an sd-scripts prompt file ({exc})") from None
+    return [t.strip() for t in text.splitlines() if t.strip() and not t.lstrip().startswith("#")]
 
 
 def _dataset(entry: dict, path: Path, i: int) -> DatasetConfig:
     where = f"{path}: [[datasets]] #{i}"
     values = {}
     for key, value in entry.items():
-        if key in _TYPES:
+        if key in _TYPES and key not in _DATASET_TYPES:
             raise CurateError(f"{where}: {key} is a top-level key of the train config")
         if key in EXPORT_ONLY_KEYS:
             raise CurateError(f"{where}: {key} is not supported by curate train "
@@ -254,6 +298,8 @@ def _dataset(entry: dict, path: Path, i: int) -> DatasetConfig:
     for key in ("caption_tag_dropout_rate", "caption_dropout_rate"):
         if not 0 <= values.get(key, 0) <= 1:
             raise CurateError(f"{where}: {key} must be between 0 and 1")
+    if not 0 <= values.get("validation_split", 0) < 1:
+        raise CurateError(f"{where}: validation_split must be in [0, 1)")
     if values.get("num_repeats", 1) < 1 or values.get("keep_tokens", 0) < 0:
         raise CurateError(f"{where}: num_repeats must be >= 1 and keep_tokens >= 0")
     return DatasetConfig(**values)
@@ -310,8 +356,25 @@ def _check(cfg: TrainConfig, path: Path) -> None:
         bad("learning rates must be >= 0")
     if cfg.learning_rate == cfg.learning_rate_te1 == cfg.learning_rate_te2 == 0:
         bad("every learning rate is 0: nothing would train")
-    if cfg.sample_every_n_steps and not cfg.sample_prompts:
-        bad("sample_every_n_steps needs sample_prompts")
+    if (cfg.sample_every_n_steps or cfg.sample_every_n_epochs or cfg.sample_at_first) and not cfg.sample_prompts:
+        bad("sample_every_n_steps / sample_every_n_epochs / sample_at_first need sample_prompts")
+    if cfg.sample_sampler.removeprefix("k_") not in SAMPLERS:
+        bad(f"sample_sampler must be one of {', '.join(SAMPLERS)}")
+    if cfg.log_with not in LOGGERS:
+        bad(f"log_with must be one of {', '.join(LOGGERS)}")
+    if not 0 <= cfg.validation_split < 1:
+        bad("validation_split must be in [0, 1)")
+    if cfg.lr_scheduler_num_cycles < 1 or cfg.lr_scheduler_power <= 0:
+        bad("lr_scheduler_num_cycles must be >= 1 and lr_scheduler_power > 0")
+    stop = cfg.stop_text_encoder_training
+    if stop < 0 or (isinstance(stop, float) and stop > 1) or isinstance(stop, bool):
+        bad("stop_text_encoder_training must be a step (>= 0) or a fraction of the run (0.0-1.0)")
+    if stop and not (cfg.learning_rate_te1 or cfg.learning_rate_te2):
+        bad("stop_text_encoder_training needs learning_rate_te1 or learning_rate_te2 > 0")
+    if cfg.stochastic_rounding and not (cfg.full_fp16 or cfg.full_bf16):
+        bad("stochastic_rounding is for half-precision weights: set full_fp16 or full_bf16")
+    if min(cfg.sample_every_n_epochs, cfg.validate_every_n_steps, cfg.sample_steps - 1) < 0:
+        bad("sample_every_n_epochs and validate_every_n_steps must be >= 0, sample_steps >= 1")
     if min(cfg.lr_warmup_steps, cfg.save_every_n_steps, cfg.max_data_loader_n_workers, cfg.sample_every_n_steps) < 0:
         bad("lr_warmup_steps, save_every_n_steps, sample_every_n_steps and max_data_loader_n_workers must be >= 0")
     if not _plain_name(cfg.output_name):  # checked before any work: it names files in output_dir

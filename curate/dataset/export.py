@@ -103,6 +103,9 @@ SUBSET_KEYS = {
     "secondary_separator": str, "enable_wildcard": bool, "is_reg": bool,
     "class_tokens": str, "cache_info": bool, "resize_interpolation": str,
 }
+# curate train's own [[datasets]] keys: read, never handed to sd-scripts (an is_val manifest is
+# held out of curate's training, so export leaves it out too)
+CURATE_ONLY = {"is_val": bool, "validation_split": (int, float)}
 DREAMBOOTH_ONLY = {"is_reg", "class_tokens", "cache_info"}  # not in a fine-tune subset
 TRAIN_DEFAULTS = {"num_repeats": 1, "shuffle_caption": True, "keep_tokens": 0,
                   "caption_tag_dropout_rate": 0.1, "flip_aug": False}
@@ -237,9 +240,9 @@ def load_train_config(path: str | Path | None) -> tuple[dict, dict[Path, dict]]:
                 continue
             if key in DATASET_KEYS or key in RECIPE_DATASET:
                 raise CurateError(f"{where}: {key} is a top-level key of the train config")
-            if key not in SUBSET_KEYS:
+            if key not in SUBSET_KEYS and key not in CURATE_ONLY:
                 raise CurateError(f"{where}: unknown key {key!r}")
-            values[key] = _typed(value, SUBSET_KEYS[key], f"{where}: {key}")
+            values[key] = _typed(value, {**SUBSET_KEYS, **CURATE_ONLY}[key], f"{where}: {key}")
         if values.get("num_repeats", 1) < 1 or values.get("keep_tokens", 0) < 0:
             raise CurateError(f"{where}: num_repeats must be >= 1 and keep_tokens >= 0")
         per_manifest[train_config.resolve_manifest(entry["manifest"], path)] = values
@@ -300,6 +303,10 @@ def run(manifests: list[str | Path], out_dir: str | Path, config_path: str | Pat
         if is_reg and meta.get("class_token"):
             base["class_tokens"] = str(meta["class_token"])
         base.update(per_manifest.get(path, {}))
+        base.pop("validation_split", None)
+        if base.pop("is_val", False):
+            summary.skipped["held out for validation (is_val)"] += table.num_rows
+            continue
         separators = meta.get("stages", {}).get("caption", {}).get("keep_separators", {})
         escaped = meta.get("stages", {}).get("caption", {}).get("escaped", {}) or {}
         name = _unique(_safe_name(path.stem), used_names)

@@ -38,6 +38,8 @@ def estimate(config: TrainConfig, params: dict | None = None) -> dict:
     half_weights = config.full_fp16 or config.full_bf16
     w_bytes = 2 if half_weights else 4
     moment_bytes = 1 if config.optimizer_type.endswith("8bit") else w_bytes
+    if config.stochastic_rounding and not config.optimizer_type.endswith("8bit"):
+        moment_bytes = 4  # the optimizer sees each weight in fp32, so it keeps fp32 state
     parts = {
         "weights": trained * w_bytes + frozen * (2 if mixed else 4)
         + (0 if config.cache_latents else params["vae"] * 4),
