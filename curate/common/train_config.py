@@ -24,6 +24,7 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
+NETWORKS = ("lora", "locon", "loha", "lokr")  # LoRA/LyCORIS (docs/lora.md); absent: full fine-tune
 # sd-scripts subset keys that `curate export` passes on but `curate train` does not implement.
 EXPORT_ONLY_KEYS = {"color_aug", "random_crop", "face_crop_aug_range", "caption_prefix",
                     "caption_suffix", "secondary_separator", "enable_wildcard",
@@ -96,6 +97,17 @@ class TrainConfig:
     sample_prompts: Union[list, str] = field(default_factory=list)  # prompts, or a file with one per line
     sample_steps: int = 28                 # Euler steps per sample image
     weighted_captions: Optional[bool] = None  # None: as the captions were written (escape_parentheses)
+    # LoRA / LyCORIS (docs/lora.md): train a network on the frozen model instead of the model
+    network: Optional[str] = None          # lora | locon | loha | lokr; None: full fine-tune
+    network_dim: int = 16
+    network_alpha: float = 1.0
+    network_dropout: float = 0.0
+    conv_dim: int = 0                      # 3x3 convs too (locon/loha/lokr: default network_dim)
+    conv_alpha: float = 1.0
+    network_train_unet_only: bool = False
+    network_lr: Optional[float] = None     # UNet modules; default learning_rate
+    text_encoder_lr: Optional[float] = None  # text encoder modules; default network_lr
+    network_weights: Optional[Path] = None  # start from an existing network file
     source: Optional[Path] = None          # the file this came from (not a key)
 
     @property
@@ -120,6 +132,9 @@ _TYPES = {
     "latent_cache_dir": str, "save_every_n_steps": int, "save_last_n_checkpoints": int,
     "save_precision": str, "output_name": str, "sample_every_n_steps": int,
     "sample_prompts": (list, str), "sample_steps": int, "datasets": list, "weighted_captions": bool,
+    "network": str, "network_dim": int, "network_alpha": _NUMBER, "network_dropout": _NUMBER, "conv_dim": int,
+    "conv_alpha": _NUMBER, "network_train_unet_only": bool, "network_lr": _NUMBER, "text_encoder_lr": _NUMBER,
+    "network_weights": str,
 }
 _DATASET_TYPES = {
     "manifest": str, "num_repeats": int, "is_reg": bool, "class_tokens": str,
@@ -179,7 +194,7 @@ def load(path: str | Path) -> TrainConfig:
         raise CurateError(f"{path}: needs [[datasets]] tables, one per manifest (manifest = \"...\")")
     values["datasets"] = [_dataset(e, path, i) for i, e in enumerate(entries, 1)]
     values["output_dir"] = Path(values["output_dir"])
-    for key in ("pretrained_config", "latent_cache_dir"):
+    for key in ("pretrained_config", "latent_cache_dir", "network_weights"):
         if key in values:
             values[key] = resolve_manifest(values[key], path)
     if values["pretrained"] != "tiny-random":
@@ -270,7 +285,9 @@ def _check(cfg: TrainConfig, path: Path) -> None:
         bad("ema_decay must be in [0, 1)")
     if min(cfg.learning_rate, cfg.learning_rate_te1, cfg.learning_rate_te2) < 0:
         bad("learning rates must be >= 0")
-    if cfg.learning_rate == cfg.learning_rate_te1 == cfg.learning_rate_te2 == 0:
+    if cfg.network is not None:
+        _check_network(cfg, bad)
+    elif cfg.learning_rate == cfg.learning_rate_te1 == cfg.learning_rate_te2 == 0:
         bad("every learning rate is 0: nothing would train")
     if cfg.sample_every_n_steps and not cfg.sample_prompts:
         bad("sample_every_n_steps needs sample_prompts")
@@ -278,6 +295,23 @@ def _check(cfg: TrainConfig, path: Path) -> None:
         bad("lr_warmup_steps, save_every_n_steps, sample_every_n_steps and max_data_loader_n_workers must be >= 0")
     if not any(not d.is_reg for d in cfg.datasets if d.is_reg is not None) and all(d.is_reg for d in cfg.datasets):
         bad("every [[datasets]] is a reg set: training images are needed too")
+
+
+def _check_network(cfg: TrainConfig, bad) -> None:
+    if cfg.network not in NETWORKS:
+        bad(f"network must be one of {', '.join(NETWORKS)}")
+    if cfg.network_dim < 1 or cfg.conv_dim < 0:
+        bad("network_dim must be >= 1 and conv_dim >= 0")
+    if not 0 <= cfg.network_dropout < 1:
+        bad("network_dropout must be in [0, 1)")
+    if min(cfg.network_lr or 0, cfg.text_encoder_lr or 0) < 0:
+        bad("network_lr and text_encoder_lr must be >= 0")
+    if (cfg.network_lr if cfg.network_lr is not None else cfg.learning_rate) <= 0:
+        bad("the network's UNet learning rate (network_lr, else learning_rate) must be > 0")
+    if cfg.ema_decay:
+        bad("ema_decay is for full fine-tunes; leave it out with network")
+    if cfg.network_weights is not None and not cfg.network_weights.is_file():
+        bad(f"network_weights not found: {cfg.network_weights}")
 
 
 def _hint(key: str) -> str:

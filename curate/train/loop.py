@@ -25,6 +25,7 @@ from curate.train import sdxl
 from curate.train import data as train_data
 
 from curate.train import memory as train_memory
+from curate.train import lora_file, network
 from curate.errors import CurateError
 from curate.common.train_config import TrainConfig
 
@@ -87,16 +88,19 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
     model = model or sdxl.load(config.pretrained, config.pretrained_config)
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     lrs = {"unet": config.learning_rate, "te1": config.learning_rate_te1, "te2": config.learning_rate_te2}
-    trained = {name: getattr(model, name) for name, lr in lrs.items() if lr > 0}
+    trained = {name: getattr(model, name) for name, lr in lrs.items() if lr > 0 and not config.network}
     _place(model.vae.requires_grad_(False).eval(), device, torch.float32)
     for name in ("unet", "te1", "te2"):
         part = getattr(model, name)
         is_trained = name in trained
-        part.requires_grad_(is_trained).train(is_trained)
+        part.requires_grad_(is_trained).train(is_trained or bool(config.network))
         full_half = config.full_fp16 or config.full_bf16
         _place(part, device, half if (full_half or not is_trained) else torch.float32)
-        if is_trained and config.gradient_checkpointing:
+        if (is_trained or config.network and name == "unet") and config.gradient_checkpointing:
             (part.enable_gradient_checkpointing if name == "unet" else part.gradient_checkpointing_enable)()
+    net = network.from_config(model, config, plan) if config.network else None  # LoRA/LyCORIS: only it trains
+    if net is not None:
+        trained = {"network": net}
     scheduler = sdxl.noise_scheduler(config.v_parameterization)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
@@ -112,7 +116,8 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
         model.vae.to("cpu")
 
     # --- optimizer, schedule (warmup counted in optimizer steps), accelerate
-    groups = [{"params": [p for p in part.parameters()], "lr": lrs[name]} for name, part in trained.items()]
+    groups = network.param_groups(net, config) if net is not None else [
+        {"params": [p for p in part.parameters()], "lr": lrs[name]} for name, part in trained.items()]
     optimizer = _optimizer(config, groups)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=plan.total_steps)
@@ -166,7 +171,7 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
             noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen, device=device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, latents.shape[:1], generator=gen, device=device)
         noisy = scheduler.add_noise(latents, noise, t)
-        with accelerator.autocast(), torch.set_grad_enabled(bool({"te1", "te2"} & set(trained))):
+        with accelerator.autocast(), torch.set_grad_enabled(bool({"te1", "te2"} & set(trained)) or (net is not None and net.trains_text)):
             context, pooled = sdxl.encode_text(model, batch["captions"], device)
         added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device)}
         with accelerator.autocast():
@@ -243,7 +248,10 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
     # --- final: a full checkpoint (so a longer run can --resume) and the exported model
     final = _save_checkpoint(accelerator, config, model, trained, ema, position) if save_final else None
     exported = {}
-    if main and save_final:
+    if main and save_final and net is not None:
+        exported["lora"] = str(lora_file.save_trained(accelerator.unwrap_model(trained["network"]), out_dir / f"{config.output_name}.safetensors",
+                                                      config, position, _save_dtype(config)))
+    if main and save_final and net is None:
         final_model, dtype = _unwrapped(accelerator, model, trained), _save_dtype(config)
         with _ema_weights(ema, final_model.unet):
             exported["diffusers"] = str(sdxl.save_diffusers(final_model, out_dir / "diffusers", dtype))
@@ -322,10 +330,13 @@ def _allow_fp16_grads(accelerator) -> None:
 
 
 def _loader(plan, position: Position, cache, process: int, workers: int, device):
+    import torch
     from torch.utils.data import DataLoader
 
     data = train_data.RunData(plan, cache, position.epoch, position.batch, process)
-    return DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+    # its own generator: starting an iterator draws a seed, which must not move the global RNG
+    # that a resume restores (network_dropout draws from it)
+    return DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, generator=torch.Generator(),
                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
 
 
@@ -406,10 +417,14 @@ def _save_checkpoint(accelerator, config: TrainConfig, model, trained, ema, posi
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(trained.get("unet", model.unet))
-        with _ema_weights(ema, unet):
-            sdxl.save_single_file(_unwrapped(accelerator, model, trained),
-                                  folder / f"{config.output_name}-step{position.step}.safetensors", _save_dtype(config),
-                                  _modelspec(config, position.step))
+        if "network" in trained:  # LoRA/LyCORIS: the network file, not a full model
+            lora_file.save_trained(accelerator.unwrap_model(trained["network"]), folder / f"{config.output_name}-step{position.step}.safetensors",
+                                   config, position, _save_dtype(config))
+        else:
+            with _ema_weights(ema, unet):
+                sdxl.save_single_file(_unwrapped(accelerator, model, trained),
+                                      folder / f"{config.output_name}-step{position.step}.safetensors", _save_dtype(config),
+                                      _modelspec(config, position.step))
         (folder / "curate.json").write_text(json.dumps({**position.state_dict(), "config": str(config.source)}))
         done = sorted(p for p in folder.parent.glob("step-*") if (p / "curate.json").is_file())
         for old in done[:-config.save_last_n_checkpoints] if config.save_last_n_checkpoints else []:
