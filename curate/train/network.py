@@ -168,11 +168,12 @@ def param_groups(net: Network, config) -> list[dict]:
     return net.param_groups(unet_lr(config), _te_lr(config))
 
 
-def rank_sums(model: sdxl.SDXL, conv: bool = True) -> dict:
-    """Sum of (fan_in + fan_out) over the targeted layers, per kind: a LoRA of rank r has
-    r x this many parameters (LoHa twice that). Counted on any device, meta included."""
-    sums = {"unet_linear": 0, "unet_conv3x3": 0, "te1": 0, "te2": 0}
-    for name, (part, layer, is_3x3) in targets(model, True, conv).items():
-        fan = layer.weight[0].numel() + layer.weight.shape[0]
-        sums[part if part != "unet" else ("unet_conv3x3" if is_3x3 else "unet_linear")] += fan
+def rank_sums(model: sdxl.SDXL) -> dict:
+    """Sum of (fan_in + fan_out) over the layers a network can wrap, per kind: a LoRA of rank r
+    on a kind has r x this many parameters (LoHa twice that). Counted on any device, meta too."""
+    sums = {"unet_attn": 0, "unet_resnet": 0, "unet_conv3x3": 0, "te1": 0, "te2": 0}
+    attn = set(targets(model, False, conv=False))
+    for name, (part, layer, is_3x3) in targets(model, True, conv=True).items():
+        kind = part if part != "unet" else "unet_conv3x3" if is_3x3 else "unet_attn" if name in attn else "unet_resnet"
+        sums[kind] += layer.weight[0].numel() + layer.weight.shape[0]
     return sums

@@ -177,3 +177,42 @@ def test_network_config_keys_are_checked(tmp_path):
                             ({"network": "lora", "network_dim": "8"}, "network_dim")]:
         with pytest.raises(CurateError, match=message):
             train_config.load(write_config(tmp_path / "c.toml", ds, **values))
+
+
+# --- the dry run's memory estimate ------------------------------------------------------------
+
+
+def test_rank_sums_are_the_sdxl_architecture_and_count_the_network():
+    from curate.train import memory
+
+    assert network.rank_sums(sdxl.full_size_random("meta")) == memory.SDXL_RANK_SUMS
+    tiny = network.rank_sums(sdxl.tiny_random())
+    model = sdxl.tiny_random()
+    for algo, values in [("lora", {}), ("lora", {"conv_dim": 2}), ("locon", {"conv_dim": 3}), ("loha", {}),
+                         ("lora", {"network_train_unet_only": True})]:
+        cfg = train_config.TrainConfig(pretrained="tiny-random", output_dir="x", network=algo, network_dim=4,
+                                       **values)
+        net = network.Network(model, algo, 4, 1, cfg.conv_dim, 1, text_encoders=not cfg.network_train_unet_only)
+        assert memory.network_params(cfg, tiny) == sum(p.numel() for p in net.parameters()), (algo, values)
+
+
+def test_dry_run_shows_how_much_less_a_lora_needs(tmp_path):
+    from curate.train import memory
+
+    write_images_manifest(tmp_path, "t", [(64, 64)] * 2)
+    full = train_config.load(write_config(tmp_path / "f.toml", [{"manifest": "t.parquet"}], mixed_precision="bf16"))
+    lora = train_config.load(write_config(tmp_path / "l.toml", [{"manifest": "t.parquet"}], mixed_precision="bf16",
+                                          network="lora", network_dim=32))
+    a, b = memory.estimate(full), memory.estimate(lora)
+    n = 32 * sum(memory.SDXL_RANK_SUMS[k] for k in ("unet_attn", "te1", "te2"))
+    assert b["trainable_params"] == n and a["trainable_params"] == memory.SDXL_PARAMS["unet"]
+    assert b["optimizer"] * memory.GIB == n * 2 * 4 and b["gradients"] * memory.GIB == n * 4
+    assert b["total"] < a["total"] - 20  # ~30 GiB of fp32 UNet weights, gradients and moments saved
+    text = "\n".join(dry_run_lines(lora))
+    assert f"trainable parameters: {n / 1e6:,.1f} M" in text
+
+
+def dry_run_lines(cfg):
+    from curate.train.loop import render
+
+    return render(dry_run(cfg))
