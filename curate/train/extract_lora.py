@@ -4,7 +4,7 @@ For each layer a LoRA wraps (network.targets: the same layers, the same kohya na
 the weight difference TUNED - BASE is reshaped to a matrix (out, in x kh x kw) and cut
 to its best rank-`dim` approximation by SVD: up = U S, down = V^T, alpha = rank (scale 1),
 as sd-scripts' networks/extract_lora_from_models.py does. On a GPU the SVD is exact;
-on the CPU it is randomized (torch.svd_lowrank, a few power iterations) one layer at a
+on the CPU it is randomized (torch.svd_lowrank, 2 power iterations) one layer at a
 time, which finds an exactly low-rank difference to float precision and is ~10x faster
 than a full SVD of SDXL's wide layers.
 
@@ -25,7 +25,7 @@ from curate.train import lora_file, network, sdxl
 
 WARN_KEPT = 0.5         # warn when the kept ranks hold less than half the difference's norm
 SAME_TEXT_ENCODER = 1e-4  # max |difference| below which a text encoder counts as untouched (save rounding)
-OVERSAMPLE, POWER_ITERATIONS = 8, 4
+OVERSAMPLE, POWER_ITERATIONS = 8, 2  # torch.svd_lowrank's defaults: niter 2
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Extraction:
         warnings = []
         for kind, (kept, total) in self.norms.items():
             share = (kept / total) ** 0.5 if total else 1.0
-            lines.append(f"    {kind:<24} {100 * share:5.1f}%")
+            lines.append(f"    {kind:<24} {100 * share:5.1f}%" if total else f"    {kind:<24} unchanged")
             if share < WARN_KEPT:
                 warnings.append(f"{kind}: the rank keeps only {100 * share:.0f}% of the difference; "
                                 "raise --dim (or --conv-dim) for a closer copy of the fine-tune")

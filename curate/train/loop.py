@@ -136,6 +136,8 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
     position = Position(batches_per_epoch=plan.batches_per_epoch)
     accelerator.register_for_checkpointing(lr_scheduler, position, *([ema] if ema else []))
     if resume_from:
+        if net is not None:
+            network.check_resume(accelerator.unwrap_model(trained["network"]), resume_from)
         accelerator.load_state(str(resume_from))
         if position.batches_per_epoch != plan.batches_per_epoch:
             raise CurateError(f"{resume_from}: the data or batch settings changed since this checkpoint "

@@ -156,6 +156,27 @@ def from_config(model: sdxl.SDXL, config, plan=None) -> Network:
     return net.apply()
 
 
+def check_resume(net: Network, checkpoint) -> None:
+    """Before accelerate loads a checkpoint into this network: same modules and shapes, else
+    one line (sd-scripts shows a screen of size-mismatch errors: kohya-ss/sd-scripts#789)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    saved = Path(checkpoint) / "model.safetensors"
+    if not saved.is_file():
+        return  # (a .bin checkpoint: accelerate's own error)
+    with safe_open(str(saved), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    mine = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    if shapes != mine:
+        bad = next((k for k in mine if shapes.get(k) != mine[k]), None) or next(iter(set(shapes) - set(mine)))
+        raise CurateError(f"{checkpoint} was saved by another network or a full fine-tune ({bad}: "
+                          f"{shapes.get(bad, 'absent')} there, {mine.get(bad, 'absent')} now); resume with the "
+                          "network settings it was trained with (network, network_dim, conv_dim, "
+                          "network_train_unet_only), or start a new output_dir")
+
+
 def unet_lr(config) -> float:
     return config.network_lr if config.network_lr is not None else config.learning_rate
 

@@ -141,8 +141,11 @@ def test_merging_a_trained_lora_equals_the_network_forward(tmp_path):
 
 
 def test_merge_refuses_a_lora_for_another_model(tmp_path):
-    bad = {"lora_unet_single_transformer_blocks_0_attn_to_q.lora_down.weight": torch.zeros(4, 8),
-           "lora_unet_single_transformer_blocks_0_attn_to_q.lora_up.weight": torch.zeros(8, 4)}
+    """Comfy-Org/ComfyUI#6381 and #5655: a LoRA for another architecture (an SD 1.5 LoRA, which
+    kohya names with diffusers' block names, on SDXL) is applied with a screen of `lora key not
+    loaded` lines and silently does less; merge-lora refuses it in one line instead."""
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"  # from ComfyUI#6381
+    bad = {f"{name}.lora_down.weight": torch.zeros(4, 320), f"{name}.lora_up.weight": torch.zeros(320, 4)}
     path = lora_file.save(bad, tmp_path / "flux.safetensors", {})
     state, _ = lora_file.read(path)
     with pytest.raises(CurateError, match="not layers of this SDXL model"):
@@ -150,3 +153,22 @@ def test_merge_refuses_a_lora_for_another_model(tmp_path):
     (tmp_path / "not.safetensors").write_bytes(b"garbage")
     with pytest.raises(CurateError, match="cannot read"):
         lora_file.read(tmp_path / "not.safetensors")
+
+
+def test_a_slightly_tuned_text_encoder_is_extracted_and_an_untouched_one_reported():
+    """kohya-ss/sd-scripts#890: a text encoder trained at a low rate moved less than
+    extract_lora_from_models' min_diff (0.01), so the extracted LoRA left it out and training
+    the text encoder looked like it "does literally nothing". Here only a text encoder whose
+    largest change is below save rounding (1e-4) counts as unchanged, and the summary says so."""
+    base, tuned = sdxl.tiny_random(), sdxl.tiny_random()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, (part, layer, _) in network.targets(tuned, True).items():
+            if part == "te1":  # moved by ~1e-3 at most: under sd-scripts' min_diff
+                u, v = torch.randn(layer.weight.shape[0], 1, generator=g), torch.randn(1, layer.weight.shape[1], generator=g)
+                layer.weight.add_(u @ v / (u @ v).abs().max() * 1e-3)
+        result = extract_lora.extract(base, tuned, dim=2)
+    assert result.skipped_parts == ["te2"]
+    assert any(k.startswith("lora_te1_") for k in result.state) and not any(k.startswith("lora_te2_") for k in result.state)
+    assert result.norms["te1 (text encoder)"][0] == pytest.approx(result.norms["te1 (text encoder)"][1], rel=1e-4)
+    assert "te2: unchanged by the fine-tune, not extracted" in "\n".join(result.lines(Path("x")))

@@ -216,3 +216,37 @@ def dry_run_lines(cfg):
     from curate.train.loop import render
 
     return render(dry_run(cfg))
+
+
+# --- reports from the trackers ----------------------------------------------------------------
+
+
+def test_resuming_with_another_network_dim_is_one_line(lora_runs):
+    """kohya-ss/sd-scripts#789: resuming a LoRA state with another network_dim gave a screen
+    of `size mismatch for lora_unet_..._lora_down.weight` errors; here one line says why."""
+    root, *_ = lora_runs
+    cfg = train_config.load(root / "b" / "c.toml")
+    cfg.network_dim, cfg.max_train_steps = 8, 6
+    with pytest.raises(CurateError, match=r"another network or a full fine-tune \(lora_unet_.*: \(32, 4\) there, \(32, 8\) now\)"):
+        train(cfg, resume=str(root / "b" / "run" / "checkpoints" / "step-0000004"), progress=False)
+
+
+def test_unet_only_writes_no_text_encoder_modules():
+    """kohya-ss/sd-scripts#2236: with network_train_unet_only, modules were still created for
+    the text encoders; here none are made, trained or written."""
+    cfg = train_config.TrainConfig(pretrained="tiny-random", output_dir="x", network="lora", network_dim=4,
+                                   network_train_unet_only=True)
+    model = sdxl.tiny_random()
+    net = network.from_config(model, cfg)
+    assert net and all(name.startswith("lora_unet_") for name in net) and not net.trains_text
+    assert len(network.param_groups(net, cfg)) == 1
+    cfg.network_train_unet_only, cfg.text_encoder_lr = False, 0.0  # a zero text-encoder rate: the same
+    assert not network.from_config(sdxl.tiny_random(), cfg).trains_text
+
+
+def test_the_demo_writes_a_lora_config_beside_the_fine_tune(tmp_path):
+    from curate.demo.run import write_lora_config
+
+    cfg = train_config.load(write_lora_config(tmp_path / "train_lora.toml", tmp_path))
+    assert cfg.network == "lora" and cfg.output_dir == tmp_path / "runs" / "demo_lora"
+    assert cfg.latent_cache_dir == (tmp_path / "runs" / "demo" / "latent_cache").resolve()  # shares the fine-tune's latents
