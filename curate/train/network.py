@@ -141,8 +141,8 @@ class Network(torch.nn.ModuleDict):
 
 def from_config(model: sdxl.SDXL, config, plan=None) -> Network:
     """The network a train config asks for, applied to `model`, with the file metadata of the
-    run (`plan`: the data, for ss_tag_frequency and counts). The network's modules follow the
-    train/eval mode of the part that runs (dropout off while sampling or validating)."""
+    run (`plan`: the data, for ss_tag_frequency and counts). The network's modules train (dropout
+    on) only while the part that runs and the UNet both do: off while sampling or validating."""
     from curate.train import lora_file
 
     text = not config.network_train_unet_only and _te_lr(config) > 0
@@ -151,8 +151,8 @@ def from_config(model: sdxl.SDXL, config, plan=None) -> Network:
     if config.network_weights:
         net.load_file(config.network_weights)
     net.metadata = lora_file.train_metadata(config, plan, 0, 0) if plan is not None else {}
-    for part in (model.unet, model.te1, model.te2):
-        part.register_forward_pre_hook(lambda module, args: net.train(module.training) and None)
+    for part in (model.unet, model.te1, model.te2):  # (sampling and validation put the UNet in eval)
+        part.register_forward_pre_hook(lambda module, args: net.train(module.training and model.unet.training) and None)
     return net.apply()
 
 

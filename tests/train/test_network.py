@@ -250,3 +250,31 @@ def test_the_demo_writes_a_lora_config_beside_the_fine_tune(tmp_path):
     cfg = train_config.load(write_lora_config(tmp_path / "train_lora.toml", tmp_path))
     assert cfg.network == "lora" and cfg.output_dir == tmp_path / "runs" / "demo_lora"
     assert cfg.latent_cache_dir == (tmp_path / "runs" / "demo" / "latent_cache").resolve()  # shares the fine-tune's latents
+
+
+def test_sample_images_are_drawn_with_the_network(tmp_path):
+    write_images_manifest(tmp_path, "t", SIZES[:2])
+    cfg = train_config.load(write_config(tmp_path / "c.toml", [{"manifest": "t.parquet"}], max_train_steps=1,
+                                         network="lora", network_dim=2, network_dropout=0.5, sample_every_n_steps=1,
+                                         sample_prompts=["1girl, smile"], sample_steps=2))
+    r = train(cfg, progress=False)
+    assert (cfg.output_dir / "samples" / "step-0000001-0.png").is_file()
+    assert r["exported"]["lora"].endswith("model.safetensors")
+
+
+def test_network_dropout_only_while_the_unet_trains():
+    cfg = train_config.TrainConfig(pretrained="tiny-random", output_dir="x", network="lora", network_dim=4,
+                                   network_dropout=0.5)
+    model = sdxl.tiny_random()
+    net = network.from_config(model, cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.te1.train(), model.unet.train()
+        a, _ = sdxl.encode_text(model, ["1girl"], "cpu")
+        b, _ = sdxl.encode_text(model, ["1girl"], "cpu")
+        assert not torch.equal(a, b)  # training: dropout in the text encoder's network
+        model.unet.eval()  # as sampling and validation do; the text encoders stay in train mode
+        a, _ = sdxl.encode_text(model, ["1girl"], "cpu")
+        b, _ = sdxl.encode_text(model, ["1girl"], "cpu")
+        assert torch.equal(a, b)
