@@ -278,3 +278,19 @@ def test_network_dropout_only_while_the_unet_trains():
         a, _ = sdxl.encode_text(model, ["1girl"], "cpu")
         b, _ = sdxl.encode_text(model, ["1girl"], "cpu")
         assert torch.equal(a, b)
+
+
+def test_gradients_reach_the_network_through_a_checkpointed_frozen_unet():
+    cfg = train_config.TrainConfig(pretrained="tiny-random", output_dir="x", network="lora", network_dim=2,
+                                   network_train_unet_only=True)
+    model = sdxl.tiny_random()
+    model.unet.requires_grad_(False).train()
+    model.unet.enable_gradient_checkpointing()  # as the loop does with gradient_checkpointing = true
+    net = network.from_config(model, cfg)
+    x, t, time_ids = _inputs(model)
+    out = model.unet(x, t, torch.randn(2, 77, 80), added_cond_kwargs={"text_embeds": torch.randn(2, 48),
+                                                                       "time_ids": time_ids}).sample
+    out.square().mean().backward()
+    ups = [m.lora_up.weight.grad for m in net.values()]
+    assert all(g is not None for g in ups) and sum(float(g.abs().sum()) for g in ups) > 0
+    assert all(p.grad is None for p in model.unet.parameters())
