@@ -70,7 +70,7 @@ def targets(model: sdxl.SDXL, text_encoders: bool = True, conv: bool = False) ->
 
 class Network(torch.nn.ModuleDict):
     """LyCORIS modules keyed by kohya name: `state_dict()` is the file's tensors as they are.
-    Base weights are untouched; `apply()` routes the wrapped layers' forward through the
+    Base weights are untouched; `attach()` routes the wrapped layers' forward through the
     modules (bypass mode: x -> base(x) + up(down(x)) * alpha/dim * multiplier)."""
 
     def __init__(self, model: sdxl.SDXL, algo: str = "lora", dim: int = 16, alpha: float = 1.0,
@@ -92,13 +92,13 @@ class Network(torch.nn.ModuleDict):
                 self[name] = module.to(layer.weight.device)
         self.applied = False
 
-    def apply(self) -> "Network":
+    def attach(self) -> "Network":
         for module in self.values():
             module.apply_to()
         self.applied = True
         return self
 
-    def restore(self) -> None:
+    def detach(self) -> None:
         for module in self.values():
             module.restore()
         self.applied = False
@@ -153,7 +153,7 @@ def from_config(model: sdxl.SDXL, config, plan=None) -> Network:
     net.metadata = lora_file.train_metadata(config, plan, 0, 0) if plan is not None else {}
     for part in (model.unet, model.te1, model.te2):  # (sampling and validation put the UNet in eval)
         part.register_forward_pre_hook(lambda module, args: net.train(module.training and model.unet.training) and None)
-    return net.apply()
+    return net.attach()
 
 
 def check_resume(net: Network, checkpoint) -> None:

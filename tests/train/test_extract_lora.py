@@ -125,7 +125,7 @@ def test_merging_a_trained_lora_equals_the_network_forward(tmp_path):
         for name, p in net.named_parameters():
             p.add_(torch.randn_like(p) * 0.05)
     path = lora_file.save(net.state_dict(), tmp_path / "n.safetensors", {})
-    net.apply()
+    net.attach()
     net.set_multiplier(0.5)
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300])

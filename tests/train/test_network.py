@@ -137,7 +137,7 @@ def test_diffusers_load_lora_weights_gives_curates_outputs(lora_runs):
 @pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
 def test_lycoris_algorithms_wrap_and_round_trip(algo, tmp_path):
     model = sdxl.tiny_random()
-    net = network.Network(model, algo, dim=4, alpha=1, seed=0).apply()
+    net = network.Network(model, algo, dim=4, alpha=1, seed=0).attach()
     assert any("in_layers_2" in n for n in net)  # LyCORIS' algos wrap the 3x3 convs
     x, t, time_ids = _inputs(model)
     ctx, pooled = torch.zeros(2, 77, 80), torch.zeros(2, 48)
