@@ -517,6 +517,55 @@ def train(
     typer.echo(f"  metrics: {r['metrics']}")
 
 
+# --- LoRA: extract, merge (issue 24; training a LoRA is `curate train` with network = ...) ---
+
+_MODEL_CONFIG = typer.Option(None, "--config", help="For a single-file model: a local diffusers SDXL folder with its configs and tokenizers (as pretrained_config).")
+_PRECISION = typer.Option("fp16", "--precision", help="Saved weights: float, fp16 or bf16.")
+
+
+@app.command("extract-lora")
+def extract_lora(
+    base: str = typer.Argument(..., help="The model that was fine-tuned: diffusers folder or single-file SDXL .safetensors."),
+    tuned: str = typer.Argument(..., help="The fine-tune (same forms)."),
+    dim: int = typer.Option(..., "--dim", callback=_range(1), help="Rank of each LoRA layer."),
+    conv_dim: int = typer.Option(0, "--conv-dim", callback=_range(0), help="Rank for the 3x3 convs (0: left out, as sd-scripts' lora)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="LoRA file to write (default: <TUNED>-lora<dim>.safetensors beside TUNED)."),
+    config: Optional[Path] = _MODEL_CONFIG,
+    precision: str = _PRECISION,
+) -> None:
+    """A LoRA (kohya format) from a fine-tune: low-rank SVD of the weight differences (docs/lora.md).
+
+    Prints, per block type, the share of the difference's norm the rank keeps, and warns where little is kept.
+    """
+    from curate.train.extract_lora import run
+
+    path, result = run(base, tuned, dim, conv_dim, out, config, _precision(precision))
+    for line in result.lines(path):
+        typer.echo(line)
+
+
+@app.command("merge-lora")
+def merge_lora(
+    base: str = typer.Argument(..., help="Checkpoint: diffusers folder or single-file SDXL .safetensors."),
+    lora: Path = typer.Argument(..., help="LoRA/LyCORIS file (kohya format)."),
+    out: Path = typer.Option(..., "--out", help="Single-file checkpoint to write (ComfyUI/A1111 layout)."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiplier of the LoRA's weight change."),
+    config: Optional[Path] = _MODEL_CONFIG,
+    precision: str = _PRECISION,
+) -> None:
+    """Bake a LoRA into a checkpoint (for sample checks and for sharing a merged model)."""
+    from curate.train.merge_lora import run
+
+    path, n = run(base, lora, out, scale, config, _precision(precision))
+    typer.echo(f"merge-lora: {n} layers of {lora} x {scale:g} -> {path}")
+
+
+def _precision(value: str) -> str:
+    if value not in ("float", "fp16", "bf16"):
+        raise CurateError(f"--precision must be float, fp16 or bf16, not {value!r}")
+    return value
+
+
 # --- review (issue 10) ------------------------------------------------------------------
 
 

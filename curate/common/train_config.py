@@ -30,6 +30,7 @@ LOGGERS = ("tensorboard", "wandb", "all", "none")
 # the sample defaults of the recipe's model card (Kohaku-XL: Euler a, 25 steps, CFG 5, its quality tags)
 SAMPLE_NEGATIVE = ("low quality, worst quality, normal quality, text, signature, jpeg artifacts, "
                    "bad anatomy, old, early, copyright name, watermark, artist name")
+NETWORKS = ("lora", "locon", "loha", "lokr")  # LoRA/LyCORIS (docs/lora.md); absent: full fine-tune
 # sd-scripts subset keys that `curate export` passes on but `curate train` does not implement.
 EXPORT_ONLY_KEYS = {"color_aug", "random_crop", "face_crop_aug_range", "caption_prefix",
                     "caption_suffix", "secondary_separator",
@@ -120,6 +121,17 @@ class TrainConfig:
     log_with: str = "tensorboard"
     wandb_project: str = "curate"
     weighted_captions: Optional[bool] = None  # None: as the captions were written (escape_parentheses)
+    # LoRA / LyCORIS (docs/lora.md): train a network on the frozen model instead of the model
+    network: Optional[str] = None          # lora | locon | loha | lokr; None: full fine-tune
+    network_dim: int = 16
+    network_alpha: float = 1.0
+    network_dropout: float = 0.0
+    conv_dim: int = 0                      # 3x3 convs too (locon/loha/lokr: default network_dim)
+    conv_alpha: float = 1.0
+    network_train_unet_only: bool = False
+    network_lr: Optional[float] = None     # UNet modules; default learning_rate
+    text_encoder_lr: Optional[float] = None  # text encoder modules; default network_lr
+    network_weights: Optional[Path] = None  # start from an existing network file
     source: Optional[Path] = None          # the file this came from (not a key)
 
     @property
@@ -148,6 +160,9 @@ _TYPES = {
     "stochastic_rounding": bool, "masked_loss": bool, "sample_every_n_epochs": int, "sample_at_first": bool,
     "sample_sampler": str, "sample_cfg": _NUMBER, "sample_negative_prompt": str, "validation_split": _NUMBER,
     "validation_split_reg": bool, "validate_every_n_steps": int, "log_with": str, "wandb_project": str,
+    "network": str, "network_dim": int, "network_alpha": _NUMBER, "network_dropout": _NUMBER, "conv_dim": int,
+    "conv_alpha": _NUMBER, "network_train_unet_only": bool, "network_lr": _NUMBER, "text_encoder_lr": _NUMBER,
+    "network_weights": str,
 }
 _DATASET_TYPES = {
     "manifest": str, "num_repeats": int, "is_reg": bool, "class_tokens": str,
@@ -243,7 +258,7 @@ def load(path: str | Path) -> TrainConfig:
         raise CurateError(f"{path}: needs [[datasets]] tables, one per manifest (manifest = \"...\")")
     values["datasets"] = [_dataset(e, path, i) for i, e in enumerate(entries, 1)]
     values["output_dir"] = Path(values["output_dir"])
-    for key in ("pretrained_config", "latent_cache_dir"):
+    for key in ("pretrained_config", "latent_cache_dir", "network_weights"):
         if key in values:
             values[key] = resolve_manifest(values[key], path)
     if values["pretrained"] != "tiny-random":
@@ -354,7 +369,9 @@ def _check(cfg: TrainConfig, path: Path) -> None:
         bad("ema_decay must be in [0, 1)")
     if min(cfg.learning_rate, cfg.learning_rate_te1, cfg.learning_rate_te2) < 0:
         bad("learning rates must be >= 0")
-    if cfg.learning_rate == cfg.learning_rate_te1 == cfg.learning_rate_te2 == 0:
+    if cfg.network is not None:
+        _check_network(cfg, bad)
+    elif cfg.learning_rate == cfg.learning_rate_te1 == cfg.learning_rate_te2 == 0:
         bad("every learning rate is 0: nothing would train")
     if (cfg.sample_every_n_steps or cfg.sample_every_n_epochs or cfg.sample_at_first) and not cfg.sample_prompts:
         bad("sample_every_n_steps / sample_every_n_epochs / sample_at_first need sample_prompts")
@@ -388,6 +405,23 @@ def _plain_name(name: str) -> bool:
     short enough for any filesystem with the suffixes curate adds."""
     return (bool(name) and name.strip() == name and name not in (".", "..") and len(name.encode()) <= 200
             and not any(c in name for c in "/\\:") and all(c.isprintable() for c in name))
+
+
+def _check_network(cfg: TrainConfig, bad) -> None:
+    if cfg.network not in NETWORKS:
+        bad(f"network must be one of {', '.join(NETWORKS)}")
+    if cfg.network_dim < 1 or cfg.conv_dim < 0:
+        bad("network_dim must be >= 1 and conv_dim >= 0")
+    if not 0 <= cfg.network_dropout < 1:
+        bad("network_dropout must be in [0, 1)")
+    if min(cfg.network_lr or 0, cfg.text_encoder_lr or 0) < 0:
+        bad("network_lr and text_encoder_lr must be >= 0")
+    if (cfg.network_lr if cfg.network_lr is not None else cfg.learning_rate) <= 0:
+        bad("the network's UNet learning rate (network_lr, else learning_rate) must be > 0")
+    if cfg.ema_decay:
+        bad("ema_decay is for full fine-tunes; leave it out with network")
+    if cfg.network_weights is not None and not cfg.network_weights.is_file():
+        bad(f"network_weights not found: {cfg.network_weights}")
 
 
 def _hint(key: str) -> str:

@@ -30,6 +30,7 @@ from curate.train import logs as train_logs
 from curate.train import precision as train_precision
 from curate.train import sampling
 from curate.train import validation
+from curate.train import lora_file, network
 from curate.errors import CurateError
 from curate.common.train_config import TrainConfig
 
@@ -107,15 +108,18 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
     # --- model: only what has a learning rate trains; frozen parts in the compute dtype
     model = model or sdxl.load(config.pretrained, config.pretrained_config)
     lrs = {"unet": config.learning_rate, "te1": config.learning_rate_te1, "te2": config.learning_rate_te2}
-    trained = {name: getattr(model, name) for name, lr in lrs.items() if lr > 0}
+    trained = {name: getattr(model, name) for name, lr in lrs.items() if lr > 0 and not config.network}
     _place(model.vae.requires_grad_(False).eval(), device, torch.float32)
     for name in ("unet", "te1", "te2"):
         part = getattr(model, name)
         is_trained = name in trained
-        part.requires_grad_(is_trained).train(is_trained)
+        part.requires_grad_(is_trained).train(is_trained or bool(config.network))  # network dropout: train mode
         _place(part, device, precision.weights if is_trained else precision.frozen)
-        if is_trained and config.gradient_checkpointing:
+        if (is_trained or config.network and name == "unet") and config.gradient_checkpointing:
             (part.enable_gradient_checkpointing if name == "unet" else part.gradient_checkpointing_enable)()
+    net = network.from_config(model, config, plan) if config.network else None  # LoRA/LyCORIS: only it trains
+    if net is not None:
+        trained = {"network": net}
     scheduler = sdxl.noise_scheduler(config.v_parameterization)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
@@ -131,7 +135,8 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
         model.vae.to("cpu")
 
     # --- optimizer, schedule (warmup counted in optimizer steps), accelerate
-    groups = [{"params": [p for p in part.parameters()], "lr": lrs[name]} for name, part in trained.items()]
+    groups = network.param_groups(net, config) if net is not None else [
+        {"params": [p for p in part.parameters()], "lr": lrs[name]} for name, part in trained.items()]
     optimizer = _optimizer(config, groups)
     precision.install(optimizer)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -154,6 +159,8 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
     accelerator.register_for_checkpointing(lr_scheduler, position, *([ema] if ema else []),
                                            *([precision.scaler] if precision.scaler else []))
     if resume_from:
+        if net is not None:
+            network.check_resume(accelerator.unwrap_model(trained["network"]), resume_from)
         accelerator.load_state(str(resume_from))
         if position.batches_per_epoch != plan.batches_per_epoch:
             raise CurateError(f"{resume_from}: the data or batch settings changed since this checkpoint "
@@ -190,7 +197,8 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
         t = torch.randint(0, scheduler.config.num_train_timesteps, latents.shape[:1], generator=gen, device=device)
         noisy = scheduler.add_noise(latents, noise, t)
         te_training = position.step < te_stop and bool({"te1", "te2"} & set(trained))
-        with precision.autocast(), torch.set_grad_enabled(te_training):
+        te_grads = te_training or (net is not None and net.trains_text)  # a network's TE modules
+        with precision.autocast(), torch.set_grad_enabled(te_grads):
             context, pooled = sdxl.encode_text(model, batch["captions"], device)
         added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device)}
         with precision.autocast():
@@ -300,7 +308,10 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
     # --- final: a full checkpoint (so a longer run can --resume) and the exported model
     final = _save_checkpoint(accelerator, config, model, trained, ema, position) if save_final else None
     exported = {}
-    if main and save_final:
+    if main and save_final and net is not None:
+        exported["lora"] = str(lora_file.save_trained(accelerator.unwrap_model(trained["network"]), out_dir / f"{config.output_name}.safetensors",
+                                                      config, position, _save_dtype(config)))
+    if main and save_final and net is None:
         final_model, dtype = _unwrapped(accelerator, model, trained), _save_dtype(config)
         with _ema_weights(ema, final_model.unet):
             exported["diffusers"] = str(sdxl.save_diffusers(final_model, out_dir / "diffusers", dtype))
@@ -394,10 +405,13 @@ def _stop_text_encoders(model, trained: dict, optimizer, group_names: list) -> N
 
 
 def _loader(plan, position: Position, cache, process: int, workers: int, device):
+    import torch
     from torch.utils.data import DataLoader
 
     data = train_data.RunData(plan, cache, position.epoch, position.batch, process)
-    return DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+    # its own generator: starting an iterator draws a seed, which must not move the global RNG
+    # that a resume restores (network_dropout draws from it)
+    return DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, generator=torch.Generator(),
                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
 
 
@@ -441,10 +455,14 @@ def _save_checkpoint(accelerator, config: TrainConfig, model, trained, ema, posi
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(trained.get("unet", model.unet))
-        with _ema_weights(ema, unet):
-            sdxl.save_single_file(_unwrapped(accelerator, model, trained),
-                                  folder / f"{config.output_name}-step{position.step}.safetensors", _save_dtype(config),
-                                  _modelspec(config, position.step))
+        if "network" in trained:  # LoRA/LyCORIS: the network file, not a full model
+            lora_file.save_trained(accelerator.unwrap_model(trained["network"]), folder / f"{config.output_name}-step{position.step}.safetensors",
+                                   config, position, _save_dtype(config))
+        else:
+            with _ema_weights(ema, unet):
+                sdxl.save_single_file(_unwrapped(accelerator, model, trained),
+                                      folder / f"{config.output_name}-step{position.step}.safetensors", _save_dtype(config),
+                                      _modelspec(config, position.step))
         (folder / "curate.json").write_text(json.dumps({**position.state_dict(), "config": str(config.source)}))
         done = sorted(p for p in folder.parent.glob("step-*") if (p / "curate.json").is_file())
         for old in done[:-config.save_last_n_checkpoints] if config.save_last_n_checkpoints else []:
