@@ -692,3 +692,19 @@ def test_portable_export_loads_in_sd_scripts_own_reader(project, tmp_path, monke
         assert all(os.path.isfile(i.absolute_path) and not os.path.islink(i.absolute_path)
                    and not os.path.isabs(i.absolute_path) for i in infos)
         assert {i.caption for i in infos} <= expected
+
+
+def test_curate_train_validation_keys_are_read_not_handed_to_sd_scripts(project):
+    """`is_val` / `validation_split` belong to curate train: export accepts them (one config serves
+    both), leaves a held-out manifest out of the training data and never writes the keys."""
+    root, train, reg = project
+    (root / "configs").mkdir()
+    toml = TRAIN_TOML.replace("flip_aug = true\n", "flip_aug = true\nvalidation_split = 0.2\n")
+    (root / "configs" / "baxl_v3.toml").write_text(toml.replace("is_reg = true\n", "is_reg = true\nis_val = true\n"))
+    result = CliRunner().invoke(app, ["export", "--kohya", "out", "--config", "configs/baxl_v3.toml"])
+    assert result.exit_code == 0, result.output
+    assert "held out for validation (is_val)" in result.output
+    config = tomllib.loads((root / "out" / "dataset_config.toml").read_text())
+    (subset,) = config["datasets"][0]["subsets"]
+    assert subset["image_dir"].endswith("official_cg/official_cg")
+    assert "validation_split" not in subset and "is_val" not in subset
