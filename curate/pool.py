@@ -129,6 +129,12 @@ def _run_chunk(fn, chunk: list, start: int) -> list:
 
 def _worker_init(parent: int) -> None:
     """In each worker: die with the parent, and leave Ctrl-C to the parent."""
+    die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """For every pool's worker initializer: SIGKILL when the parent (pid `parent`) dies,
+    Ctrl-C left to the parent. Without it a kill -9'd stage leaves workers holding its files."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
