@@ -9,7 +9,9 @@
 #
 # Every stage rewrites its manifest in place, so progress is tracked by stamp files in
 # STAMPS (one per manifest and stage): re-running does only what is out of date, and a
-# stage whose manifest was deleted runs again. Override any variable on the command
+# stage whose manifest was deleted runs again. A person's decisions (curate review writes
+# <manifest>.decisions.jsonl) are inputs too: after a review, `make dataset` re-runs dedupe
+# and what follows it, and the export. Override any variable on the command
 # line, e.g. make dataset SOURCE=hakubooru:danbooru2023.db CG=~/ba_cg MODEL=SmilingWolf/wd-eva02-large-tagger-v3
 PYTHON ?= python3
 VENV   ?= .venv
@@ -44,6 +46,7 @@ KOHYA  := $(strip $(KOHYA))
 
 stamp = $(STAMPS)/$(notdir $(1)).$(2)
 again_if_missing = $(if $(wildcard $(1)),,FORCE)   # a deleted manifest makes its first stage run again
+decided = $(wildcard $(1).decisions.jsonl)          # review decisions of a manifest, once there are any
 
 REG_SELECT   := $(call stamp,$(REG),select)
 REG_DOWNLOAD := $(call stamp,$(REG),download)
@@ -57,6 +60,7 @@ CG_CAPTION   := $(call stamp,$(CGM),caption)
 EXPORTED     := $(KOHYA)/dataset_config.toml
 TRAINED      := $(call stamp,$(CONFIG),train)
 
+.DEFAULT_GOAL := venv
 .PHONY: venv test bench reg cg dataset train report review demo demo-review clean clean-demo FORCE
 
 # --- environment ------------------------------------------------------------------
@@ -64,13 +68,17 @@ TRAINED      := $(call stamp,$(CONFIG),train)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,ml,onnx,ray,review]'
+	$(PY) -m pip install -q -e '.[test,ml,onnx,ray]'
 	touch $@
 
+ACTIVATE_HINT = echo "curate is installed in $(VENV); in a new shell run:  . $(VENV)/bin/activate"
 venv: $(VENV)/.installed
+	@$(if $(filter-out venv,$(MAKECMDGOALS)),:,$(ACTIVATE_HINT))   # `make` or `make venv` says how to get curate on PATH
 
+# parallel workers (pytest-xdist); PYTEST_ARGS="-n 0 -x tests/dataset" for one folder in-process
+PYTEST_ARGS ?= -n auto
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # every CPU benchmark (the GPU ones need a GPU: make bench BENCH=benchmarks/bench_train_gpu.py)
 BENCH ?= $(filter-out %_gpu.py,$(sort $(wildcard benchmarks/bench_*.py)))
@@ -89,7 +97,7 @@ $(REG_DOWNLOAD): $(REG_SELECT)
 	$(CURATE) download $(REG) $(DOWNLOAD_ARGS)
 	@touch $@
 
-$(REG_CAPTION): $(REG_DOWNLOAD)
+$(REG_CAPTION): $(REG_DOWNLOAD) $(call decided,$(REG))
 	$(CURATE) caption $(REG)
 	@touch $@
 
@@ -109,7 +117,7 @@ $(CG_INGEST): $(CG_LIST) $(call again_if_missing,$(CGM)) | venv
 	$(CURATE) ingest "$(CG)" --out $(CGM) --name $(basename $(notdir $(CGM)))
 	@touch $@
 
-$(CG_DEDUPE): $(CG_INGEST) $(REG_DOWNLOAD)
+$(CG_DEDUPE): $(CG_INGEST) $(REG_DOWNLOAD) $(call decided,$(CGM)) $(call decided,$(REG))  # keepers, splits, reg drops
 	$(CURATE) dedupe $(CGM) --against $(REG)
 	@touch $@
 
@@ -129,23 +137,24 @@ cg: $(CG_CAPTION)
 
 # --- export, train, report ----------------------------------------------------------------
 
-$(EXPORTED): $(REG_CAPTION) $(CG_CAPTION) $(CONFIG)
+$(EXPORTED): $(REG_CAPTION) $(CG_CAPTION) $(CONFIG) $(call decided,$(CGM)) $(call decided,$(REG))
 	$(CURATE) export $(CGM) $(REG) --kohya $(KOHYA) --config $(CONFIG)
 
 dataset: $(EXPORTED)
 
-$(TRAINED): $(REG_CAPTION) $(CG_CAPTION) $(CONFIG)
+$(TRAINED): $(REG_CAPTION) $(CG_CAPTION) $(CONFIG) $(call decided,$(CGM)) $(call decided,$(REG))
 	$(CURATE) train $(CONFIG) $(TRAIN_ARGS)
 	@touch $@
 
 train: $(TRAINED)
 
-$(REPORT): $(REG_CAPTION) $(CG_CAPTION)
+$(REPORT): $(REG_CAPTION) $(CG_CAPTION) $(call decided,$(CGM)) $(call decided,$(REG))
 	$(CURATE) report $(CGM) $(REG) --out $(REPORT)
 
 report: $(REPORT)
 
-# a person's decisions (<manifest>.decisions.jsonl) are obeyed by every stage above
+# a person's decisions (<manifest>.decisions.jsonl) are obeyed by every stage above, and the
+# stamps depend on them: after a review, `make dataset` applies it
 REVIEW_ARGS ?=
 review: | venv
 	$(CURATE) review $(CGM) $(REG) $(REVIEW_ARGS)

@@ -27,7 +27,7 @@ import sys
 from curate.errors import CurateError
 
 KILL_ENV = "CURATE_POOL_KILL"
-WORKER_MEMORY = 2 << 30  # bytes one worker may take at the pixel guard's limit (see README "Memory")
+WORKER_MEMORY = 2 << 30  # bytes one worker may take at the pixel guard's limit (see docs/guide-safety.md, "Memory")
 UNFINISHED = object()
 _PR_SET_PDEATHSIG = 1
 
@@ -106,7 +106,7 @@ def _pooled(fn, items, workers, results, bar, desc: str) -> None:
                 results[i:i + len(got)] = got
                 bar.update(len(got))
             if broken:
-                raise PoolStopped(f"{desc}: a worker process was killed (out of memory? see README "
+                raise PoolStopped(f"{desc}: a worker process was killed (out of memory? see docs/guide-safety.md "
                                   f"'Memory', or use --workers); {_kept(results)}", results)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

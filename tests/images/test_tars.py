@@ -317,7 +317,9 @@ def test_kill_9_during_an_archive_run_with_worker_processes_then_rerun(tmp_path)
         proc.wait()
     assert len(stored(img)) < n
     assert workers, "the run had no worker processes"
-    # the workers die with their parent, not minutes later holding the archives open (issue 25)
+    # the workers die with their parent, not minutes later holding the archives open (issue 25):
+    # ProcessPoolExecutor leaves them running on (python/cpython#111873; the same fix as
+    # blacklanternsecurity/bbot#3203: PR_SET_PDEATHSIG in the worker initializer)
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, f"archive workers outlived the killed download: {[p.pid for p in alive]}"
     s = download_manifest(m, img, from_tars=str(root), max_pixels=4096, **FAST)
