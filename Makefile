@@ -75,8 +75,9 @@ ACTIVATE_HINT = echo "curate is installed in $(VENV); in a new shell run:  . $(V
 venv: $(VENV)/.installed
 	@$(if $(filter-out venv,$(MAKECMDGOALS)),:,$(ACTIVATE_HINT))   # `make` or `make venv` says how to get curate on PATH
 
-# parallel workers (pytest-xdist); PYTEST_ARGS="-n 0 -x tests/dataset" for one folder in-process
-PYTEST_ARGS ?= -n auto
+# parallel workers (pytest-xdist), a test file per worker so each module's fixtures (tiny
+# models, a demo-sized pipeline) are built once; PYTEST_ARGS="-n 0 -x tests/dataset" for one folder
+PYTEST_ARGS ?= -n auto --dist loadfile
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -86,7 +86,7 @@ def test_make_demo_runs_every_stage_then_nothing(tmp_path):
     assert not any(row["key"].replace("/", "_") in name for name in after) and after
     # a new file in the CG folder (a name with spaces) re-runs the CG chain, not the reg set
     shutil.copyfile(demo / "cg" / "cg_02.png", demo / "cg" / "new shot (2).png")
-    grown = make(demo, "demo")
+    grown = make(demo, "demo", "DEMO_TARGETS=cg")  # the CG chain only: training again adds nothing here
     assert grown.returncode == 0, grown.stderr[-2000:]
     assert "1 added" in grown.stdout and "curate tag" in grown.stdout and "curate build-reg" not in grown.stdout
     # a deleted manifest is made again, and only what depends on it
