@@ -9,7 +9,9 @@
 #
 # Every stage rewrites its manifest in place, so progress is tracked by stamp files in
 # STAMPS (one per manifest and stage): re-running does only what is out of date, and a
-# stage whose manifest was deleted runs again. Override any variable on the command
+# stage whose manifest was deleted runs again. A person's decisions (curate review writes
+# <manifest>.decisions.jsonl) are inputs too: after a review, `make dataset` re-runs dedupe
+# and what follows it, and the export. Override any variable on the command
 # line, e.g. make dataset SOURCE=hakubooru:danbooru2023.db CG=~/ba_cg MODEL=SmilingWolf/wd-eva02-large-tagger-v3
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,6 +25,7 @@ CG      ?= official_cg                            # the folder of official CGs /
 CGM     ?= manifests/official_cg.parquet          # its manifest
 MODEL   ?= SmilingWolf/wd-vit-tagger-v3           # tagger: hub id or local folder
 CONFIG  ?= configs/baxl_v3.toml                   # train config; its [[datasets]] are CGM and REG
+LORA_CONFIG ?= configs/baxl_v3_lora.toml             # LoRA train config (make train-lora)
 KOHYA   ?= manifests/kohya                        # sd-scripts export folder
 REPORT  ?= manifests/report.html
 STAMPS  ?= $(dir $(REG)).make
@@ -40,10 +43,12 @@ CG     := $(strip $(CG))
 CGM    := $(strip $(CGM))
 MODEL  := $(strip $(MODEL))
 CONFIG := $(strip $(CONFIG))
+LORA_CONFIG := $(strip $(LORA_CONFIG))
 KOHYA  := $(strip $(KOHYA))
 
 stamp = $(STAMPS)/$(notdir $(1)).$(2)
 again_if_missing = $(if $(wildcard $(1)),,FORCE)   # a deleted manifest makes its first stage run again
+decided = $(wildcard $(1).decisions.jsonl)          # review decisions of a manifest, once there are any
 
 REG_SELECT   := $(call stamp,$(REG),select)
 REG_DOWNLOAD := $(call stamp,$(REG),download)
@@ -56,21 +61,28 @@ CG_TAG       := $(call stamp,$(CGM),tag)
 CG_CAPTION   := $(call stamp,$(CGM),caption)
 EXPORTED     := $(KOHYA)/dataset_config.toml
 TRAINED      := $(call stamp,$(CONFIG),train)
+LORA_TRAINED := $(call stamp,$(LORA_CONFIG),train)
 
-.PHONY: venv test bench reg cg dataset train report review demo demo-review clean clean-demo FORCE
+.DEFAULT_GOAL := venv
+.PHONY: venv test bench reg cg dataset train train-lora report review demo demo-review clean clean-demo FORCE
 
 # --- environment ------------------------------------------------------------------
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,ml,onnx,ray,review]'
+	$(PY) -m pip install -q -e '.[test,ml,onnx,ray]'
 	touch $@
 
+ACTIVATE_HINT = echo "curate is installed in $(VENV); in a new shell run:  . $(VENV)/bin/activate"
 venv: $(VENV)/.installed
+	@$(if $(filter-out venv,$(MAKECMDGOALS)),:,$(ACTIVATE_HINT))   # `make` or `make venv` says how to get curate on PATH
 
+# parallel workers (pytest-xdist), a test file per worker so each module's fixtures (tiny
+# models, a demo-sized pipeline) are built once; PYTEST_ARGS="-n 0 -x tests/dataset" for one folder
+PYTEST_ARGS ?= -n auto --dist loadfile
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # every CPU benchmark (the GPU ones need a GPU: make bench BENCH=benchmarks/bench_train_gpu.py)
 BENCH ?= $(filter-out %_gpu.py,$(sort $(wildcard benchmarks/bench_*.py)))
@@ -89,7 +101,7 @@ $(REG_DOWNLOAD): $(REG_SELECT)
 	$(CURATE) download $(REG) $(DOWNLOAD_ARGS)
 	@touch $@
 
-$(REG_CAPTION): $(REG_DOWNLOAD)
+$(REG_CAPTION): $(REG_DOWNLOAD) $(call decided,$(REG))
 	$(CURATE) caption $(REG)
 	@touch $@
 
@@ -109,7 +121,7 @@ $(CG_INGEST): $(CG_LIST) $(call again_if_missing,$(CGM)) | venv
 	$(CURATE) ingest "$(CG)" --out $(CGM) --name $(basename $(notdir $(CGM)))
 	@touch $@
 
-$(CG_DEDUPE): $(CG_INGEST) $(REG_DOWNLOAD)
+$(CG_DEDUPE): $(CG_INGEST) $(REG_DOWNLOAD) $(call decided,$(CGM)) $(call decided,$(REG))  # keepers, splits, reg drops
 	$(CURATE) dedupe $(CGM) --against $(REG)
 	@touch $@
 
@@ -129,24 +141,32 @@ cg: $(CG_CAPTION)
 
 # --- export, train, report ----------------------------------------------------------------
 
-$(EXPORTED): $(REG_CAPTION) $(CG_CAPTION) $(CONFIG)
+$(EXPORTED): $(REG_CAPTION) $(CG_CAPTION) $(CONFIG) $(call decided,$(CGM)) $(call decided,$(REG))
 	$(CURATE) export $(CGM) $(REG) --kohya $(KOHYA) --config $(CONFIG)
 
 dataset: $(EXPORTED)
 
-# out of date = the data or the config changed: a new run (`curate train CONFIG --resume` continues one)
-$(TRAINED): $(REG_CAPTION) $(CG_CAPTION) $(CONFIG)
+# out of date = the data, the config or a review changed: a new run (`curate train CONFIG --resume` continues one)
+$(TRAINED): $(REG_CAPTION) $(CG_CAPTION) $(CONFIG) $(call decided,$(CGM)) $(call decided,$(REG))
 	$(CURATE) train $(CONFIG) --overwrite $(TRAIN_ARGS)
 	@touch $@
 
 train: $(TRAINED)
 
-$(REPORT): $(REG_CAPTION) $(CG_CAPTION)
+# a LoRA on the same data beside the fine-tune (docs/lora.md)
+$(LORA_TRAINED): $(REG_CAPTION) $(CG_CAPTION) $(LORA_CONFIG) $(call decided,$(CGM)) $(call decided,$(REG))
+	$(CURATE) train $(LORA_CONFIG) --overwrite $(TRAIN_ARGS)
+	@touch $@
+
+train-lora: $(LORA_TRAINED)
+
+$(REPORT): $(REG_CAPTION) $(CG_CAPTION) $(call decided,$(CGM)) $(call decided,$(REG))
 	$(CURATE) report $(CGM) $(REG) --out $(REPORT)
 
 report: $(REPORT)
 
-# a person's decisions (<manifest>.decisions.jsonl) are obeyed by every stage above
+# a person's decisions (<manifest>.decisions.jsonl) are obeyed by every stage above, and the
+# stamps depend on them: after a review, `make dataset` applies it
 REVIEW_ARGS ?=
 review: | venv
 	$(CURATE) review $(CGM) $(REG) $(REVIEW_ARGS)
@@ -157,10 +177,10 @@ review: | venv
 # folder, a tiny tagger and tiny-random SDXL; the pipeline targets above do the rest.
 DEMO ?= demo
 DEMO_POSTS ?= 1500
-DEMO_TARGETS ?= dataset train report
+DEMO_TARGETS ?= dataset train train-lora report
 DEMO_VARS = SOURCE=danbooru QUERY=queries/demo_reg.toml REG=$(DEMO)/manifests/demo_reg.parquet \
 	CG=$(DEMO)/cg CGM=$(DEMO)/manifests/official_cg.parquet CG_READY=$(DEMO)/.cg.complete \
-	MODEL=$(DEMO)/tagger CONFIG=$(DEMO)/train.toml KOHYA=$(DEMO)/kohya REPORT=$(DEMO)/report.html \
+	MODEL=$(DEMO)/tagger CONFIG=$(DEMO)/train.toml LORA_CONFIG=$(DEMO)/train_lora.toml KOHYA=$(DEMO)/kohya REPORT=$(DEMO)/report.html \
 	STAMPS=$(DEMO)/.make FETCH_ARGS="--rate 50" CROP_ARGS="--max-pixels 384x384" \
 	TAG_ARGS="--device cpu --batch-size 8" TRAIN_ARGS=--quiet
 

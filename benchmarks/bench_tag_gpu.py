@@ -38,7 +38,7 @@ GFLOP_PER_IMAGE = 157.0  # ViT-B/16 at 448 px, multiply-add = 2 FLOP
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0,
                     "L40S": 362.0, "A10G": 70.0, "L4": 121.0}  # dense, no sparsity
 SIZES = [(1920, 1080), (2048, 2880), (1200, 1600), (1024, 1448)]
-SHARED_TAGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wd-tagger" / "selected_tags_wd-vit-tagger-v3.csv"
+SHARED_TAGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "wd-tagger" / "selected_tags_wd-vit-tagger-v3.csv"
 
 
 def peak_tflops(name: str) -> float | None:

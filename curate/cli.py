@@ -17,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: [brackets] are text, not Rich markup
     help="Build fine-tuning datasets for anime image models, and train on them.",
 )
 
@@ -138,7 +139,7 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
         typer.echo(download_manifest(result.out, images).render())
 
 
-_QUERY_HELP = "Query spec (TOML), see DESIGN.md."
+_QUERY_HELP = "Query spec (TOML), see docs/design.md."
 _SOURCE_HELP = "danbooru, hakubooru:PATH, dump:PATH or store:PATH."
 # fetch and build-reg take the same options
 _QUERY_ARG = typer.Argument(..., help=_QUERY_HELP)
@@ -363,7 +364,7 @@ def crop(
 def caption(
     manifest: Path = typer.Argument(..., help="Manifest to caption (written back in place)."),
     config: Optional[Path] = typer.Option(
-        None, "--config", help="TOML file with a \\[caption] table (and \\[caption.subsets.NAME]); "
+        None, "--config", help="TOML file with a [caption] table (and [caption.subsets.NAME]); "
         "default: the caption tables of the query the manifest was built from."),
     images: Optional[List[Path]] = typer.Option(
         None, "--images", help="An image folder outside the manifest's folder whose images may get a "
@@ -390,7 +391,7 @@ def export(
     kohya: Path = typer.Option(..., "--kohya", help="Output folder for sd-scripts (created; "
                                "a re-export replaces what the last one wrote)."),
     config: Optional[Path] = typer.Option(
-        None, "--config", help="Train config (TOML, DESIGN layout) whose values to use."),
+        None, "--config", help="Train config (TOML, docs/design.md) whose values to use."),
     link: str = typer.Option("symlink", "--link", help="How images enter DIR: symlink | hardlink | copy."),
     portable: bool = typer.Option(False, "--portable", help="A folder that travels: real files (copies unless --link hardlink) and paths relative to DIR (run sd-scripts from inside it)."),
 ) -> None:
@@ -437,12 +438,12 @@ def download(
 def tag(
     manifest: Path = typer.Argument(..., help="Manifest whose images to tag (written back in place)."),
     model: str = typer.Option(..., "--model", help="WD tagger: a local folder (config.json, model.safetensors, selected_tags.csv; or model.onnx) or a hub id, e.g. SmilingWolf/wd-vit-tagger-v3."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", callback=_range(1), help="Images per batch \\[default: 128 on cuda, 4 on cpu]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", callback=_range(1), help="Images per batch [default: 128 on cuda, 4 on cpu]."),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto (cuda when present)."),
     general_threshold: float = typer.Option(0.35, "--general-threshold", callback=_range(0, 1), help="Keep general tags scoring above this."),
     character_threshold: float = typer.Option(0.85, "--character-threshold", callback=_range(0, 1), help="Keep character tags scoring above this."),
     use_mcut: bool = typer.Option(False, "--mcut", help="Per image MCut thresholds instead (largest gap in the scores; character >= 0.15)."),
-    workers: Optional[int] = typer.Option(None, "--workers", callback=_range(0), help="Decoding processes \\[default: cores, at most 16, on cuda; half the cores on cpu]; 0: in-process."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=_range(0), help="Decoding processes [default: cores, at most 16, on cuda; half the cores on cpu]; 0: in-process."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (pays off on long GPU runs)."),
     draft: bool = typer.Option(True, "--draft/--no-draft", help="Decode big JPEGs at reduced scale (much faster; --no-draft: bit-exact reference preprocessing)."),
     engine: str = _ENGINE,
@@ -480,7 +481,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output_dir that holds a run (its checkpoints, metrics, logs and samples are removed)."),
 ) -> None:
-    """Fine-tune SDXL on the config's manifests (kohya-style recipe; see DESIGN.md).
+    """Fine-tune SDXL on the config's manifests (kohya-style recipe; see docs/design.md).
 
     Writes output_dir/checkpoints/step-N (full state for --resume, plus the model),
     output_dir/metrics.jsonl, and at the end output_dir/diffusers/ and

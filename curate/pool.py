@@ -27,7 +27,7 @@ import sys
 from curate.errors import CurateError
 
 KILL_ENV = "CURATE_POOL_KILL"
-WORKER_MEMORY = 2 << 30  # bytes one worker may take at the pixel guard's limit (see README "Memory")
+WORKER_MEMORY = 2 << 30  # bytes one worker may take at the pixel guard's limit (see docs/guide-safety.md, "Memory")
 UNFINISHED = object()
 _PR_SET_PDEATHSIG = 1
 
@@ -106,7 +106,7 @@ def _pooled(fn, items, workers, results, bar, desc: str) -> None:
                 results[i:i + len(got)] = got
                 bar.update(len(got))
             if broken:
-                raise PoolStopped(f"{desc}: a worker process was killed (out of memory? see README "
+                raise PoolStopped(f"{desc}: a worker process was killed (out of memory? see docs/guide-safety.md "
                                   f"'Memory', or use --workers); {_kept(results)}", results)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -129,6 +129,12 @@ def _run_chunk(fn, chunk: list, start: int) -> list:
 
 def _worker_init(parent: int) -> None:
     """In each worker: die with the parent, and leave Ctrl-C to the parent."""
+    die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """For every pool's worker initializer: SIGKILL when the parent (pid `parent`) dies,
+    Ctrl-C left to the parent. Without it a kill -9'd stage leaves workers holding its files."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes

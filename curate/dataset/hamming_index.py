@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import numpy as np
 
@@ -82,7 +83,10 @@ def _band_pairs(h: np.ndarray, lo: int, width: int, masks: np.ndarray, threshold
 _POOL_HASHES = None  # the hashes, handed once to each index worker
 
 
-def _init_worker(h: np.ndarray) -> None:
+def _init_worker(parent: int, h: np.ndarray) -> None:
+    from curate.pool import die_with_parent
+
+    die_with_parent(parent)
     global _POOL_HASHES
     _POOL_HASHES = h
 
@@ -114,7 +118,7 @@ def pairs_within(hashes, threshold: int, workers: int = 1) -> tuple[np.ndarray, 
     if workers > 1 and n >= 100_000:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(h,)) as pool:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(), h)) as pool:
             found = list(pool.map(_band_task, tasks))
     else:
         found = [_band_pairs(h, *t) for t in tasks]

@@ -4,7 +4,7 @@
     python -m curate.demo.run serve CORPUS -- CMD ...   run CMD with a local Danbooru serving CORPUS
     python -m curate.demo.run cg DIR --reg M     a generated "official CG" folder
     python -m curate.demo.run summary DIR        where everything went
-    python -m curate.demo.run readme README.md   regenerate the README's command reference
+    python -m curate.demo.run readme docs/commands.md   regenerate the command reference
 
 The stages themselves run through the Makefile with the commands a user types;
 this module only stands in for Danbooru, the game's CG folder and the models.
@@ -232,7 +232,7 @@ is_reg = true
     return path
 
 
-def prepare(demo: Path, n_posts: int) -> None:
+def prepare(demo: Path, n_posts: int, tagger_too: bool = True) -> None:
     demo.mkdir(parents=True, exist_ok=True)
     (demo / ".started").write_text(str(time.time()))
     corpus = demo / "corpus"
@@ -246,7 +246,7 @@ def prepare(demo: Path, n_posts: int) -> None:
     else:
         print(f"corpus: {corpus} (already there)")
     tagger = demo / "tagger"
-    if not (tagger / "model.safetensors").exists():
+    if tagger_too and not (tagger / "model.safetensors").exists():  # torch: not in the core install
         make_tagger(tagger)
         print(f"tagger: tiny WD-v3-layout ViT -> {tagger}")
     write_train_config(demo / "train.toml", demo)
@@ -390,6 +390,10 @@ def summary(demo: Path) -> list[str]:
     if (demo / "manifests" / "official_cg.parquet").exists():
         lines.append("review       make demo-review" + ("" if str(demo) == "demo" else f" DEMO={demo}")
                      + "  (a local web app: drop, pick keepers, move crops, edit captions; every stage obeys)")
+    if (demo / "manifests" / "official_cg.parquet").exists():
+        lines += ["next         in a new shell, put curate on PATH, then ask it about the demo:",
+                  f"               . {_venv()}/bin/activate",
+                  f"               curate inspect {demo / 'manifests' / 'official_cg.parquet'}"]
     started = demo / ".started"
     if started.exists():
         lines.append(f"took {time.time() - float(started.read_text()):.0f}s; open the report: "
@@ -397,9 +401,19 @@ def summary(demo: Path) -> list[str]:
     return lines
 
 
+def _venv() -> str:
+    """The virtual environment this runs in, as the user would type it (relative when below cwd)."""
+    prefix = Path(sys.prefix)
+    try:
+        return str(prefix.relative_to(Path.cwd()))
+    except ValueError:
+        return str(prefix)
+
+
 # --- the README's command reference, from the CLI itself ---------------------------------
 
-START, END = "<!-- commands:start (python -m curate.demo.run readme README.md) -->", "<!-- commands:end -->"
+REFERENCE = Path("docs/commands.md")  # where the reference lives, from the repository root
+START, END = "<!-- commands:start (python -m curate.demo readme docs/commands.md) -->", "<!-- commands:end -->"
 
 
 def command_reference() -> str:
@@ -433,12 +447,20 @@ def command_reference() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def reference_section(text: str, where: Path) -> tuple[str, str, str]:
+    """(head, the generated reference, tail) of a file holding the commands:start/end markers."""
+    start = START.split(" (")[0]  # an older marker's command text may differ
+    if start not in text or END not in text:
+        raise SystemExit(f"{where}: no {START} ... {END} section")
+    head, rest = text.split(start, 1)
+    marker, rest = rest.split("\n", 1)
+    body, tail = rest.split(END, 1)
+    return head, body, tail
+
+
 def write_readme_commands(readme: Path) -> bool:
     text = readme.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme}: no {START} ... {END} section")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
+    head, _, tail = reference_section(text, readme)
     new = f"{head}{START}\n{command_reference()}{END}{tail}"
     if new != text:
         readme.write_text(new, encoding="utf-8")
@@ -459,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="corpus, tiny tagger, train config")
     p.add_argument("dir", type=Path)
     p.add_argument("--posts", type=int, default=1500)
+    p.add_argument("--no-tagger", action="store_true", help="no tiny tagger (the core install has no torch)")
     p = sub.add_parser("cg", help="a generated official-CG folder")
     p.add_argument("dir", type=Path)
     p.add_argument("--reg", type=Path, help="plant a repost of this reg manifest's first image")
@@ -468,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("readme", type=Path)
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
-        prepare(args.dir, args.posts)
+        prepare(args.dir, args.posts, tagger_too=not args.no_tagger)
     elif args.cmd == "cg":
         n = make_cg(args.dir, args.reg)
         print(f"CG folder: {args.dir}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in n.items()))

@@ -130,18 +130,17 @@ def archive_processes(root: Path, opts, list_folders: bool, n: int):
     from concurrent.futures import ProcessPoolExecutor
 
     return ProcessPoolExecutor(n, mp_context=mp.get_context("fork"), initializer=_init_archive_worker,
-                               initargs=(str(root), opts, list_folders))
+                               initargs=(os.getpid(), str(root), opts, list_folders))
 
 
 _WORKER = None  # the ArchiveStore of an archive worker process
 
 
-def _init_archive_worker(root: str, opts, list_folders: bool) -> None:
-    import signal
-
+def _init_archive_worker(parent: int, root: str, opts, list_folders: bool) -> None:
     from curate.images.tars import LocalMembers
+    from curate.pool import die_with_parent
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
+    die_with_parent(parent)  # a kill -9'd download leaves no worker holding the archives; Ctrl-C is the parent's
     global _WORKER
     _WORKER = ArchiveStore(Path(root), opts, tars=LocalMembers())  # the parent found the members
     _WORKER.list_folders = list_folders

@@ -64,6 +64,8 @@ class Source:
         self.table = table
         self.rows = table.select(["key", "subset", "width", "height", "path", "source_path", "error",
                                   "dup_of", "crop", "caption", *TAG_COLUMNS, "tagger"]).to_pydict()
+        reason = "keeper_reason"  # dedupe's column (absent before dedupe ran)
+        self.rows[reason] = table.column(reason).to_pylist() if reason in table.column_names else [None] * table.num_rows
         self.by_key = {k: i for i, k in enumerate(self.rows["key"])}
         self.sizes = {k: {"width": w, "height": h} for k, w, h in
                       zip(self.rows["key"], self.rows["width"], self.rows["height"])}
@@ -139,6 +141,7 @@ class Review:
                                      "kind": s.meta.get("kind") or "local"})
             out["rows"].append({"key": r["key"], "subset": r["subset"], "w": r["width"], "h": r["height"],
                                 "error": r["error"], "dup_of": dup, "crop": r["crop"], "caption": r["caption"],
+                                "keeper_reason": r["keeper_reason"],
                                 "file": [Path(p or q).name if (p or q) else None
                                          for p, q in zip(r["source_path"], r["path"])],
                                 "tags": tags, "bucket": [self.bucket(w, h, c) for w, h, c in

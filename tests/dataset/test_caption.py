@@ -418,7 +418,7 @@ CATEGORIES = ("general", "artist", "character", "copyright", "meta")
 
 
 def real_posts(shared_data: Path) -> list[dict]:
-    """Every real API post in ../shared/data, plus copies (real tags) at HakuBooru's edges."""
+    """Every real API post in tests/fixtures, plus copies (real tags) at HakuBooru's edges."""
     posts = []
     for name in ("booru-rs_posts_2023-03.json", "rust-any2feed_posts_2023-03_limit100.json",
                  "imgbrd_posts_2020-07.json", "booru.hs_post_9969513_2025-09_with_media_asset.json"):

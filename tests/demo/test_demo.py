@@ -3,6 +3,8 @@ the Danbooru look-alike on 127.0.0.1, and every stage's CLI; then a re-run does 
 
 import http.client
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,10 +63,30 @@ def test_make_demo_runs_every_stage_then_nothing(tmp_path):
     # file targets: a second run finds everything up to date
     again = make(demo, "demo")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "curate " not in again.stdout.replace("curate demo", "").replace("curate.demo", "")
+    ran = again.stdout.split("where everything went")[0]  # the summary names commands to type next
+    assert "curate " not in ran.replace("curate demo", "").replace("curate.demo", "")
+    assert ". " in again.stdout and "/bin/activate" in again.stdout  # the summary says how to get curate on PATH
+    # the README's commands after the demo, in a new shell, and the dry run of docs/inputs.md
+    for doc, block in (("README.md", "after-demo"), ("docs/inputs.md", "dry-run")):
+        out = run_in_new_shell(demo, shell_block(ROOT / doc, block))
+        assert out.returncode == 0, (doc, out.stdout[-2000:], out.stderr[-2000:])
+    assert "usable" in out.stdout or "steps" in out.stdout
+    # a decision in review, then make: the stamps see the decisions file, the export obeys it
+    exported = {p.stem for p in (demo / "kohya").rglob("*") if p.suffix in (".png", ".jpg", ".webp")}
+    row = next(r for r in manifest.read(cg)[0].to_pylist()
+               if not r["error"] and not r["dup_of"] and r["key"].replace("/", "_") in "".join(exported))
+    line = json.dumps({"key": row["key"], "action": "drop", "reason": "off model"})
+    review = subprocess.run([str(VENV / "bin" / "curate"), "review", str(cg), "--apply", "-"], input=line,
+                            capture_output=True, text=True)
+    assert review.returncode == 0, review.stderr
+    decided = make(demo, "demo", "DEMO_TARGETS=dataset")
+    assert decided.returncode == 0, decided.stderr[-2000:]
+    assert "curate dedupe" in decided.stdout and "curate export" in decided.stdout, decided.stdout[-2000:]
+    after = {p.stem for p in (demo / "kohya").rglob("*") if p.suffix in (".png", ".jpg", ".webp")}
+    assert not any(row["key"].replace("/", "_") in name for name in after) and after
     # a new file in the CG folder (a name with spaces) re-runs the CG chain, not the reg set
     shutil.copyfile(demo / "cg" / "cg_02.png", demo / "cg" / "new shot (2).png")
-    grown = make(demo, "demo")
+    grown = make(demo, "demo", "DEMO_TARGETS=cg")  # the CG chain only: training again adds nothing here
     assert grown.returncode == 0, grown.stderr[-2000:]
     assert "1 added" in grown.stdout and "curate tag" in grown.stdout and "curate build-reg" not in grown.stdout
     # a deleted manifest is made again, and only what depends on it
@@ -72,6 +94,29 @@ def test_make_demo_runs_every_stage_then_nothing(tmp_path):
     third = make(demo, "demo", "DEMO_TARGETS=cg")
     assert third.returncode == 0, third.stderr[-2000:]
     assert "curate ingest" in third.stdout and "curate build-reg" not in third.stdout and cg.is_file()
+
+
+def shell_block(doc: Path, name: str) -> str:
+    """The code block between <!-- NAME:start ... --> and <!-- NAME:end --> of a document."""
+    text = doc.read_text(encoding="utf-8")
+    found = re.search(rf"<!-- {name}:start[^>]*-->\s*```[a-z]*\n(.*?)```\s*<!-- {name}:end -->", text, re.S)
+    assert found, f"{doc}: no {name} block"
+    return found.group(1)
+
+
+def run_in_new_shell(demo: Path, script: str) -> subprocess.CompletedProcess:
+    """Run a documented block as a user would, in a new shell at the repository's root: no
+    venv on PATH, `demo/` and `.venv` where the Makefile puts them (links into the test's)."""
+    home = demo.parent / "checkout"
+    home.mkdir(exist_ok=True)
+    for name, target in (("demo", demo), (".venv", VENV), ("configs", ROOT / "configs"), ("queries", ROOT / "queries")):
+        if not (home / name).exists():
+            (home / name).symlink_to(target)
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    if os.environ.get("PYTHONPATH"):  # a development checkout runs its own code
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=home, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def exported_reg_use(demo: Path) -> dict:

@@ -302,6 +302,8 @@ def test_kill_9_during_an_archive_run_with_worker_processes_then_rerun(tmp_path)
     img = tmp_path / "img"
     proc = subprocess.Popen([sys.executable, "-c", KILL_ARCHIVE, str(m), str(img), str(root)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import psutil
+
     try:
         for _ in range(3000):
             if img.is_dir() and len(stored(img)) >= 30:
@@ -309,15 +311,21 @@ def test_kill_9_during_an_archive_run_with_worker_processes_then_rerun(tmp_path)
             if proc.poll() is not None:
                 pytest.fail("the download finished before it could be killed")
             time.sleep(0.01)
+        workers = psutil.Process(proc.pid).children()
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert len(stored(img)) < n
+    assert workers, "the run had no worker processes"
+    # the workers die with their parent, not minutes later holding the archives open (issue 25):
+    # ProcessPoolExecutor leaves them running on (python/cpython#111873; the same fix as
+    # blacklanternsecurity/bbot#3203: PR_SET_PDEATHSIG in the worker initializer)
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"archive workers outlived the killed download: {[p.pid for p in alive]}"
     s = download_manifest(m, img, from_tars=str(root), max_pixels=4096, **FAST)
     rows = rows_by_key(m)
     assert all(r["error"] is None for r in rows.values()) and s.downloaded + s.reused == n
     for r in rows.values():
         w, h = r["width"], r["height"]
         assert w * h <= 4096 and (tmp_path / r["path"]).is_file()
-    time.sleep(0.5)  # orphaned workers of the killed run finish their batch and leave
     assert len(stored(img)) == n

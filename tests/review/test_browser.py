@@ -77,6 +77,7 @@ def test_the_review_loop(session, tmp_path):
     open_card(browser, "a_small.png")
     cluster = browser.find_element("id", "d-cluster")
     assert "KEEP a_big.png" in cluster.text
+    assert f"kept for: {r['a_big']['keeper_reason']}" in cluster.text  # the manifest's reason, not a fixed label
     cluster.find_element("xpath", ".//div[div[text()='dup a_small.png']]/button[text()='Make keeper']").click()
     assert last(m, "keeper")["key"] == r["a_small"]["key"]
     wait(lambda: "KEEP a_small.png" in browser.find_element("id", "d-cluster").text, what="new keeper shown")

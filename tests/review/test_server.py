@@ -51,6 +51,8 @@ def test_state_lists_every_row_with_its_bucket_and_vocabulary(bg, m):
     i = keys.index(r["b_letterbox"]["key"])
     assert data["rows"][0]["crop"][i] == [0, 40, 480, 360]
     assert data["rows"][0]["bucket"][i] == bg.review.bucket(480, 320)  # the crop box's bucket
+    assert data["rows"][0]["keeper_reason"] == [r_["keeper_reason"] for r_ in manifest.read(m)[0].to_pylist()]
+    assert any(data["rows"][0]["keeper_reason"])  # dedupe's reason reaches the page's keeper label
     assert "1girl" in data["vocab"] and HOSTILE in data["vocab"]  # data, escaped by JSON, shown as text
 
 

@@ -45,7 +45,7 @@ async function load(keepPlace) {
     const index = new Map();
     for (let i = 0; i < c.key.length; i++) {
       const r = {m, i, key: c.key[i], subset: c.subset[i], w: c.w[i], h: c.h[i], error: c.error[i], dup_of: c.dup_of[i],
-                 crop: c.crop[i], caption: c.caption[i], file: c.file[i], tags: c.tags[i], bucket: c.bucket[i]};
+                 crop: c.crop[i], caption: c.caption[i], keeper_reason: c.keeper_reason[i], file: c.file[i], tags: c.tags[i], bucket: c.bucket[i]};
       S.rows.push(r); index.set(r.key, r);
     }
     S.byKey.push(index);
@@ -288,6 +288,8 @@ function renderCluster(r) {
   if (!c) { box.append(el("span", {cls: "empty", text: "not in a duplicate cluster"})); return; }
   box.append(clusterView(c, r.m));
 }
+// what decided the keeper, as dedupe recorded it (the manifest's keeper_reason)
+const keptFor = (x) => x.keeper_reason ? "kept for: " + x.keeper_reason : "keeper";
 function clusterView(c, m) {
   const div = el("div", {cls: "cluster"});
   const members = c.members.slice().sort((a, b) => (a.dup_of ? 1 : 0) - (b.dup_of ? 1 : 0));
@@ -297,7 +299,7 @@ function clusterView(c, m) {
     div.append(el("div", {cls: "member" + (keeper ? " keeper" : "")},
       el("img", {loading: "lazy", src: "/thumb?" + q(x.m, x.key), alt: x.key}),
       el("div", {text: (keeper ? "KEEP " : "dup ") + (x.file || x.key)}),
-      el("div", {cls: "why", text: keeper ? (st(x).keeper !== null ? "chosen by a person" : "most pixels") : (st(x).split ? "" : "near or exact duplicate")}),
+      el("div", {cls: "why", text: keeper ? (st(x).keeper !== null ? "chosen by a person" : keptFor(x)) : (st(x).split ? "" : "near or exact duplicate")}),
       keeper ? null : el("button", {text: "Make keeper", onclick: () => decide(x, {action: "keeper"})}),
       el("button", {text: "Split out", onclick: () => decide(x, {action: "split"})})));
   }
