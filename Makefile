@@ -3,7 +3,7 @@
 #   make reg       build-reg + download + caption of the reg set          (QUERY, SOURCE)
 #   make cg        ingest + dedupe --against the reg set + crop + tag + caption of CG (CG, MODEL)
 #   make dataset   both, then export for kohya sd-scripts                 (CONFIG, KOHYA)
-#   make train     curate train CONFIG
+#   make train     curate train CONFIG       (make train-lora: a LoRA on the same data, LORA_CONFIG)
 #   make report    curate report -> REPORT
 #   make review    curate review of CGM and REG: a local web app to triage them (REVIEW_ARGS)
 #
