@@ -1,6 +1,6 @@
 """The normalized post schema every source produces, and the manifest schema.
 
-Post columns are DESIGN.md's manifest columns that describe the source post, plus
+Post columns are docs/design.md's manifest columns that describe the source post, plus
 what selection needs (is_deleted, is_banned, parent_id, file_ext, ...). Stage
 columns (path, phash, caption, ...) are added by the stages that own them.
 """

@@ -1,5 +1,5 @@
 """The training config: one TOML file, flat top-level keys with sd-scripts' names and
-one `[[datasets]]` table per manifest (DESIGN.md, "Training config").
+one `[[datasets]]` table per manifest (docs/design.md, "Training config").
 
 Every key is listed once below with its type and default; anything else is an error
 that names the key. `curate export --config` reads the same file (export.py uses
@@ -234,7 +234,7 @@ def read_toml(path: str | Path) -> dict:
 
 
 def resolve_manifest(text: str, config_path: Path) -> Path:
-    """A config's path: relative to the working folder (DESIGN's layout), else to the config."""
+    """A config's path: relative to the working folder (docs/design.md's layout), else to the config."""
     for candidate in (Path(text), Path(config_path).parent / text):
         if candidate.exists():
             return candidate.resolve()

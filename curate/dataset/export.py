@@ -42,7 +42,7 @@ as sd-scripts reads it; the summary counts the captions that lost lines.
 
 Only captioned rows with a readable image on disk and no `error`/`dup_of` are exported.
 
-Values come from the train config (DESIGN.md layout) when `--config` is given:
+Values come from the train config (docs/design.md layout) when `--config` is given:
 top-level `resolution`, `min_bucket_reso`, `max_bucket_reso`, `bucket_reso_steps`,
 `enable_bucket`, `bucket_no_upscale`, `train_batch_size` (sd-scripts' `batch_size`)
 go to the dataset, and keys the config leaves out take `curate train`'s defaults
