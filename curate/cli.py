@@ -65,6 +65,7 @@ def _range(lo: float | None = None, hi: float | None = None, above: float | None
 _RATE = typer.Option(2.0, "--rate", callback=_range(above=0), help="danbooru: requests per second to the API host.")
 _USER_AGENT = typer.Option(None, "--user-agent", help="danbooru: User-Agent (default curate/<version>; make it unique if Cloudflare blocks you).")
 _BASE_URL = typer.Option(None, "--base-url", help="danbooru: site URL (default https://danbooru.donmai.us, env CURATE_DANBOORU_URL).")
+_RATING_SCALE = typer.Option("auto", "--rating-scale", help="auto | old | new: the rating scale of the source's files (old: before 2022-05-22, s = safe; auto: judged per file).")
 _TAG_LIMIT = typer.Option(None, "--tag-limit", callback=_range(0), help="danbooru: plain tags per search (default: your account's, from /profile.json; 2 anonymous; 0: no limit).")
 
 
@@ -82,6 +83,7 @@ def sync(
     base_url: Optional[str] = _BASE_URL,
     user_agent: Optional[str] = _USER_AGENT,
     tag_limit: Optional[int] = _TAG_LIMIT,
+    rating_scale: str = _RATING_SCALE,
 ) -> None:
     """Build or update curate's local metadata store from a source.
 
@@ -93,7 +95,8 @@ def sync(
 
     from curate.metadata.sync import sync as run_sync
 
-    src = _source(source, **_live(rate, user_agent, tag_limit, base_url=base_url, since_id=since_id, store=store))
+    src = _source(source, rating_scale=rating_scale,
+                  **_live(rate, user_agent, tag_limit, base_url=base_url, since_id=since_id, store=store))
     t0 = time.perf_counter()
     with _bar("sync") as bar:
         report = run_sync(src, store, aliases_file=str(aliases) if aliases else None, progress=bar.update)
@@ -106,17 +109,27 @@ def sync(
                + (f", {report.stale} older than the stored version (kept the stored one)" if report.stale else ""))
     if report.skipped:
         typer.echo("  skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items())))
+    _warn_scales(src)
     typer.echo(f"  store now holds {report.total} posts, {report.tags} tags, {report.aliases} aliases")
+
+
+def _warn_scales(src) -> None:
+    for line in getattr(src, "warnings", ()):
+        typer.echo(f"  warning: {line}")
+    if hasattr(src, "describe_scale"):
+        rs = src.describe_scale()
+        if rs.get("files", {}).get("old"):
+            typer.echo(f"  rating scale: {rs['files']['old']} file(s) on the old scale (s = safe, read as g)")
 
 
 def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: Optional[int],
                images: Optional[Path], no_images: bool, live: Optional[dict] = None,
-               outside_files: bool = False) -> None:
+               outside_files: bool = False, rating_scale: str = "auto") -> None:
     from curate.metadata.fetch import fetch as run_fetch
 
     if out is None:
         out = Path("manifests") / f"{query.stem}.parquet"
-    src = _source(source, **(live or {}))
+    src = _source(source, rating_scale=rating_scale, **(live or {}))
     with _bar("select") as bar:
         result = run_fetch(query, src, out, kind=kind, seed=seed, progress=bar.update, outside_files=outside_files)
     sel = result.selection
@@ -131,6 +144,7 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
             typer.echo(f"  warning: artist {artist!r} (subset {r.name}'s artists file) matches no post in the source; a typo?")
     if sel.skipped:
         typer.echo("  skipped from source: " + ", ".join(f"{k} {v}" for k, v in sorted(sel.skipped.items())))
+    _warn_scales(src)
     typer.echo(f"  {sel.table.num_rows} rows written")
     if not no_images:  # default: images/ beside the manifest
         from curate.images.download import download_manifest
@@ -165,9 +179,10 @@ def _query_command(name: str, kind: str, doc: str) -> None:
         user_agent: Optional[str] = _USER_AGENT,
         tag_limit: Optional[int] = _TAG_LIMIT,
         allow_outside_files: bool = _OUTSIDE_OPT,
+        rating_scale: str = _RATING_SCALE,
     ) -> None:
         _run_query(query, source, out, kind, seed, images, no_images,
-                   _live(rate, user_agent, tag_limit, base_url=base_url), allow_outside_files)
+                   _live(rate, user_agent, tag_limit, base_url=base_url), allow_outside_files, rating_scale)
 
     command.__doc__ = doc
     app.command(name)(command)

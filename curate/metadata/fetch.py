@@ -45,6 +45,7 @@ def fetch(query_path: str | Path, source, out: str | Path, kind: str = "fetch",
         subsets={r.name: {"quota": r.quota, "eligible": r.eligible, "selected": r.selected}
                  for r in selection.subsets},
         skipped=dict(selection.skipped),
+        rating_scale=describe_scale(source),
     )
     table = selection.table
     if Path(out).exists():  # a re-run keeps what later stages did for rows selected again
@@ -52,6 +53,15 @@ def fetch(query_path: str | Path, source, out: str | Path, kind: str = "fetch",
     manifest.record_stage(meta, "build-reg" if kind == "reg" else "fetch", source=source.describe())
     path = manifest.write(table, out, meta)
     return FetchResult(path, selection, source.describe())
+
+
+def describe_scale(source) -> dict:
+    """Which rating scale the source's ratings were read on (DESIGN extension: provenance key)."""
+    if hasattr(source, "describe_scale"):
+        return source.describe_scale()
+    if source.describe().startswith("store:"):
+        return {"option": "auto", "applied": "as synced"}
+    return {"option": "auto", "applied": "new"}  # the live site
 
 
 def keep_stage_work(table: pa.Table, meta: dict, old: pa.Table, old_meta: dict) -> tuple[pa.Table, dict]:

@@ -324,7 +324,7 @@ class DanbooruSource:
             from curate.metadata.sources.dump import DumpSource
 
             log.info("resuming: %d spooled pages up to post %d", len(spooled), spooled[-1])
-            dump = DumpSource(str(spool))
+            dump = DumpSource(str(spool), rating_scale="new")  # pages of the live site
             yield from dump.batches()
             self.skipped.update(dump.skipped)
             start = spooled[-1]
