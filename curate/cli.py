@@ -124,14 +124,15 @@ def _warn_scales(src) -> None:
 
 def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: Optional[int],
                images: Optional[Path], no_images: bool, live: Optional[dict] = None,
-               outside_files: bool = False, rating_scale: str = "auto") -> None:
+               outside_files: bool = False, rating_scale: str = "auto", aliases: Optional[Path] = None) -> None:
     from curate.metadata.fetch import fetch as run_fetch
 
     if out is None:
         out = Path("manifests") / f"{query.stem}.parquet"
     src = _source(source, rating_scale=rating_scale, **(live or {}))
     with _bar("select") as bar:
-        result = run_fetch(query, src, out, kind=kind, seed=seed, progress=bar.update, outside_files=outside_files)
+        result = run_fetch(query, src, out, kind=kind, seed=seed, progress=bar.update, outside_files=outside_files,
+                           aliases_file=aliases)
     sel = result.selection
     typer.echo(f"{'build-reg' if kind == 'reg' else 'fetch'}: {result.source} -> {result.out}")
     typer.echo(f"  {'subset':<24} {'quota':>8} {'eligible':>10} {'selected':>9}")
@@ -140,6 +141,8 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
         short = "  (fewer than the quota: took all)" if r.quota is not None and r.selected < r.quota else ""
         typer.echo(f"  {r.name:<24} {quota:>8} {r.eligible:>10} {r.selected:>9}{short}")
     for r in sel.subsets:
+        for old, new, n in r.renamed_artists:
+            typer.echo(f"  artist {old!r} is now {new!r} (alias): {n} posts")
         for artist in r.unmatched_artists:
             typer.echo(f"  warning: artist {artist!r} (subset {r.name}'s artists file) matches no post in the source; a typo?")
     if sel.skipped:
@@ -180,9 +183,10 @@ def _query_command(name: str, kind: str, doc: str) -> None:
         tag_limit: Optional[int] = _TAG_LIMIT,
         allow_outside_files: bool = _OUTSIDE_OPT,
         rating_scale: str = _RATING_SCALE,
+        aliases: Optional[Path] = typer.Option(None, "--aliases", help="A /tag_aliases.json dump: renamed tags (artists) of a local source resolve to their new names."),
     ) -> None:
         _run_query(query, source, out, kind, seed, images, no_images,
-                   _live(rate, user_agent, tag_limit, base_url=base_url), allow_outside_files, rating_scale)
+                   _live(rate, user_agent, tag_limit, base_url=base_url), allow_outside_files, rating_scale, aliases)
 
     command.__doc__ = doc
     app.command(name)(command)
