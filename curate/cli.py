@@ -152,7 +152,9 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
     if not no_images:  # default: images/ beside the manifest
         from curate.images.download import download_manifest
 
-        typer.echo(download_manifest(result.out, images).render())
+        # a dump folder holds its images too (gallery-dl): found there by md5, not downloaded again
+        local = [src.path] if getattr(src, "path", None) is not None and src.path.is_dir() and source.startswith("dump:") else None
+        typer.echo(download_manifest(result.out, images, local_images=local).render())
 
 
 _QUERY_HELP = "Query spec (TOML), see DESIGN.md."
@@ -420,6 +422,7 @@ def download(
     engine: str = _ENGINE,
     ray_address: Optional[str] = _RAY_ADDRESS,
     shard_rows: int = _SHARD_ROWS,
+    local_images: Optional[List[Path]] = typer.Option(None, "--local-images", help="Folder of images you already have (a gallery-dl download): found by md5 and hard-linked (or copied) instead of downloaded. Repeatable."),
 ) -> None:
     """Download and verify the images of a manifest; fill path, width, height, error.
 
@@ -432,7 +435,8 @@ def download(
     from curate.images.download import download_manifest
 
     s = download_manifest(manifest, images, ray=eng.options(engine, ray_address, shard_rows), variant=variant, max_pixels=max_pixels, from_tars=from_tars,
-                          tar_index=tar_index, verify=verify, workers=workers, rate=rate, retries=retries)
+                          tar_index=tar_index, verify=verify, workers=workers, rate=rate, retries=retries,
+                          local_images=local_images or None)
     typer.echo("download: " + s.render())
 
 
