@@ -155,6 +155,23 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
         # a dump folder holds its images too (gallery-dl): found there by md5, not downloaded again
         local = [src.path] if getattr(src, "path", None) is not None and src.path.is_dir() and source.startswith("dump:") else None
         typer.echo(download_manifest(result.out, images, local_images=local).render())
+        _size_check(result.out, src, lambda: download_manifest(result.out, images, local_images=local).render(), aliases)
+
+
+def _size_check(manifest: Path, src, download_again, aliases: Optional[Path] = None) -> None:
+    """Sizes listed before EXIF rotation: rows download found in the wrong subset are marked and
+    their quota refilled from the source, the new rows downloaded; a few rounds at most."""
+    from curate.metadata.refill import recheck_sizes
+    from curate.metadata.sync import load_aliases
+
+    alias_map = load_aliases(aliases) if aliases else None
+    for _ in range(3):
+        check = recheck_sizes(manifest, src, alias_map)
+        for line in check.lines():
+            typer.echo(line)
+        if not sum(check.refilled.values()):
+            return
+        typer.echo("  refill: " + download_again().replace("\n", "\n  "))
 
 
 _QUERY_HELP = "Query spec (TOML), see DESIGN.md."
@@ -438,6 +455,9 @@ def download(
                           tar_index=tar_index, verify=verify, workers=workers, rate=rate, retries=retries,
                           local_images=local_images or None)
     typer.echo("download: " + s.render())
+    again = dict(ray=eng.options(engine, ray_address, shard_rows), variant=variant, max_pixels=max_pixels, from_tars=from_tars,
+                 tar_index=tar_index, verify=verify, workers=workers, rate=rate, retries=retries, local_images=local_images or None)
+    _size_check(manifest, "recorded", lambda: download_manifest(manifest, images, **again).render())
 
 
 @app.command()

@@ -50,6 +50,8 @@ from curate.common.cdn import CDN, cdn_url
 VARIANTS = {"original": "original", "sample": "sample", "720": "720x720"}
 CHECKPOINT_SECONDS = 30
 _MD5 = re.compile(r"[0-9a-f]{32}")
+# Rows curate.metadata.refill took out of their subset (the upright size breaks its rules).
+SETTLED_ERRORS = ("orientation changed", "size changed")
 
 
 @dataclass
@@ -237,7 +239,8 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
         if planned == "done":
             summary.already += 1
         elif isinstance(planned, str):
-            out["error"][i], out["path"][i] = planned, None
+            if not planned.startswith(SETTLED_ERRORS):  # a settled row keeps its file
+                out["error"][i], out["path"][i] = planned, None
         else:
             key = planned.stem or planned.url or f"post {planned.post_id}"
             jobs.setdefault(key, planned).rows.append(i)  # same file for several rows: one job
@@ -350,6 +353,8 @@ def _check_options(opts: Options) -> None:
 
 def _plan(row: dict, base_dir: Path, opts: Options):
     """'done', an error string, or a Job."""
+    if row["error"] and row["error"].startswith(SETTLED_ERRORS):
+        return row["error"]  # a decision about the row (its image is fine): never redone here
     md5 = (row["md5"] or "").strip().lower() or None
     if md5 is not None and not _MD5.fullmatch(md5):
         return "invalid md5"

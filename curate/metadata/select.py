@@ -263,25 +263,33 @@ def query_tags(query: Query) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def select(query: Query, source, aliases: dict[str, str] | None = None, progress=None) -> Selection:
+def select(query: Query, source, aliases: dict[str, str] | None = None, progress=None,
+           exclude_ids=None) -> Selection:
     """`aliases`: antecedent -> consequent (--aliases); the store's alias table and the
-    live site's active aliases of the query's tags are added (these win)."""
+    live site's active aliases of the query's tags are added (these win).
+    `exclude_ids`: post ids no subset may take (a refill: the manifest's own rows)."""
     store = getattr(source, "store", None)
     aliases = dict(aliases or {})
     if store is not None:
         aliases.update(store.aliases)
     elif hasattr(source, "aliases_for"):  # the live site: the renamed tags of this query only
         aliases.update(source.aliases_for(query_tags(query)))
+    excluded = np.unique(np.asarray(list(exclude_ids or ()), dtype=np.int64))
     if store is not None:
-        return _select_store(query, store, aliases)
-    return _select_stream(query, source, aliases, progress)
+        return _select_store(query, store, aliases, excluded)
+    return _select_stream(query, source, aliases, progress, excluded)
 
 
-def _select_store(query: Query, store: Store, aliases) -> Selection:
+def _eligible_rows(cols, s: Subset, aliases, excluded: np.ndarray) -> np.ndarray:
+    rows = np.flatnonzero(eligible(cols, s, aliases))
+    return rows[~np.isin(cols.post_id[rows], excluded)] if len(excluded) else rows
+
+
+def _select_store(query: Query, store: Store, aliases, excluded=np.empty(0, np.int64)) -> Selection:
     cols = StoreColumns(store)
     results, ranked = [], []
     for s, limit in zip(query.subsets, candidate_limits(query)):
-        rows = np.flatnonzero(eligible(cols, s, aliases))
+        rows = _eligible_rows(cols, s, aliases, excluded)
         results.append(SubsetResult(s.name, s.count, eligible=len(rows)))
         _count_artists(results[-1], cols, rows, s, aliases)
         rows = top(cols, rows, s, query.seed, limit)
@@ -319,7 +327,7 @@ def _report_artists(res: SubsetResult, names, aliases, in_source) -> None:
             res.unmatched_artists.append(a)
 
 
-def _select_stream(query: Query, source, aliases, progress) -> Selection:
+def _select_stream(query: Query, source, aliases, progress, excluded=np.empty(0, np.int64)) -> Selection:
     limits = candidate_limits(query)
     pools: list[list[pa.Table]] = [[] for _ in query.subsets]
     sizes = [0] * len(query.subsets)
@@ -333,7 +341,7 @@ def _select_stream(query: Query, source, aliases, progress) -> Selection:
         if listed - seen_artists:
             seen_artists |= listed & set(pc.unique(pc.list_flatten(batch.column("tags_artist"))).to_pylist())
         for i, (s, limit) in enumerate(zip(query.subsets, limits)):
-            rows = np.flatnonzero(eligible(cols, s, aliases))
+            rows = _eligible_rows(cols, s, aliases, excluded)
             results[i].eligible += len(rows)
             _count_artists(results[i], cols, rows, s, aliases)
             rows = top(cols, rows, s, query.seed, limit)
