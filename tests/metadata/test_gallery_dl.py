@@ -44,7 +44,7 @@ def gallery_dl_folder(root: Path, url: str, custom_name: int = 9, missing: int =
             (d / name).write_bytes(data)
         (d / f"{name}.json").write_text(json.dumps(kw, indent=4, ensure_ascii=False))
         post["_bytes"] = data
-    # --write-info-json: the search's own metadata, not a post
+    # --write-info-json: the search's own metadata, written once, not a post (mikf/gallery-dl#3779)
     (d / "info.json").write_text(json.dumps({"category": "danbooru", "subcategory": "tag", "search_tags": SEARCH}, indent=4))
     (root / "gallery-dl" / "notes.txt").write_text("downloaded for the style LoRA\n")
     return root / "gallery-dl", posts
@@ -79,3 +79,22 @@ def test_fetch_links_the_images_already_there(server, tmp_path):  # noqa: F811
     linked = [f for f in (out.parent / "images").rglob("*.jpg") if os.stat(f).st_nlink == 2]
     assert len(linked) == 9  # hard links to the user's files, not copies
     assert meta["stages"]["download"]["found_locally"] == 9
+
+
+def test_md5_named_files_from_a_custom_filename_format(server, tmp_path):  # noqa: F811
+    """gallery-dl's documented Hydrus recipe (mikf/gallery-dl#135): `"filename": "{md5}.{extension}"`
+    with the metadata post processor: `<md5>.jpg` beside `<md5>.jpg.json`."""
+    from curate.images.download import download_manifest
+    from curate.metadata.fetch import fetch
+
+    folder, posts = gallery_dl_folder(tmp_path, server.url)
+    d = folder / "danbooru" / SEARCH
+    for f in sorted(d.glob("*.jpg")):
+        meta = json.loads((d / f"{f.name}.json").read_text())
+        f.rename(d / f"{meta['md5']}.jpg")
+        (d / f"{f.name}.json").rename(d / f"{meta['md5']}.jpg.json")
+    server.add(f"/data/{posts[8]['md5']}.jpg", posts[8]["_bytes"])
+    (tmp_path / "q.toml").write_text('name = "style"\nseed = 1\n[[subsets]]\nname = "all"\n')
+    res = fetch(tmp_path / "q.toml", open_source(f"dump:{folder}"), tmp_path / "m.parquet")
+    s = download_manifest(res.out, local_images=[folder], progress=False)
+    assert (s.local, s.downloaded, sum(s.failed.values())) == (9, 1, 0)

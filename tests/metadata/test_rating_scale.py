@@ -116,3 +116,17 @@ def test_cli_records_the_scale_in_inspect_and_the_store(tmp_path):
     gen = (tmp_path / "s" / "CURRENT").read_text().strip()
     meta = json.loads((tmp_path / "s" / gen / "meta.json").read_text())
     assert meta["sources"][-1]["rating_scale"]["applied"] == "new"
+
+
+def test_rating_words_say_their_own_scale(tmp_path):
+    """Clients that save the rating as a word (Bionus/imgbrd-grabber#2723, Xwilarg/BooruSharp#39:
+    "safe" was renamed to "sensitive" when "general" arrived): the word decides, whatever the file."""
+    posts = [{"id": 1, "md5": "a" * 32, "rating": "safe", "updated_at": "2023-06-01T00:00:00Z"},
+             {"id": 2, "md5": "b" * 32, "rating": "questionable", "updated_at": "2023-06-01T00:00:00Z"}]
+    (tmp_path / "old.json").write_text(json.dumps(posts))
+    got, src = ratings(f"dump:{tmp_path / 'old.json'}")
+    assert got == ["g", "q"] and src.scales[str(tmp_path / "old.json")] == "old" and not src.warnings
+    posts = [dict(p, id=p["id"] + 10, rating=r) for p, r in zip(posts, ("sensitive", "general"))]
+    (tmp_path / "new.json").write_text(json.dumps(posts))
+    got, src = ratings(f"dump:{tmp_path / 'new.json'}")
+    assert got == ["s", "g"] and src.scales[str(tmp_path / "new.json")] == "new"

@@ -1,7 +1,9 @@
 """Sizes listed before EXIF rotation (issue 21, part 5): a post whose listed size is the
 stored, unrotated one lands in `horizontal`; download measures it upright (portrait).
 The row must leave the subset (marked) and the quota be refilled from the next posts.
-Images come from a real HTTP server on 127.0.0.1 (tests.images.test_download.Server)."""
+Images come from a real HTTP server on 127.0.0.1 (tests.images.test_download.Server).
+The case is Danbooru's own (danbooru/danbooru#3692, "Rotate pictures based on metadata":
+post 3105959 stored unrotated with an EXIF orientation, listed with the stored size)."""
 
 import json
 
