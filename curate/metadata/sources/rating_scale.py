@@ -5,8 +5,8 @@ Danbooru's ratings changed on 2022-05-22: `g` (general) was added and `s` went f
 page saved between those dates carries neither the flags nor any `g`, and its `s`
 means safe. The evidence, strongest first:
 
-    a `g`/"general" rating anywhere           new scale
-    the words "safe"                         old ("sensitive": new)
+    a `g`/"general" rating                    new scale   (the first decisive post
+    the words "safe"                         old ("sensitive": new)    settles it)
     lock flags / Danbooru2017-2021 tag lists  old (the file predates 2022-01-06)
     no `s` at all                             either: nothing to convert (new)
     newest updated_at/created_at < cutover    old
@@ -46,7 +46,7 @@ class Verdict:
 
 def judge(posts: Iterable, name: str) -> Verdict:
     """Read a file's posts (raw dicts) once and say which scale it is on."""
-    ratings, newest, old_keys, n = Counter(), None, 0, 0
+    ratings, newest, n = Counter(), None, 0
     for post in posts:
         if not isinstance(post, dict):
             continue
@@ -55,16 +55,14 @@ def judge(posts: Iterable, name: str) -> Verdict:
         ratings[r] += 1
         if r in ("g", "sensitive"):  # decisive: no need to read on
             return Verdict("new", f"a {'g' if r == 'g' else 'sensitive'} rating", ratings=ratings)
-        old_keys += post_looks_old(post)
+        if r == "safe" or post_looks_old(post):  # as decisive (a big 2017-2021 dump stops here)
+            return Verdict("old", "the word 'safe'" if r == "safe" else "lock flags or 2017-2021 metadata",
+                           ratings=ratings)
         for key in ("updated_at", "created_at"):
             t = to_time(post.get(key))
             if t is not None and (newest is None or t > newest):
                 newest = t
     counts = ", ".join(f"{k} {v}" for k, v in sorted(ratings.items(), key=lambda kv: str(kv[0])) if k)
-    if ratings["safe"]:
-        return Verdict("old", "the word 'safe'", ratings=ratings)
-    if old_keys:
-        return Verdict("old", "lock flags (before 2022-01-06)", ratings=ratings)
     if not ratings["s"]:
         return Verdict("new", "no s rating: nothing to convert", ratings=ratings)
     if newest is not None and newest < CUTOVER:
