@@ -50,7 +50,7 @@ def open_source(spec: str, rating_scale: str = "auto", **options):
         if Path(arg).is_dir():  # HakuBooru's export_parquet folder
             from curate.metadata.sources.hakubooru_parquet import find_tables
 
-            found, _ = find_tables(sorted(p for p in Path(arg).rglob("*.parquet") if p.is_file()), Path(arg))
+            found, _ = find_tables(sorted(p for p in Path(arg).rglob("*") if p.is_file()), Path(arg))
             if found is None:
                 raise CurateError(f"{arg}: no HakuBooru Parquet tables (post, tag, posttagrelation) in this folder")
             found.old_scale = rating_scale == "old"
