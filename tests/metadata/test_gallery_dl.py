@@ -98,3 +98,19 @@ def test_md5_named_files_from_a_custom_filename_format(server, tmp_path):  # noq
     res = fetch(tmp_path / "q.toml", open_source(f"dump:{folder}"), tmp_path / "m.parquet")
     s = download_manifest(res.out, local_images=[folder], progress=False)
     assert (s.local, s.downloaded, sum(s.failed.values())) == (9, 1, 0)
+
+
+def test_one_post_files_are_judged_per_folder(tmp_path):
+    """A gallery-dl folder saved today: an old post alone (rating s, last updated 2021) says
+    nothing about the scale; the folder it was saved with (a g post) does."""
+    folder, posts = gallery_dl_folder(tmp_path, "http://127.0.0.1:9")
+    d = folder / "danbooru" / SEARCH
+    for f in d.glob("*.jpg.json"):
+        kw = json.loads(f.read_text())
+        if kw["rating"] == "s":
+            kw["updated_at"] = "2021-03-01T00:00:00.000-05:00"
+            f.write_text(json.dumps(kw, indent=4))
+    src = open_source(f"dump:{folder}")
+    rows = {r["post_id"]: r["rating"] for b in src.batches() for r in b.to_pylist()}
+    assert rows == {p["id"]: p["rating"] for p in posts}  # s stays sensitive
+    assert set(src.scales.values()) == {"new"} and not src.warnings

@@ -54,6 +54,16 @@ def sniff(f: Path) -> str | None:
     return "json" if _json_start(head) else None
 
 
+def _one_object(f: Path, limit: int = 1 << 20) -> bool:
+    """A small file holding one JSON object (not lines, not an array)."""
+    try:
+        if f.stat().st_size > limit:
+            return False
+        return isinstance(json.loads(f.read_text(encoding="utf-8-sig", errors="replace")), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def _json_start(head: bytes) -> bool:
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
     return text[:1] in (b"[", b"{")
@@ -105,6 +115,25 @@ class DumpSource:
             yield rows_to_table(rows)
 
     def _posts(self) -> Iterator[tuple[dict, str]]:
+        for unit in self._units():
+            scale = self.scale_option
+            if scale == "auto":
+                name = str(unit[0][0]) if len(unit) == 1 else f"{unit[0][0].parent} ({len(unit)} one-post files)"
+                verdict = rating_scale_mod.judge((p for f, read in unit for p in read(f, Counter())), name)
+                scale = verdict.scale
+                if verdict.warning:
+                    log.warning("%s", verdict.warning)
+                    self.warnings.append(verdict.warning)
+            for f, read in unit:
+                self.scales[str(f)] = scale
+                for post in read(f, self.skipped):
+                    yield post, scale
+
+    def _units(self) -> list[list]:
+        """Files judged together for their rating scale: each file on its own, except
+        one-post JSON files (gallery-dl writes one beside each image), judged per folder:
+        one post says little, a folder saved in one run says more."""
+        units, by_dir = [], {}
         for f in self.files:
             kind = sniff(f)
             if kind is None:
@@ -113,16 +142,14 @@ class DumpSource:
                 self.skipped[NOT_METADATA] += 1
                 continue
             read = self._parquet if kind == "parquet" else self._json
-            scale = self.scale_option
-            if scale == "auto":
-                verdict = rating_scale_mod.judge(read(f, Counter()), str(f))
-                scale = verdict.scale
-                if verdict.warning:
-                    log.warning("%s", verdict.warning)
-                    self.warnings.append(verdict.warning)
-            self.scales[str(f)] = scale
-            for post in read(f, self.skipped):
-                yield post, scale
+            if kind == "json" and _one_object(f):
+                if f.parent not in by_dir:
+                    by_dir[f.parent] = []
+                    units.append(by_dir[f.parent])
+                by_dir[f.parent].append((f, read))
+            else:
+                units.append([(f, read)])
+        return units
 
     def describe_scale(self) -> dict:
         scales = dict(self.scales)
