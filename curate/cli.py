@@ -451,13 +451,12 @@ def download(
     from curate import engine as eng
     from curate.images.download import download_manifest
 
-    s = download_manifest(manifest, images, ray=eng.options(engine, ray_address, shard_rows), variant=variant, max_pixels=max_pixels, from_tars=from_tars,
-                          tar_index=tar_index, verify=verify, workers=workers, rate=rate, retries=retries,
-                          local_images=local_images or None)
+    options = dict(ray=eng.options(engine, ray_address, shard_rows), variant=variant, max_pixels=max_pixels, from_tars=from_tars,
+                   tar_index=tar_index, verify=verify, workers=workers, rate=rate, retries=retries,
+                   local_images=local_images or None)
+    s = download_manifest(manifest, images, **options)
     typer.echo("download: " + s.render())
-    again = dict(ray=eng.options(engine, ray_address, shard_rows), variant=variant, max_pixels=max_pixels, from_tars=from_tars,
-                 tar_index=tar_index, verify=verify, workers=workers, rate=rate, retries=retries, local_images=local_images or None)
-    _size_check(manifest, "recorded", lambda: download_manifest(manifest, images, **again).render())
+    _size_check(manifest, "recorded", lambda: download_manifest(manifest, images, **options).render())
 
 
 @app.command()

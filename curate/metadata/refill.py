@@ -107,6 +107,7 @@ def recheck_sizes(path, source=None, aliases=None) -> SizeCheck:
     added = None
     if source == "recorded":
         source = open_recorded_source(meta)
+        aliases = aliases or meta.get("renamed_artists") or None  # as fetch resolved them
     if source is None:
         check.note = "the manifest's source cannot be opened here: not refilled, the subsets are short by the rows marked"
     else:

@@ -63,3 +63,21 @@ def test_a_lone_post_table_is_a_one_line_error(exported, tmp_path):
         with pytest.raises(CurateError, match="missing: tag, posttagrelation") as e:
             open_source(spec)
         assert "\n" not in str(e.value)
+
+
+def test_sync_of_a_lone_post_table_stores_nothing(exported, tmp_path):
+    import subprocess
+    import sys
+
+    _, folder = exported
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "post.parquet").write_bytes((folder / "post.parquet").read_bytes())
+    r = subprocess.run([sys.executable, "-m", "curate", "sync", f"dump:{tmp_path / 'only'}", "--store", str(tmp_path / "s")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert "missing: tag, posttagrelation" in r.stderr and not (tmp_path / "s" / "CURRENT").exists()
+    # the whole set syncs, tags and ratings included
+    r = subprocess.run([sys.executable, "-m", "curate", "sync", f"hakubooru:{folder}", "--store", str(tmp_path / "s")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "700 new" in r.stdout
