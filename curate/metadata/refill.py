@@ -89,6 +89,8 @@ def recheck_sizes(path, source=None, aliases=None) -> SizeCheck:
     except CurateError as exc:  # e.g. its artists_file moved: the rules are unknown here
         check.note = f"no size check: the manifest's query no longer reads ({exc})"
         return check
+    if isinstance(meta.get("seed"), int):  # fetch --seed overrides the query's
+        q.seed = meta["seed"]
     rules = {s.name: s for s in q.subsets}
     errors = table.column("error").to_pylist()
     cols = {c: table.column(c).to_pylist() for c in ("subset", "width", "height", "path")}
