@@ -37,13 +37,13 @@ class SizeCheck:
     note: str | None = None  # why no refill
 
     def lines(self) -> list[str]:
-        if not self.marked:
+        if not self.marked and not self.refilled:
             return [f"  {self.note}"] if self.note else []
         out = [f"  size check: {sum(self.marked.values())} rows no longer fit their subset after download "
-               f"measured the upright image ({', '.join(f'{k} {v}' for k, v in sorted(self.reasons.items()))}; "
+               f"measured the upright image ({', '.join(f'{k} {v}' for k, v in sorted(self.reasons.items())) or 'none new'}; "
                "marked as errors)"]
-        for name, n in sorted(self.marked.items()):
-            out.append(f"    {name}: {n} marked, {self.refilled[name]} refilled from the next eligible posts")
+        for name in sorted(set(self.marked) | set(self.refilled)):
+            out.append(f"    {name}: {self.marked[name]} marked, {self.refilled[name]} refilled from the next eligible posts")
         if self.note:
             out.append(f"    {self.note}")
         return out
@@ -103,25 +103,32 @@ def recheck_sizes(path, source=None, aliases=None) -> SizeCheck:
             errors[i] = why
             check.marked[name] += 1
             check.reasons[why.split(":")[0]] += 1
-    if not check.marked:
+    # What each subset lacks: rows taken out (this time or by an earlier run, which a
+    # fetch re-run carries over) against its quota. A refill adds that many.
+    rows, out = Counter(cols["subset"]), Counter(n for n, e in zip(cols["subset"], errors) if e and e.startswith((ORIENTATION, SIZE)))
+    need = {s.name: max(0, min(out[s.name], s.count - (rows[s.name] - out[s.name])))
+            for s in q.subsets if s.count is not None}
+    if not check.marked and not any(need.values()):
         return check
     table = mf.with_column(table, "error", errors)
     added = None
-    if source == "recorded":
+    if any(need.values()) and source == "recorded":
         source = open_recorded_source(meta)
         aliases = aliases or meta.get("renamed_artists") or None  # as fetch resolved them
-    if source is None:
+    if not any(need.values()):
+        pass
+    elif source is None or source == "recorded":
         check.note = "the manifest's source cannot be opened here: not refilled, the subsets are short by the rows marked"
     else:
-        wanted = [dataclasses.replace(s, count=check.marked[s.name] if s.count is not None else 0) for s in q.subsets]
+        wanted = [dataclasses.replace(s, count=need.get(s.name, 0)) for s in q.subsets]
         from curate.metadata.select import select
 
         sel = select(dataclasses.replace(q, subsets=wanted), source, aliases=aliases,
                      exclude_ids=table.column("post_id").to_pylist())
         added = sel.table
         check.refilled.update(added.column("subset").to_pylist())
-        if added.num_rows < sum(check.marked.values()):
-            check.note = "fewer eligible posts left than rows marked: the subset stays short"
+        if added.num_rows < sum(need.values()):
+            check.note = "fewer eligible posts left than rows taken out: the subset stays short"
     if added is not None and added.num_rows:
         table = pa.concat_tables([mf.conform(table), mf.conform(added)], promote_options="default")
     before = meta.get("stages", {}).get("size-check", {})  # earlier rounds of this run

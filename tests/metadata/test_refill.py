@@ -82,3 +82,18 @@ def test_download_alone_refills_from_the_recorded_source(server, tmp_path):  # n
     r = CliRunner().invoke(app, ["download", str(out2)])
     assert r.exit_code == 0, r.output
     assert "horizontal: 1 marked, 0 refilled" in r.output and "cannot be opened here" in r.output
+
+
+def test_a_fetch_rerun_keeps_the_subset_full(server, tmp_path):  # noqa: F811
+    """fetch again selects the listed sizes again (the rotated post, not its replacement);
+    the marked row's error carries over, and the next download refills once more."""
+    src = dump(server, tmp_path)
+    out = tmp_path / "m.parquet"
+    args = ["fetch", str(tmp_path / "q.toml"), "--source", f"dump:{src}", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "horizontal: 0 marked, 1 refilled" in r.output
+    table, _ = manifest.read(out)
+    usable = sorted(x["post_id"] for x in table.to_pylist() if x["subset"] == "horizontal" and not x["error"])
+    assert usable == [1, 3, 4]
