@@ -66,6 +66,7 @@ def _range(lo: float | None = None, hi: float | None = None, above: float | None
 _RATE = typer.Option(2.0, "--rate", callback=_range(above=0), help="danbooru: requests per second to the API host.")
 _USER_AGENT = typer.Option(None, "--user-agent", help="danbooru: User-Agent (default curate/<version>; make it unique if Cloudflare blocks you).")
 _BASE_URL = typer.Option(None, "--base-url", help="danbooru: site URL (default https://danbooru.donmai.us, env CURATE_DANBOORU_URL).")
+_RATING_SCALE = typer.Option("auto", "--rating-scale", help="auto | old | new: the rating scale of the source's files (old: before 2022-05-22, s = safe; auto: judged per file).")
 _TAG_LIMIT = typer.Option(None, "--tag-limit", callback=_range(0), help="danbooru: plain tags per search (default: your account's, from /profile.json; 2 anonymous; 0: no limit).")
 
 
@@ -83,6 +84,7 @@ def sync(
     base_url: Optional[str] = _BASE_URL,
     user_agent: Optional[str] = _USER_AGENT,
     tag_limit: Optional[int] = _TAG_LIMIT,
+    rating_scale: str = _RATING_SCALE,
 ) -> None:
     """Build or update curate's local metadata store from a source.
 
@@ -94,7 +96,8 @@ def sync(
 
     from curate.metadata.sync import sync as run_sync
 
-    src = _source(source, **_live(rate, user_agent, tag_limit, base_url=base_url, since_id=since_id, store=store))
+    src = _source(source, rating_scale=rating_scale,
+                  **_live(rate, user_agent, tag_limit, base_url=base_url, since_id=since_id, store=store))
     t0 = time.perf_counter()
     with _bar("sync") as bar:
         report = run_sync(src, store, aliases_file=str(aliases) if aliases else None, progress=bar.update)
@@ -107,19 +110,30 @@ def sync(
                + (f", {report.stale} older than the stored version (kept the stored one)" if report.stale else ""))
     if report.skipped:
         typer.echo("  skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items())))
+    _warn_scales(src)
     typer.echo(f"  store now holds {report.total} posts, {report.tags} tags, {report.aliases} aliases")
+
+
+def _warn_scales(src) -> None:
+    for line in getattr(src, "warnings", ()):
+        typer.echo(f"  warning: {line}")
+    if hasattr(src, "describe_scale"):
+        rs = src.describe_scale()
+        if rs.get("files", {}).get("old"):
+            typer.echo(f"  rating scale: {rs['files']['old']} file(s) on the old scale (s = safe, read as g)")
 
 
 def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: Optional[int],
                images: Optional[Path], no_images: bool, live: Optional[dict] = None,
-               outside_files: bool = False) -> None:
+               outside_files: bool = False, rating_scale: str = "auto", aliases: Optional[Path] = None) -> None:
     from curate.metadata.fetch import fetch as run_fetch
 
     if out is None:
         out = Path("manifests") / f"{query.stem}.parquet"
-    src = _source(source, **(live or {}))
+    src = _source(source, rating_scale=rating_scale, **(live or {}))
     with _bar("select") as bar:
-        result = run_fetch(query, src, out, kind=kind, seed=seed, progress=bar.update, outside_files=outside_files)
+        result = run_fetch(query, src, out, kind=kind, seed=seed, progress=bar.update, outside_files=outside_files,
+                           aliases_file=aliases)
     sel = result.selection
     typer.echo(f"{'build-reg' if kind == 'reg' else 'fetch'}: {result.source} -> {result.out}")
     typer.echo(f"  {'subset':<24} {'quota':>8} {'eligible':>10} {'selected':>9}")
@@ -128,15 +142,37 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
         short = "  (fewer than the quota: took all)" if r.quota is not None and r.selected < r.quota else ""
         typer.echo(f"  {r.name:<24} {quota:>8} {r.eligible:>10} {r.selected:>9}{short}")
     for r in sel.subsets:
+        for old, new, n in r.renamed_artists:
+            typer.echo(f"  artist {old!r} is now {new!r} (alias): {n} posts")
         for artist in r.unmatched_artists:
             typer.echo(f"  warning: artist {artist!r} (subset {r.name}'s artists file) matches no post in the source; a typo?")
     if sel.skipped:
         typer.echo("  skipped from source: " + ", ".join(f"{k} {v}" for k, v in sorted(sel.skipped.items())))
+    _warn_scales(src)
     typer.echo(f"  {sel.table.num_rows} rows written")
     if not no_images:  # default: images/ beside the manifest
         from curate.images.download import download_manifest
 
-        typer.echo(download_manifest(result.out, images).render())
+        # a dump folder holds its images too (gallery-dl): found there by md5, not downloaded again
+        local = [src.path] if getattr(src, "path", None) is not None and src.path.is_dir() and source.startswith("dump:") else None
+        typer.echo(download_manifest(result.out, images, local_images=local).render())
+        _size_check(result.out, src, lambda: download_manifest(result.out, images, local_images=local).render(), aliases)
+
+
+def _size_check(manifest: Path, src, download_again, aliases: Optional[Path] = None) -> None:
+    """Sizes listed before EXIF rotation: rows download found in the wrong subset are marked and
+    their quota refilled from the source, the new rows downloaded; a few rounds at most."""
+    from curate.metadata.refill import recheck_sizes
+    from curate.metadata.sync import load_aliases
+
+    alias_map = load_aliases(aliases) if aliases else None
+    for _ in range(3):
+        check = recheck_sizes(manifest, src, alias_map)
+        for line in check.lines():
+            typer.echo(line)
+        if not sum(check.refilled.values()):
+            return
+        typer.echo("  refill: " + download_again().replace("\n", "\n  "))
 
 
 _QUERY_HELP = "Query spec (TOML), see docs/design.md."
@@ -166,9 +202,11 @@ def _query_command(name: str, kind: str, doc: str) -> None:
         user_agent: Optional[str] = _USER_AGENT,
         tag_limit: Optional[int] = _TAG_LIMIT,
         allow_outside_files: bool = _OUTSIDE_OPT,
+        rating_scale: str = _RATING_SCALE,
+        aliases: Optional[Path] = typer.Option(None, "--aliases", help="A /tag_aliases.json dump: renamed tags (artists) of a local source resolve to their new names."),
     ) -> None:
         _run_query(query, source, out, kind, seed, images, no_images,
-                   _live(rate, user_agent, tag_limit, base_url=base_url), allow_outside_files)
+                   _live(rate, user_agent, tag_limit, base_url=base_url), allow_outside_files, rating_scale, aliases)
 
     command.__doc__ = doc
     app.command(name)(command)
@@ -418,6 +456,7 @@ def download(
     engine: str = _ENGINE,
     ray_address: Optional[str] = _RAY_ADDRESS,
     shard_rows: int = _SHARD_ROWS,
+    local_images: Optional[List[Path]] = typer.Option(None, "--local-images", help="Folder of images you already have (a gallery-dl download): found by md5 and hard-linked (or copied) instead of downloaded. Repeatable."),
 ) -> None:
     """Download and verify the images of a manifest; fill path, width, height, error.
 
@@ -429,9 +468,12 @@ def download(
     from curate import engine as eng
     from curate.images.download import download_manifest
 
-    s = download_manifest(manifest, images, ray=eng.options(engine, ray_address, shard_rows), variant=variant, max_pixels=max_pixels, from_tars=from_tars,
-                          tar_index=tar_index, verify=verify, workers=workers, rate=rate, retries=retries)
+    options = dict(ray=eng.options(engine, ray_address, shard_rows), variant=variant, max_pixels=max_pixels, from_tars=from_tars,
+                   tar_index=tar_index, verify=verify, workers=workers, rate=rate, retries=retries,
+                   local_images=local_images or None)
+    s = download_manifest(manifest, images, **options)
     typer.echo("download: " + s.render())
+    _size_check(manifest, "recorded", lambda: download_manifest(manifest, images, **options).render())
 
 
 @app.command()

@@ -50,6 +50,8 @@ from curate.common.cdn import CDN, cdn_url
 VARIANTS = {"original": "original", "sample": "sample", "720": "720x720"}
 CHECKPOINT_SECONDS = 30
 _MD5 = re.compile(r"[0-9a-f]{32}")
+# Rows curate.metadata.refill took out of their subset (the upright size breaks its rules).
+SETTLED_ERRORS = ("orientation changed", "size changed")
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Options:
     guard_pixels: int = img.DEFAULT_MAX_PIXELS
     progress: bool = True
     processes: bool = True  # local archive members in worker processes (big runs, >= 2 cores)
+    local_images: list | None = None  # folders of images the user has (gallery-dl): linked by md5, not fetched
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Summary:
     rows: int = 0
     downloaded: int = 0  # fetched and stored this run
     reused: int = 0  # found in DIR (verified) without fetching
+    local: int = 0  # found in --local-images (by md5) and linked or copied into DIR
     already: int = 0  # done in the manifest already, untouched
     failed: Counter = field(default_factory=Counter)  # reason -> rows
     derivatives: int = 0  # stored files that are an archive's re-encoded copy
@@ -88,10 +92,11 @@ class Summary:
     manifest: Path | None = None
 
     def render(self) -> str:
-        ok = self.downloaded + self.reused + self.already
+        ok = self.downloaded + self.reused + self.already + self.local
         lines = [
             f"{self.rows} rows: {ok} with images ({self.downloaded} downloaded, "
-            f"{self.reused} found on disk, {self.already} already done), {sum(self.failed.values())} failed",
+            + (f"{self.local} found locally, " if self.local else "")
+            + f"{self.reused} found on disk, {self.already} already done), {sum(self.failed.values())} failed",
             f"{_size(self.bytes)} newly stored in {self.seconds:.1f} s",
         ]
         lines += [f"  {n:>6}  {reason}" for reason, n in self.failed.most_common()]
@@ -130,7 +135,8 @@ def download_manifest(manifest, images=None, ray=None, **options) -> Summary:
         raise CurateError(f"interrupted; finished rows are saved in {path}, re-run to go on", 130) from None
     mf.record_stage(meta, "download", images=str(opts.images), variant=opts.variant,
                     max_pixels=opts.max_pixels, from_tars=opts.from_tars, tar_index=opts.tar_index,
-                    verify=opts.verify)
+                    verify=opts.verify, local_images=[str(p) for p in opts.local_images or ()] or None,
+                    found_locally=summary.local or None)
     mf.write(table, path, meta)
     if ray is not None:
         from curate import engine
@@ -151,7 +157,7 @@ def download_shard(rows, base_dir: str, opts: Options, rates: dict) -> tuple:
     for host, rate in rates.items():
         http.set_rate(host, rate)
     t, s = download_table(rows, base_dir, opts)
-    stats = {"downloaded": s.downloaded, "reused": s.reused, "already": s.already, "bytes": s.bytes,
+    stats = {"downloaded": s.downloaded, "reused": s.reused, "local": s.local, "already": s.already, "bytes": s.bytes,
              "failed": dict(s.failed), "derivatives": s.derivatives}
     for c in EXTRA_COLUMNS:
         if c not in t.column_names:
@@ -198,7 +204,7 @@ def _download_on_ray(table, path: Path, opts: Options, ray):
         table = with_column(table, c, [values[at[lead[i]]] for i in range(table.num_rows)])
     st = engine.sum_stats(stats)
     summary = Summary(rows=table.num_rows, images=opts.images, downloaded=st.get("downloaded", 0),
-                      reused=st.get("reused", 0), already=st.get("already", 0), bytes=st.get("bytes", 0),
+                      reused=st.get("reused", 0), local=st.get("local", 0), already=st.get("already", 0), bytes=st.get("bytes", 0),
                       derivatives=st.get("derivatives", 0),
                       failed=Counter(_reason(e) for e in table.column("error").to_pylist() if e),
                       seconds=time.monotonic() - started)
@@ -233,13 +239,18 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
         if planned == "done":
             summary.already += 1
         elif isinstance(planned, str):
-            out["error"][i], out["path"][i] = planned, None
+            if not planned.startswith(SETTLED_ERRORS):  # a settled row keeps its file
+                out["error"][i], out["path"][i] = planned, None
         else:
             key = planned.stem or planned.url or f"post {planned.post_id}"
             jobs.setdefault(key, planned).rows.append(i)  # same file for several rows: one job
 
     store = ArchiveStore(root, opts) if opts.from_tars else ImageStore(root, opts)
     store.list_folders = len(jobs) >= LIST_FOLDERS_FROM
+    if opts.local_images and not opts.from_tars:
+        from curate.images.local_files import index
+
+        store.local = index(opts.local_images)
     if store.tars is not None:
         find_members(store.tars, jobs, out, opts)
     if opts.rate is not None:
@@ -255,7 +266,9 @@ def download_table(table, base_dir, opts: Options, checkpoint=None):
             summary.derivatives += derivative is not None
             values = {"error": None, "path": rel, "width": w, "height": h, "file_sha256": sha,
                       "derivative": derivative}
-            if fresh:
+            if fresh == "local":
+                summary.local += 1
+            elif fresh:
                 summary.downloaded += 1
             else:
                 summary.reused += 1
@@ -340,6 +353,8 @@ def _check_options(opts: Options) -> None:
 
 def _plan(row: dict, base_dir: Path, opts: Options):
     """'done', an error string, or a Job."""
+    if row["error"] and row["error"].startswith(SETTLED_ERRORS):
+        return row["error"]  # a decision about the row (its image is fine): never redone here
     md5 = (row["md5"] or "").strip().lower() or None
     if md5 is not None and not _MD5.fullmatch(md5):
         return "invalid md5"

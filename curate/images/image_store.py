@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import shutil
 import socket
 import threading
 import time
@@ -58,6 +59,7 @@ class ImageStore:
         self._safe: set[str] = set()
         self._local = threading.local()
         self._counter = itertools.count()
+        self.local: dict[str, Path] = {}  # md5 -> a file the user has (curate.images.local_files)
         self._new_session = lambda: _untrusting(http.session(
             retries=opts.retries, backoff=opts.backoff, timeout=opts.timeout, pool_size=2))
         self._clean_parts()
@@ -152,7 +154,29 @@ class ImageStore:
 
     def _obtain(self, job: Job):
         """-> (final path, w, h, fresh, file_sha256, derivative); ArchiveStore adds members."""
-        return (self._existing(job) or self._fetch(job)) + (None, None)
+        return (self._existing(job) or self._from_local(job) or self._fetch(job)) + (None, None)
+
+    def _from_local(self, job: Job):
+        """The user's own copy (by md5): hard-linked into DIR, or copied across file systems.
+        fresh = "local". A file whose bytes are not the md5 its name claims is passed over."""
+        src = self.local.get(job.md5) if job.md5 is not None and job.stem == job.md5 else None
+        if src is None:
+            return None
+        part = self._new_part()
+        try:
+            try:
+                os.link(src, part)
+            except OSError:
+                shutil.copyfile(src, part)
+            if hash_file(part, hashlib.md5) != job.md5:
+                return None
+            w, h, ext = self._check(part, True)
+            final, w, h = self._place(part, job.stem, w, h, ext)
+            return final, w, h, "local"
+        except (OSError, img.ImageError):
+            return None
+        finally:
+            part.unlink(missing_ok=True)
 
     # -- files already on disk -------------------------------------------------
 

@@ -27,13 +27,20 @@ class FetchResult:
 
 
 def fetch(query_path: str | Path, source, out: str | Path, kind: str = "fetch",
-          seed: int | None = None, progress=None, outside_files: bool = False) -> FetchResult:
+          seed: int | None = None, progress=None, outside_files: bool = False,
+          aliases_file: str | Path | None = None) -> FetchResult:
+    """`aliases_file`: a /tag_aliases.json dump (--aliases): renamed tags of a local source."""
     q = query_mod.load(query_path, outside_files)
     if seed is not None:
         q.seed = seed
     if kind == "reg" and not q.class_token:
         raise CurateError(f"{query_path}: a regularization query needs class_token (e.g. class_token = \"solo\")")
-    selection = select(q, source, progress=progress)
+    aliases = None
+    if aliases_file is not None:
+        from curate.metadata.sync import load_aliases
+
+        aliases = load_aliases(aliases_file)
+    selection = select(q, source, aliases=aliases, progress=progress)
     meta = manifest.new_provenance(
         kind=kind,
         query_name=q.name,
@@ -45,6 +52,8 @@ def fetch(query_path: str | Path, source, out: str | Path, kind: str = "fetch",
         subsets={r.name: {"quota": r.quota, "eligible": r.eligible, "selected": r.selected}
                  for r in selection.subsets},
         skipped=dict(selection.skipped),
+        renamed_artists={a: b for r in selection.subsets for a, b, _ in r.renamed_artists},
+        rating_scale=describe_scale(source),
     )
     table = selection.table
     if Path(out).exists():  # a re-run keeps what later stages did for rows selected again
@@ -52,6 +61,15 @@ def fetch(query_path: str | Path, source, out: str | Path, kind: str = "fetch",
     manifest.record_stage(meta, "build-reg" if kind == "reg" else "fetch", source=source.describe())
     path = manifest.write(table, out, meta)
     return FetchResult(path, selection, source.describe())
+
+
+def describe_scale(source) -> dict:
+    """Which rating scale the source's ratings were read on (DESIGN extension: provenance key)."""
+    if hasattr(source, "describe_scale"):
+        return source.describe_scale()
+    if source.describe().startswith("store:"):
+        return {"option": "auto", "applied": "as synced"}
+    return {"option": "auto", "applied": "new"}  # the live site
 
 
 def keep_stage_work(table: pa.Table, meta: dict, old: pa.Table, old_meta: dict) -> tuple[pa.Table, dict]:

@@ -233,6 +233,8 @@ class SubsetResult:
     eligible: int = 0
     selected: int = 0
     unmatched_artists: list[str] = field(default_factory=list)  # from its artists_file, in no post at all
+    renamed_artists: list[tuple[str, str, int]] = field(default_factory=list)  # (user's name, alias target, posts)
+    artist_posts: Counter = field(default_factory=Counter)  # eligible posts per listed artist (resolved name)
 
 
 @dataclass
@@ -255,25 +257,45 @@ def candidate_limits(query: Query) -> list[int | None]:
     return limits
 
 
-def select(query: Query, source, aliases: dict[str, str] | None = None, progress=None) -> Selection:
+def query_tags(query: Query) -> list[str]:
+    """Every tag name a query tests (what aliases may have renamed)."""
+    names = [t for s in query.subsets for t in (*s.tags, *s.any_tags, *s.exclude_tags, *s.artists)]
+    return list(dict.fromkeys(names))
+
+
+def select(query: Query, source, aliases: dict[str, str] | None = None, progress=None,
+           exclude_ids=None) -> Selection:
+    """`aliases`: antecedent -> consequent (--aliases); the store's alias table and the
+    live site's active aliases of the query's tags are added (these win).
+    `exclude_ids`: post ids no subset may take (a refill: the manifest's own rows)."""
     store = getattr(source, "store", None)
-    if aliases is None:
-        aliases = store.aliases if store is not None else {}
+    aliases = dict(aliases or {})
     if store is not None:
-        return _select_store(query, store, aliases)
-    return _select_stream(query, source, aliases, progress)
+        aliases.update(store.aliases)
+    elif hasattr(source, "aliases_for"):  # the live site: the renamed tags of this query only
+        aliases.update(source.aliases_for(query_tags(query)))
+    excluded = np.unique(np.asarray(list(exclude_ids or ()), dtype=np.int64))
+    if store is not None:
+        return _select_store(query, store, aliases, excluded)
+    return _select_stream(query, source, aliases, progress, excluded)
 
 
-def _select_store(query: Query, store: Store, aliases) -> Selection:
+def _eligible_rows(cols, s: Subset, aliases, excluded: np.ndarray) -> np.ndarray:
+    rows = np.flatnonzero(eligible(cols, s, aliases))
+    return rows[~np.isin(cols.post_id[rows], excluded)] if len(excluded) else rows
+
+
+def _select_store(query: Query, store: Store, aliases, excluded=np.empty(0, np.int64)) -> Selection:
     cols = StoreColumns(store)
     results, ranked = [], []
     for s, limit in zip(query.subsets, candidate_limits(query)):
-        rows = np.flatnonzero(eligible(cols, s, aliases))
+        rows = _eligible_rows(cols, s, aliases, excluded)
         results.append(SubsetResult(s.name, s.count, eligible=len(rows)))
+        _count_artists(results[-1], cols, rows, s, aliases)
         rows = top(cols, rows, s, query.seed, limit)
         ranked.append((rows, cols.post_id[rows], cols.artists(rows) if s.max_per_artist is not None else None))
         res = results[-1]
-        res.unmatched_artists = [a for a in s.file_artists if not _store_has_artist(store, aliases.get(a, a))]
+        _report_artists(res, s.file_artists, aliases, lambda name: _store_has_artist(store, name))
     picks = _assign(query, ranked, results)
     tables = [store.take(rows[p]) for (rows, _, _), p in zip(ranked, picks)]
     return Selection(_label(query, tables), results)
@@ -286,7 +308,26 @@ def _store_has_artist(store: Store, name: str) -> bool:
     return any(store.postings_offsets[t + 1] > store.postings_offsets[t] for t in ids.tolist())
 
 
-def _select_stream(query: Query, source, aliases, progress) -> Selection:
+def _count_artists(res: SubsetResult, cols, rows: np.ndarray, s: Subset, aliases) -> None:
+    """Eligible posts per artist of the subset's artists file (by the name posts carry)."""
+    if not s.file_artists or not len(rows):
+        return
+    listed = {aliases.get(a, a) for a in s.file_artists}
+    for names in cols.artists(rows):
+        res.artist_posts.update(n for n in names if n in listed)
+
+
+def _report_artists(res: SubsetResult, names, aliases, in_source) -> None:
+    """A renamed artist is reported with its new name and eligible post count; the
+    'a typo?' warning is for names no post of the source carries and no alias explains."""
+    for a in names:
+        if a in aliases:
+            res.renamed_artists.append((a, aliases[a], res.artist_posts[aliases[a]]))
+        elif not in_source(a):
+            res.unmatched_artists.append(a)
+
+
+def _select_stream(query: Query, source, aliases, progress, excluded=np.empty(0, np.int64)) -> Selection:
     limits = candidate_limits(query)
     pools: list[list[pa.Table]] = [[] for _ in query.subsets]
     sizes = [0] * len(query.subsets)
@@ -300,8 +341,9 @@ def _select_stream(query: Query, source, aliases, progress) -> Selection:
         if listed - seen_artists:
             seen_artists |= listed & set(pc.unique(pc.list_flatten(batch.column("tags_artist"))).to_pylist())
         for i, (s, limit) in enumerate(zip(query.subsets, limits)):
-            rows = np.flatnonzero(eligible(cols, s, aliases))
+            rows = _eligible_rows(cols, s, aliases, excluded)
             results[i].eligible += len(rows)
+            _count_artists(results[i], cols, rows, s, aliases)
             rows = top(cols, rows, s, query.seed, limit)
             if len(rows):
                 pools[i].append(batch.take(pa.array(rows)))
@@ -321,7 +363,7 @@ def _select_stream(query: Query, source, aliases, progress) -> Selection:
         everything = np.arange(table.num_rows)
         ranked.append((table, cols.post_id, cols.artists(everything) if s.max_per_artist is not None else None))
     for s, res in zip(query.subsets, results):
-        res.unmatched_artists = [a for a in s.file_artists if aliases.get(a, a) not in seen_artists]
+        _report_artists(res, s.file_artists, aliases, seen_artists.__contains__)
     picks = _assign(query, ranked, results)
     tables = [t.take(pa.array(p)) if t is not None else None for (t, _, _), p in zip(ranked, picks)]
     return Selection(_label(query, tables), results, Counter(getattr(source, "skipped", {})))

@@ -112,11 +112,17 @@ def sync(source, store_path: str | os.PathLike, aliases_file: str | None = None,
         merged = store_rows(POST_SCHEMA.empty_table(), np.empty(0, np.int64), np.empty(0, np.int32), 0)
     merged = merged.sort_by("post_id")
     sources = (old.meta.get("sources", []) if old else []) + [
-        {"source": source.describe(), "at": utc_now(), "read": report.read}
+        {"source": source.describe(), "at": utc_now(), "read": report.read, "rating_scale": _scale(source)}
     ]
     write_generation(root, merged, tags, aliases, sources)
     report.total, report.tags, report.aliases = merged.num_rows, len(tags.names), len(aliases)
     return report
+
+
+def _scale(source) -> dict:
+    from curate.metadata.fetch import describe_scale
+
+    return describe_scale(source)
 
 
 def _latest_per_id(table: pa.Table | None) -> pa.Table | None:

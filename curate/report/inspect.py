@@ -51,6 +51,11 @@ def render(info: dict) -> str:
     ]
     if prov.get("class_token"):
         lines.append(f"  class token: {prov['class_token']}")
+    if isinstance(prov.get("rating_scale"), dict):  # which rating scale the source was read on
+        rs = prov["rating_scale"]
+        files = ", ".join(f"{k} {v}" for k, v in sorted((rs.get("files") or {}).items()))
+        lines.append(f"  rating scale: {rs.get('applied')} (--rating-scale {rs.get('option')}"
+                     + (f"; files: {files}" if files else "") + ")")
     quotas = prov.get("subsets") or {}
     lines.append("  subsets:")
     for name, n in info["subsets"].items():

@@ -109,7 +109,7 @@ class DanbooruSource:
         self.retries, self.backoff, self.wait_429 = retries, backoff, wait_429
         self.skipped: Counter = Counter()
         self.requests = 0
-        self._aliased: dict[str, bool] = {}
+        self._aliased: dict[str, str | bool] = {}  # name -> consequent, True (unknown), False
         self._high: int | None = None
 
     def describe(self) -> str:
@@ -207,16 +207,27 @@ class DanbooruSource:
 
     def _active_aliases(self, names: list[str]) -> set[str]:
         """Which of `names` the site aliases to another tag (antecedents); cached."""
-        ask = [n for n in names if n not in self._aliased]
-        if ask:
+        self.aliases_for(names)
+        return {n for n in names if self._aliased.get(n, False) is not False}
+
+    def aliases_for(self, names) -> dict[str, str]:
+        """The site's active aliases of `names`: antecedent -> consequent (a renamed
+        artist's old tag -> the new one). Asked 100 names a request, cached."""
+        ask = [n for n in dict.fromkeys(names) if n not in self._aliased and plain_ok(n)]
+        for i in range(0, len(ask), 100):
+            part = ask[i:i + 100]
             try:
-                body = self._get("/tag_aliases.json", {"search[antecedent_name_comma]": ",".join(ask),
+                body = self._get("/tag_aliases.json", {"search[antecedent_name_comma]": ",".join(part),
                                                         "search[status]": "active", "limit": 1000})
             except _GaveUp:  # unknown: filter those exclusions locally, which is always exact
-                body = [{"antecedent_name": n} for n in ask]
-            found = {a.get("antecedent_name") for a in body if isinstance(a, dict)} if isinstance(body, list) else set(ask)
-            self._aliased.update((n, n in found) for n in ask)
-        return {n for n in names if self._aliased[n]}
+                body = None
+            if not isinstance(body, list):
+                self._aliased.update((n, True) for n in part)  # aliased, consequent unknown
+                continue
+            found = {a.get("antecedent_name"): a.get("consequent_name") for a in body if isinstance(a, dict)}
+            self._aliased.update((n, found[n] if isinstance(found.get(n), str) and found[n] else
+                                  (True if n in found else False)) for n in part)
+        return {n: self._aliased[n] for n in names if isinstance(self._aliased.get(n), str)}
 
     # --- query translation --------------------------------------------------------
 
@@ -324,7 +335,7 @@ class DanbooruSource:
             from curate.metadata.sources.dump import DumpSource
 
             log.info("resuming: %d spooled pages up to post %d", len(spooled), spooled[-1])
-            dump = DumpSource(str(spool))
+            dump = DumpSource(str(spool), rating_scale="new")  # pages of the live site
             yield from dump.batches()
             self.skipped.update(dump.skipped)
             start = spooled[-1]

@@ -23,6 +23,7 @@ from curate.schema import POST_SCHEMA
 from curate.metadata.store import rank_of
 from curate.metadata.tables import lists_from_pairs
 from curate.metadata.sources.posts import SIZE_COLUMNS, to_int, to_size
+from curate.metadata.sources.rating_scale import check as check_scale
 
 TYPE_TO_CATEGORY = {0: "general", 1: "artist", 2: "character", 3: "copyright", 4: "meta"}
 RATINGS = np.array(["g", "s", "q", "e"], dtype=object)
@@ -36,8 +37,9 @@ POST_COLUMNS = {  # our name -> HakuBooru column
 
 
 class HakuBooruSource:
-    def __init__(self, path: str):
+    def __init__(self, path: str, rating_scale: str = "auto"):
         self.path = Path(path)
+        self.old_scale = check_scale(rating_scale) == "old"  # HakuBooru's enum is the new scale
         if not self.path.is_file():
             raise CurateError(f"HakuBooru database not found: {self.path}")
         self.skipped: Counter = Counter()
@@ -62,11 +64,15 @@ class HakuBooruSource:
     def describe(self) -> str:
         return f"hakubooru:{self.path}"
 
+    def describe_scale(self) -> dict:
+        scale = "old" if self.old_scale else "new"
+        return {"option": scale if self.old_scale else "auto", "applied": scale, "files": {scale: 1}}
+
     def _tag_table(self):
         """Tag ids sorted (looked up by binary search: no array sized by the largest id),
         with the row of each id's name (Arrow) and category index."""
         ids, names, types = [], [], []
-        for tid, name, typ in self.db.execute("SELECT id, name, type FROM tag"):
+        for tid, name, typ in self._tag_rows():
             if not isinstance(tid, int) or not isinstance(name, str):
                 self.skipped["tag with a bad id or name"] += 1
                 continue
@@ -77,9 +83,11 @@ class HakuBooruSource:
         order = np.argsort(ids, kind="stable")
         return (ids[order], order), pa.array(names, pa.string()), np.asarray(types, dtype=np.int8)
 
-    def batches(self, batch_size: int = 50_000) -> Iterator[pa.Table]:
-        slot, names, types = self._tag_table()
-        name_rank = rank_of(names)
+    def _tag_rows(self):
+        return self.db.execute("SELECT id, name, type FROM tag")
+
+    def _windows(self, batch_size: int):
+        """(post rows, (post_id, tag_id) relation array) per window of post ids."""
         select = ", ".join(self.columns.values())
         last = -1
         while True:
@@ -98,6 +106,12 @@ class HakuBooruSource:
                 ).fetchall(),
                 dtype=np.int64,
             ).reshape(-1, 2)
+            yield rows, rel
+
+    def batches(self, batch_size: int = 50_000) -> Iterator[pa.Table]:
+        slot, names, types = self._tag_table()
+        name_rank = rank_of(names)
+        for rows, rel in self._windows(batch_size):
             table = self._posts_table(rows)
             table = self._drop_hidden(self._attach_tags(table, rel, slot, names, types, name_rank))
             if table.num_rows:
@@ -122,6 +136,8 @@ class HakuBooruSource:
                 values = [v if isinstance(v, str) else None for v in values]
             if ours == "rating":
                 r = np.array([v if isinstance(v, int) and 0 <= v <= 3 else -1 for v in values])
+                if self.old_scale:  # the user says 1 meant safe
+                    r = np.where(r == 1, 0, r)
                 values = [RATINGS[v] if v >= 0 else None for v in r]
             elif ours == "created_at":
                 values = _parse_times(values)

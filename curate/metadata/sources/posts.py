@@ -32,8 +32,10 @@ _RATING_WORDS = {"general": "g", "safe": "g", "sensitive": "s", "questionable": 
 # Danbooru2017-2021 metadata: tag category codes of its `tags` list.
 _CATEGORY_CODES = {0: "general", 1: "artist", 3: "copyright", 4: "character", 5: "meta"}
 SITE = "https://danbooru.donmai.us"
-def normalize(post: dict) -> tuple[dict | None, str | None]:
-    """Return (row, None) or (None, skip_reason)."""
+def normalize(post: dict, scale: str | None = None) -> tuple[dict | None, str | None]:
+    """Return (row, None) or (None, skip_reason). `scale`: the rating scale of the file
+    the post came from ("old": `s` is safe, read as `g`; "new": as is; None: by the
+    post's own keys, see rating_scale)."""
     if not isinstance(post, dict):
         return None, "not an object"
     if not any(k in post for k in ("tag_string", "md5", "file_url", "image_width", "file_ext")):
@@ -55,7 +57,7 @@ def normalize(post: dict) -> tuple[dict | None, str | None]:
         "md5": md5.lower(),
         "width": to_size(post.get("image_width")),
         "height": to_size(post.get("image_height")),
-        "rating": _rating(post),
+        "rating": _rating(post, scale),
         "fav_count": _fav_count(post),
         "score": to_int(post.get("score")),
         "created_at": created,
@@ -135,16 +137,32 @@ def _tags(value) -> list[str]:
     return sorted({tag.lower() for tag in value.split()})
 
 
-def _rating(post: dict) -> str | None:
-    r = to_str(post.get("rating"))
-    if not r:
+def _rating(post: dict, scale: str | None = None) -> str | None:
+    word = to_str(post.get("rating"))
+    if not word:
         return None
-    r = _RATING_WORDS.get(r.lower(), r.lower())
+    r = _RATING_WORDS.get(word.lower(), word.lower())
     if r not in ("g", "s", "q", "e"):
         return None
-    # The Danbooru2017-2021 metadata (tags as a list of objects) predates the change too.
-    old = any(k in post for k in _OLD_SCHEMA_KEYS) or _is_tag_list(post.get("tags"))
+    if word.lower() in ("safe", "sensitive"):  # the word says its scale
+        return r
+    old = scale == "old" if scale is not None else post_looks_old(post)
     return "g" if r == "s" and old else r
+
+
+def post_looks_old(post: dict) -> bool:
+    """The post's own keys date it before the four-level scale: lock flags, or the
+    Danbooru2017-2021 metadata (tags as a list of objects)."""
+    return any(k in post for k in _OLD_SCHEMA_KEYS) or _is_tag_list(post.get("tags"))
+
+
+def raw_rating(post: dict) -> str | None:
+    """The rating letter as written (no scale applied); words as their letters."""
+    word = to_str(post.get("rating"))
+    if not word:
+        return None
+    r = _RATING_WORDS.get(word.lower(), word.lower())
+    return "safe" if word.lower() == "safe" else "sensitive" if word.lower() == "sensitive" else r
 
 
 def _variants(asset) -> list[dict] | None:
