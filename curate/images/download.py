@@ -147,7 +147,7 @@ def download_manifest(manifest, images=None, ray=None, **options) -> Summary:
 
 
 OUT_COLUMNS = ["key", "path", "error", "width", "height", "file_sha256", "derivative"]
-EXTRA_COLUMNS = ("file_sha256", "derivative")  # DESIGN extension: derivative files' identity
+EXTRA_COLUMNS = ("file_sha256", "derivative")  # an extension of docs/design.md: derivative files' identity
 
 
 def download_shard(rows, base_dir: str, opts: Options, rates: dict) -> tuple:

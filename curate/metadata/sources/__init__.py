@@ -1,4 +1,4 @@
-"""Sources of posts, by `--source` spelling (DESIGN.md):
+"""Sources of posts, by `--source` spelling (docs/design.md):
 
     danbooru         the live API (curate.metadata.sources.danbooru)
     hakubooru:PATH   a HakuBooru SQLite database, or a folder of its Parquet tables
