@@ -64,7 +64,7 @@ def fetch(query_path: str | Path, source, out: str | Path, kind: str = "fetch",
 
 
 def describe_scale(source) -> dict:
-    """Which rating scale the source's ratings were read on (DESIGN extension: provenance key)."""
+    """Which rating scale the source's ratings were read on (a provenance key docs/design.md adds)."""
     if hasattr(source, "describe_scale"):
         return source.describe_scale()
     if source.describe().startswith("store:"):
