@@ -153,10 +153,27 @@ def make_tagger(folder: Path, seed: int = 0) -> Path:
 # --- the train config -----------------------------------------------------------------
 
 
+def _write_config(path: Path, head: str, demo: Path) -> Path:
+    """A demo train config: `head` plus the demo's two manifests. Left alone when unchanged,
+    so make does not see a newer config and train again."""
+    text = head + f"""
+[[datasets]]
+manifest = "{demo}/manifests/official_cg.parquet"
+shuffle_caption = true
+caption_tag_dropout_rate = 0.1
+
+[[datasets]]
+manifest = "{demo}/manifests/demo_reg.parquet"
+is_reg = true
+"""
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
 def write_train_config(path: Path, demo: Path) -> Path:
     """The recipe's shape (configs/baxl_v3.toml) at toy size: tiny-random SDXL, 64-192 px
-    buckets, a few AdamW steps (Lion8bit wants a GPU). Left alone when unchanged, so
-    make does not see a newer config and train again."""
+    buckets, a few AdamW steps (Lion8bit wants a GPU)."""
     text = f"""# The demo's training run: configs/baxl_v3.toml at toy size (written by python -m curate.demo.run).
 pretrained = "tiny-random"
 output_dir = "{demo}/runs/demo"
@@ -177,19 +194,8 @@ max_train_steps = 6
 save_every_n_steps = 3
 max_data_loader_n_workers = 0
 seed = 42
-
-[[datasets]]
-manifest = "{demo}/manifests/official_cg.parquet"
-shuffle_caption = true
-caption_tag_dropout_rate = 0.1
-
-[[datasets]]
-manifest = "{demo}/manifests/demo_reg.parquet"
-is_reg = true
 """
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
-    return path
+    return _write_config(path, text, demo)
 
 
 def write_lora_config(path: Path, demo: Path) -> Path:
@@ -217,19 +223,8 @@ save_every_n_steps = 3
 max_data_loader_n_workers = 0
 latent_cache_dir = "{demo}/runs/demo/latent_cache"
 seed = 42
-
-[[datasets]]
-manifest = "{demo}/manifests/official_cg.parquet"
-shuffle_caption = true
-caption_tag_dropout_rate = 0.1
-
-[[datasets]]
-manifest = "{demo}/manifests/demo_reg.parquet"
-is_reg = true
 """
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
-    return path
+    return _write_config(path, text, demo)
 
 
 def prepare(demo: Path, n_posts: int, tagger_too: bool = True) -> None:

@@ -14,14 +14,6 @@ CURATE = str(Path(sys.executable).with_name("curate"))
 RANK = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """BASE (a diffusers folder) and TUNED (a single file) whose difference is exactly rank 3

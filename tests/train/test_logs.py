@@ -10,7 +10,7 @@ from curate.common import train_config
 from curate.errors import CurateError
 from curate.train import logs
 from curate.train.loop import train
-from tests.train.test_loop import SIZES, one_thread, write_config, write_images_manifest  # noqa: F401
+from tests.train.test_loop import SIZES, write_config, write_images_manifest  # noqa: F401
 
 
 def test_a_resumed_log_drops_the_steps_after_the_checkpoint(tmp_path):

@@ -37,16 +37,6 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 SMALL = dict(resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32)
 
 
-# One torch thread: on the 2 shared cores a second OpenMP thread mostly spin-waits (10x slower
-# here). CLI runs get OMP_NUM_THREADS=1 for the same reason.
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- helpers ------------------------------------------------------------------------
 
 

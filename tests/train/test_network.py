@@ -17,14 +17,6 @@ LORA = dict(network="lora", network_dim=4, network_alpha=2.0, conv_dim=2, conv_a
             text_encoder_lr=5e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory):
     """A LoRA (UNet + both text encoders, 3x3 convs too) trained 4 steps straight, and 2 steps

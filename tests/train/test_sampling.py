@@ -11,7 +11,7 @@ from curate.common import train_config
 from curate.errors import CurateError
 from curate.train import sampling
 from curate.train.loop import train
-from tests.train.test_loop import SIZES, one_thread, write_config, write_images_manifest  # noqa: F401
+from tests.train.test_loop import SIZES, write_config, write_images_manifest  # noqa: F401
 
 
 def cfg_with(tmp_path, prompts, **values):

@@ -12,7 +12,7 @@ from curate.errors import CurateError
 from curate.train import data as train_data
 from curate.train import sdxl, validation
 from curate.train.loop import dry_run, render, train
-from tests.train.test_loop import SIZES, one_thread, write_config, write_images_manifest  # noqa: F401
+from tests.train.test_loop import SIZES, write_config, write_images_manifest  # noqa: F401
 
 
 def split_config(root, **values):
