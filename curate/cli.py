@@ -296,6 +296,7 @@ def dedupe(
     engine: str = _ENGINE,
     ray_address: Optional[str] = _RAY_ADDRESS,
     shard_rows: int = _SHARD_ROWS,
+    keep_mirrors: bool = typer.Option(False, "--keep-mirrors", help="A horizontally flipped copy is not a duplicate (for training without flip augmentation)."),
 ) -> None:
     """Mark exact and near duplicates (dup_of); the best copy of each cluster is kept.
 
@@ -304,19 +305,23 @@ def dedupe(
     detected borders so a letterboxed frame matches its clean twin. Keeper: most
     content pixels (inside borders), then colour over greyscale, lossless over lossy,
     higher JPEG quality or more bytes per pixel, an original over a derivative, no
-    bars, key order; the column keeper_reason says which decided.
+    bars, key order; the column keeper_reason says which decided. Mirror images match
+    too (dup_reason "mirrored copy"); an upscaled copy loses to its original
+    ("upscaled copy"); among frames alike in size and quality the sharpest is kept.
     """
     from curate import engine as eng
     from curate.dataset.dedupe import DEFAULT_THRESHOLD, run
 
     t = DEFAULT_THRESHOLD if threshold is None else threshold
-    s = run(manifest, against or [], t, workers, ray=eng.options(engine, ray_address, shard_rows))
+    s = run(manifest, against or [], t, workers, ray=eng.options(engine, ray_address, shard_rows),
+            mirrors=not keep_mirrors)
     typer.echo(f"dedupe: {s.rows} rows: {s.hashed} hashed, {s.reused} hashes reused, {s.failed} failed, "
                f"{s.skipped} skipped (error or no file)")
     typer.echo(f"  exact pairs: {s.exact_bytes} same bytes, {s.exact_pixels} same pixels; "
                f"near pairs (<= {s.threshold} bits): {s.near_pairs}")
     typer.echo(f"  {s.duplicates} rows marked dup_of in {s.clusters} clusters"
                + (f"; {s.against} of them duplicate rows of --against ({s.against_rows} rows)" if against else ""))
+    typer.echo(f"  mirrored copies: {s.mirrored} marked" if s.mirrors else "  mirrored copies: kept apart (--keep-mirrors)")
     if s.reasons:
         typer.echo("  keepers by what decided: " + ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items(), key=lambda kv: -kv[1])))
     _show_errors(s.errors)
