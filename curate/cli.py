@@ -126,6 +126,10 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
         quota = "all" if r.quota is None else str(r.quota)
         short = "  (fewer than the quota: took all)" if r.quota is not None and r.selected < r.quota else ""
         typer.echo(f"  {r.name:<24} {quota:>8} {r.eligible:>10} {r.selected:>9}{short}")
+    for name, shift in sel.tag_shift.items():  # match_tags_of subsets (issue 27)
+        typer.echo(f"  {name}: share of its rows carrying the training set's overfitting tags, before -> after matching:")
+        for d in shift:
+            typer.echo(f"    {d['tag']:<28} {d['before']:>6.1%} -> {d['after']:>6.1%}   (training set {d['training']:.0%})")
     for r in sel.subsets:
         for artist in r.unmatched_artists:
             typer.echo(f"  warning: artist {artist!r} (subset {r.name}'s artists file) matches no post in the source; a typo?")
@@ -185,12 +189,21 @@ _query_command("build-reg", "reg", """Build a regularization set: like fetch, an
 def inspect(
     manifest: Path = typer.Argument(..., help="Manifest (Parquet)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    tags: bool = typer.Option(False, "--tags", help="List the tags that will overfit: on many times more of the training images than of Danbooru at large (or of the reg set)."),
+    reg: Optional[Path] = typer.Option(None, "--reg", help="With --tags: the reg manifest the run balances with."),
+    counts: Optional[Path] = typer.Option(None, "--counts", help="With --tags: a tagger's selected_tags.csv (Danbooru post counts); default: the tagger's that tagged the manifest, when on disk."),
 ) -> None:
     """Show what a manifest holds: rows per subset, stages done, failures, provenance."""
     import json
 
-    from curate.report.inspect import inspect as run_inspect, render
+    from curate.report.inspect import inspect as run_inspect, render, render_tags
 
+    if tags:
+        from curate.common.overfit import report
+
+        info = report(manifest, reg, counts)
+        typer.echo(json.dumps(info, indent=1, default=str) if as_json else render_tags(manifest, info))
+        return
     info = run_inspect(manifest)
     typer.echo(json.dumps(info, indent=1, default=str) if as_json else render(info))
 
