@@ -469,6 +469,28 @@ def tag(
         raise typer.Exit(130)
 
 
+@app.command()
+def score(
+    manifest: Path = typer.Argument(..., help="Manifest whose images to score (written back in place)."),
+    model: str = typer.Option(..., "--model", help="Quality predictor: a local folder or a hub id holding a CLIP vision backbone and a small head (curate_score.json; see docs/judgement.md)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", callback=_range(1), help="Images per batch \\[default: 64 on cuda, 8 on cpu]."),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | auto (cuda when present)."),
+) -> None:
+    """Score each image's aesthetic quality into the `aesthetic` column (float; higher is better).
+
+    Rows with an error or without a path are skipped. Resumable: a re-run with the same
+    model scores only rows without a score. Review sorts and thresholds by it; the
+    report shows its histogram.
+    """
+    from curate.dataset.score import run
+
+    with _bar("score", "image") as bar:
+        s = run(manifest, model, batch_size=batch_size, device=device, progress=bar.update)
+    for line in s.lines():
+        typer.echo(line)
+    _show_errors(s.errors)
+
+
 # --- training (issue 9) -------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from curate.errors import CurateError
 from curate.common.buckets import RECIPE_BUCKETS
 from curate.common.thumbs import Thumbs, thumb_job
 from curate.common import decisions
+from curate.review import judgement
 
 STATIC = Path(__file__).with_name("static")
 COOKIE = "curate_review"
@@ -140,6 +141,8 @@ class Review:
                                                          zip(r["width"], r["height"], r["crop"])]})
             out["decisions"].append(d.state)
         out["vocab"] = list(vocab)
+        out["judgement"] = [judgement.columns(s.table) for s in self.sources]  # issue 27 (static/judge.js)
+        out["overfit"] = judgement.overfit_tags(self.sources)
         return out
 
     def bucket(self, w, h, box=None) -> str | None:
@@ -206,7 +209,7 @@ class Review:
 
         def static(request):
             name = request.path_params["name"]
-            if name not in ("app.js", "app.css"):
+            if name not in ("app.js", "app.css", "judge.js"):
                 return PlainTextResponse("not found", 404)
             return FileResponse(STATIC / name)
 
