@@ -141,9 +141,15 @@ class Review:
                                                          zip(r["width"], r["height"], r["crop"])]})
             out["decisions"].append(d.state)
         out["vocab"] = list(vocab)
-        out["judgement"] = [judgement.columns(s.table) for s in self.sources]  # issue 27 (static/judge.js)
-        out["overfit"] = judgement.overfit_tags(self.sources)
+        out.update(self.judgement())
         return out
+
+    def judgement(self) -> dict:
+        """Issue 27's columns and overfitting tags (static/judge.js; also in the state)."""
+        for s in self.sources:
+            s.fresh()
+        return {"judgement": [judgement.columns(s.table) for s in self.sources],
+                "overfit": judgement.overfit_tags(self.sources)}
 
     def bucket(self, w, h, box=None) -> str | None:
         if box:
@@ -252,7 +258,14 @@ class Review:
                 return PlainTextResponse("not found", 404)
             return FileResponse(path)
 
+        def judge(request):
+            try:
+                return JSONResponse(self.judgement())
+            except CurateError as exc:
+                return JSONResponse({"error": str(exc)}, 500)
+
         routes = [Route("/", page), Route("/static/{name}", static), Route("/api/state", state),
+                  Route("/api/judgement", judge),
                   Route("/api/decide", decide, methods=["POST"]), Route("/api/bucket", bucket),
                   Route("/thumb", image), Route("/original", image), Route("/image", image)]
         return Guard(Starlette(routes=routes), self)

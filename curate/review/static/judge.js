@@ -6,11 +6,18 @@ const J = {cols: [], overfit: []};
 const jval = (r, c) => ((J.cols[r.m] || {})[c] || [])[r.i];
 
 const apiPlain = api;
-api = async function (path, body) {
+api = async function (path, body) {  // every later state load carries the judgement
   const data = await apiPlain(path, body);
-  if (path === "/api/state" && data) { J.cols = data.judgement || []; J.overfit = data.overfit || []; }
+  if (path === "/api/state" && data) { J.cols = data.judgement || []; J.overfit = data.overfit || []; document.body.dataset.judged = "1"; }
   return data;
 };
+// the first state load began before this script ran: fetch the judgement alone
+apiPlain("/api/judgement").then((d) => {
+  if (!d || J.cols.length) return;
+  J.cols = d.judgement || []; J.overfit = d.overfit || [];
+  document.body.dataset.judged = "1";
+  if ($("f-sort").value || $("f-min-aesthetic").value) applyFilters();
+});
 
 (function controls() {
   const f = $("filters"), shown = $("shown");
