@@ -172,6 +172,22 @@ def hash_file(path: str) -> dict:
     return {"sha256": digest, **found, "content_px": int(round(content * w * h)), "file_px": w * h, **facts}
 
 
+_warm = False
+
+
+def warm() -> None:
+    """Load once, in the process that forks the hashing pool, what hashing a file loads on
+    first use (every Pillow plugin: curate.common.decode registers them all; numpy's lazy
+    parts): each worker inherits it instead of paying ~0.1-0.2 s of imports at its start."""
+    global _warm
+    if not _warm:
+        from PIL import Image
+
+        Image.init()
+        image_hashes(Image.new("RGB", (64, 48), (90, 120, 200)))
+        _warm = True
+
+
 def pixel_digest(path: str) -> str | None:
     """Worker: digest of the fully decoded RGB pixels (same picture, other encoding)."""
     try:
@@ -263,6 +279,8 @@ def hash_rows(rows: pa.Table, base: Path, cached: bool, workers: int = 1,
             if f and not (cached and all(h[c][k] is not None for c in HASH_COLUMNS if c not in OPTIONAL))]
     stats = {"hashed": 0, "reused": sum(1 for f in files if f) - len(todo)}
     new_errors = [None] * len(files)
+    if todo:
+        warm()
     try:
         results, stopped = parallel_map(hash_file, [files[k] for k in todo], workers, desc), None
     except PoolStopped as exc:  # a worker was killed: keep what finished (the caller checkpoints it)
