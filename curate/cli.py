@@ -221,14 +221,25 @@ def artists(
     base_url: Optional[str] = _BASE_URL,
     user_agent: Optional[str] = _USER_AGENT,
     tag_limit: Optional[int] = _TAG_LIMIT,
+    like: Optional[Path] = typer.Option(None, "--like", help="A CG manifest: rank the artists by how much a sample of their posts looks like it (needs --model)."),
+    model: Optional[str] = typer.Option(None, "--model", help="With --like: image-embedding model, a local folder or a hub id (CLIP vision; see docs/judgement.md)."),
+    sample: int = typer.Option(8, "--sample", callback=_range(1), help="With --like: posts embedded per artist (chosen by --seed)."),
+    seed: int = typer.Option(0, "--seed", help="With --like: which posts are sampled."),
+    images: Optional[Path] = typer.Option(None, "--images", help="With --like: image folder to reuse (download's <md5[:2]>/<md5>.<ext> layout)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="With --like: where images and embeddings are cached (default: .curate_artists_like beside the CG manifest)."),
+    max_requests: Optional[int] = typer.Option(None, "--max-requests", callback=_range(0), help="With --like: at most this many image requests (a re-run goes on from the cache)."),
 ) -> None:
-    """Rank artists by well-favourited posts in a copyright (or tag set)."""
+    """Rank artists by well-favourited posts in a copyright (or tag set); with --like, by likeness to a CG set."""
     from curate.metadata.artists import rank_artists, write_artists_file
 
     tag_list = [t.strip() for t in tags.split(",") if t.strip()] if tags else []
     if not copyright and not tag_list:
         raise CurateError("give --copyright or --tags (ranking every artist on the site is rarely what you want)")
     src = _source(source, **_live(rate, user_agent, tag_limit, base_url=base_url))
+    if like is not None:
+        _artists_like(like, src, model, copyright, tag_list, fav_count, min_posts, top, sample, seed, images, cache,
+                      max_requests, out)
+        return
     with _bar("artists") as bar:
         rows = rank_artists(src, copyright, tag_list, fav_count, min_posts, top, progress=bar.update)
     typer.echo(f"{len(rows)} artists with >= {min_posts} posts (fav_count {fav_count}) in "
@@ -241,6 +252,28 @@ def artists(
         header = (f"curate artists --source {src.describe()} --copyright {copyright or ''} "
                   f"--tags {','.join(tag_list)} --fav-count '{fav_count}' --min-posts {min_posts}")
         typer.echo(f"  written: {write_artists_file(rows, out, header)}")
+
+
+def _artists_like(like, src, model, copyright, tag_list, fav_count, min_posts, top, sample, seed, images, cache,
+                  max_requests, out) -> None:
+    from curate.metadata.artists_like import rank_like, write_like_file
+
+    if not model:
+        raise CurateError("--like needs --model (an image-embedding model: folder or hub id)")
+    s = rank_like(like, src, model, copyright, tag_list, fav_count, min_posts, top, sample, seed, images, cache,
+                  max_requests)
+    typer.echo(f"{len(s.rows)} artists ranked by likeness to {like} ({s.cg_images} CG images) from {src.describe()}")
+    typer.echo(f"  images: {s.on_disk} on disk, {s.fetched} fetched, {s.missing} unreadable; "
+               f"embeddings: {s.embedded} new, {s.cached} cached")
+    for r in s.rows[:20]:
+        typer.echo(f"  {r.artist:<40} like {r.score:.3f}  ({len(r.sample)} of {r.posts} posts)")
+    if len(s.rows) > 20:
+        typer.echo(f"  ... {len(s.rows) - 20} more")
+    if out is not None:
+        header = (f"curate artists --like {like} --model {model} --source {src.describe()} --copyright "
+                  f"{copyright or ''} --tags {','.join(tag_list)} --fav-count '{fav_count}' --min-posts {min_posts} "
+                  f"--sample {sample} --seed {seed}")
+        typer.echo(f"  written: {write_like_file(s.rows, out, header)}")
 
 
 @app.command()
