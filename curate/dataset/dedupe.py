@@ -51,6 +51,11 @@ COLOUR_CONFIRM = 48  # ... and its mean colour within this per channel (flat ima
                      # share one phash: a white page is no duplicate of a green one)
 EXACT_RADIUS = 6     # same-size pairs this close get a full-decode pixel comparison
 MAX_THRESHOLD = 24
+# Mirror images are searched within min(threshold, this): a flipped copy's phash is within
+# 0-2 bits of the mirrored hash (re-encoded at q70, halved, brightened), 2-6 bits with a
+# 3% crop (12 drawn scenes, docs/judgement.md); at 6 bits the search costs
+# ~1/5 of the direct one at 100k hashes (benchmarks/bench_judgement.py), at 10 about as much.
+MIRROR_THRESHOLD = 6
 DRAFT = (128, 128)   # JPEG draft decode target: ~1/8 scale for CG-sized images
 HASH_SIDE = 256      # other images are box-reduced to about this before hashing
 HASH_VERSION = "phash8+dhash8+colour/borders2/draft128+reduce256/v2"  # bump when hashes change meaning
@@ -399,12 +404,15 @@ def _effective(labels, usable, h, files, stored, workers) -> list:
     return eff
 
 
+_ALL = (1 << 64) - 1
+
+
 def _dup_reason(r: int, keeper: int, h: dict) -> str:
     """How a duplicate row matches its keeper."""
     if h["sha256"][r] == h["sha256"][keeper]:
         return "exact copy"
     ph, k, km = h["phash"][r], h["phash"][keeper], h["phash_mirror"][keeper]
-    if km is not None and hamming([ph], [km])[0] < hamming([ph], [k])[0]:
+    if km is not None and ((ph ^ km) & _ALL).bit_count() < ((ph ^ k) & _ALL).bit_count():
         return "mirrored copy"
     return "near copy"
 
@@ -471,7 +479,7 @@ def dedupe(
     mi = mj = np.empty(0, np.int64)
     if mirrors:
         phm, dhm = (np.array([h[c][k] for k in usable], np.int64) for c in ("phash_mirror", "dhash_mirror"))
-        mi, mj = _mirror_pairs(ph, phm, dh, dhm, colour, grey, own, threshold)
+        mi, mj = _mirror_pairs(ph, phm, dh, dhm, colour, grey, own, min(threshold, MIRROR_THRESHOLD))
     s.mirror_pairs = len(mi)
     labels = clusters(len(usable), np.concatenate([i[near], ei, mi]), np.concatenate([j[near], ej, mj]))
     # a stored effective resolution holds while the file is the same (its digest)

@@ -6,8 +6,13 @@ local folder or a hub id, the same loading code). Each usable row's training fil
 in batches, on CUDA when present. Resumable: scores are written back every
 CHECKPOINT images, and a re-run with the same model scores only the rows still
 without one (another model re-scores everything). The review app sorts and
-thresholds by the column, the report draws its histogram, and `curate export
---min-aesthetic` leaves lower-scored rows out of training.
+thresholds by the column, the report draws its histogram.
+
+`--min-aesthetic T` (`drop_below`) leaves rows scoring under T out of training the way
+a person would: a review decision "drop" (reason "aesthetic 0.31 < 0.5", by
+"curate score"), which every stage obeys and a person can undo in review. A row a person
+decided on is left alone; a re-run with another threshold restores the rows it dropped
+that now pass.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import pyarrow as pa
 from curate.errors import CurateError
 
 CHECKPOINT = 512  # images between manifest writes
+WHO = "curate score"  # the `who` of the drop decisions --min-aesthetic writes
 
 
 @dataclass
@@ -34,6 +40,8 @@ class Summary:
     scored: int = 0
     reused: int = 0
     failed: int = 0
+    dropped: int = 0   # --min-aesthetic: newly dropped, restored
+    restored: int = 0
     seconds: float = 0.0
     errors: list = field(default_factory=list)
 
@@ -41,7 +49,9 @@ class Summary:
         rate = self.scored / self.seconds if self.seconds else 0.0
         return [f"score: {self.rows} rows: {self.scored} scored ({rate:.1f} images/s on {self.device}), "
                 f"{self.reused} kept from an earlier run, {self.failed} unreadable",
-                f"  model: {self.model}; column aesthetic in {self.manifest}"]
+                f"  model: {self.model}; column aesthetic in {self.manifest}"] + (
+                [f"  --min-aesthetic: {self.dropped} rows dropped, {self.restored} restored (review decisions by "
+                 f"'{WHO}'; undo or restore them in curate review)"] if self.dropped or self.restored else [])
 
 
 def _decode(path: str):
@@ -111,3 +121,30 @@ def run(manifest: str | os.PathLike, model: str, *, batch_size: int | None = Non
     s.seconds = time.perf_counter() - t0
     save(True)
     return s
+
+
+def drop_below(manifest, threshold: float, s: Summary) -> None:
+    """Review decisions for `--min-aesthetic`: drop the rows under it, restore the ones this
+    command dropped earlier that now pass; rows a person decided on are theirs."""
+    from curate import manifest as mf
+    from curate.common import decisions
+
+    table, _ = mf.read(manifest)
+    d = decisions.current(manifest)
+    last = {}
+    for rec in d.log:
+        last[rec["key"]] = rec
+    lines = []
+    for key, v in zip(table.column("key").to_pylist(), table.column("aesthetic").to_pylist()):
+        rec = last.get(key)
+        if v is None or (rec is not None and rec.get("who") != WHO):
+            continue
+        dropped = d.get(key).get("dropped") is not None
+        if v < threshold and not dropped:
+            lines.append({"key": key, "action": "drop", "reason": f"aesthetic {v:.3g} < {threshold:g}"})
+        elif v >= threshold and dropped:
+            lines.append({"key": key, "action": "restore"})
+    if lines:
+        decisions.append(manifest, lines, who=WHO)
+    s.dropped = sum(x["action"] == "drop" for x in lines)
+    s.restored = len(lines) - s.dropped

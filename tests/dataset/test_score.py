@@ -120,3 +120,27 @@ def test_bad_models_are_one_line_errors(scored, tmp_path):
         r = subprocess.run([sys.executable, "-m", "curate", "score", m, "--model", bad],
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_min_aesthetic_drops_through_review_decisions(scored, tmp_path):
+    """--min-aesthetic: a drop decision per low row (every stage obeys it); a person's
+    restore stands; a lower threshold restores what the command dropped."""
+    from curate.common import decisions
+
+    d, model, head, m2, _ = scored
+    m = tmp_path / "m.parquet"
+    shutil.copy(m2, m)
+    values = sorted(v for v in pq.read_table(m).column("aesthetic").to_pylist() if v is not None)
+    mid = (values[1] + values[2]) / 2  # two rows under it
+    run = lambda t: subprocess.run([sys.executable, "-m", "curate", "score", m, "--model", model,  # noqa: E731
+                                    "--min-aesthetic", str(t)], capture_output=True, text=True)
+    r = run(mid)
+    assert r.returncode == 0 and "2 rows dropped, 0 restored" in r.stdout, r.stdout + r.stderr
+    dropped = decisions.current(m).dropped
+    assert len(dropped) == 2 and all(v.startswith("aesthetic ") for v in dropped.values())
+    person = sorted(dropped)[0]
+    decisions.append(m, [{"key": person, "action": "restore"}], who="alice")  # a person keeps it
+    r = run(values[-1] + 1)  # everything is under this: all but alice's row dropped
+    assert "3 rows dropped" in r.stdout and person not in decisions.current(m).dropped
+    r = run(values[0] - 1)  # nothing is under this: the command's drops come back
+    assert "0 rows dropped, 4 restored" in r.stdout and decisions.current(m).dropped == {}
