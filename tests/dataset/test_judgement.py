@@ -30,6 +30,9 @@ def judged(tmp_path_factory):
     c.save(d / "c_sharp.png")                                          # video frames, one size, lossless
     c.filter(ImageFilter.GaussianBlur(1.5)).save(d / "c_blur.png")
     c.filter(ImageFilter.BoxBlur(3)).save(d / "c_motion.png")
+    big = picture(14, 1024, 576)                                       # drawn big: a genuine "1-up"
+    big.save(d / "d_big.png")
+    big.resize((512, 288), Image.Resampling.LANCZOS).save(d / "d_small.jpg", quality=90)
     m = d.parent / "m.parquet"
     assert curate("ingest", d, "--out", m).returncode == 0
     kept_apart = d.parent / "apart.parquet"
@@ -126,3 +129,14 @@ def test_pairs_across_finds_every_pair_within_the_threshold():
     brute = {(x, y) for x in range(300) for y in range(300) if hamming([a[x]], [b[y]])[0] <= 6}
     assert brute == {(x, y) for x, y in zip(i.tolist(), j.tolist()) if x < 300 and y < 300}
     assert {(x, x) for x in range(100, 3000)} <= set(zip(i.tolist(), j.tolist()))
+
+
+# Public report: danbooru/danbooru#5464 "uploads: don't label 1-ups as duplicates": a
+# genuinely higher-resolution version is the better copy; the upscale check must not
+# take it for an upscale of its own downscale.
+def test_a_genuine_higher_resolution_copy_still_wins(judged):
+    rows = rows_by_name(judged[0])
+    big, small = rows["d_big.png"], rows["d_small.jpg"]
+    assert big["dup_of"] is None and small["dup_of"] == big["key"]
+    assert big["keeper_reason"] == "more content pixels"
+    assert big["effective_px"] == 1024 * 576
