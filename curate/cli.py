@@ -256,7 +256,7 @@ def artists(
 
 def _artists_like(like, src, model, copyright, tag_list, fav_count, min_posts, top, sample, seed, images, cache,
                   max_requests, out) -> None:
-    from curate.metadata.artists_like import rank_like, write_like_file
+    from curate.metadata.artists_like import rank_like, write_like_file, write_like_page
 
     if not model:
         raise CurateError("--like needs --model (an image-embedding model: folder or hub id)")
@@ -274,6 +274,8 @@ def _artists_like(like, src, model, copyright, tag_list, fav_count, min_posts, t
                   f"{copyright or ''} --tags {','.join(tag_list)} --fav-count '{fav_count}' --min-posts {min_posts} "
                   f"--sample {sample} --seed {seed}")
         typer.echo(f"  written: {write_like_file(s.rows, out, header)}")
+        page = write_like_page(s.rows, s.cg_files, Path(out).with_suffix(".html"), f"artists like {Path(like).stem}")
+        typer.echo(f"  samples beside scores: {page}")
 
 
 @app.command()

@@ -40,6 +40,7 @@ class LikeRow:
     score: float
     posts: int
     sample: list[int] = field(default_factory=list)  # post ids embedded
+    files: list = field(default_factory=list)        # their images on disk (None: not kept)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class LikeSummary:
     on_disk: int = 0
     missing: int = 0
     budget_left: int | None = None
+    cg_files: list = field(default_factory=list)
 
 
 def _candidates(source, rule: Subset) -> dict[str, list[tuple[int, str | None, str | None]]]:
@@ -95,15 +97,20 @@ class _Images:
     def __init__(self, images: Path | None, cache: Path, session, budget: int | None, s: LikeSummary):
         self.images, self.cache, self.session, self.budget, self.s = images, cache, session, budget, s
 
-    def path(self, md5: str | None, url: str | None) -> Path | None:
+    def local(self, md5: str | None, url: str | None) -> tuple[Path | None, bool, Path]:
+        """(the file already here or None, whether it is under --images, where a fetch goes)."""
         if md5 and _MD5.match(md5) and self.images is not None:
             for p in (self.images / md5[:2]).glob(f"{md5}.*"):
-                self.s.on_disk += 1
-                return p
+                return p, True, p
         key = md5 if md5 and _MD5.match(md5) else hashlib.sha256((url or "").encode()).hexdigest()[:32]
         dst = self.cache / "images" / f"{key}.img"
-        if dst.is_file():
-            return dst
+        return (dst if dst.is_file() else None), False, dst
+
+    def path(self, md5: str | None, url: str | None) -> Path | None:
+        here, on_disk, dst = self.local(md5, url)
+        if here is not None:
+            self.s.on_disk += on_disk
+            return here
         for u in self._urls(url):
             if self.budget is not None and self.budget <= 0:
                 raise CurateError("artists --like: --max-requests used up; a re-run goes on from the cache")
@@ -212,6 +219,7 @@ def rank_like(like, source, model, copyright: str | None = None, tags: list[str]
     if not cg:
         raise CurateError(f"--like {like}: none of its images could be read")
     s.cg_images = len(cg)
+    s.cg_files = [f for _, f in _cg_items(like)]
     target = _direction(cg.values())
     rule = Subset(name="artists", tags=([copyright] if copyright else []) + list(tags),
                   fav_count=Range.parse(fav_count, "--fav-count"))
@@ -224,11 +232,11 @@ def rank_like(like, source, model, copyright: str | None = None, tags: list[str]
         items = [(k, None if embeddings.has(k) else fetch.path(md5, url))  # a cached embedding needs no image
                  for k, (pid, md5, url) in zip(keys, chosen)]
         vecs = embeddings.get(items)
-        used = [pid for (pid, _, _), (key, _) in zip(chosen, items) if key in vecs]
+        used = [(pid, fetch.local(md5, url)[0]) for (pid, md5, url), (key, _) in zip(chosen, items) if key in vecs]
         if not used:
             continue
         score = float(_direction([vecs[k] for k, _ in items if k in vecs]) @ target)
-        s.rows.append(LikeRow(artist, score, len(posts[artist]), used))
+        s.rows.append(LikeRow(artist, score, len(posts[artist]), [p for p, _ in used], [f for _, f in used]))
     s.rows.sort(key=lambda r: (-r.score, r.artist))
     s.rows = s.rows[:top] if top else s.rows
     s.budget_left = fetch.budget
@@ -243,4 +251,35 @@ def write_like_file(rows: list[LikeRow], path, header: str) -> Path:
     lines += [f"{r.artist:<40} # like={r.score:.4f} posts={r.posts} sample={','.join(map(str, r.sample))}"
               for r in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_like_page(rows: list[LikeRow], cg_files: list, path, title: str) -> Path:
+    """An HTML page beside the artists file: each listed artist's sample beside its score,
+    under the CG set (thumbnails in <page>_files/, curate.common.thumbs)."""
+    import html
+    from types import SimpleNamespace
+
+    from curate.common.thumbs import Thumbs
+
+    path = Path(path)
+    thumbs = Thumbs(path.parent / (path.stem + "_files"))
+    cg = [thumbs.want(Path(f)) for f in cg_files[:24]]
+    per = [[(pid, thumbs.want(Path(f)) if f else None) for pid, f in zip(r.sample, r.files)] for r in rows]
+    thumbs.make(SimpleNamespace(thumbs_reused=0, thumbs_made=0, thumbs_failed=0))
+    e = lambda x: html.escape(str(x), quote=True)  # noqa: E731
+    img = lambda name, alt: (f'<img src="{e(thumbs.folder.name)}/{e(name)}" alt="{e(alt)}" title="{e(alt)}" loading="lazy">'  # noqa: E731
+                             if name and thumbs.info(name) else f'<span class="noimg">{e(alt)}</span>')
+    out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title><style>'
+           "body{font:14px system-ui,sans-serif;margin:20px}img{height:110px;margin:2px}"
+           ".row{display:flex;align-items:center;gap:12px;border-top:1px solid #ddd;padding:6px 0}"
+           ".who{width:260px}.noimg{display:inline-block;width:80px;color:#888}</style></head><body>",
+           f"<h1>{e(title)}</h1><h2>The CG set</h2><div>{''.join(img(n, 'cg') for n in cg)}</div>",
+           "<h2>Artists, most alike first</h2>"]
+    for r, sample in zip(rows, per):
+        out.append(f'<div class="row"><div class="who"><b>{e(r.artist)}</b><br>like {r.score:.3f}<br>'
+                   f'{len(r.sample)} of {r.posts} posts</div><div>'
+                   + "".join(img(n, f"post {pid}") for pid, n in sample) + "</div></div>")
+    out.append("</body></html>")
+    path.write_text("".join(out), encoding="utf-8")
     return path

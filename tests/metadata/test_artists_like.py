@@ -4,6 +4,7 @@ images from a real HTTP server, a seeded sample, images on disk reused, a resuma
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -103,6 +104,11 @@ def test_cli_writes_the_ranked_artists_file(world):
     lines = [x for x in out.read_text().splitlines() if not x.startswith("#")]
     assert [x.split()[0] for x in lines] == ["imitator", "mixed", "other"]
     assert all("like=" in x and "sample=" in x for x in lines)
+    page = out.with_suffix(".html").read_text()  # each artist's sample beside its score
+    assert page.count('class="row"') == 3 and page.index("imitator") < page.index("other")
+    # (the image on disk under --images is not named here: its cached embedding is used, a placeholder shown)
+    assert page.count("<img") + page.count('class="noimg"') == 4 + 3 * 4 and all((out.parent / src).is_file()
+                                                   for src in re.findall(r'src="([^"]+)"', page))
     r = subprocess.run([sys.executable, "-m", "curate", "artists", "--like", cg, "--source",
                         f"dump:{d / 'posts.jsonl'}", "--copyright", "blue_archive"], capture_output=True, text=True)
     assert r.returncode == 2 and "--like needs --model" in r.stderr
