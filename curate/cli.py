@@ -511,6 +511,9 @@ def score(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", callback=_range(1), help="Images per batch \\[default: 64 on cuda, 8 on cpu]."),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto (cuda when present)."),
     min_aesthetic: Optional[float] = typer.Option(None, "--min-aesthetic", help="Leave rows scoring under this out of training: a review decision 'drop' each (by 'curate score'), which every stage obeys and a person can undo."),
+    engine: str = _ENGINE,
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    shard_rows: int = _SHARD_ROWS,
 ) -> None:
     """Score each image's aesthetic quality into the `aesthetic` column (float; higher is better).
 
@@ -518,10 +521,12 @@ def score(
     model scores only rows without a score. Review sorts and thresholds by it; the
     report shows its histogram.
     """
+    from curate import engine as eng
     from curate.dataset.score import drop_below, run
 
     with _bar("score", "image") as bar:
-        s = run(manifest, model, batch_size=batch_size, device=device, progress=bar.update)
+        s = run(manifest, model, batch_size=batch_size, device=device, progress=bar.update,
+                ray=eng.options(engine, ray_address, shard_rows))
     if min_aesthetic is not None:
         drop_below(manifest, min_aesthetic, s)
     for line in s.lines():
