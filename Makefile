@@ -134,8 +134,9 @@ $(EXPORTED): $(REG_CAPTION) $(CG_CAPTION) $(CONFIG)
 
 dataset: $(EXPORTED)
 
+# out of date = the data or the config changed: a new run (`curate train CONFIG --resume` continues one)
 $(TRAINED): $(REG_CAPTION) $(CG_CAPTION) $(CONFIG)
-	$(CURATE) train $(CONFIG) $(TRAIN_ARGS)
+	$(CURATE) train $(CONFIG) --overwrite $(TRAIN_ARGS)
 	@touch $@
 
 train: $(TRAINED)

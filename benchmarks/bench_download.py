@@ -15,7 +15,7 @@ is checked against its configured rate, from the server's arrival times.
 Archives: M members of ~100 kB (unique JPEGs) in danbooru2023-layout tars with hfutils
 indexes; a first run builds the lookup cache, then the timed run (fresh manifest, fresh
 image folder, warm cache) reads, checks (size, the index's sha256, header; the rows
-carry the posts' file_size, so the md5 is computed only where size or extension differ)
+carry the posts' file_size; the md5 is always computed where the post has one: it decides the name)
 and stores every member. Baseline, same members: Python's tarfile extracting
 them (no check) -- the plain-copy speed of the same bytes. Target: >= 3000 members/s.
 

@@ -303,6 +303,8 @@ def ingest(
     name: Optional[str] = typer.Option(None, "--name", help="Subset name for the rows (default: the folder's name)."),
     workers: Optional[int] = typer.Option(None, "--workers", callback=_range(1), help="Processes (default: all cores)."),
     follow_external_links: bool = typer.Option(False, "--follow-external-links", help="Read symlinks whose target lies outside the folder (default: an error row each)."),
+    include_housekeeping: bool = typer.Option(False, "--include-housekeeping", help="Also read NAS/OS housekeeping folders and files (@eaDir, #recycle, $RECYCLE.BIN, __MACOSX, .Trash-*, Thumbs.db, ...; default: skipped and counted)."),
+    caption_ext: Optional[list[str]] = typer.Option(None, "--caption-ext", help="A further sidecar extension to read (repeatable; .txt and .caption always are, first found is user_caption)."),
 ) -> None:
     """Local images (official CG, screenshots) -> manifest rows.
 
@@ -315,16 +317,26 @@ def ingest(
     from curate.dataset.ingest import run
 
     out = out or Path("manifests") / f"{name or folder.resolve().name}.parquet"
-    s = run(folder, out, name, workers, follow_external_links)
+    s = run(folder, out, name, workers, follow_external_links, include_housekeeping, caption_ext or ())
     typer.echo(f"ingest: {s.found} image files in {folder}: {s.added} added, {s.existing} already in the "
                f"manifest, {s.failed} unreadable (error rows), {s.copies} byte-identical copies")
     if s.not_images:
         typer.echo(f"  {s.not_images} non-image files ignored")
+    if s.housekeeping:
+        typer.echo("  skipped housekeeping files (--include-housekeeping reads them): "
+                   + ", ".join(f"{kind} {n}" for kind, n in sorted(s.housekeeping.items())))
+    if s.several_sidecars:
+        typer.echo(f"  {s.several_sidecars} images have several caption files ("
+                   + ", ".join(f"{ext} {n}" for ext, n in sorted(s.sidecars.items()))
+                   + "): all kept in user_sidecars; curate caption's user_caption setting combines or picks")
     if s.user_captions:
         typer.echo(f"  {s.user_captions} images have the user's own caption (.txt/.caption beside them; "
                    "read into user_caption, never changed)")
     if s.missing:
         typer.echo(f"  {s.missing} earlier rows point to files no longer there (rows kept)")
+    if getattr(s, "changed", 0):
+        typer.echo(f"  {s.changed} images were replaced under the same name: read again, and their crop, "
+                   "hashes, duplicate mark, tags and caption cleared for those stages to redo")
     _show_errors(s.errors)
     typer.echo(f"  manifest: {out} ({s.rows} rows)")
 
@@ -406,6 +418,9 @@ def caption(
     config: Optional[Path] = typer.Option(
         None, "--config", help="TOML file with a \\[caption] table (and \\[caption.subsets.NAME]); "
         "default: the caption tables of the query the manifest was built from."),
+    images: Optional[List[Path]] = typer.Option(
+        None, "--images", help="An image folder outside the manifest's folder whose images may get a "
+        ".txt beside them (repeatable; a folder the manifest records counts only inside its own folder)."),
 ) -> None:
     """Choose each row's caption (the user's own, generated, or both merged) and keep a copy as a .txt file.
 
@@ -417,7 +432,7 @@ def caption(
     """
     from curate.dataset.caption import run
 
-    for line in run(manifest, config).lines():
+    for line in run(manifest, config, images or ()).lines():
         typer.echo(line)
 
 
@@ -430,12 +445,13 @@ def export(
     config: Optional[Path] = typer.Option(
         None, "--config", help="Train config (TOML, DESIGN layout) whose values to use."),
     link: str = typer.Option("symlink", "--link", help="How images enter DIR: symlink | hardlink | copy."),
+    portable: bool = typer.Option(False, "--portable", help="A folder that travels: real files (copies unless --link hardlink) and paths relative to DIR (run sd-scripts from inside it)."),
 ) -> None:
     """Write an sd-scripts dataset_config.toml, image folders with .txt captions (normalized copies where
     sd-scripts would read other pixels; reg subsets interleaved), and metadata.json for the fine-tune route."""
     from curate.dataset.export import run
 
-    for line in run(manifests or [], kohya, config, link).lines():
+    for line in run(manifests or [], kohya, config, link, portable).lines():
         typer.echo(line)
 
 
@@ -545,6 +561,7 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print JSON."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir (or from CHECKPOINT)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output_dir that holds a run (its checkpoints, metrics, logs and samples are removed)."),
 ) -> None:
     """Fine-tune SDXL on the config's manifests (kohya-style recipe; see DESIGN.md).
 
@@ -567,15 +584,69 @@ def train(
         summary = plan_run(cfg)
         typer.echo(json.dumps(summary, indent=1) if as_json else "\n".join(render(summary)))
         return
-    r = run_train(cfg, resume=str(checkpoint) if checkpoint else resume, progress=not quiet, log=typer.echo)
+    if overwrite and (resume or checkpoint):
+        raise CurateError("--overwrite starts over; --resume continues: use one")
+    r = run_train(cfg, resume=str(checkpoint) if checkpoint else resume, progress=not quiet, log=typer.echo,
+                  overwrite=overwrite)
     if not r["main_process"]:  # accelerate launch: one summary, from the main process
         return
     typer.echo(f"train: {r['steps']} optimizer steps, last loss {r['loss']:.4f}, {r['steps_per_s']:.2f} steps/s, "
                f"{100 * r['data_wait_share']:.1f}% of step time waiting for data")
+    if r["val_loss"] == r["val_loss"]:  # not NaN: there is a held-out set
+        typer.echo(f"  validation loss {r['val_loss']:.4f}")
     typer.echo(f"  checkpoint: {r['checkpoint']}  (continue with --resume)")
     for kind, path in r["exported"].items():
         typer.echo(f"  model ({kind}): {path}")
     typer.echo(f"  metrics: {r['metrics']}")
+
+
+# --- LoRA: extract, merge (issue 24; training a LoRA is `curate train` with network = ...) ---
+
+_MODEL_CONFIG = typer.Option(None, "--config", help="For a single-file model: a local diffusers SDXL folder with its configs and tokenizers (as pretrained_config).")
+_PRECISION = typer.Option("fp16", "--precision", help="Saved weights: float, fp16 or bf16.")
+
+
+@app.command("extract-lora")
+def extract_lora(
+    base: str = typer.Argument(..., help="The model that was fine-tuned: diffusers folder or single-file SDXL .safetensors."),
+    tuned: str = typer.Argument(..., help="The fine-tune (same forms)."),
+    dim: int = typer.Option(..., "--dim", callback=_range(1), help="Rank of each LoRA layer."),
+    conv_dim: int = typer.Option(0, "--conv-dim", callback=_range(0), help="Rank for the 3x3 convs (0: left out, as sd-scripts' lora)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="LoRA file to write (default: <TUNED>-lora<dim>.safetensors beside TUNED)."),
+    config: Optional[Path] = _MODEL_CONFIG,
+    precision: str = _PRECISION,
+) -> None:
+    """A LoRA (kohya format) from a fine-tune: low-rank SVD of the weight differences (docs/lora.md).
+
+    Prints, per block type, the share of the difference's norm the rank keeps, and warns where little is kept.
+    """
+    from curate.train.extract_lora import run
+
+    path, result = run(base, tuned, dim, conv_dim, out, config, _precision(precision))
+    for line in result.lines(path):
+        typer.echo(line)
+
+
+@app.command("merge-lora")
+def merge_lora(
+    base: str = typer.Argument(..., help="Checkpoint: diffusers folder or single-file SDXL .safetensors."),
+    lora: Path = typer.Argument(..., help="LoRA/LyCORIS file (kohya format)."),
+    out: Path = typer.Option(..., "--out", help="Single-file checkpoint to write (ComfyUI/A1111 layout)."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiplier of the LoRA's weight change."),
+    config: Optional[Path] = _MODEL_CONFIG,
+    precision: str = _PRECISION,
+) -> None:
+    """Bake a LoRA into a checkpoint (for sample checks and for sharing a merged model)."""
+    from curate.train.merge_lora import run
+
+    path, n = run(base, lora, out, scale, config, _precision(precision))
+    typer.echo(f"merge-lora: {n} layers of {lora} x {scale:g} -> {path}")
+
+
+def _precision(value: str) -> str:
+    if value not in ("float", "fp16", "bf16"):
+        raise CurateError(f"--precision must be float, fp16 or bf16, not {value!r}")
+    return value
 
 
 # --- review (issue 10) ------------------------------------------------------------------

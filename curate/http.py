@@ -2,7 +2,8 @@
 
 API (small on purpose):
 
-    session(user_agent=None, retries=3, backoff=0.5, timeout=(10, 60), pool_size=10)
+    session(user_agent=None, retries=3, backoff=0.5, timeout=(10, 60), pool_size=10,
+            max_bytes=MAX_BODY, deadline=DEADLINE)
         -> requests.Session. Before every request it sends -- redirects and urllib3's
         own retries included -- it waits for the host's rate limiter. urllib3 retries
         connection errors, read errors before the response, and 429/500/502/503/504
@@ -24,11 +25,29 @@ API (small on purpose):
 
 Sessions are cheap; use one per thread (requests.Session is not documented as
 thread-safe). Rate limits are per process: two curate processes each get the rate.
+
+Bounds (a server that lies or stalls ends the run with one line naming the host, never a
+traceback, a hang or unbounded memory; docs/safety.md lists them):
+    - A response read whole (no `stream=True`) may hold at most `max_bytes` (MAX_BODY)
+      decompressed bytes, and must arrive, headers and body, within `deadline` seconds
+      (DEADLINE): a watchdog shuts the socket when it passes, so a byte every few seconds
+      cannot hold curate. A streamed response gets the deadline up to its headers; its
+      body is the caller's to bound (images, archive members: their own size and time
+      caps; `read_body` for the rest). Breaking either raises ResponseRefused.
+    - Connection-level failures (refused, unresolvable name, connect timeout, TLS) are
+      tried CONNECT_TRIES times over about ten seconds, then raise HostUnreachable.
+      429 and 5xx keep the patient policy above (they are answers, not silence).
+    - A host that gives no complete response (read timeouts, cut connections) for
+      TROUBLE_WINDOW seconds in a row raises HostUnreachable at its next failure, so
+      callers' own retries end within five minutes too.
+All three are CurateError (the CLI prints the line), not requests exceptions: no
+caller's retry loop retries them.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from urllib.parse import urlsplit
@@ -38,9 +57,23 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from curate import __version__
+from curate.errors import CurateError
 
 DEFAULT_TIMEOUT = (10.0, 60.0)  # connect, read (seconds between bytes)
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+MAX_BODY = 64 << 20      # bytes, decompressed, of a response read whole (an API page is < 1 MB)
+DEADLINE = 90.0          # seconds for one response, first byte sent to last byte read
+CONNECT_TRIES = 3        # connection-level failures: tries, with CONNECT_WAITS between them
+CONNECT_WAITS = (2.0, 6.0)
+TROUBLE_WINDOW = 150.0   # seconds without a complete response from a host before giving up
+
+
+class ResponseRefused(CurateError):
+    """A response over the size cap or past the deadline."""
+
+
+class HostUnreachable(CurateError):
+    """Connection-level failures after the short retry, or a host silent too long."""
 
 _rules: dict[str, float | None] = {"*.donmai.us": 2.0}
 _limiters: dict[str, "RateLimiter"] = {}
@@ -119,22 +152,250 @@ class _LimitedRetry(Retry):
         return new
 
     def sleep(self, response=None) -> None:
-        super().sleep(response)
-        host = getattr(self, "_host", None)
-        if host:
-            limiter(host).wait()
+        watch = getattr(_watching, "watch", None)
+        if watch is not None:
+            watch.waiting = True
+        try:
+            super().sleep(response)
+            host = getattr(self, "_host", None)
+            if host:
+                limiter(host).wait()
+        finally:
+            if watch is not None:  # the deadline is per try: a patient 429 wait is no stall
+                watch.waiting = False
+                watch.rearm()
+
+
+_watching = threading.local()  # the _Watch of this thread's request in flight
+
+
+class _Watch:
+    """Shuts the sockets of one request when its deadline passes (a slow drip of bytes
+    never trips a per-read timeout). Re-armed before each of urllib3's own retries."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.fired, self.conns = seconds, False, []
+        self.entry, self.waiting = None, False
+        _dog.arm(self)
+
+    def fire(self) -> None:
+        if self.waiting:  # in a patient 429/5xx wait, no socket in use: the next try gets its own deadline
+            return
+        self.fired = True
+        for conn in list(self.conns):
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def rearm(self) -> None:
+        if not self.fired:
+            self.conns = []
+            _dog.arm(self)
+
+    def stop(self) -> None:
+        if self.entry is not None:
+            self.entry[2] = None  # the watchdog skips it
+
+
+class _Watchdog:
+    """One thread for every watch of the process: a heap of deadlines."""
+
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.heap: list = []
+        self.pid = None
+        self.n = 0
+
+    def arm(self, watch: _Watch) -> None:
+        import heapq
+
+        with self.cv:
+            if watch.entry is not None:
+                watch.entry[2] = None
+            self.n += 1
+            watch.entry = [time.monotonic() + watch.seconds, self.n, watch]
+            heapq.heappush(self.heap, watch.entry)
+            if self.pid != os.getpid():  # first use, or a forked child (threads do not survive fork)
+                self.pid = os.getpid()
+                threading.Thread(target=self._run, name="curate-http-deadline", daemon=True).start()
+            self.cv.notify()
+
+    def _run(self) -> None:
+        import heapq
+
+        while True:
+            with self.cv:
+                while self.heap and self.heap[0][2] is None:
+                    heapq.heappop(self.heap)
+                if not self.heap:
+                    self.cv.wait()
+                    continue
+                wait = self.heap[0][0] - time.monotonic()
+                if wait > 0:
+                    self.cv.wait(wait)
+                    continue
+                watch = heapq.heappop(self.heap)[2]
+            watch.fire()
+
+
+_dog = _Watchdog()
+
+
+class _WatchedPool:
+    """A connection pool that lets the thread's watch see the connection it hands out."""
+
+    def _get_conn(self, timeout=None):
+        watch = getattr(_watching, "watch", None)
+        if watch is not None and watch.fired:  # (urllib3 retrying after the deadline)
+            raise ResponseRefused(f"{self.host}: no complete response within {watch.seconds:g} s "
+                                  "(a stalled or dripping server)")
+        conn = super()._get_conn(timeout)
+        if watch is not None:
+            watch.conns.append(conn)
+        return conn
+
+
+def _watched_pools():
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    return {"http": type("WatchedHTTPPool", (_WatchedPool, HTTPConnectionPool), {}),
+            "https": type("WatchedHTTPSPool", (_WatchedPool, HTTPSConnectionPool), {})}
+
+
+def _connection_problem(exc) -> str | None:
+    """What failed when `exc` is a connection-level failure (no server answered), else None."""
+    from urllib3 import exceptions as u3
+
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS failed"
+    if not isinstance(exc, requests.exceptions.ConnectionError):
+        return None
+    reason = getattr(exc.args[0], "reason", exc.args[0]) if exc.args else None
+    if isinstance(reason, u3.NameResolutionError):
+        return "name does not resolve"
+    if isinstance(reason, u3.NewConnectionError):
+        refused = isinstance(getattr(reason, "__context__", None), ConnectionRefusedError) or "refused" in str(reason)
+        return "connection refused" if refused else "cannot connect"
+    if isinstance(reason, u3.ConnectTimeoutError) or isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "connect timed out"
+    if isinstance(reason, u3.SSLError):
+        return "TLS failed"
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
 
 
 class _LimitedAdapter(HTTPAdapter):
-    def __init__(self, timeout, **kw):
+    def __init__(self, timeout, max_bytes=MAX_BODY, deadline=DEADLINE, **kw):
         self._default_timeout = timeout
+        self.max_bytes, self.deadline = max_bytes, deadline
+        self._trouble: dict[str, float] = {}  # host -> when its run of failures began
         super().__init__(**kw)
+
+    def init_poolmanager(self, *args, **kw):
+        super().init_poolmanager(*args, **kw)
+        self.poolmanager.pool_classes_by_scheme = _watched_pools()
 
     def send(self, request, **kw):
         if kw.get("timeout") is None:
             kw["timeout"] = self._default_timeout
-        limiter(urlsplit(request.url).hostname or "").wait()
-        return super().send(request, **kw)
+        host = urlsplit(request.url).hostname or ""
+        for attempt in range(CONNECT_TRIES):
+            limiter(host).wait()
+            started = time.monotonic()
+            watch = _watching.watch = _Watch(self.deadline)
+            try:
+                resp = super().send(request, **kw)
+            except requests.exceptions.RequestException as exc:
+                watch.stop()
+                if watch.fired:
+                    raise ResponseRefused(f"{host}: no complete response within {self.deadline:g} s "
+                                          "(a stalled or dripping server)") from None
+                problem = _connection_problem(exc)
+                if problem is None:
+                    self._failed(host, started, type(exc).__name__)
+                    raise
+                if attempt + 1 == CONNECT_TRIES:
+                    raise HostUnreachable(f"cannot reach {host}: {problem} ({CONNECT_TRIES} tries over "
+                                          f"{sum(CONNECT_WAITS):g} s); check the address and the network, "
+                                          "then re-run: finished work is kept") from None
+                time.sleep(CONNECT_WAITS[min(attempt, len(CONNECT_WAITS) - 1)])
+                continue
+            finally:
+                _watching.watch = None
+            break
+        if kw.get("stream"):
+            watch.stop()  # the caller reads the body and bounds it (see read_body)
+        else:
+            self._guard(resp, host, watch)
+        self._trouble.pop(host, None)
+        return resp
+
+    def _failed(self, host: str, started: float, what: str) -> None:
+        since = self._trouble.setdefault(host, started)
+        if time.monotonic() - since >= TROUBLE_WINDOW:
+            self._trouble.pop(host, None)
+            raise HostUnreachable(f"{host}: no complete response for {time.monotonic() - since:.0f} s "
+                                  f"(last: {what}); giving up, re-run later: finished work is kept")
+
+    def _guard(self, resp, host: str, watch: _Watch) -> None:
+        """Bound the body requests is about to read whole: size (decompressed) and deadline."""
+        length = resp.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            watch.stop()
+            resp.close()
+            raise ResponseRefused(f"{host}: response of {_mib(int(length))} is over the {_mib(self.max_bytes)} cap")
+        raw, cap, deadline = resp.raw, self.max_bytes, self.deadline
+        stream = raw.stream
+
+        def bounded(*args, **kwargs):
+            size = 0
+            try:
+                for chunk in stream(*args, **kwargs):
+                    size += len(chunk)
+                    if size > cap:
+                        raw.close()
+                        raise ResponseRefused(f"{host}: response over the {_mib(cap)} cap (decompressed)")
+                    yield chunk
+            except ResponseRefused:
+                raise
+            except Exception:
+                if watch.fired:
+                    raise ResponseRefused(f"{host}: no complete response within {deadline:g} s "
+                                          "(a stalled or dripping server)") from None
+                raise
+            finally:
+                watch.stop()
+            if watch.fired:
+                raise ResponseRefused(f"{host}: no complete response within {deadline:g} s "
+                                      "(a stalled or dripping server)")
+
+        raw.stream = bounded
+
+
+def read_body(resp, max_bytes: int = MAX_BODY, deadline: float = DEADLINE) -> bytes:
+    """The whole body of a streamed response, bounded as a non-streamed one is."""
+    host = urlsplit(resp.url or "").hostname or ""
+    length = resp.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise ResponseRefused(f"{host}: response of {_mib(int(length))} is over the {_mib(max_bytes)} cap")
+    end = time.monotonic() + deadline
+    parts, size = [], 0
+    for chunk in resp.iter_content(1 << 16):
+        size += len(chunk)
+        if size > max_bytes:
+            resp.close()
+            raise ResponseRefused(f"{host}: response over the {_mib(max_bytes)} cap (decompressed)")
+        if time.monotonic() > end:
+            resp.close()
+            raise ResponseRefused(f"{host}: no complete response within {deadline:g} s")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def session(
@@ -143,10 +404,12 @@ def session(
     backoff: float = 0.5,
     timeout: tuple[float, float] | float = DEFAULT_TIMEOUT,
     pool_size: int = 10,
+    max_bytes: int = MAX_BODY,
+    deadline: float = DEADLINE,
 ) -> requests.Session:
     retry = _LimitedRetry(
         total=retries,
-        connect=retries,
+        connect=0,  # connection-level failures: the adapter's short bounded retry
         read=retries,
         status=retries,
         other=0,
@@ -159,7 +422,8 @@ def session(
         raise_on_status=False,
     )
     s = requests.Session()
-    adapter = _LimitedAdapter(timeout, max_retries=retry, pool_connections=pool_size, pool_maxsize=pool_size)
+    adapter = _LimitedAdapter(timeout, max_bytes, deadline, max_retries=retry, pool_connections=pool_size,
+                              pool_maxsize=pool_size)
     s.mount("http://", adapter)
     s.mount("https://", adapter)
     s.headers["User-Agent"] = user_agent or default_user_agent()

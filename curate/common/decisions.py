@@ -42,6 +42,55 @@ PARAMS = {"drop": {"reason"}, "restore": set(), "keeper": set(), "split": set(),
           "crop": {"box"}, "caption": {"text"}, "seen": set()}
 ACTIONS = tuple(PARAMS)
 EDITS = ("keeper", "split", "box", "caption")  # fields that count as "edited by a person"
+MIN_BOX = 16          # a crop box's smallest side in pixels (or the image's whole side when smaller)
+MAX_SIDE = 1 << 16    # no image curate accepts is wider or taller (the decoder's guard is far below)
+
+
+def box_problem(box, width=None, height=None) -> str | None:
+    """Why `box` is no crop box of a width x height image (sizes unknown: only its shape and
+    the absolute bounds), or None. Every reader of a box asks this: --apply, the page, the
+    log replay and the crop stage (against the decoded image)."""
+    if not (isinstance(box, list) and len(box) == 4 and all(type(v) is int for v in box)):
+        return "box must be [left, top, right, bottom] in whole pixels"
+    left, top, right, bottom = box
+    w, h = width or MAX_SIDE, height or MAX_SIDE
+    if not (0 <= left < right <= w and 0 <= top < bottom <= h):
+        return f"box {box} is outside the {width or '?'}x{height or '?'} image"
+    if right - left < min(MIN_BOX, w) or bottom - top < min(MIN_BOX, h):
+        return f"box {box} is smaller than {MIN_BOX} pixels a side"
+    return None
+
+
+_FIELD_TYPES = {"dropped": (str, type(None)), "keeper": (int, type(None)), "split": (bool,),
+                "caption": (str, type(None)), "seen": (bool,)}
+
+
+def _field_problem(name: str, value) -> str | None:
+    if name == "box":
+        return None if value is None else box_problem(value)
+    types = _FIELD_TYPES.get(name)
+    if types is None:
+        return f"unknown field {name!r}"
+    if not isinstance(value, types) or (name == "keeper" and isinstance(value, bool)):
+        return f"{name} has the wrong type ({type(value).__name__})"
+    return None
+
+
+def _record_problem(record) -> str | None:
+    """Why a stored record cannot be replayed (a hand-edited or foreign log), or None."""
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        return "not a decision record"
+    for part in ("set", "prev"):
+        fields = record.get(part)
+        if fields is None:
+            continue
+        if not isinstance(fields, dict):
+            return f"{part} is not a JSON object"
+        for name, value in fields.items():
+            problem = _field_problem(name, value)
+            if problem:
+                return f"{part}: {problem}"
+    return None
 
 
 def sidecar(manifest_path: str | os.PathLike) -> Path:
@@ -55,6 +104,8 @@ class Decisions:
 
     state: dict[str, dict] = field(default_factory=dict)
     log: list[dict] = field(default_factory=list)
+    where: dict[str, str] = field(default_factory=dict)  # key -> "file:line" its box came from
+    torn: str | None = None  # a torn last line (kept aside by the next append), if any
 
     def get(self, key: str) -> dict:
         return {**DEFAULTS, **self.state.get(key, {})}
@@ -71,6 +122,16 @@ class Decisions:
 
     def boxes(self) -> dict[str, list[int]]:
         return {k: list(s["box"]) for k, s in self.state.items() if s.get("box") is not None}
+
+    def check_boxes(self, table) -> None:
+        """Every box a person chose fits its row's image (the manifest's width x height);
+        a bad one is a one-line error naming the log line it came from."""
+        cols = table.select(["key", "width", "height"]).to_pydict()
+        for key, w, h in zip(cols["key"], cols["width"], cols["height"]):
+            box = (self.state.get(key) or {}).get("box")
+            problem = box is not None and box_problem(list(box), w, h)
+            if problem:
+                raise CurateError(f"{self.where.get(key, 'review decisions')}: {problem} of {key}")
 
     def captions(self) -> dict[str, str]:
         return {k: s["caption"] for k, s in self.state.items() if s.get("caption") is not None}
@@ -236,18 +297,22 @@ def current(manifest_path: str | os.PathLike) -> Decisions:
         return d
     except (OSError, UnicodeDecodeError) as exc:
         raise CurateError(f"cannot read review decisions {path}: {exc}") from None
-    lines = text.split("\n")
+    lines = text.split("\n")  # (only \n ends a record: U+2028 and friends are text inside one)
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-                raise ValueError
         except ValueError:
+            record = None
+        problem = _record_problem(record) if record is not None else "damaged decision record"
+        if problem:
             if n == len(lines):  # a write cut short by a crash: the rest of the log stands
+                d.torn = line
                 continue
-            raise CurateError(f"{path}:{n}: damaged decision record") from None
+            raise CurateError(f"{path}:{n}: {problem}")
+        if "box" in (record.get("set") or {}):
+            d.where[record["key"]] = f"{path}:{n}"
         d._replay(record)
     return d
 
@@ -271,14 +336,9 @@ def check(line: dict, rows: dict[str, dict], where: str) -> str | None:
         return f"{where}: text must be text or null"
     if action == "crop":
         box = line.get("box")
-        if box is None:
-            return None
-        if not (isinstance(box, list) and len(box) == 4 and all(type(v) is int for v in box)):
-            return f"{where}: box must be [left, top, right, bottom] in whole pixels"
-        left, top, right, bottom = box
-        w, h = rows[key].get("width"), rows[key].get("height")
-        if not (0 <= left < right and 0 <= top < bottom) or (w and right > w) or (h and bottom > h):
-            return f"{where}: box {box} is outside the {w}x{h} image of {key}"
+        problem = box is not None and box_problem(box, rows[key].get("width"), rows[key].get("height"))
+        if problem:
+            return f"{where}: {problem} of {key}" if "image" in problem else f"{where}: {problem}"
     return None
 
 
@@ -340,18 +400,57 @@ def record(manifest_path: str | os.PathLike, lines: list[dict], who: str | None 
             st = d.get(r["key"])
             r.update(id=uuid.uuid4().hex[:12], who=who, at=now, prev={f: st[f] for f in r["set"]})
             d._replay(r)
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line (a writer killed mid-line):
-            tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))  # cut it, it never held a record
-            os.ftruncate(fd, size - len(tail) + tail.rfind(b"\n") + 1)
-        os.write(fd, data.encode("utf-8"))
-        os.fsync(fd)
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+        _write_whole(fd, path, data)
         return records, d
     except OSError as exc:
         raise CurateError(f"cannot write review decisions {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _write_whole(fd: int, path: Path, data: bytes) -> None:
+    """Append `data` on a line boundary, whole or not at all (under the caller's lock).
+
+    A last line without its newline is either a whole record (a hand edit, an editor that
+    strips the final newline: it gets its newline and stays) or a torn one (a writer killed
+    mid-line, a full disk): that one is copied to `<log>.torn` and reported, then cut. A
+    write that fails part way (ENOSPC, EIO) is cut back to where it started, so a half
+    record never sits in front of the next one, and the caller hears the error."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+        start = size - len(tail) + tail.rfind(b"\n") + 1
+        last = os.pread(fd, size - start, start)
+        try:
+            whole = _record_problem(json.loads(last.decode("utf-8"))) is None
+        except ValueError:
+            whole = False
+        if whole:
+            data = b"\n" + data
+        else:
+            aside = path.with_name(path.name + ".torn")
+            with open(aside, "ab") as f:  # kept, never lost silently
+                f.write(last + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.ftruncate(fd, start)
+            size = start
+            import sys
+
+            print(f"warning: {path}: a torn last line ({len(last)} bytes) was kept aside in {aside}",
+                  file=sys.stderr)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError:
+        try:
+            os.ftruncate(fd, size)  # not at all: the log ends where it did
+        except OSError:
+            pass
+        raise
 
 
 def read_lines(file: str | os.PathLike) -> list[tuple[str, dict]]:
@@ -368,7 +467,10 @@ def read_lines(file: str | os.PathLike) -> list[tuple[str, dict]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise CurateError(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}") from None
     out = []
-    for n, raw in enumerate(text.splitlines(), 1):
+    # lines end at \n (CRLF too) only: str.splitlines() would also cut at U+2028, U+2029,
+    # NEL and other separators a caption may hold inside its JSON string
+    for n, raw in enumerate(text.split("\n"), 1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         try:
@@ -401,6 +503,14 @@ def apply_file(manifests: list, file) -> dict[str, int]:
     return {str(m): len(append(m, lines)) if lines else 0 for m, lines in plan.items()}
 
 
+def _line(x: dict) -> str:
+    """One exchange line; the separators other readers break lines at stay escaped."""
+    text = json.dumps(x, ensure_ascii=False)
+    for c in ("\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"):
+        text = text.replace(c, f"\\u{ord(c):04x}")
+    return text + "\n"
+
+
 def export_file(manifests: list, file) -> int:
     """`--export`: the current decisions of every manifest, one exchange line each
     ("-": to standard output)."""
@@ -408,13 +518,13 @@ def export_file(manifests: list, file) -> int:
     if str(file) == "-":
         import sys
 
-        sys.stdout.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+        sys.stdout.write("".join(_line(x) for x in lines))
         sys.stdout.flush()
         return len(lines)
     file = Path(file)
     tmp = file.with_name(file.name + ".part")
     try:
-        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+        tmp.write_text("".join(_line(x) for x in lines), encoding="utf-8")
         os.replace(tmp, file)
     except OSError as exc:
         try:

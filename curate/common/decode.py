@@ -5,7 +5,14 @@ formats (OPEN_FORMATS: the still images users bring) reach a Pillow plugin, so a
 PostScript file (even named .jpg) never reaches Ghostscript; anything else is
 `unsupported format`. The pixel-count guard runs right after the header is read,
 before EXIF or any pixel is decoded, so a decompression bomb is an error row,
-never a memory blow-up. What a file is comes from its content, never its name. `open_image` always returns
+never a memory blow-up. It bounds pixels and memory both: a decode may take at most
+`decode_budget(max_pixels)` bytes (DECODE_BUDGET, under the 2 GiB per worker that
+pool.default_workers assumes, at the default guard), at the measured peak bytes per
+pixel of its format (DECODE_BYTES_PER_PIXEL: WebP decodes RGBA twice, ~17 B/px), so a
+38-byte WebP declaring 144 megapixels is refused from its header. A JPEG's metadata
+segments (EXIF, XMP, ICC, comments) are counted and measured before Pillow parses them
+(Pillow's EXIF handling is quadratic in their number): over MAX_METADATA_SEGMENTS or
+MAX_METADATA_BYTES is an error row. What a file is comes from its content, never its name. `open_image` always returns
 an RGB image in display orientation (EXIF applied), the first frame of an
 animation, CMYK / palette / LA / 16-bit converted, alpha composited on
 `alpha_background()` (white unless CURATE_ALPHA_BACKGROUND says otherwise).
@@ -28,6 +35,13 @@ import warnings
 from PIL import Image, ImageOps, features
 
 DEFAULT_MAX_PIXELS = 150_000_000  # ~12k x 12k; Danbooru's largest legitimate posts fit
+# Peak bytes per pixel of open_image (Pillow 11, measured on 36 MP files; RGB is stored
+# 4 bytes a pixel, and EXIF transposing or flattening copies it once more)
+DECODE_BYTES_PER_PIXEL = {"webp": 17, "png": 10, "avif": 17}
+DEFAULT_BYTES_PER_PIXEL = 9
+DECODE_BUDGET = (2 << 30) - (256 << 20)  # pool.WORKER_MEMORY less the interpreter's own share
+MAX_METADATA_SEGMENTS = 100   # APPn + COM segments of a JPEG (real files: a handful; ICC/XMP split: dozens)
+MAX_METADATA_BYTES = 16 << 20
 
 # Our own guard replaces Pillow's global one (which warns, then raises on 2x).
 Image.MAX_IMAGE_PIXELS = None
@@ -122,12 +136,63 @@ def verify(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tup
     return (h, w, ext) if orientation in (5, 6, 7, 8) else (w, h, ext)
 
 
+def decode_budget(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Bytes one decode may take: DECODE_BUDGET, or more when the user raised the guard."""
+    return max(DECODE_BUDGET, max_pixels * DEFAULT_BYTES_PER_PIXEL)
+
+
+def check_pixels(w: int, h: int, kind: str | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """The header guard: pixel count, and the memory decoding them would take."""
+    if w * h > max_pixels:
+        raise ImageError(f"too many pixels: {w}x{h}")
+    cost = w * h * DECODE_BYTES_PER_PIXEL.get(kind or "", DEFAULT_BYTES_PER_PIXEL)
+    budget = decode_budget(max_pixels)
+    if cost > budget:
+        raise ImageError(f"too many pixels: {w}x{h} {kind} (~{cost / 2**30:.1f} GiB to decode, "
+                         f"over the {budget / 2**30:.2f} GiB one worker may take)")
+
+
+def check_jpeg_metadata(path: str | os.PathLike) -> None:
+    """Count and measure a JPEG's metadata segments before Pillow parses any (its EXIF
+    handling is quadratic in their number: 1,000 segments cost a minute of CPU)."""
+    count = size = 0
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\xff\xd8":
+                return
+            while True:
+                b = f.read(1)
+                if not b:
+                    return
+                if b != b"\xff":
+                    return  # not a marker where one belongs: Pillow's decoder says what is wrong
+                marker = f.read(1)
+                while marker == b"\xff":  # fill bytes
+                    marker = f.read(1)
+                if not marker or marker == b"\xda" or marker == b"\xd9":  # start of scan / end: done
+                    return
+                if marker == b"\x01" or b"\xd0" <= marker <= b"\xd7":
+                    continue  # no length
+                raw = f.read(2)
+                if len(raw) < 2:
+                    return
+                length = int.from_bytes(raw, "big")
+                if b"\xe0" <= marker <= b"\xef" or marker == b"\xfe":
+                    count += 1
+                    size += length
+                    if count > MAX_METADATA_SEGMENTS or size > MAX_METADATA_BYTES:
+                        raise ImageError(f"decode: too much metadata (over {MAX_METADATA_SEGMENTS} segments "
+                                         f"or {MAX_METADATA_BYTES >> 20} MiB before the image data)")
+                f.seek(max(0, length - 2), os.SEEK_CUR)
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+
+
 def probe(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, str]:
     """(width, height, format) from the header only; checks the pixel guard."""
     size = _webp_size(path)
     if size and min(size) > 0:  # a zero side is a broken header: Pillow's opener says why
-        if size[0] * size[1] > max_pixels:
-            raise ImageError(f"too many pixels: {size[0]}x{size[1]}")
+        check_pixels(size[0], size[1], "webp", max_pixels)
         return size[0], size[1], "webp"
     with _open(path, max_pixels) as im:
         w, h = im.size
@@ -191,15 +256,23 @@ def _open(path: str | os.PathLike, max_pixels: int, formats: list[str] = OPEN_FO
         raise ImageError("decode: not an image")
     if kind not in OPEN_KINDS:
         raise ImageError(f"unsupported format: {kind}")
+    if kind == "webp":  # the size from the first chunk, before Pillow's opener reads the file
+        size = _webp_size(path)
+        if size and min(size) > 0:
+            check_pixels(size[0], size[1], kind, max_pixels)
+    elif kind == "jpg":
+        check_jpeg_metadata(path)
     Image.init()  # register every plugin, or `formats=` trips over unloaded ones
     try:
         im = Image.open(path, formats=formats)
     except Exception as exc:  # PIL raises many types for junk input
         raise ImageError(f"decode: {_reason(exc)}") from None
     w, h = im.size
-    if w * h > max_pixels:
+    try:
+        check_pixels(w, h, kind, max_pixels)
+    except ImageError:
         im.close()
-        raise ImageError(f"too many pixels: {w}x{h}")
+        raise
     return im
 
 
@@ -273,9 +346,9 @@ def stored_form(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
     (sd-scripts: open + convert("RGB")) would get wrong. Whitelisted formats only."""
     with open(path, "rb") as f:
         kind = sniff(f.read(64))
-    if kind not in ("jpg", "png", "gif", "webp", "avif", "bmp") or (kind == "avif" and "AVIF" not in FORMAT_EXT):
+    if kind not in ("jpg", "png", "gif", "webp", "avif", "bmp", "tiff") or (kind == "avif" and "AVIF" not in FORMAT_EXT):
         raise ImageError(f"unsupported: {kind}")
-    with _open(path, max_pixels, _OPEN_FORMATS + ["BMP"]) as im:  # the guard before getexif (PNG: a load)
+    with _open(path, max_pixels, _OPEN_FORMATS + ["BMP", "TIFF"]) as im:  # the guard before getexif (PNG: a load)
         try:
             mode = im.mode
             orientation = im.getexif().get(0x0112, 1)
@@ -329,6 +402,7 @@ def jpeg_tables(path: str | os.PathLike) -> dict | None:
     with open(path, "rb") as f:
         if sniff(f.read(64)) != "jpg":
             return None
+    check_jpeg_metadata(path)
     Image.init()
     try:
         with Image.open(path, formats=["JPEG"]) as im:

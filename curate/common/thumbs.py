@@ -3,6 +3,7 @@ path, size and mtime, made once in parallel workers and indexed in `index.json`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,15 +20,19 @@ def thumb_job(job: tuple[str, str]) -> tuple[str, int, int, str | None]:
     from curate.common.decode import ImageError, open_image
 
     src, dst = job
+    tmp = dst + ".part"
     try:
         im = open_image(src, draft_size=(THUMB, THUMB))
         w, h = _display_size(src, im)
         im.thumbnail((THUMB, THUMB))
-        tmp = dst + ".part"
         im.save(tmp, "JPEG", quality=82)
         os.replace(tmp, dst)
         return dst, w, h, None
     except (ImageError, OSError) as exc:
+        try:
+            os.unlink(tmp)  # a full disk leaves no half thumbnail behind
+        except OSError:
+            pass
         return dst, 0, 0, str(exc)
 
 
@@ -87,14 +92,32 @@ class Thumbs:
             s.thumbs_made += err is None
             s.thumbs_failed += err is not None
         if stopped:
-            self.index_file.write_text(json.dumps(self.index))
+            self._save_index()
             raise stopped
+        full = next((e for _, _, _, e in results if e and f"[Errno {errno.ENOSPC}]" in e), None)
+        if full:  # not a bad image: the disk; the thumbnails made so far stay for the re-run
+            self._save_index()
+            raise CurateError(f"cannot write thumbnails in {self.folder}: No space left on device; "
+                              "free some space and run again")
         keep = set(self.wanted.values())
         for name in set(self.index) - keep:  # thumbnails this report made before and needs no more;
             if Path(name).name == name and name.endswith(".jpg"):  # never other files in the folder
                 (self.folder / name).unlink(missing_ok=True)
         self.index = {k: v for k, v in self.index.items() if k in keep}
-        self.index_file.write_text(json.dumps(self.index))
+        self._save_index()
+
+    def _save_index(self) -> None:
+        """Atomically (a full disk leaves the old index, not an empty one); a one-line error."""
+        tmp = self.index_file.with_name(self.index_file.name + ".part")
+        try:
+            tmp.write_text(json.dumps(self.index))
+            os.replace(tmp, self.index_file)
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise CurateError(f"cannot write {self.index_file}: {exc.strerror or exc}") from None
 
     def info(self, name: str | None) -> dict | None:
         got = self.index.get(name) if name else None

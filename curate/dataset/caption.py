@@ -24,14 +24,23 @@ Recipes (`recipe = ...`) are presets for the keys below; keys set beside them wi
 
 A user's own caption (a `.txt` / `.caption` sidecar that ingest read into
 `user_caption`) is chosen per subset with `user_caption`: "use" (default: the user's
-text as it is, one line; rows without one are generated), "merge" (the user's tags plus
-the tagger's, deduplicated, ordered as above), "ignore" (always generate).
+text as it is; rows without one are generated), "merge" (the user's tags plus the
+tagger's, deduplicated, ordered as above), "ignore" (always generate). A file of several
+lines keeps them as alternatives, one caption line each (export writes them all where
+the subset sets sd-scripts' `enable_wildcard`, else the first). With several sidecars
+(`user_sidecars`), "use" takes the first (ingest's `--caption-ext` order: `.txt`,
+`.caption`, ...) and the summary counts the ones left out; "merge" reads sd-scripts'
+fine-tune pair as it does: `.caption` sentences, then the tags of the other files merged
+with curate's, `<sentence>, <tags>` (one line per sentence line).
 
 Caption files: `<image stem>.txt` beside an image curate wrote (a download, a crop);
 for a user's own image, `<manifest stem>.captions/<key>.txt` in the manifest's folder.
 The stage never replaces a file it did not write: `caption_file` and `caption_sha256`
 record what it wrote, and a file that differs (a user's, or one a person edited) is left
-alone (the caption goes to curate's folder instead and the summary lists it).
+alone (the caption goes to curate's folder instead and the summary lists it). Each write
+is first noted in `<manifest>.caption-journal.jsonl` (key, file, digest), so a run killed
+before it saved the manifest (Ctrl-C, SIGTERM, kill -9) is followed by a re-run that
+knows those files as its own; the journal is removed once the manifest holds them.
 
 Settings: a `[caption]` table, from `--config FILE` or else from the query text the
 manifest's provenance records (`query_text`). Per-subset overrides go in
@@ -78,6 +87,7 @@ filtered.
 from __future__ import annotations
 
 import contextlib
+import json
 import hashlib
 import os
 import re
@@ -105,14 +115,55 @@ def build_caption(row: dict, s: CaptionSettings, *, is_reg: bool = False,
 
 def choose_caption(row: dict, s: CaptionSettings, *, is_reg: bool = False,
                    class_token: str = "", theme: str | None = None) -> tuple[str, str]:
-    """(caption text, how: "user" | "merged" | "generated") as the subset's settings choose."""
-    user = row.get("user_caption")
-    if user and rules.one_line(user) and s.user_caption != "ignore":
-        if s.user_caption == "use":
-            return rules.person_text(user, s.escape_parentheses), "user"
-        return _compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme,
-                        user_tags=user_tags(user, s.keep_separator)), "merged"
-    return _compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme), "generated"
+    """(caption text, how: "user" | "merged" | "generated") as the subset's settings choose.
+
+    A user's caption of several lines keeps them as alternatives, one per line (sd-scripts
+    reads the first, or one at random per step with `enable_wildcard`; export and `curate
+    train` decide). With `merge`, sd-scripts' fine-tune pair (BLIP sentences in `.caption`,
+    tags in another sidecar) becomes `<sentence>, <tags>` per sentence line, its order."""
+    return _choose(row, s, is_reg=is_reg, class_token=class_token, theme=theme)[:2]
+
+
+SENTENCES = ".caption"  # sd-scripts' make_captions.py writes BLIP sentences there, the taggers .txt
+SENTENCE_SEPARATOR = ", "  # sd-scripts: caption + caption_separator (",") + tags; it strips each piece
+
+
+def sidecars_of(row: dict) -> list[dict]:
+    """The row's sidecar captions [{ext, text}] (`user_sidecars`, else `user_caption` alone)."""
+    found = [f for f in (row.get("user_sidecars") or []) if f.get("text") and user_lines(f["text"])]
+    if not found and row.get("user_caption") and user_lines(row["user_caption"]):
+        found = [{"ext": "", "text": row["user_caption"]}]
+    return found
+
+
+def user_lines(text: str) -> list[str]:
+    """A user's caption file as its non-empty lines, each one clean line (split where
+    sd-scripts' text-mode readlines splits: \n, \r\n, \r)."""
+    return [line for line in (rules.one_line(x) for x in re.split(r"\r\n|\r|\n", text)) if line]
+
+
+def _choose(row: dict, s: CaptionSettings, *, is_reg: bool = False, class_token: str = "",
+            theme: str | None = None) -> tuple[str, str, str, list[str]]:
+    """(text, how, the sidecar extension used, the extensions left out)."""
+    found = sidecars_of(row) if s.user_caption != "ignore" else []
+    if not found:
+        return _compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme), "generated", "", []
+    exts = [f["ext"] for f in found]
+    if s.user_caption == "use":  # the first sidecar (ingest's --caption-ext order), its lines kept
+        lines = user_lines(found[0]["text"])
+        return "\n".join(rules.person_text(x, s.escape_parentheses) for x in lines), "user", exts[0], exts[1:]
+    sentences = [f for f in found if f["ext"] == SENTENCES] if len(found) > 1 else []
+    tag_files = [f for f in found if f not in sentences]
+    tag_lines = user_lines(tag_files[0]["text"]) if tag_files else []
+    if sentences:  # every tag file's tags in one list, merged with curate's; then one line per sentence
+        tags = [t for f in tag_files for line in user_lines(f["text"]) for t in user_tags(line, s.keep_separator)]
+        merged = _compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme, user_tags=tags)
+        lines = [rules.person_text(x, s.escape_parentheses) + (SENTENCE_SEPARATOR + merged if merged else "")
+                 for f in sentences for x in user_lines(f["text"])]
+        return "\n".join(lines), "merged", "+".join(exts), []
+    lines = [_compose(row, s, is_reg=is_reg, class_token=class_token, theme=theme,
+                      user_tags=user_tags(line, s.keep_separator)) for line in tag_lines]
+    return "\n".join(dict.fromkeys(lines)), "merged", exts[0], exts[1:]
 
 
 def user_tags(text: str, separator: str = "") -> list[str]:
@@ -249,6 +300,9 @@ class CaptionSummary:
     folder: str = ""
     example: str = ""
     empty: int = 0  # rows with nothing to caption from (no tags, no tagger output, no user text)
+    sidecar_used: Counter = field(default_factory=Counter)  # ext (or ".caption+.txt" merged) -> rows
+    sidecar_left: Counter = field(default_factory=Counter)  # ext -> rows whose file `use` left out
+    lines_kept: int = 0  # captions of several lines (a user's alternatives)
 
     def lines(self) -> list[str]:
         out = [f"captioned {self.written} rows of {self.manifest} (settings: {self.origin})"]
@@ -258,6 +312,18 @@ class CaptionSummary:
             out.append("  text: " + ", ".join(f"{n} {how}" for how, n in sorted(self.chosen.items())))
         for why, n in sorted(self.skipped.items()):
             out.append(f"  skipped {n}: {why}")
+        for used, n in sorted(self.sidecar_used.items()):
+            if "+" in used:
+                out.append(f"  merged {n} rows' sentences and tags ({used}) as sd-scripts' fine-tune does: "
+                           "<sentence>, <tags>")
+            else:
+                out.append(f"  used {used} for {n} rows with several caption files")
+        if self.sidecar_left:
+            out.append("  left out (user_caption = \"use\" takes one file; \"merge\" combines them): "
+                       + ", ".join(f"{ext} {n}" for ext, n in sorted(self.sidecar_left.items())))
+        if self.lines_kept:
+            out.append(f"  {self.lines_kept} captions keep the user's lines as alternatives (export writes them "
+                       "where a subset sets enable_wildcard, else the first line, as sd-scripts reads it)")
         for txt in self.shared_txt[:5]:
             out.append(f"  warning: two images share the caption file {txt} (the first has it; the other's went to curate's folder)")
         if self.empty:
@@ -276,10 +342,12 @@ class CaptionSummary:
 COLUMNS = ("key", "post_id", "subset", "path", "source_path", "error", "dup_of", "rating", "fav_count",
            "created_at", "tags_general", "tags_character", "tags_copyright", "tags_artist", "tags_meta",
            "tagger", "user_caption", "caption", "caption_file", "caption_sha256")
+EXTRA_COLUMNS = ("user_sidecars",)  # extension columns read when a manifest has them
 
 
 def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig,
-                  summary: CaptionSummary, folder: Path | None = None, edited: dict | None = None) -> pa.Table:
+                  summary: CaptionSummary, folder: Path | None = None, edited: dict | None = None,
+                  trusted: tuple = (), journal: "Journal | None" = None) -> pa.Table:
     """Fill `caption` (and `error` for undecodable images when colours are on), write
     the caption files, and record where they went (`caption_file`, `caption_sha256`).
 
@@ -295,12 +363,12 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
     edited = edited or {}
     is_reg = meta.get("kind") == "reg"
     class_token = str(meta.get("class_token") or "")
-    rows = table.select(list(COLUMNS)).to_pylist()
+    rows = table.select(list(COLUMNS) + [c for c in EXTRA_COLUMNS if c in table.column_names]).to_pylist()
     captions: list[str | None] = []
     errors = table.column("error").to_pylist()
     files = [(r["caption_file"], r["caption_sha256"]) for r in rows]
     txt_owner: dict[Path, str] = {}
-    owned = curate_folders(meta, root)
+    owned = curate_folders(meta, root) + [Path(t).resolve() for t in trusted]  # the user's own word
     for i, row in enumerate(tqdm(rows, desc="caption", unit="img", disable=None, leave=False)):
         captions.append(None)
         if row["error"]:
@@ -325,11 +393,17 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
         if edited.get(row["key"]) and rules.one_line(edited[row["key"]]):
             text, how = rules.person_text(edited[row["key"]], s.escape_parentheses), "edited by a person"
         else:
-            text, how = choose_caption(row, s, is_reg=is_reg, class_token=class_token, theme=theme)
+            text, how, used, left = _choose(row, s, is_reg=is_reg, class_token=class_token, theme=theme)
+            if left:  # several sidecars and `use` took one: say which, and what was left out
+                summary.sidecar_used[used] += 1
+                summary.sidecar_left.update(left)
+            elif "+" in used:
+                summary.sidecar_used[used] += 1
+        summary.lines_kept += "\n" in (text or "")
         captions[i] = text
         summary.chosen[how] += 1
         summary.empty += not text
-        files[i] = _write_caption_file(row, image, text, root, folder, txt_owner, summary, owned)
+        files[i] = _write_caption_file(row, image, text, root, folder, txt_owner, summary, owned, journal)
         summary.written += 1
         summary.per_subset[row["subset"] or "(no subset)"] += 1
         summary.example = summary.example or text
@@ -341,20 +415,25 @@ def caption_table(table: pa.Table, meta: dict, root: Path, config: CaptionConfig
 
 def curate_folders(meta: dict, root: Path) -> list[Path]:
     """Folders curate writes images into: the manifest's, and the download/crop folders its
-    provenance records (relative ones as given from the working folder or the manifest's)."""
-    out = [root.resolve()]
+    provenance records (relative ones as given from the working folder or the manifest's).
+    A recorded folder counts only inside the manifest's folder: a manifest from someone
+    else may name `/` or `../..`, and nothing read from a file decides where curate writes
+    (captions of images elsewhere go to the manifest's `<stem>.captions/` folder)."""
+    home = root.resolve()
+    out = [home]
     stages = meta.get("stages") if isinstance(meta.get("stages"), dict) else {}
     for stage, key in (("download", "images"), ("crop", "out_dir")):
         value = (stages.get(stage) or {}).get(key)
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and "\0" not in value:
             p = Path(value)
-            out += [p.resolve()] if p.is_absolute() else [p.resolve(), (root / p).resolve()]
+            found = [p.resolve()] if p.is_absolute() else [p.resolve(), (root / p).resolve()]
+            out += [f for f in found if f.is_relative_to(home)]
     return out
 
 
 def _write_caption_file(row: dict, image: Path, text: str, root: Path, folder: Path,
                         txt_owner: dict, summary: CaptionSummary,
-                        owned: list[Path] | None = None) -> tuple[str | None, str | None]:
+                        owned: list[Path] | None = None, journal=None) -> tuple[str | None, str | None]:
     """Write the caption where it clobbers nothing; (file relative to root, digest) of
     what was written, or the row's old record when nothing was. Beside the image only when
     it lies in a folder curate writes images into (a hand-edited `path` reaching elsewhere
@@ -369,17 +448,21 @@ def _write_caption_file(row: dict, image: Path, text: str, root: Path, folder: P
             summary.shared_txt.append(str(target))
             continue
         rel = os.path.relpath(target, root)
-        if not _written_by_us(target, rel, row):
+        if not _written_by_us(target, rel, row, journal):
             summary.left_alone.append(rel)
             continue
         data = text.encode("utf-8")
+        digest = hashlib.sha256(data).hexdigest()
+        if journal is not None:
+            journal.note(row["key"], rel, digest)  # before the file: a kill after it loses nothing
         _write_bytes(target, data)
-        return rel, hashlib.sha256(data).hexdigest()
+        return rel, digest
     return row["caption_file"], row["caption_sha256"]
 
 
-def _written_by_us(target: Path, rel: str, row: dict) -> bool:
-    """True when the target is free, or holds exactly what this row's record says curate wrote."""
+def _written_by_us(target: Path, rel: str, row: dict, journal=None) -> bool:
+    """True when the target is free, or holds exactly what this row's record (or the journal
+    of a run that did not get to save the manifest) says curate wrote."""
     if not target.is_symlink() and not target.exists():
         return True
     if target.is_symlink() or not target.is_file():
@@ -388,9 +471,50 @@ def _written_by_us(target: Path, rel: str, row: dict) -> bool:
         digest = hashlib.sha256(target.read_bytes()).hexdigest()
     except OSError:
         return False
+    if journal is not None and digest in journal.written.get((row["key"], rel), ()):
+        return True
     if row["caption_file"] is None and row["caption"] is not None:  # captioned before records were kept
         return digest == hashlib.sha256(row["caption"].encode("utf-8")).hexdigest()
     return row["caption_file"] == rel and digest == row["caption_sha256"]
+
+
+class Journal:
+    """`<manifest>.caption-journal.jsonl`: what caption wrote, noted before each write."""
+
+    def __init__(self, manifest_path: Path):
+        self.path = manifest_path.with_name(manifest_path.name + ".caption-journal.jsonl")
+        self.written: dict[tuple[str, str], set[str]] = {}
+        try:
+            lines = self.path.read_text(encoding="utf-8").split("\n")
+        except FileNotFoundError:
+            lines = []
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CurateError(f"cannot read {self.path}: {exc}") from None
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                key, rel, digest = entry["key"], entry["file"], entry["sha256"]
+            except (ValueError, TypeError, KeyError):
+                continue  # a torn last line: its file was never written
+            if all(isinstance(v, str) for v in (key, rel, digest)):
+                self.written.setdefault((key, rel), set()).add(digest)
+        self._f = None
+
+    def note(self, key: str, rel: str, digest: str) -> None:
+        try:
+            if self._f is None:
+                self._f = open(self.path, "a", encoding="utf-8")
+            self._f.write(json.dumps({"key": key, "file": rel, "sha256": digest}) + "\n")
+            self._f.flush()
+        except OSError as exc:
+            raise CurateError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self.written.setdefault((key, rel), set()).add(digest)
+
+    def done(self) -> None:
+        """The manifest holds every record now."""
+        if self._f is not None:
+            self._f.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _file_name(key: str) -> str:
@@ -409,7 +533,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
         raise CurateError(f"cannot write caption file {path}: {exc.strerror}") from None
 
 
-def run(manifest_path: str | Path, config_path: str | Path | None = None) -> CaptionSummary:
+def run(manifest_path: str | Path, config_path: str | Path | None = None, images: tuple = ()) -> CaptionSummary:
     """`curate caption`: read the manifest, caption every row, write it back."""
     manifest_path = Path(manifest_path)
     table, meta = manifest.read(manifest_path)
@@ -422,8 +546,9 @@ def run(manifest_path: str | Path, config_path: str | Path | None = None) -> Cap
     summary = CaptionSummary(manifest_path, config.origin)
     folder = manifest_path.parent / f"{manifest_path.stem}.captions"
     review = decisions.current(manifest_path)  # a person's keepers and caption edits win
+    journal = Journal(manifest_path)
     table = caption_table(review.applied(table), meta, manifest_path.parent, config, summary, folder,
-                          review.captions())
+                          review.captions(), trusted=tuple(images), journal=journal)
     # export reads the separators back to set kohya's keep_tokens_separator per subset, and
     # the escapes to set sd-scripts' weighted_captions (never one without the other)
     separators = {name: config.for_subset(name).keep_separator for name in subsets}
@@ -432,4 +557,5 @@ def run(manifest_path: str | Path, config_path: str | Path | None = None) -> Cap
                           keep_separators=separators, escaped=escaped,
                           left_alone=len(summary.left_alone))
     manifest.write(table, manifest_path, meta)
+    journal.done()
     return summary

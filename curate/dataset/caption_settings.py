@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from curate.common import toml_bounds
 from curate.common import caption_rules as rules
 from curate.errors import CurateError
 
@@ -163,23 +164,26 @@ def load_config(config_path: str | Path | None, meta: dict) -> CaptionConfig:
     if config_path is not None:
         path = Path(config_path)
         try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            toml_bounds.check(text, str(path))  # tomllib has no depth or size limit
+            doc = tomllib.loads(text)
         except OSError as exc:
             raise CurateError(f"cannot read caption config {path}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise CurateError(f"caption config {path} is not UTF-8 text") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise CurateError(f"{path}: not valid TOML ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError, and int() past 4300 digits
+            raise CurateError(f"{path}: not valid TOML ({str(exc)[:200]})") from None
         if "caption" not in doc:
             raise CurateError(f"{path}: no [caption] table")
         return _from_doc(doc, str(path))
     text = meta.get("query_text")
     if not text:
         return CaptionConfig(CaptionSettings(), {}, "defaults")
+    toml_bounds.check(text, "manifest provenance: query_text")
     try:
         doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise CurateError(f"manifest provenance: query_text is not valid TOML ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise CurateError(f"manifest provenance: query_text is not valid TOML ({str(exc)[:200]})") from None
     return _from_doc(doc, "query_text", default_name=meta.get("query_name", ""))
 
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 from curate.dataset import borders
 from curate.errors import CurateError
 from curate.common.decode import ImageError, open_image
+from curate.common.decisions import box_problem
 from curate.pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
 JPEG_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".jpe"}
@@ -57,6 +58,9 @@ def crop_file(job: tuple) -> dict:
     except ImageError as exc:
         return {"error": f"crop: {exc}"}
     full = (0, 0, im.width, im.height)
+    problem = chosen and box_problem(list(chosen), im.width, im.height)  # the file's pixels, not the row's word
+    if problem:
+        return {"error": f"crop: the box a person chose: {problem}"}
     box = tuple(chosen) if chosen else borders.detect(im) if trim else full  # a person's box wins
     if box != full:
         im = im.crop(box)
@@ -176,6 +180,7 @@ def run(manifest: Path, max_pixels: str | int | None = None, trim: bool = True,
     settings = {"max_pixels": pixels, "trim_borders": trim, "out_dir": str(out_dir)}
     last = meta.get("stages", {}).get("crop", {})
     redo = bool(last) and {k: last.get(k) for k in settings} != settings
+    review.check_boxes(table)  # a hand-edited or foreign log: one line naming its line
     chosen = review.boxes()
     try:
         table, s = crop(table, manifest.parent, out_dir.resolve(), pixels, trim, redo, workers,

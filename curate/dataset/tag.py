@@ -203,8 +203,11 @@ class Runner:
 
     def _onnx(self, x) -> np.ndarray:
         arr = x.numpy()[..., ::-1].astype(np.float32)  # the WD ONNX input: NHWC, BGR, 0..255
+        n, fixed = arr.shape[0], self.t.batch
+        if fixed and n < fixed:  # a fixed batch dimension: the last batch is padded, the padding dropped
+            arr = np.concatenate([arr, np.zeros((fixed - n, *arr.shape[1:]), arr.dtype)])
         session = self.t.model
-        return session.run(None, {session.get_inputs()[0].name: arr})[0].astype(np.float32)
+        return session.run(None, {session.get_inputs()[0].name: arr})[0][:n].astype(np.float32)
 
 
 # --- the stage ----------------------------------------------------------------------------
@@ -229,6 +232,7 @@ class Summary:
     model: str = ""
     settings: dict = field(default_factory=dict)
     interrupted: bool = False
+    notes: list = field(default_factory=list)
 
     def lines(self) -> list[str]:
         rate = self.tagged / self.seconds if self.seconds > 0 else 0.0
@@ -247,6 +251,7 @@ class Summary:
         how = ("MCut" if s.get("mcut") else
                f"general > {s.get('general_threshold')}, character > {s.get('character_threshold')}")
         out.append(f"  model: {self.model} ({how})")
+        out += [f"  note: {n}" for n in dict.fromkeys(self.notes)]
         out.append(f"  manifest: {self.manifest} (column tagger)")
         return out
 
@@ -312,6 +317,10 @@ def score(jobs, tagger: tm.Tagger, device: str, batch_size: int | None, workers:
           checkpoint=None, save_every_s: float = SAVE_EVERY_S) -> None:
     """The per-shard work of both engines: tag `jobs` (row, image path) into `tags` / `err`."""
     bs = batch_size or (128 if device.startswith("cuda") else 4)  # CPU: bigger batches only thrash the caches
+    if tagger.batch and tagger.batch != bs:  # an ONNX export with a fixed batch dimension
+        s.notes.append(f"the model takes batches of exactly {tagger.batch}: batch size {tagger.batch}"
+                       + (f" (not --batch-size {batch_size})" if batch_size else ""))
+        bs = tagger.batch
     nw = default_workers(device) if workers is None else max(0, workers)
     loader = Images(jobs, tagger.size, tagger.interpolation, tagger.crop_pct, draft).loader(bs, nw, device)
     tag_batches(loader, Runner(tagger, device, bs, compile), tagger.labels, th, tags, err, keys, s,

@@ -211,6 +211,7 @@ class Tagger:
     std: tuple = (0.5, 0.5, 0.5)
     model_id: str = ""
     revision: str | None = None
+    batch: int | None = None  # an ONNX export's fixed batch dimension (None: any batch size)
 
 
 def load(spec: str | ModelFiles, device: str = "cpu") -> Tagger:
@@ -276,15 +277,25 @@ def _load_onnx(files: ModelFiles, labels: Labels, device: str) -> Tagger:
         session = ort.InferenceSession(str(files.folder / "model.onnx"), providers=providers)
     except Exception as exc:
         raise CurateError(f"{files.model_id}: model.onnx is unreadable ({str(exc).splitlines()[0][:160]})") from None
-    shape = session.get_inputs()[0].shape  # the WD ONNX models take [N, H, W, 3] BGR 0..255
+    inp = session.get_inputs()[0]
+    shape = inp.shape  # the WD ONNX models take [N, H, W, 3] BGR 0..255
     if len(shape) != 4 or shape[3] != 3 or not isinstance(shape[1], int) or shape[1] != shape[2]:
         raise CurateError(f"{files.model_id}: model.onnx input {shape} is not the WD layout [N, S, S, 3]")
+    if inp.type != "tensor(float)":
+        raise CurateError(f"{files.model_id}: model.onnx input is {inp.type}; the WD layout takes float32 pixels")
+    # many exports (the v2 family, re-exports) fix the batch dimension, mostly at 1: it then
+    # sets the batch size; a symbolic or unknown one (str / None / -1) takes any
+    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
     n_out = session.get_outputs()[0].shape[-1]
     if not isinstance(n_out, int):  # a symbolic width: ask the model once
-        probe = np.full((1, shape[1], shape[2], 3), 255, dtype=np.float32)
-        n_out = session.run(None, {session.get_inputs()[0].name: probe})[0].shape[-1]
+        probe = np.full((batch or 1, shape[1], shape[2], 3), 255, dtype=np.float32)
+        try:
+            n_out = session.run(None, {inp.name: probe})[0].shape[-1]
+        except Exception as exc:
+            raise CurateError(f"{files.model_id}: model.onnx does not run on a {list(probe.shape)} input "
+                              f"({str(exc).splitlines()[0][:160]})") from None
     labels = fit_labels(labels, n_out, str(files.model_id))
-    return Tagger("onnx", session, labels, int(shape[1]))
+    return Tagger("onnx", session, labels, int(shape[1]), batch=batch)
 
 
 # --- preprocessing ------------------------------------------------------------------------

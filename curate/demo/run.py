@@ -192,6 +192,46 @@ is_reg = true
     return path
 
 
+def write_lora_config(path: Path, demo: Path) -> Path:
+    """The same data as a LoRA beside the fine-tune (network = "lora", docs/lora.md): the
+    frozen tiny model, a dim-8 network on the UNet and both text encoders."""
+    text = f"""# The demo's LoRA run: the demo's data, a LoRA instead of a full fine-tune (written by python -m curate.demo.run).
+pretrained = "tiny-random"
+output_dir = "{demo}/runs/demo_lora"
+output_name = "demo_lora"
+network = "lora"
+network_dim = 8
+network_alpha = 4
+network_lr = 1e-3
+text_encoder_lr = 5e-4
+resolution = 128
+min_bucket_reso = 64
+max_bucket_reso = 192
+bucket_reso_steps = 32
+train_batch_size = 2
+lr_scheduler = "constant"
+optimizer_type = "AdamW"
+min_snr_gamma = 5
+max_train_steps = 6
+save_every_n_steps = 3
+max_data_loader_n_workers = 0
+latent_cache_dir = "{demo}/runs/demo/latent_cache"
+seed = 42
+
+[[datasets]]
+manifest = "{demo}/manifests/official_cg.parquet"
+shuffle_caption = true
+caption_tag_dropout_rate = 0.1
+
+[[datasets]]
+manifest = "{demo}/manifests/demo_reg.parquet"
+is_reg = true
+"""
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
 def prepare(demo: Path, n_posts: int) -> None:
     demo.mkdir(parents=True, exist_ok=True)
     (demo / ".started").write_text(str(time.time()))
@@ -210,6 +250,7 @@ def prepare(demo: Path, n_posts: int) -> None:
         make_tagger(tagger)
         print(f"tagger: tiny WD-v3-layout ViT -> {tagger}")
     write_train_config(demo / "train.toml", demo)
+    write_lora_config(demo / "train_lora.toml", demo)
 
 
 # --- the "official CG" folder ---------------------------------------------------------
@@ -333,12 +374,13 @@ def summary(demo: Path) -> list[str]:
                          f"{info['duplicates']} duplicates, failures: {fails}")
     for label, path in (("images", demo / "manifests" / "images"), ("crops", demo / "manifests" / "official_cg_crops"),
                         ("tagger", demo / "tagger"), ("kohya", demo / "kohya" / "dataset_config.toml"),
-                        ("train", demo / "runs" / "demo"), ("report", demo / "report.html")):
+                        ("train", demo / "runs" / "demo"), ("lora", demo / "runs" / "demo_lora"),
+                        ("report", demo / "report.html")):
         if path.exists():
             extra = ""
             if path.is_dir() and label in ("images", "crops"):
                 extra = f" ({sum(1 for f in path.rglob('*') if f.is_file() and f.suffix != '.txt')} files)"
-            if label == "train":
+            if label in ("train", "lora"):
                 models = sorted(str(p.relative_to(path)) for p in path.glob("*.safetensors"))
                 metrics = path / "metrics.jsonl"
                 logged = metrics.read_text().splitlines() if metrics.exists() else []

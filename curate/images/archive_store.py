@@ -47,8 +47,8 @@ class ArchiveStore(ImageStore):
         m = job.member
         for stem, derivative in ((job.stem, None), (f"{job.stem}.archive", "archive")):
             for name, f in self._stored(stem):
-                digest = None  # what the name vouches for: the index's sha256, else the post's md5
-                if name == stem and derivative is None and not m.sha256:
+                digest = None  # what the name vouches for: the post's md5 for its own name, else the index's sha256
+                if name == stem and derivative is None and (job.md5 or not m.sha256):
                     digest = hashlib.md5, job.md5
                 elif name == stem and m.sha256:
                     digest = hashlib.sha256, m.sha256
@@ -73,15 +73,13 @@ class ArchiveStore(ImageStore):
             raise ItemFailed("too large")
         part = self._new_part()
         try:
-            # One hash per member where it can be: a member of the post's own extension and size,
-            # vouched for by the index's sha256, is the post's file; when unsure, the md5 decides.
-            sha_only = m.sha256 is not None and job.md5 is not None and m.size == job.file_size \
-                and m.ext == (job.file_ext or "").replace("jpeg", "jpg")
+            # The post's md5, when known, decides what is stored under its name: an index entry
+            # alone (size + sha256) could vouch for any image of that size and extension.
             for attempt in range(1 + self.opts.retries):
                 try:
                     session = self._session() if self.tars.remote else None
                     got_md5, got_sha, size, head = self._stream(self.tars.chunks(m, session), part,
-                                                                m.sha256 is not None, md5=not sha_only)
+                                                                m.sha256 is not None)
                     break
                 except requests.exceptions.RequestException as exc:
                     if attempt == self.opts.retries or self.stop.is_set():
@@ -91,9 +89,7 @@ class ArchiveStore(ImageStore):
                 raise ItemFailed("truncated body")
             if m.sha256 is not None and got_sha != m.sha256:
                 raise ItemFailed(f"checksum: {m.name} in {m.label} does not match its index's sha256")
-            if sha_only:
-                stem, derivative, digest_ok = job.md5, None, True
-            elif job.md5 is None:  # nothing to compare with: named by content
+            if job.md5 is None:  # nothing to compare with: named by content
                 stem, derivative, digest_ok = got_md5, None, m.sha256 is not None
             elif got_md5 == job.md5:
                 stem, derivative, digest_ok = job.md5, None, True

@@ -249,6 +249,8 @@ class Archives:
         """(signature, files or None when the cached copy is current), or None for a 404 on a guessed name."""
         import requests
 
+        from curate import http
+
         try:
             r = self._session().get(a.index, stream=True)
         except requests.exceptions.RequestException as exc:
@@ -263,7 +265,7 @@ class Archives:
             if cached == signature and (h.get("ETag") or h.get("Last-Modified") or h.get("Content-Length")):
                 return signature, None
             try:
-                raw = r.content
+                raw = http.read_body(r)  # capped and timed: an index is small, a lying server's is not
             except requests.exceptions.RequestException as exc:
                 raise CurateError(f"cannot read tar index {a.index}: {type(exc).__name__}") from None
         return signature, _parse_index(a.index, raw, None)
@@ -410,6 +412,9 @@ def _sha_bytes(value) -> bytes | None:
         return None
 
 
+_BEYOND = 2**61  # bytes: past every archive, and offset + size still fits an off_t
+
+
 def _members(files: dict) -> dict[int, tuple]:
     """post id -> (name, offset, size, sha256); names are `<id>.<ext>`, maybe `./` or in a folder."""
     out: dict[int, tuple] = {}
@@ -427,6 +432,10 @@ def _members(files: dict) -> dict[int, tuple]:
             continue
         if offset < 0 or size < 0:
             continue
+        # SQLite (and pread) hold 64-bit signed integers: a value past what any archive reaches
+        # (a lying index) is clamped, so the row fails cleanly when read ("too large" /
+        # "truncated archive"), never a traceback
+        offset, size = min(offset, _BEYOND), min(size, _BEYOND)
         sha = _sha_bytes(info.get("sha256"))
         out[pid] = (str(name), offset, size, sha)  # sha256 as 32 bytes: the cache stays small
     return out

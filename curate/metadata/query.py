@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 
+from curate.common import toml_bounds
 from curate.errors import CurateError
 
 if sys.version_info >= (3, 11):
@@ -141,10 +142,11 @@ def load(path: str | Path, outside_files: bool = False) -> Query:
 
 
 def parse(text: str, base_dir: Path = Path("."), label: str = "query", outside_files: bool = False) -> Query:
+    toml_bounds.check(text, label)  # before parsing: tomllib has no depth or size limit
     try:
         doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise CurateError(f"{label}: invalid TOML: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, and int() past 4300 digits
+        raise CurateError(f"{label}: invalid TOML: {str(exc)[:200]}") from None
     _check_keys(doc, TOP_KEYS, label)
     name = _typed(doc.get("name", Path(label).stem), str, f"{label}: name")
     seed = _typed(doc.get("seed", 0), int, f"{label}: seed")

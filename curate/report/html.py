@@ -156,6 +156,10 @@ def build(paths: list[str | Path], out: str | Path, title: str | None = None, co
         tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, out)
     except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)  # (a full disk: no half page left behind)
+        except OSError:
+            pass
         raise CurateError(f"cannot write {out}: {exc.strerror or exc}") from None
     return s
 

@@ -1,7 +1,11 @@
 """The `curate review` web app: Starlette on uvicorn, one page (static/), a JSON API.
 
-Safety: every request needs the random token (query `token`, the cookie the page sets,
-or header `X-Curate-Token`; writes need the header), Host must be the address we
+Safety: every request needs the random token (query `token` or header `X-Curate-Token`;
+writes need the header). No cookie carries it: a browser sends a cookie for 127.0.0.1 to
+every port of that host, so another local service would receive it, and two review
+servers would overwrite each other's. The page keeps the token from its URL and sends it
+itself (the header for the API, the query for images). The page's own code
+(/static/app.js, app.css) is served without it. Host must be the address we
 listen on (no DNS rebinding), a foreign Origin or a cross-site fetch is refused, and
 files are served only by (manifest, key): the path comes from the manifest row,
 never from the request. The page builds its DOM from text nodes only.
@@ -29,7 +33,8 @@ from curate.common import decisions
 from curate.review import judgement
 
 STATIC = Path(__file__).with_name("static")
-COOKIE = "curate_review"
+COOKIE = "curate_review"  # set by older versions; now only ever deleted
+PUBLIC = {"/static/app.js", "/static/app.css"}  # the page's code: no secret in it
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -210,7 +215,7 @@ class Review:
     def app(self) -> Starlette:
         def page(request):
             resp = FileResponse(STATIC / "index.html", media_type="text/html")
-            resp.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", path="/")
+            resp.delete_cookie(COOKIE, path="/")  # an older curate's host-wide cookie: gone
             return resp
 
         def static(request):
@@ -230,11 +235,13 @@ class Review:
                 body = await request.json()
                 if not isinstance(body, dict):
                     raise ValueError
-            except ValueError:
+            except (ValueError, UnicodeDecodeError):
                 return JSONResponse({"error": "body must be a JSON object"}, 400)
+            lines, undo = body.get("lines", []), body.get("undo", [])
+            if not isinstance(lines, list) or not isinstance(undo, list) or type(body.get("m")) is not int:
+                return JSONResponse({"error": "body wants m (a number), lines and undo (lists)"}, 400)
             try:
-                return JSONResponse(self.decide(body.get("m"), list(body.get("lines") or []),
-                                                list(body.get("undo") or [])))
+                return JSONResponse(self.decide(body["m"], lines, undo))
             except CurateError as exc:
                 return JSONResponse({"error": str(exc)}, 400)
 
@@ -305,10 +312,12 @@ class Guard:
             return 403, "cross-site request"  # same-site too: another port of this host is another app
         given = request.headers.get("x-curate-token")
         if request.method != "GET":
-            if given is None or not hmac.compare_digest(given, r.token):
+            if given is None or not hmac.compare_digest(given.encode(), r.token.encode()):
                 return 403, "writes need the X-Curate-Token header"
             return None
-        given = given or request.query_params.get("token") or request.cookies.get(COOKIE) or ""
+        if request.url.path in PUBLIC:
+            return None
+        given = given or request.query_params.get("token") or ""  # never a cookie: see the docstring
         if not hmac.compare_digest(given.encode(), r.token.encode()):
             return 403, "missing or wrong token: open the URL curate review printed"
         return None

@@ -51,6 +51,7 @@ class Sample:
     subset: str = ""
     repeats: int = 1
     content_hash: str = ""         # filled when latents are cached
+    is_val: bool = False           # held out: validation loss only, never trained on
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Plan:
     reg_available: int = 0
     num_processes: int = 1
     review_pending: list = field(default_factory=list)  # curate review boxes/text crop/caption have not applied
+    val: list = field(default_factory=list)  # held-out sample indices (validation loss)
 
     def bucket_sizes(self) -> dict[tuple[int, int], int]:
         """Samples per bucket in every epoch (training with repeats + the reg draw)."""
@@ -148,7 +150,7 @@ class Plan:
 
     def used_indices(self) -> set[int]:
         """Every sample the run draws at least once (what the latent cache needs)."""
-        used = {i for v in self.buckets.values() for i in v}
+        used = {i for v in self.buckets.values() for i in v} | set(self.val)
         for epoch in range(self.epochs if self.reg_pools else 0):
             for pool in self.reg_pools.values():
                 used.update(pool.draw(epoch))
@@ -162,7 +164,7 @@ class Plan:
                 continue
             reg = self.reg_pools[(w, h)].take if (w, h) in self.reg_pools else 0
             per_bucket.append({"width": w, "height": h, "images": n, "train": n - reg, "reg": reg})
-        train = [s for s in self.samples if not s.is_reg]
+        train = [s for s in self.samples if not s.is_reg and not s.is_val]
         c = self.config
         reg_subsets = self.reg_use()
         warnings = [f"reg subset {name!r}: none of its {u['available']} images is drawn in this run "
@@ -175,6 +177,8 @@ class Plan:
             "buckets_used": len(per_bucket), "buckets": per_bucket,
             "train_images": len(train), "train_samples": sum(s.repeats for s in train),
             "reg_images_available": self.reg_available,
+            "validation_images": len(self.val),
+            "validation_reg_images": sum(self.samples[i].is_reg for i in self.val),
             "reg_images_used": sum(u["used_over_run"] for u in reg_subsets.values()),
             "reg_samples": sum(p.take for p in self.reg_pools.values()),
             "reg_subsets": reg_subsets,
@@ -196,13 +200,17 @@ def plan(config: TrainConfig, num_processes: int = 1) -> Plan:
     losers = decisions.cross_losers([(manifest.read(ds.manifest)[0], decisions.current(ds.manifest))
                                      for ds in config.datasets])
     for i, ds in enumerate(config.datasets):
-        samples += _read_dataset(ds, i, buckets, skipped, config.weighted_captions, pending, losers)
-    train = [s for s in samples if not s.is_reg]
+        read = _read_dataset(ds, i, buckets, skipped, config.weighted_captions, pending, losers)
+        _hold_out(read, ds, config, i)
+        samples += read
+    train = [s for s in samples if not s.is_reg and not s.is_val]
     if not train:
-        raise CurateError("no training images left (every row skipped or every dataset is a reg set)")
+        raise CurateError("no training images left (every row skipped or held out, or every dataset is a reg set)")
     by_bucket: dict[tuple[int, int], list[int]] = {}
     reg_groups: dict[tuple[int, int], dict[tuple[int, str], list[int]]] = {}
     for idx, s in enumerate(samples):
+        if s.is_val:
+            continue
         if s.is_reg:
             reg_groups.setdefault(s.placement.bucket, {}).setdefault((s.dataset, s.subset), []).append(idx)
         else:
@@ -213,7 +221,26 @@ def plan(config: TrainConfig, num_processes: int = 1) -> Plan:
                                  [sum(len(g) for g in reg_groups[b].values()) for b in order], minimum=1)
     pools = {b: RegPool(take, list(reg_groups[b].values()), f"{config.seed}:reg:{b[0]}x{b[1]}")
              for b, take in zip(order, takes)}  # take 0 kept: the dry run reports its images unused
-    return Plan(config, samples, by_bucket, pools, skipped, len(samples) - len(train), num_processes, pending)
+    reg_available = sum(s.is_reg and not s.is_val for s in samples)
+    val = [i for i, s in enumerate(samples) if s.is_val]
+    return Plan(config, samples, by_bucket, pools, skipped, reg_available, num_processes, pending, val)
+
+
+def _hold_out(samples: list[Sample], ds: DatasetConfig, config: TrainConfig, index: int) -> None:
+    """Mark the held-out rows: the whole dataset (is_val) or a seeded fraction of it, chosen by key
+    so the split stays put when rows are added elsewhere. Reg sets only with validation_split_reg."""
+    if ds.is_val:
+        for s in samples:
+            s.is_val = True
+        return
+    fraction = ds.validation_split if ds.validation_split is not None else config.validation_split
+    if not samples or not fraction or (samples[0].is_reg and ds.validation_split is None
+                                       and not config.validation_split_reg):
+        return
+    n = max(1, round(fraction * len(samples)))
+    rank = sorted(samples, key=lambda s: hashlib.sha256(f"{config.seed}:val:{index}:{s.key}".encode()).digest())
+    for s in rank[:n]:
+        s.is_val = True
 
 
 def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Counter,
@@ -253,6 +280,8 @@ def _read_dataset(ds: DatasetConfig, index: int, buckets: Buckets, skipped: Coun
         if not caption:
             skipped["no caption (column or .txt)"] += 1
             continue
+        if not ds.enable_wildcard:  # a user's lines are alternatives: sd-scripts reads the first
+            caption = caption.split("\n", 1)[0]
         caption = _text_for_encoder(caption, bool(escaped.get(row["subset"] or "")), weighted, ds.manifest)
         try:
             w, h, _ = probe(path)
@@ -298,9 +327,12 @@ def _txt_caption(image: Path) -> str | None:
 
 
 def process_caption(caption: str, ds: DatasetConfig, keep_separator: str | None, rng: random.Random) -> str:
-    """sd-scripts' order: whole-caption dropout, keep group, shuffle the rest, tag dropout."""
+    """sd-scripts' order: whole-caption dropout, one line (enable_wildcard), keep group,
+    shuffle the rest, tag dropout."""
     if ds.caption_dropout_rate > 0 and rng.random() < ds.caption_dropout_rate:
         return ""
+    if ds.enable_wildcard and "\n" in caption:  # seeded by the sample: a resumed run picks alike
+        caption = rng.choice(caption.split("\n"))
     sep = ds.caption_separator
     if not (ds.shuffle_caption or ds.caption_tag_dropout_rate > 0 or keep_separator):
         return caption
@@ -340,6 +372,41 @@ def time_ids(s: Sample, flip: bool) -> list[int]:
         left = s.placement.resized[0] - s.placement.bucket[0] - left
     w, h = s.placement.bucket
     return [s.size[1], s.size[0], top, left, h, w]
+
+
+def mask(s: Sample, flip: bool):
+    """masked_loss: the image's alpha channel, or the first channel of `<stem>_mask.png` beside
+    it, placed in the bucket like the pixels, as an HxW float tensor in [0, 1]; None: no mask."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    beside = s.path.with_name(s.path.stem + "_mask.png")
+    try:
+        with Image.open(beside if beside.is_file() else s.path) as im:
+            im = ImageOps.exif_transpose(im)
+            if beside.is_file():
+                m = im.convert("RGB").getchannel("R") if im.mode not in ("L", "1") else im.convert("L")
+            elif im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                m = im.convert("RGBA").getchannel("A")
+            else:
+                return None
+    except OSError as exc:
+        raise CurateError(f"{beside if beside.is_file() else s.path}: cannot read the mask ({exc})") from None
+    if m.size != s.size:  # a mask file drawn at another size: stretched onto the image
+        m = m.resize(s.size, Image.Resampling.BILINEAR)
+    m = resize_and_crop(m, s.placement)
+    if flip:
+        m = ImageOps.mirror(m)
+    return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
+
+
+def masks(samples: list[Sample], flips: list[bool], shape) -> "torch.Tensor":
+    """[B, 1, H, W] masks of a batch; an image without one counts everywhere (ones)."""
+    import torch
+
+    out = [mask(s, f) for s, f in zip(samples, flips)]
+    return torch.stack([m if m is not None else torch.ones(shape) for m in out])[:, None]
 
 
 def pixels(s: Sample, flip: bool):
@@ -429,16 +496,42 @@ class RunData:
 
         epoch, b = divmod(self.start + i, self.plan.batches_per_epoch)
         indices = self.batch(epoch, b)
-        images, captions, ids = [], [], []
+        images, captions, ids, flips = [], [], [], []
         for slot, idx in enumerate(indices):
             s = self.plan.samples[idx]
             ds = self.plan.config.datasets[s.dataset]
             rng = sample_rng(self.plan.config.seed, epoch, b, slot)
             flip = ds.flip_aug and rng.random() < 0.5
+            flips.append(flip)
             captions.append(process_caption(s.caption, ds, s.keep_separator, rng))
             ids.append(time_ids(s, flip))
             images.append(self.cache.load(s, flip) if self.cache else pixels(s, flip))
         key = "latents" if self.cache else "pixels"
-        return {key: torch.stack(images), "captions": captions, "epoch": epoch, "batch": b,
-                "time_ids": torch.tensor(ids, dtype=torch.float32),
-                "keys": [self.plan.samples[i].key for i in indices]}
+        out = {key: torch.stack(images), "captions": captions, "epoch": epoch, "batch": b,
+               "time_ids": torch.tensor(ids, dtype=torch.float32),
+               "keys": [self.plan.samples[i].key for i in indices]}
+        if self.plan.config.masked_loss:
+            w, h = self.plan.samples[indices[0]].placement.bucket
+            out["masks"] = masks([self.plan.samples[i] for i in indices], flips, (h, w))
+        return out
+
+
+def val_batches(plan: Plan, cache: LatentCache | None):
+    """The held-out set in batches of one bucket each, as written (no flip, no caption dropout or
+    shuffle): the same inputs at every validation."""
+    import torch
+
+    by_bucket: dict = {}
+    for i in plan.val:
+        by_bucket.setdefault(plan.samples[i].placement.bucket, []).append(i)
+    size = plan.config.train_batch_size
+    for (w, h), items in sorted(by_bucket.items()):
+        for k in range(0, len(items), size):
+            chunk = [plan.samples[i] for i in items[k:k + size]]
+            images = [cache.load(s, False) if cache else pixels(s, False) for s in chunk]
+            batch = {"latents" if cache else "pixels": torch.stack(images), "captions": [s.caption for s in chunk],
+                     "time_ids": torch.tensor([time_ids(s, False) for s in chunk], dtype=torch.float32),
+                     "keys": [s.key for s in chunk]}
+            if plan.config.masked_loss:
+                batch["masks"] = masks(chunk, [False] * len(chunk), (h, w))
+            yield batch

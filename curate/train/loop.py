@@ -3,10 +3,11 @@
     plan the data (train_data) -> load the model (sdxl) -> cache latents -> optimizer and
     schedule -> [resume] -> loop: micro-batches, loss, backward, step -> checkpoints -> export
 
-Precision: accelerate's mixed precision keeps fp32 master weights and autocasts the
-forward pass; `full_fp16`/`full_bf16` put the weights themselves in half precision. The
-VAE always runs in fp32 (SDXL's VAE overflows in fp16). Multi-GPU: `accelerate launch`
-with the same command; each process takes every n-th batch of the epoch.
+Precision (precision.py): fp32 master weights with bf16/fp16 autocast (fp16 with a grad
+scaler), or `full_fp16`/`full_bf16` weights, the same code on CPU and GPU. The VAE always runs
+in fp32 (SDXL's VAE overflows in fp16). Around the loop: validation loss on a held-out set
+(validation.py), sample images (sampling.py), metrics/TensorBoard/W&B (logs.py).
+Multi-GPU: `accelerate launch` with the same command; each process takes every n-th batch.
 """
 
 from __future__ import annotations
@@ -25,12 +26,18 @@ from curate.train import sdxl
 from curate.train import data as train_data
 
 from curate.train import memory as train_memory
+from curate.train import logs as train_logs
+from curate.train import precision as train_precision
+from curate.train import sampling
+from curate.train import validation
+from curate.train import lora_file, network
 from curate.errors import CurateError
 from curate.common.train_config import TrainConfig
 
 BNB_OPTIMIZERS = {"AdamW8bit": "AdamW8bit", "Lion": "Lion", "Lion8bit": "Lion8bit"}
 CHECKPOINTS = "checkpoints"
 MAX_BAD_LOSSES = 10  # consecutive non-finite losses before the run stops
+RUN_FILES = ("metrics.jsonl", CHECKPOINTS, "tensorboard", "wandb", "samples", "diffusers")  # what --overwrite clears
 
 
 @dataclass
@@ -50,15 +57,19 @@ class Position:
 
 def dry_run(config: TrainConfig) -> dict:
     """Resolve the config and the data, load no model."""
-    summary = train_data.plan(config).summary()
+    plan = train_data.plan(config)
+    summary = plan.summary()
     summary["memory"] = train_memory.estimate(config)
     if config.pretrained != "tiny-random" and not Path(config.pretrained).exists():
         summary["warnings"].append(f"pretrained model not found: {config.pretrained}")
+    summary["validation"] = _validation_cost(config, plan)
+    summary["sample_prompts"] = len(sampling.prompts(config))
+    summary["warnings"] += _contradictions(config, plan)
     return summary
 
 
 def train(config: TrainConfig, resume: str | bool | None = None, progress: bool = True,
-          model: sdxl.SDXL | None = None, log=print, save_final: bool = True) -> dict:
+          model: sdxl.SDXL | None = None, log=print, save_final: bool = True, overwrite: bool = False) -> dict:
     """Run (or continue) training; returns a summary. Benchmarks pass `model` in and
     skip the final checkpoint and export (`save_final=False`)."""
     import torch
@@ -67,12 +78,10 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
     from diffusers.optimization import get_scheduler
     from tqdm import tqdm
 
-    if config.mixed_precision != "no" and not torch.cuda.is_available():
-        raise CurateError(f"mixed_precision = \"{config.mixed_precision}\" needs a CUDA GPU; "
-                          "set mixed_precision = \"no\" to train on the CPU")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = Accelerator()  # mixed precision is precision.py's: the same path on CPU and GPU
     main = accelerator.is_main_process
     device = accelerator.device
+    precision = train_precision.Precision(config, device)
     out_dir = Path(config.output_dir)
     try:  # before minutes of model loading: a typo in output_dir is a one-line error now
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,23 +89,37 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
         raise CurateError(f"cannot write output_dir {out_dir}: {exc.strerror or exc}") from None
     plan = train_data.plan(config, accelerator.num_processes)
     resume_from = _find_checkpoint(out_dir, resume) if resume else None
-    for warning in plan.summary()["warnings"] if main else []:
+    saved = json.loads((resume_from / "curate.json").read_text()) if resume_from else {"step": 0}
+    start_step = saved["step"]
+    if saved.get("batches_per_epoch", plan.batches_per_epoch) != plan.batches_per_epoch:
+        raise CurateError(f"{resume_from}: the data or batch settings changed since this checkpoint "
+                          f"({saved['batches_per_epoch']} batches per epoch then, {plan.batches_per_epoch} now); "
+                          "an exact resume needs the same manifests, buckets and batch size")
+    if resume_from and start_step >= plan.total_steps:
+        raise CurateError(f"{out_dir}: the run is finished ({start_step} of {plan.total_steps} steps in "
+                          f"{resume_from.name}); nothing changed. Raise max_train_steps/epochs to continue it")
+    if not resume_from:
+        _claim(out_dir, overwrite, main)
+    accelerator.wait_for_everyone()
+    for warning in plan.summary()["warnings"] + _contradictions(config, plan) if main else []:
         log(f"warning: {warning}")
+    sampling.prompts(config)  # a bad prompt line fails here, not at the first sample
 
     # --- model: only what has a learning rate trains; frozen parts in the compute dtype
     model = model or sdxl.load(config.pretrained, config.pretrained_config)
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     lrs = {"unet": config.learning_rate, "te1": config.learning_rate_te1, "te2": config.learning_rate_te2}
-    trained = {name: getattr(model, name) for name, lr in lrs.items() if lr > 0}
+    trained = {name: getattr(model, name) for name, lr in lrs.items() if lr > 0 and not config.network}
     _place(model.vae.requires_grad_(False).eval(), device, torch.float32)
     for name in ("unet", "te1", "te2"):
         part = getattr(model, name)
         is_trained = name in trained
-        part.requires_grad_(is_trained).train(is_trained)
-        full_half = config.full_fp16 or config.full_bf16
-        _place(part, device, half if (full_half or not is_trained) else torch.float32)
-        if is_trained and config.gradient_checkpointing:
+        part.requires_grad_(is_trained).train(is_trained or bool(config.network))  # network dropout: train mode
+        _place(part, device, precision.weights if is_trained else precision.frozen)
+        if (is_trained or config.network and name == "unet") and config.gradient_checkpointing:
             (part.enable_gradient_checkpointing if name == "unet" else part.gradient_checkpointing_enable)()
+    net = network.from_config(model, config, plan) if config.network else None  # LoRA/LyCORIS: only it trains
+    if net is not None:
+        trained = {"network": net}
     scheduler = sdxl.noise_scheduler(config.v_parameterization)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
@@ -112,25 +135,32 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
         model.vae.to("cpu")
 
     # --- optimizer, schedule (warmup counted in optimizer steps), accelerate
-    groups = [{"params": [p for p in part.parameters()], "lr": lrs[name]} for name, part in trained.items()]
+    groups = network.param_groups(net, config) if net is not None else [
+        {"params": [p for p in part.parameters()], "lr": lrs[name]} for name, part in trained.items()]
     optimizer = _optimizer(config, groups)
+    precision.install(optimizer)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=plan.total_steps)
+                                 num_training_steps=plan.total_steps, num_cycles=config.lr_scheduler_num_cycles,
+                                 power=config.lr_scheduler_power)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     for name, wrapped in zip(trained, prepared):
         trained[name] = wrapped
     optimizer = prepared[-1]
-    if config.full_fp16:
-        _allow_fp16_grads(accelerator)
     unet = trained.get("unet", model.unet)
+    te_stop = _text_encoder_stop(config, plan.total_steps)
+    if start_step >= te_stop:  # the checkpoint's optimizer holds no text-encoder state any more
+        _stop_text_encoders(model, trained, optimizer, list(trained))
     ema = None
     if config.ema_decay:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=config.ema_decay)
     position = Position(batches_per_epoch=plan.batches_per_epoch)
-    accelerator.register_for_checkpointing(lr_scheduler, position, *([ema] if ema else []))
+    accelerator.register_for_checkpointing(lr_scheduler, position, *([ema] if ema else []),
+                                           *([precision.scaler] if precision.scaler else []))
     if resume_from:
+        if net is not None:
+            network.check_resume(accelerator.unwrap_model(trained["network"]), resume_from)
         accelerator.load_state(str(resume_from))
         if position.batches_per_epoch != plan.batches_per_epoch:
             raise CurateError(f"{resume_from}: the data or batch settings changed since this checkpoint "
@@ -144,15 +174,15 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
 
     # --- the loop
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = (out_dir / "metrics.jsonl").open("a", encoding="utf-8") if main else None
-    board = _tensorboard(out_dir) if main else None
+    run_log = train_logs.RunLog(config, out_dir, position.step, log) if main else None
     total = plan.total_steps
     bar = tqdm(total=total, initial=position.step, desc="train", unit="step", disable=not (main and progress))
     accum = config.gradient_accumulation_steps
     params = [p for g in groups for p in g["params"]]
-    timings = {"step_s": 0.0, "wait_s": 0.0, "steps": 0}
-    last_loss = float("nan")
+    timings = {"step_s": 0.0, "wait_s": 0.0, "steps": 0, "images": 0}
+    last_loss = val_loss = float("nan")
     bad_losses = 0
+    group_names = list(trained)
 
     def loss_of(batch) -> "torch.Tensor":
         if "latents" in batch:
@@ -166,19 +196,39 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
             noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen, device=device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, latents.shape[:1], generator=gen, device=device)
         noisy = scheduler.add_noise(latents, noise, t)
-        with accelerator.autocast(), torch.set_grad_enabled(bool({"te1", "te2"} & set(trained))):
+        te_training = position.step < te_stop and bool({"te1", "te2"} & set(trained))
+        te_grads = te_training or (net is not None and net.trains_text)  # a network's TE modules
+        with precision.autocast(), torch.set_grad_enabled(te_grads):
             context, pooled = sdxl.encode_text(model, batch["captions"], device)
         added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device)}
-        with accelerator.autocast():
+        with precision.autocast():
             pred = unet(noisy, t, context, added_cond_kwargs=added).sample
         target = scheduler.get_velocity(latents, noise, t) if config.v_parameterization else noise
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if "masks" in batch:  # masked_loss: pixels outside the mask teach nothing
+            loss = validation.apply_mask(loss, batch["masks"].to(device))
+        loss = loss.mean(dim=(1, 2, 3))
         if config.min_snr_gamma:  # min-SNR-gamma: down-weight the easy, low-noise timesteps
             snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
             clipped = snr.clamp(max=config.min_snr_gamma)
             loss = loss * (clipped / (snr + 1) if config.v_parameterization else clipped / snr)
         return loss.mean()
 
+    def validate() -> float:
+        if not plan.val:
+            return float("nan")
+        batches = train_data.val_batches(plan, cache)
+        return validation.loss(model, unet, batches, scheduler, config, device, precision)
+
+    def feedback(epoch_end: int | None = None) -> None:
+        """Sample images at the sampling points (main process; the others wait)."""
+        if sampling.due(config, position.step, epoch_end) and main:
+            sampling.sample(config, _unwrapped(accelerator, model, trained), position.step, device, precision,
+                            run_log)
+        accelerator.wait_for_everyone()
+
+    if position.step == 0:
+        feedback()
     per_epoch = plan.batches_per_epoch
     it = iter(_loader(plan, position, cache, accelerator.process_index, config.max_data_loader_n_workers, device))
     while position.step < total:
@@ -186,29 +236,39 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
         wait = 0.0
         n_micro = min(accum, per_epoch - position.batch)  # the last step of an epoch may be short
         loss_sum = torch.zeros((), device=device)
+        images = 0
         for k in range(n_micro):
             t_wait = time.perf_counter()
             batch = next(it)
             wait += time.perf_counter() - t_wait
+            images += len(batch["captions"])
             sync = k == n_micro - 1  # all-reduce gradients only on the last micro-batch
             with contextlib.ExitStack() as stack:
                 if not sync:
                     for part in trained.values():
                         stack.enter_context(accelerator.no_sync(part))
                 loss = loss_of(batch)
-                accelerator.backward(loss / n_micro)
+                precision.backward(accelerator, loss / n_micro)
             loss_sum += loss.detach() / n_micro
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        _step(optimizer, config, position.step)
-        lr_scheduler.step()
+        precision.unscale(optimizer)
+        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+        lrs_now = [g["lr"] for g in optimizer.param_groups]  # what this step used, before the schedule moves
+        stepped = _step(optimizer, config, position.step, precision)
+        if stepped:  # the LR schedule counts optimizer steps that happened (fp16 may skip one)
+            lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema:
             ema.step(accelerator.unwrap_model(unet).parameters())
         position.step += 1
         position.batch += n_micro
+        epoch_end = None
         if position.batch == per_epoch:
             position.epoch, position.batch = position.epoch + 1, 0
+            epoch_end = position.epoch
+        if position.step == te_stop:  # the cards' schedule: text encoders train only at first
+            _stop_text_encoders(model, trained, optimizer, group_names)
+            if main:
+                log(f"step {position.step}: text encoders frozen (stop_text_encoder_training)")
         last_loss = accelerator.reduce(loss_sum, "mean").item()
         # fp16's grad scaler skips an overflowing step by itself; only a run of them is fatal
         bad_losses = 0 if math.isfinite(last_loss) else bad_losses + 1
@@ -219,31 +279,39 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
         timings["step_s"] += dt
         timings["wait_s"] += wait
         timings["steps"] += 1
-        lr = lr_scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        timings["images"] += images
+        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lrs_now[0]:.2e}", refresh=False)
         bar.update(1)
-        if metrics:
-            metrics.write(json.dumps({"step": position.step, "epoch": batch["epoch"] + 1,
-                                      "loss": last_loss if math.isfinite(last_loss) else None,
-                                      "lr": lr, "step_s": round(dt, 4), "data_wait_s": round(wait, 4)}) + "\n")
-            metrics.flush()
+        validating = bool(plan.val) and (position.step == total or bool(config.validate_every_n_steps)
+                                         and position.step % config.validate_every_n_steps == 0)
+        if validating:
+            val_loss = validate()
+        if run_log:
+            row = {"epoch": batch["epoch"] + 1, "loss": last_loss, "lr": lrs_now[0],
+                   **{f"lr/{name}": lr for name, lr in zip(group_names, lrs_now)},
+                   "grad_norm": float(grad_norm), "images_per_s": images * accelerator.num_processes / dt,
+                   "step_s": round(dt, 4), "data_wait_s": round(wait, 4), "data_wait_share": wait / dt}
+            if precision.scaler:
+                row.update(grad_scale=precision.scale(), skipped_steps=precision.skipped)
+            if device.type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if validating:
+                row["val_loss"] = val_loss
+            run_log.step(position.step, row)
         if config.save_every_n_steps and position.step % config.save_every_n_steps == 0 and position.step < total:
             _save_checkpoint(accelerator, config, model, trained, ema, position)
-        if config.sample_every_n_steps and position.step % config.sample_every_n_steps == 0 and main:
-            _sample_images(accelerator, config, _unwrapped(accelerator, model, trained), position.step, device)
-        if board:
-            board.add_scalar("loss", last_loss, position.step)
-            board.add_scalar("lr", lr, position.step)
+        feedback(epoch_end)
     bar.close()
-    if metrics:
-        metrics.close()
-    if board:
-        board.close()
+    if run_log:
+        run_log.close()
 
     # --- final: a full checkpoint (so a longer run can --resume) and the exported model
     final = _save_checkpoint(accelerator, config, model, trained, ema, position) if save_final else None
     exported = {}
-    if main and save_final:
+    if main and save_final and net is not None:
+        exported["lora"] = str(lora_file.save_trained(accelerator.unwrap_model(trained["network"]), out_dir / f"{config.output_name}.safetensors",
+                                                      config, position, _save_dtype(config)))
+    if main and save_final and net is None:
         final_model, dtype = _unwrapped(accelerator, model, trained), _save_dtype(config)
         with _ema_weights(ema, final_model.unet):
             exported["diffusers"] = str(sdxl.save_diffusers(final_model, out_dir / "diffusers", dtype))
@@ -252,8 +320,10 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
     accelerator.wait_for_everyone()
     step_s = max(timings["step_s"], 1e-9)
     return {"main_process": main, "steps": position.step, "epochs": position.epoch, "loss": last_loss,
+            "val_loss": val_loss, "skipped_steps": precision.skipped,
             "checkpoint": str(final) if final else None, "exported": exported,
             "steps_per_s": timings["steps"] / step_s, "data_wait_share": timings["wait_s"] / step_s,
+            "images_per_s": timings["images"] / step_s,
             "metrics": str(out_dir / "metrics.jsonl"), "resumed_from": str(resume_from) if resume_from else None}
 
 
@@ -299,10 +369,11 @@ def _optimizer(config: TrainConfig, groups: list):
         raise CurateError(f"optimizer_args for {name}: {exc}") from None
 
 
-def _step(optimizer, config: TrainConfig, step: int) -> None:
-    """optimizer.step(); bitsandbytes failing on this device becomes a one-line error."""
+def _step(optimizer, config: TrainConfig, step: int, precision) -> bool:
+    """The optimizer step (through the grad scaler); False if the scaler skipped it.
+    bitsandbytes failing on this device becomes a one-line error."""
     try:
-        optimizer.step()
+        return precision.step(optimizer)
     except (RuntimeError, NotImplementedError, AttributeError) as exc:
         if config.optimizer_type in BNB_OPTIMIZERS and step == 0:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -311,59 +382,37 @@ def _step(optimizer, config: TrainConfig, step: int) -> None:
         raise
 
 
-def _allow_fp16_grads(accelerator) -> None:
-    """full_fp16: fp16 weights have fp16 gradients, which torch's GradScaler refuses to unscale
-    by default; sd-scripts lets it (allow_fp16=True). The loss is still scaled."""
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is None:
-        return
-    unscale = scaler._unscale_grads_
-    scaler._unscale_grads_ = lambda opt, inv_scale, found_inf, allow_fp16: unscale(opt, inv_scale, found_inf, True)
+def _text_encoder_stop(config: TrainConfig, total: int) -> float:
+    """The step after which the text encoders stop training (inf: never)."""
+    stop = config.stop_text_encoder_training
+    if not stop or not (config.learning_rate_te1 or config.learning_rate_te2):
+        return math.inf
+    return round(stop * total) if isinstance(stop, float) else stop
+
+
+def _stop_text_encoders(model, trained: dict, optimizer, group_names: list) -> None:
+    """Freeze the text encoders and free their optimizer state; their (empty) parameter groups
+    stay, so the LR schedule and the checkpoint's group layout keep their shape."""
+    for name in ("te1", "te2"):
+        if name not in trained:
+            continue
+        getattr(model, name).requires_grad_(False).eval()
+        group = optimizer.param_groups[group_names.index(name)]
+        for p in group["params"]:
+            optimizer.state.pop(p, None)
+            p.grad = None
+        group["params"] = []
 
 
 def _loader(plan, position: Position, cache, process: int, workers: int, device):
+    import torch
     from torch.utils.data import DataLoader
 
     data = train_data.RunData(plan, cache, position.epoch, position.batch, process)
-    return DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+    # its own generator: starting an iterator draws a seed, which must not move the global RNG
+    # that a resume restores (network_dropout draws from it)
+    return DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, generator=torch.Generator(),
                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-
-
-def _tensorboard(out_dir: Path):
-    """A TensorBoard writer when tensorboard is installed (metrics.jsonl is always written)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
-
-
-def _sample_images(accelerator, config: TrainConfig, model: sdxl.SDXL, step: int, device) -> None:
-    """One image per prompt with the current weights (Euler, fixed seeds) into output_dir/samples."""
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    folder = Path(config.output_dir) / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    vae_device = next(model.vae.parameters()).device
-    model.vae.to(device)
-    was_training = model.unet.training
-    model.unet.eval()
-    pipe = StableDiffusionXLPipeline(
-        vae=model.vae, text_encoder=model.te1, text_encoder_2=model.te2, tokenizer=model.tok1,
-        tokenizer_2=model.tok2, unet=model.unet,
-        scheduler=EulerDiscreteScheduler.from_config(sdxl.noise_scheduler(config.v_parameterization).config))
-    pipe.set_progress_bar_config(disable=True)
-    width, height = config.max_reso
-    try:
-        with accelerator.autocast():
-            for i, prompt in enumerate(config.sample_prompts):
-                image = pipe(prompt, width=width, height=height, num_inference_steps=config.sample_steps,
-                             generator=torch.Generator(device).manual_seed(config.seed + i)).images[0]
-                image.save(folder / f"step-{step:07d}-{i}.png")
-    finally:
-        model.unet.train(was_training)
-        model.vae.to(vae_device)
 
 
 def _save_dtype(config: TrainConfig):
@@ -406,10 +455,14 @@ def _save_checkpoint(accelerator, config: TrainConfig, model, trained, ema, posi
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(trained.get("unet", model.unet))
-        with _ema_weights(ema, unet):
-            sdxl.save_single_file(_unwrapped(accelerator, model, trained),
-                                  folder / f"{config.output_name}-step{position.step}.safetensors", _save_dtype(config),
-                                  _modelspec(config, position.step))
+        if "network" in trained:  # LoRA/LyCORIS: the network file, not a full model
+            lora_file.save_trained(accelerator.unwrap_model(trained["network"]), folder / f"{config.output_name}-step{position.step}.safetensors",
+                                   config, position, _save_dtype(config))
+        else:
+            with _ema_weights(ema, unet):
+                sdxl.save_single_file(_unwrapped(accelerator, model, trained),
+                                      folder / f"{config.output_name}-step{position.step}.safetensors", _save_dtype(config),
+                                      _modelspec(config, position.step))
         (folder / "curate.json").write_text(json.dumps({**position.state_dict(), "config": str(config.source)}))
         done = sorted(p for p in folder.parent.glob("step-*") if (p / "curate.json").is_file())
         for old in done[:-config.save_last_n_checkpoints] if config.save_last_n_checkpoints else []:
@@ -429,6 +482,58 @@ def _find_checkpoint(out_dir: Path, resume: str | bool) -> Path:
     if not done:
         raise CurateError(f"nothing to resume: no checkpoint in {out_dir / CHECKPOINTS}")
     return done[-1]
+
+
+def _claim(out_dir: Path, overwrite: bool, main: bool) -> None:
+    """A new run never writes over an old one by accident."""
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not held:
+        return
+    if not overwrite:
+        raise CurateError(f"{out_dir} holds a run ({', '.join(held)}): continue it with --resume, "
+                          "or start over with --overwrite")
+    if main:  # the latent cache stays: it is keyed by content and still valid
+        for name in held:
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _validation_cost(config: TrainConfig, plan) -> dict:
+    """Held-out images, forward passes per validation, and their share of the run's compute
+    (a training sample costs about 3 forward passes: forward + backward)."""
+    total, every = plan.total_steps, config.validate_every_n_steps
+    count = (total // every + (total % every != 0)) if every else 1  # and always at the end
+    passes = validation.passes(plan)
+    train_passes = 3 * total * config.train_batch_size * config.gradient_accumulation_steps
+    return {"images": len(plan.val), "passes_per_validation": passes, "validations": count if plan.val else 0,
+            "share_of_training": count * passes / train_passes if plan.val else 0.0}
+
+
+def _contradictions(config: TrainConfig, plan) -> list[str]:
+    """Settings that contradict each other: the run would do something other than meant."""
+    out = []
+    total = plan.total_steps
+    if config.lr_warmup_steps > total and config.lr_scheduler != "constant":
+        out.append(f"lr_warmup_steps ({config.lr_warmup_steps}) is longer than the run ({total} optimizer "
+                   "steps): the learning rate never reaches learning_rate")
+    n_train = sum(1 for s in plan.samples if not s.is_reg and not s.is_val)
+    if len(plan.val) >= n_train:
+        out.append(f"the validation set ({len(plan.val)} images) is as large as the training set ({n_train})")
+    if config.validate_every_n_steps and not plan.val:
+        out.append("validate_every_n_steps is set but nothing is held out (validation_split or is_val)")
+    if config.full_fp16 and config.optimizer_type == "AdamW" and not config.stochastic_rounding:
+        out.append("full_fp16 with AdamW: its fp16 state underflows (eps 1e-8 is 0 in fp16) and the loss turns "
+                   "NaN; use Lion8bit/AdamW8bit, or stochastic_rounding = true (fp32 update math)")
+    stop = _text_encoder_stop(config, total)
+    if stop != math.inf and stop >= total:
+        out.append(f"stop_text_encoder_training ({stop}) is not before the end of the run ({total} steps)")
+    buckets = [b for b, n in plan.bucket_sizes().items() if n]
+    largest = max(buckets, key=lambda b: b[0] * b[1]) if buckets else config.max_reso
+    for i, p in enumerate(sampling.prompts(config), 1):
+        if p.width * p.height > largest[0] * largest[1]:
+            out.append(f"sample prompt {i} is {p.width}x{p.height}, larger than the largest bucket "
+                       f"({largest[0]}x{largest[1]}): the model never trains at that size")
+    return out
 
 
 def render(summary: dict) -> list[str]:
@@ -451,6 +556,13 @@ def render(summary: dict) -> list[str]:
     lines.append(f"  batch {s['batch_size']} x accumulation {s['gradient_accumulation_steps']}: "
                  f"{s['batches_per_epoch']} batches = {s['steps_per_epoch']} optimizer steps per epoch")
     lines.append(f"  total: {s['total_optimizer_steps']} optimizer steps over {s['epochs']} epochs")
+    v = s.get("validation")
+    if v and v["images"]:
+        lines.append(f"  validation: {v['images']} held-out images ({s['validation_reg_images']} reg), "
+                     f"{v['passes_per_validation']} forward passes x {v['validations']} validations "
+                     f"= {100 * v['share_of_training']:.1f}% of the training compute")
+    if s.get("sample_prompts"):
+        lines.append(f"  sample images: {s['sample_prompts']} prompts per sampling point")
     if "memory" in s:
         lines += train_memory.render(s["memory"])
     lines += [f"  warning: {w}" for w in s.get("warnings", [])]

@@ -25,6 +25,9 @@ SDXL_PARAMS = {"unet": 2_567_463_684, "te1": 123_060_480, "te2": 694_659_840, "v
 ACTIVATION_GIB_PER_MEGAPIXEL = {True: 1.5, False: 14.0}  # gradient checkpointing -> GiB per 1024^2 sample
 OVERHEAD_GIB = 1.0  # CUDA context, cuDNN/cuBLAS workspaces, allocator slack
 OPTIMIZER_MOMENTS = {"AdamW": 2, "AdamW8bit": 2, "Lion": 1, "Lion8bit": 1}
+# LoRA/LyCORIS (network = ...): sum of fan_in + fan_out over the layers a network wraps in the
+# SDXL architecture (curate.train.network.rank_sums; counted in tests/train/test_network.py)
+SDXL_RANK_SUMS = {"unet_attn": 2_659_840, "unet_resnet": 58_560, "unet_conv3x3": 355_840, "te1": 165_888, "te2": 737_280}
 
 
 def estimate(config: TrainConfig, params: dict | None = None) -> dict:
@@ -34,10 +37,14 @@ def estimate(config: TrainConfig, params: dict | None = None) -> dict:
     lrs = {"unet": config.learning_rate, "te1": config.learning_rate_te1, "te2": config.learning_rate_te2}
     trained = sum(params[p] for p, lr in lrs.items() if lr > 0)
     frozen = sum(params[p] for p, lr in lrs.items() if lr <= 0)
+    if getattr(config, "network", None):  # only the network trains; the whole model is frozen
+        trained, frozen = network_params(config, params.get("rank_sums", SDXL_RANK_SUMS)), trained + frozen
     mixed = config.mixed_precision != "no"
     half_weights = config.full_fp16 or config.full_bf16
     w_bytes = 2 if half_weights else 4
     moment_bytes = 1 if config.optimizer_type.endswith("8bit") else w_bytes
+    if config.stochastic_rounding and not config.optimizer_type.endswith("8bit"):
+        moment_bytes = 4  # the optimizer sees each weight in fp32, so it keeps fp32 state
     parts = {
         "weights": trained * w_bytes + frozen * (2 if mixed else 4)
         + (0 if config.cache_latents else params["vae"] * 4),
@@ -55,7 +62,20 @@ def estimate(config: TrainConfig, params: dict | None = None) -> dict:
     out["total"] = sum(out.values())
     out["total_other_checkpointing"] = out["total"] - act[config.gradient_checkpointing] + act[not config.gradient_checkpointing]
     out["gradient_checkpointing"] = config.gradient_checkpointing
+    out["trainable_params"] = trained
     return out
+
+
+def network_params(config: TrainConfig, sums: dict) -> int:
+    """Parameters of the network a config asks for (LoKr: at most this; it factors further)."""
+    conv = config.network != "lora" or config.conv_dim > 0
+    conv_dim = config.conv_dim or config.network_dim
+    te_lr = config.text_encoder_lr if config.text_encoder_lr is not None else (config.network_lr or config.learning_rate)
+    text = not config.network_train_unet_only and te_lr > 0
+    n = config.network_dim * (sums["unet_attn"] + (sums["unet_resnet"] if conv else 0)
+                              + (sums["te1"] + sums["te2"] if text else 0))
+    n += conv_dim * sums["unet_conv3x3"] if conv else 0
+    return 2 * n if config.network == "loha" else n  # LoHa: two factor pairs per layer
 
 
 def render(est: dict) -> list[str]:
@@ -67,6 +87,8 @@ def render(est: dict) -> list[str]:
     lines = [f"  peak GPU memory (estimate, SDXL): {parts} = {est['total']:.1f} GiB "
              f"({'with' if gc else 'without'} gradient checkpointing; {other}: {est['total_other_checkpointing']:.1f})"]
     fits = lambda total: "  ".join(f"{gb} GB {'yes' if total <= gb else 'no'}" for gb in CARDS_GB)  # noqa: E731
+    if "trainable_params" in est:
+        lines.append(f"    trainable parameters: {est['trainable_params'] / 1e6:,.1f} M")
     lines.append(f"    fits: {fits(est['total'])}")
     lines.append(f"    {other} checkpointing: {fits(est['total_other_checkpointing'])}")
     return lines

@@ -73,7 +73,14 @@ def test_minimal_config_gets_sd_scripts_defaults(tmp_path):
     (MINIMAL + "resolution = [512]\n" + DATASET, "resolution must be a number or [width, height]"),
     ("pretrained = \n", "not valid TOML"),
     (MINIMAL + "enable_bucket = false\n" + DATASET, "enable_bucket = false is not supported"),
-    (MINIMAL + "sample_every_n_steps = 5\n" + DATASET, "sample_every_n_steps needs sample_prompts"),
+    (MINIMAL + "sample_every_n_steps = 5\n" + DATASET, "sample_every_n_steps / sample_every_n_epochs / sample_at_first need sample_prompts"),
+    (MINIMAL + "stochastic_rounding = true\n" + DATASET, "stochastic_rounding is for half-precision weights"),
+    (MINIMAL + "stop_text_encoder_training = 1.5\n" + DATASET, "stop_text_encoder_training must be a step"),
+    (MINIMAL + "stop_text_encoder_training = 10\n" + DATASET, "needs learning_rate_te1 or learning_rate_te2"),
+    (MINIMAL + "log_with = \"comet\"\n" + DATASET, "log_with must be one of"),
+    (MINIMAL + "sample_sampler = \"ddim\"\n" + DATASET, "sample_sampler must be one of"),
+    (MINIMAL + DATASET + "validation_split = 1.0\n", "validation_split must be in [0, 1)"),
+    (MINIMAL + "lr_scheduler_num_cycles = 0\n" + DATASET, "lr_scheduler_num_cycles must be >= 1"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(CurateError) as err:

@@ -250,7 +250,7 @@ def test_stage_writes_txt_beside_images_and_skips_error_and_dup_rows(feed, tmp_p
 def test_a_path_reaching_outside_curates_folders_gets_no_txt_beside_it(feed, tmp_path):
     """A hand-edited or foreign manifest whose `path` points at someone's picture elsewhere:
     the caption goes to curate's own folder, nothing is written beside that picture. Images
-    in a download folder the provenance records (outside the manifest's folder) still get theirs."""
+    in a download folder outside the manifest's folder get theirs when the user names it (--images)."""
     ids = [6141385, 6141439, 6140734]
     proj, elsewhere, shared = tmp_path / "proj", tmp_path / "elsewhere", tmp_path / "shared_images"
     proj.mkdir()
@@ -259,7 +259,7 @@ def test_a_path_reaching_outside_curates_folders_gets_no_txt_beside_it(feed, tmp
             post_row(feed[ids[2]], path=f"../shared_images/{ids[2]}.png")]
     meta = manifest.record_stage(manifest.new_provenance(), "download", images=str(shared))
     m = write_manifest(proj / "m.parquet", rows, meta)
-    result = CliRunner().invoke(app, ["caption", str(m)])
+    result = CliRunner().invoke(app, ["caption", str(m), "--images", str(shared)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in elsewhere.iterdir()) == [f"{ids[0]}.png"]
     files = by_file(m, "caption_file")
@@ -782,12 +782,13 @@ def test_files_from_before_records_were_kept_are_claimed_only_when_they_hold_the
     assert (tmp_path / "images" / "6148687.txt").read_text(encoding="utf-8") == "someone else's"
 
 
-def test_user_caption_with_hostile_characters_stays_one_clean_line():
+def test_user_caption_with_hostile_characters_stays_clean_lines():
+    # lines split where sd-scripts' readlines splits them (\n, \r\n, \r); each is an alternative
     row = {"key": "local/x", "user_caption": "1girl,\tsmile\u2028rain\x00drops\r\n\r\nnight, sky |||\u200bstars"}
     text, how = choose_caption(row, CaptionSettings())
-    assert how == "user" and text == "1girl, smile, rain drops, night, sky ||| stars"
+    assert how == "user" and text == "1girl, smile, rain drops\nnight, sky ||| stars"
     merged, how = choose_caption(row, CaptionSettings(user_caption="merge", quality=False))
-    assert how == "merged" and merged == "1girl, smile, rain drops, night, sky, stars"
+    assert how == "merged" and merged == "1girl, smile, rain drops\nnight, sky, stars"
     assert choose_caption({"key": "k", "user_caption": " \r\n\x00 "}, CaptionSettings(quality=False))[1] == "generated"
     row = {"key": "local/x", "user_caption": "my oc, hoshino (blue archive), yuuka \\(blue archive\\)",
            "tagger": [{"tag": t, "category": "character", "score": 0.9}
@@ -796,8 +797,8 @@ def test_user_caption_with_hostile_characters_stays_one_clean_line():
                              (True, "hoshino \\(blue archive\\), yuuka \\(blue archive\\), my oc")):
         s = CaptionSettings(user_caption="merge", escape_parentheses=escape, quality=False)
         assert choose_caption(row, s) == (expected, "merged")  # merged tags escaped alike, each once
-    row = {"key": "local/x", "user_caption": "1girl, smile,\nrain,\n, night"}  # a tag per line, commas kept
-    assert choose_caption(row, CaptionSettings())[0] == "1girl, smile, rain, night"
+    row = {"key": "local/x", "user_caption": "1girl, smile,\nrain,\n, night"}  # lines kept, stray commas not
+    assert choose_caption(row, CaptionSettings())[0] == "1girl, smile\nrain\nnight"
 
 
 def test_merged_user_tags_never_repeat_what_curate_adds():
@@ -812,3 +813,109 @@ def test_merged_user_tags_never_repeat_what_curate_adds():
     text, how = choose_caption(row, s, theme="pink_theme")
     assert how == "merged"
     assert text == "pink theme, baxl style, 1girl, hoshino (blue archive), blue archive, |||solo"
+
+
+# --- a user's lines and paired sidecars, through ingest -> caption -> export -> train ----------
+
+
+def sd_scripts_read_caption(path: Path, enable_wildcard: bool) -> str:
+    """sd-scripts' DreamBooth read_caption (library/train_util.py): text-mode readlines, the
+    first line stripped, or with enable_wildcard the non-blank lines joined by newlines."""
+    with open(path, "rt", encoding="utf-8") as f:
+        lines = f.readlines()
+    return "\n".join(x.strip() for x in lines if x.strip()) if enable_wildcard else lines[0].strip()
+
+
+def ingest_folder(tmp_path: Path, files: dict[str, str]) -> Path:
+    from curate.dataset import ingest
+
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    for i, stem in enumerate(sorted({Path(n).stem for n in files})):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(cg / f"{stem}.png")
+    for name, text in files.items():
+        (cg / name).write_text(text, encoding="utf-8", newline="")
+    m = tmp_path / "m.parquet"
+    ingest.run(cg, m, "cg", workers=1)
+    return m
+
+
+def train_config_for(tmp_path: Path, m: Path, extra: str = "") -> Path:
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'pretrained = "tiny-random"\noutput_dir = "{tmp_path / "run"}"\nmax_train_steps = 1\n'
+                   f'resolution = 64\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 32\n'
+                   f'[[datasets]]\nmanifest = "{m}"\n{extra}')
+    return cfg
+
+
+# sd-scripts PR #1155 ("if the caption file contains multiple lines, all but the first are
+# ignored"; blank lines never picked) and docs/config_README-en.md#multi-line-captions
+def test_a_users_lines_are_alternatives_in_export_and_train(tmp_path):
+    import random
+
+    from curate.common import train_config
+    from curate.dataset import export
+    from curate.train import data as train_data
+
+    m = ingest_folder(tmp_path, {"a.txt": "1girl, smile\r\n\r\n1girl, rain, night\nsolo, umbrella\n",
+                                 "b.txt": "1boy, one line"})
+    result = CliRunner().invoke(app, ["caption", str(m)])
+    assert result.exit_code == 0, result.output
+    assert "1 captions keep the user's lines as alternatives" in result.output
+    caps = by_file(m, "caption")
+    assert caps["a"] == "1girl, smile\n1girl, rain, night\nsolo, umbrella" and caps["b"] == "1boy, one line"
+
+    # export without enable_wildcard: the first line, as sd-scripts reads it, and said so
+    plain = export.run([m], tmp_path / "plain")
+    assert plain.lines_left_out == 1 and any("wrote the first" in x for x in plain.lines())
+    (a_txt,) = [p for p in (tmp_path / "plain").rglob("*.txt") if "smile" in p.read_text(encoding="utf-8")]
+    assert a_txt.read_text(encoding="utf-8") == "1girl, smile" == sd_scripts_read_caption(a_txt, False)
+    # with enable_wildcard: every line, read back by sd-scripts as its alternatives
+    cfg = train_config_for(tmp_path, m, "enable_wildcard = true\n")
+    wild = export.run([m], tmp_path / "wild", cfg)
+    assert wild.lines_left_out == 0
+    meta = json.loads((tmp_path / "wild" / "metadata.json").read_text(encoding="utf-8"))
+    assert {v["caption"] for v in meta.values()} == set(caps.values())
+    assert all("tags" not in v for v in meta.values())  # sd-scripts would add "," + "" to every line
+    (a_txt,) = [p for p in (tmp_path / "wild").rglob("*.txt") if "smile" in p.read_text(encoding="utf-8")]
+    assert sd_scripts_read_caption(a_txt, True).split("\n") == caps["a"].split("\n")
+    toml = (tmp_path / "wild" / "dataset_config.toml").read_text(encoding="utf-8")
+    assert "enable_wildcard = true" in toml
+
+    # curate train: one line per sample, seeded by the sample (a resumed run picks alike)
+    config = train_config.load(cfg)
+    (sample,) = [s for s in train_data.plan(config).samples if "smile" in s.caption]
+    picks = [train_data.process_caption(sample.caption, config.datasets[0], None, train_data.sample_rng(1, e, 0, 0))
+             for e in range(30)]
+    assert set(picks) == set(caps["a"].split("\n"))
+    assert picks == [train_data.process_caption(sample.caption, config.datasets[0], None,
+                                                train_data.sample_rng(1, e, 0, 0)) for e in range(30)]
+    # without it: the first line only, as sd-scripts
+    first = train_config.load(train_config_for(tmp_path, m))
+    assert {s.caption for s in train_data.plan(first).samples} == {"1girl, smile", "1boy, one line"}
+    rng = random.Random(0)
+    assert train_data.process_caption("1girl, smile", first.datasets[0], None, rng) == "1girl, smile"
+
+
+# sd-scripts' fine-tune preparation: finetune/make_captions.py and merge_captions_to_metadata.py
+# use <stem>.caption (BLIP sentences), tag_images_by_wd14_tagger.py and merge_dd_tags_to_metadata.py
+# <stem>.txt (tags); FineTuningDataset trains on caption + caption_separator + tags.
+@pytest.mark.parametrize("mode, expected, said", [
+    ("use", "1girl, umbrella", ["used .txt for 1 rows with several caption files", "left out",
+                                ".caption 1"]),
+    ("merge", "a girl holding an umbrella in the rain, 1girl, umbrella, night",
+     ["merged 1 rows' sentences and tags (.txt+.caption)"]),
+])
+def test_paired_sentences_and_tags(tmp_path, mode, expected, said):
+    m = ingest_folder(tmp_path, {"a.caption": "a girl holding an umbrella in the rain\n",
+                                 "a.txt": "1girl, umbrella\n"})
+    table, meta = manifest.read(m)
+    tagger = [[{"tag": "night", "category": "general", "score": 0.9}]]
+    manifest.write(manifest.with_column(table, "tagger", tagger), m, meta)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[caption]\nuser_caption = "{mode}"\nquality = false\n')
+    result = CliRunner().invoke(app, ["caption", str(m), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert by_file(m, "caption") == {"a": expected}
+    for text in said:
+        assert text in result.output

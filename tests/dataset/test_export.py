@@ -337,9 +337,13 @@ def test_a_killed_first_export_is_cleaned_up_by_the_rerun(project):
     stray = root / "out" / "official_cg" / "gone.png"  # a file of the killed run the re-run will not write
     stray.parent.mkdir(parents=True, exist_ok=True)
     stray.write_bytes(b"half")
+    with open(root / "out" / ".curate-export.journal", "a") as f:  # as the killed run noted it
+        f.write(json.dumps("official_cg/gone.png") + "\n")
+    mine = root / "out" / "official_cg" / "mine.png"  # the user's, added in between: never curate's
+    mine.write_bytes(b"keep me")
     result = CliRunner().invoke(app, ["export", str(train), str(reg), "--kohya", "out", "--link", "copy"])
     assert result.exit_code == 0, result.output
-    assert not stray.exists()
+    assert not stray.exists() and mine.read_bytes() == b"keep me"
     config = tomllib.loads((root / "out" / "dataset_config.toml").read_text())
     assert check_layout(config, [train, reg]) == 13
 
@@ -449,3 +453,242 @@ def test_fine_tune_route_has_training_rows_only(project):
     training_keys = {r["key"] for r in manifest.read(train)[0].to_pylist() if not r["dup_of"]}
     assert {Path(p).stem.replace("_", "/", 1) for p in metadata} == training_keys
     assert all(Path(p).parent == Path(subset["image_dir"]) for p in metadata)
+
+
+# --- sd-scripts' caches beside the exported images (kohya_ss #1629: "npz will not update
+# when resolution remain same" after editing an image) ------------------------------------
+
+
+def sd_scripts_caches(image: Path, w: int, h: int) -> list[Path]:
+    """Cache files with exactly sd-scripts' names (library/strategy_sd.py, strategy_sdxl.py)."""
+    names = [f"{image.stem}.npz", f"{image.stem}_{w:04d}x{h:04d}_sd.npz", f"{image.stem}_{w:04d}x{h:04d}_sdxl.npz",
+             f"{image.stem}_te_outputs.npz"]
+    for name in names:
+        (image.parent / name).write_bytes(b"PK\x03\x04 cached")
+    return [image.parent / n for n in names]
+
+
+def test_reexport_removes_only_the_changed_files_caches(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    for i, name in enumerate("abc"):
+        Image.new("RGB", (96, 64), (60 * i, 100, 200 - 60 * i)).save(cg / f"{name}.png")
+        Image.new("RGB", (16, 64), (250, 250, 0)).save(cg / "stripe.png")
+        with Image.open(cg / f"{name}.png") as im:  # a stripe: moving the box changes the pixels
+            im.paste(Image.open(cg / "stripe.png"), (8 * i, 0))
+            im.save(cg / f"{name}.png")
+        (cg / f"{name}.txt").write_text(f"1girl, {name}", encoding="utf-8")  # the user's own captions
+    (cg / "stripe.png").unlink()
+    m = tmp_path / "m.parquet"
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    assert run("ingest", cg, "--out", m).exit_code == 0
+    keys = {Path(r["path"]).stem: r["key"] for r in manifest.read(m)[0].to_pylist()}
+
+    def review(*lines):
+        f = tmp_path / "d.jsonl"
+        f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        assert run("review", m, "--apply", f).exit_code == 0
+        for stage in ("crop", "caption"):
+            result = run(stage, m)
+            assert result.exit_code == 0, result.output
+
+    review({"key": keys["a"], "action": "crop", "box": [0, 0, 80, 64]})
+    first = run("export", m, "--kohya", "out")
+    assert first.exit_code == 0, first.output
+    folder = tmp_path / "out" / "m" / "cg"
+    images = {stem: folder / (key.replace("/", "_") + ".png") for stem, key in keys.items()}
+    caches = {stem: sd_scripts_caches(p, *Image.open(p).size) for stem, p in images.items()}
+    # a person moves a's box (same size) and rewrites b's caption; c stays as it was
+    review({"key": keys["a"], "action": "crop", "box": [16, 0, 96, 64]},
+           {"key": keys["b"], "action": "caption", "text": "1girl, rewritten"})
+    again = run("export", m, "--kohya", "out")
+    assert again.exit_code == 0, again.output
+    assert Image.open(images["a"]).size == (80, 64)
+    left = {stem: [p.name.removeprefix(images[stem].stem) for p in files if p.exists()] for stem, files in caches.items()}
+    assert left == {"a": ["_te_outputs.npz"],                               # new pixels: latents gone
+                    "b": [".npz", "_0096x0064_sd.npz", "_0096x0064_sdxl.npz"],  # new caption: TE outputs gone
+                    "c": [".npz", "_0096x0064_sd.npz", "_0096x0064_sdxl.npz", "_te_outputs.npz"]}
+    assert ("sd-scripts caches (.npz): removed 4 that no longer fit, kept 8 (2 images changed pixels or caption)"
+            in again.output)
+    assert images["b"].with_suffix(".txt").read_text(encoding="utf-8") == "1girl, rewritten"
+    # nothing changed: nothing removed, and no unchanged image is hashed again
+    from curate.dataset import sd_caches
+
+    monkeypatch.setattr(sd_caches.hashlib, "file_digest", lambda *a: pytest.fail("an unchanged image was read"))
+    quiet = run("export", m, "--kohya", "out")
+    assert quiet.exit_code == 0, quiet.output
+    assert "sd-scripts caches (.npz): removed 0 that no longer fit, kept 8 (no image or caption changed)" in quiet.output
+    assert sum(p.exists() for files in caches.values() for p in files) == 8
+    monkeypatch.undo()
+    # a dropped image's caches leave with it
+    monkeypatch.chdir(tmp_path)
+    review({"key": keys["c"], "action": "drop"})
+    dropped = run("export", m, "--kohya", "out")
+    assert dropped.exit_code == 0, dropped.output
+    assert not any(p.exists() for p in caches["c"]) and not images["c"].exists()
+    assert "removed 4 that no longer fit, kept 4 (their images left the export)" in dropped.output
+
+
+# --- an export that travels ------------------------------------------------------------------
+
+# sdxl_train.py's argument names, as library/train_util.py, sdxl_train_util.py,
+# custom_train_functions.py and config_util.py add them (sd-scripts main, 2026-02)
+SD_SCRIPTS_ARGS = {
+    "pretrained_model_name_or_path", "output_dir", "output_name", "dataset_config", "save_model_as",
+    "gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "seed", "max_data_loader_n_workers",
+    "learning_rate", "learning_rate_te1", "learning_rate_te2", "train_text_encoder", "lr_scheduler",
+    "lr_warmup_steps", "optimizer_type", "optimizer_args", "max_grad_norm", "min_snr_gamma", "noise_offset",
+    "v_parameterization", "mixed_precision", "full_fp16", "full_bf16", "gradient_checkpointing",
+    "cache_latents", "cache_latents_to_disk", "save_every_n_steps", "save_last_n_steps", "save_precision",
+    "sample_every_n_steps", "sample_prompts", "sample_sampler", "weighted_captions",
+}
+
+
+def sd_scripts_dataset(config_file: Path) -> dict[str, str]:
+    """What sd-scripts reads from a dataset config, run from the working folder: `image_dir`
+    and `metadata_file` as given (relative ones against the working folder, as
+    train_util's os.path.isdir / glob / open do), images globbed, the first caption line read
+    (DreamBooth); metadata keys joined to image_dir when relative (fine-tune)."""
+    import glob
+
+    config = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))  # sd-scripts: toml.load
+    ext = config.get("general", {}).get("caption_extension", ".caption")
+    found = {}
+    for subset in config["datasets"][0]["subsets"]:
+        assert os.path.isdir(subset["image_dir"]), subset["image_dir"]
+        if "metadata_file" in subset:
+            metadata = json.loads(Path(subset["metadata_file"]).read_text(encoding="utf-8"))
+            for key, value in metadata.items():
+                path = key if os.path.isabs(key) else os.path.join(subset["image_dir"], key)
+                assert os.path.isfile(path) and not os.path.islink(path), path
+                found[path] = value["caption"]
+            continue
+        for path in sorted(p for e in IMAGE_EXTS for p in glob.glob(os.path.join(subset["image_dir"], "*" + e))):
+            assert os.path.isfile(path) and not os.path.islink(path), path
+            with open(os.path.splitext(path)[0] + ext, "rt", encoding="utf-8") as f:
+                found[path] = f.readlines()[0].strip()
+    return found
+
+
+def test_portable_export_travels_with_sd_scripts_arguments(project, tmp_path, monkeypatch):
+    import ast
+    import csv
+
+    root, train, reg = project
+    (root / "configs").mkdir()
+    cfg = root / "configs" / "train.toml"
+    cfg.write_text(TRAIN_TOML.replace('pretrained = "models/kohaku-xl-delta.safetensors"',
+                                      'pretrained_model_name_or_path = "KBlueLeaf/Kohaku-XL-Delta"')
+                   .replace("optimizer_args = { weight_decay = 0.1, betas = [0.9, 0.95] }",
+                            'optimizer_args = ["weight_decay=0.1", "betas=0.9,0.95"]')
+                   .replace("[[datasets]]", "max_train_steps = 100\nsave_every_n_steps = 50\n\n[[datasets]]", 1))
+    result = CliRunner().invoke(app, ["export", "--config", str(cfg), "--kohya", "dist", "--portable"])
+    assert result.exit_code == 0, result.output
+    assert "accelerate launch sdxl_train.py --config_file sdxl_train_args.toml" in result.output
+    # copied to "another machine": the folder alone, somewhere else, the originals gone
+    moved = tmp_path / "gpu-box" / "dataset"
+    moved.parent.mkdir()
+    shutil.move(str(root / "dist"), moved)
+    rows = {r["key"]: r for m in (train, reg) for r in manifest.read(m)[0].to_pylist()}
+    for folder in ("cg", "reg"):
+        shutil.rmtree(root / "manifests" / folder)
+    monkeypatch.chdir(moved)
+    seen = sd_scripts_dataset(Path("dataset_config.toml"))
+    exported = {r["key"]: r["caption"] for r in rows.values() if r["caption"] and not r["error"] and not r["dup_of"]}
+    assert len(seen) == len(exported) == 13
+    assert all(not os.path.isabs(p) for p in seen)
+    finetune = sd_scripts_dataset(Path("dataset_config_finetune.toml"))
+    assert len(finetune) == 5 and set(finetune.values()) <= set(exported.values())
+
+    # sd-scripts' --config_file: tables flattened, each key an argument of sdxl_train.py
+    args = {}
+    for key, value in tomllib.loads(Path("sdxl_train_args.toml").read_text(encoding="utf-8")).items():
+        args.update(value if isinstance(value, dict) else {key: value})
+    assert set(args) <= SD_SCRIPTS_ARGS, set(args) - SD_SCRIPTS_ARGS
+    assert args["pretrained_model_name_or_path"] == "KBlueLeaf/Kohaku-XL-Delta"
+    assert args["dataset_config"] == "dataset_config.toml" and os.path.isfile(args["dataset_config"])
+    assert args["optimizer_type"] == "Lion8bit" and args["learning_rate"] == 7.5e-6
+    assert args["save_last_n_steps"] == 150  # 3 checkpoints (curate's default) of every 50 steps
+    kwargs = {}
+    for arg in args["optimizer_args"]:  # as sd-scripts' get_optimizer reads them
+        key, value = arg.split("=")
+        kwargs[key] = ast.literal_eval(value)
+    assert kwargs == {"weight_decay": 0.1, "betas": (0.9, 0.95)}
+
+    # the original file names, beside the files
+    with open("names.csv", newline="", encoding="utf-8") as f:
+        names = list(csv.DictReader(f))
+    assert len(names) == 13 and all(os.path.isfile(n["file"]) for n in names)
+    assert {n["key"]: n["original_path"] for n in names} == {
+        k: rows[k]["source_path"] or rows[k]["path"] for k in exported}
+    assert {n["original_name"] for n in names} >= {"%s.png" % k.split("/")[1] for k in rows if k in exported}
+
+
+def test_sd_scripts_spellings_in_the_train_config(tmp_path):
+    from curate.common import train_config
+
+    base = 'output_dir = "o"\nmax_train_steps = 1\n[[datasets]]\nmanifest = "m.parquet"\n'
+    table = tmp_path / "a.toml"
+    table.write_text('pretrained = "x/y"\noptimizer_args = { weight_decay = 0.1, betas = [0.9, 0.95] }\n' + base)
+    spelled = tmp_path / "b.toml"
+    spelled.write_text('pretrained_model_name_or_path = "x/y"\n'
+                       'optimizer_args = ["weight_decay=0.1", "betas=(0.9, 0.95)"]\n' + base)
+    a, b = train_config.load(table), train_config.load(spelled)
+    assert a.pretrained == b.pretrained and a.optimizer_args == b.optimizer_args == {"weight_decay": 0.1,
+                                                                                   "betas": [0.9, 0.95]}
+    for text, message in (('pretrained = "x"\npretrained_model_name_or_path = "x"\n', "keep one"),
+                          ('pretrained = "x"\noptimizer_args = ["weight_decay"]\n', "is not name=value")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text + base)
+        with pytest.raises(CurateError, match=message):
+            train_config.load(bad)
+
+
+def test_portable_export_loads_in_sd_scripts_own_reader(project, tmp_path, monkeypatch):
+    """sd-scripts' own argument parser and dataset-config reader on the moved folder. Runs
+    where SD_SCRIPTS names a kohya-ss/sd-scripts checkout whose requirements are importable
+    (voluptuous, imagesize, opencv); elsewhere sd_scripts_dataset above stands in for it."""
+    if not os.environ.get("SD_SCRIPTS"):
+        pytest.skip("SD_SCRIPTS (a kohya-ss/sd-scripts checkout) not set")
+    monkeypatch.syspath_prepend(os.environ["SD_SCRIPTS"])
+    transformers = pytest.importorskip("transformers")
+    if "CLIPFeatureExtractor" not in dir(transformers):  # gone from newer transformers; sd-scripts imports it
+        sys.modules["transformers"].__dict__["CLIPFeatureExtractor"] = transformers.CLIPImageProcessor
+    root, train, reg = project
+    cfg = root / "train.toml"
+    cfg.write_text(TRAIN_TOML.replace('optimizer_args = { weight_decay = 0.1, betas = [0.9, 0.95] }',
+                                      'optimizer_args = ["weight_decay=0.1", "betas=0.9,0.95"]')
+                   .replace("[[datasets]]", "max_train_steps = 100\n\n[[datasets]]", 1))
+    result = CliRunner().invoke(app, ["export", "--config", str(cfg), "--kohya", "dist", "--portable"])
+    assert result.exit_code == 0, result.output
+    moved = tmp_path / "gpu-box" / "dataset"
+    moved.parent.mkdir()
+    shutil.move(str(root / "dist"), moved)
+    for folder in ("cg", "reg"):
+        shutil.rmtree(root / "manifests" / folder)
+    monkeypatch.chdir(moved)
+
+    import sdxl_train
+    from library import config_util, strategy_base, strategy_sd, train_util
+
+    strategy_base.LatentsCachingStrategy.set_strategy(strategy_sd.SdSdxlLatentsCachingStrategy(False, True, 1, False))
+    parser = sdxl_train.setup_parser()
+    monkeypatch.setattr(sys, "argv", ["sdxl_train.py", "--config_file", "sdxl_train_args.toml"])
+    args = train_util.read_config_from_file(parser.parse_args(), parser)
+    assert args.optimizer_type == "Lion8bit" and args.optimizer_args == ["weight_decay=0.1", "betas=0.9,0.95"]
+    expected = {r["caption"] for m in (train, reg) for r in manifest.read(m)[0].to_pylist()
+                if r["caption"] and not r["error"] and not r["dup_of"]}
+    for name, kind, n in (("dataset_config.toml", "DreamBoothDataset", 13),
+                          ("dataset_config_finetune.toml", "FineTuningDataset", 5)):
+        blueprint = config_util.BlueprintGenerator(config_util.ConfigSanitizer(True, True, False, True)).generate(
+            config_util.load_user_config(args.dataset_config if kind == "DreamBoothDataset" else name), args)
+        group, _ = config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
+        (dataset,) = group.datasets
+        infos = list(dataset.image_data.values())
+        assert type(dataset).__name__ == kind and len(infos) == n
+        assert all(os.path.isfile(i.absolute_path) and not os.path.islink(i.absolute_path)
+                   and not os.path.isabs(i.absolute_path) for i in infos)
+        assert {i.caption for i in infos} <= expected

@@ -248,3 +248,58 @@ def test_sidecar_captions_read_as_the_users_with_or_without_bom(tmp_path):
     assert {Path(r["path"]).name: r["user_caption"] for r in pq.read_table(out).to_pylist()}["c.png"] == "later"
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != "c.txt"} == before
     assert "<stem>.caption" in curate("ingest", "--help").stdout  # a new user learns it from --help
+
+
+# The layout mbrrg/synology-thumbgen (PR #11) documents: Synology keeps
+# `@eaDir/<image name>/SYNOPHOTO_THUMB_SM.jpg` (and _XL, _PREVIEW) beside every image.
+def test_housekeeping_folders_are_skipped_and_counted(tmp_path):
+    d = tmp_path / "cg"
+    (d / "@eaDir" / "a.png").mkdir(parents=True)
+    picture(20, 64, 48).save(d / "a.png")
+    for size in ("SM", "XL"):
+        picture(21, 32, 24).save(d / "@eaDir" / "a.png" / f"SYNOPHOTO_THUMB_{size}.jpg")
+    for folder in ("#recycle", "$RECYCLE.BIN", "System Volume Information", "__MACOSX", ".Trash-1000"):
+        (d / folder).mkdir()
+        picture(22, 64, 48).save(d / folder / "deleted_cg.png")  # a CG the user deleted
+    (d / "#recycle" / "deleted_cg.txt").write_text("1girl, deleted", encoding="utf-8")
+    (d / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 thumbnail cache")
+    (d / "desktop.ini").write_text("[.ShellClassInfo]\n", encoding="utf-8")
+    out = tmp_path / "m.parquet"
+    r = curate("ingest", d, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert [Path(p).name for p in pq.read_table(out).column("path").to_pylist()] == ["a.png"]
+    assert ("skipped housekeeping files (--include-housekeeping reads them): #recycle 2, $RECYCLE.BIN 1, "
+            "@eaDir 2, System Volume Information 1, Thumbs.db 1, Trash-<uid> 1, __MACOSX 1, desktop.ini 1") in r.stdout
+    assert "non-image files ignored" not in r.stdout
+    # on request they are the user's images after all
+    r = curate("ingest", d, "--out", tmp_path / "all.parquet", "--include-housekeeping")
+    assert r.returncode == 0, r.stderr
+    names = sorted(Path(p).parent.name + "/" + Path(p).name for p in pq.read_table(tmp_path / "all.parquet").column("path").to_pylist())
+    assert len(names) == 8 and "#recycle/deleted_cg.png" in names and "a.png/SYNOPHOTO_THUMB_SM.jpg" in names
+    assert "skipped housekeeping" not in r.stdout
+
+
+# sd-scripts' fine-tune preparation: finetune/make_captions.py writes BLIP sentences to
+# <stem>.caption, finetune/tag_images_by_wd14_tagger.py WD14 tags to <stem>.txt, beside one image
+def test_paired_sidecars_are_all_kept(tmp_path):
+    d = tmp_path / "cg"
+    d.mkdir()
+    for name in "abc":
+        picture(30 + ord(name), 64, 48).save(d / f"{name}.png")
+    (d / "a.caption").write_text("a girl standing in the rain\n", encoding="utf-8")
+    (d / "a.txt").write_text("1girl, rain, umbrella", encoding="utf-8")
+    (d / "b.caption").write_text("a cat on a roof", encoding="utf-8")
+    (d / "c.tags").write_text("cat, roof", encoding="utf-8")
+    out = tmp_path / "m.parquet"
+    r = curate("ingest", d, "--out", out, "--caption-ext", "tags")
+    assert r.returncode == 0, r.stderr
+    rows = {Path(x["path"]).name: x for x in pq.read_table(out).to_pylist()}
+    assert rows["a.png"]["user_sidecars"] == [{"ext": ".txt", "text": "1girl, rain, umbrella"},
+                                              {"ext": ".caption", "text": "a girl standing in the rain"}]
+    assert rows["a.png"]["user_caption"] == "1girl, rain, umbrella"
+    assert rows["b.png"]["user_caption"] == "a cat on a roof"
+    assert rows["c.png"]["user_sidecars"] == [{"ext": ".tags", "text": "cat, roof"}]
+    assert "1 images have several caption files (.caption 2, .tags 1, .txt 1)" in r.stdout
+    assert "3 images have the user's own caption" in r.stdout
+    bad = curate("ingest", d, "--out", out, "--caption-ext", "a/b")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --caption-ext '.a/b' is not a file extension"

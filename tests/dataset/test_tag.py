@@ -322,54 +322,68 @@ def test_rerun_skips_and_new_settings_retag(tmp_path):
     assert provenance(m)["stages"]["tag"]["mcut"] is True
 
 
-def test_onnx_model_folder(tmp_path):
+class WdOnnx(torch.nn.Module):  # the layout of the WD ONNX files: NHWC BGR 0..255 in, probabilities out
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        x = x.permute(0, 3, 1, 2) / 255.0
+        return torch.sigmoid(self.net((x - 0.5) / 0.5))
+
+
+def export_onnx(folder: Path, model, batch: int | None = None, nchw: bool = False) -> Path:
+    """A tiny WD-layout ONNX tagger; `batch`: a fixed batch dimension (None: dynamic)."""
     pytest.importorskip("onnx")  # only to export the tiny model
     pytest.importorskip("onnxruntime")
-    model = make_tagger(tmp_path / "src", "vit", small_labels())
-
-    class WdOnnx(torch.nn.Module):  # the layout of the WD ONNX files: NHWC BGR 0..255 in, probabilities out
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            x = x.permute(0, 3, 1, 2) / 255.0
-            return torch.sigmoid(self.net((x - 0.5) / 0.5))
-
-    folder = tmp_path / "onnx"
     folder.mkdir()
     (folder / "selected_tags.csv").write_text(small_labels())
-    torch.onnx.export(WdOnnx(model), (torch.zeros(1, SIZE, SIZE, 3),), str(folder / "model.onnx"), dynamo=False,
-                      input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}})
+    net = model if nchw else WdOnnx(model)
+    example = torch.zeros(batch or 1, *((3, SIZE, SIZE) if nchw else (SIZE, SIZE, 3)))
+    torch.onnx.export(net, (example,), str(folder / "model.onnx"), dynamo=False, input_names=["input"],
+                      output_names=["output"], dynamic_axes=None if batch else {"input": {0: "batch"}})
+    return folder
+
+
+def test_onnx_model_folder(tmp_path):
+    model = make_tagger(tmp_path / "src", "vit", small_labels())
+    folder = export_onnx(tmp_path / "onnx", model)
     images = make_images(tmp_path / "images")
     m = make_manifest(tmp_path / "m.parquet", images)
     out = tag(m, "--model", folder, "--device", "cpu", "--workers", "0", "--batch-size", "2")
-    assert "onnx on cpu" in out
+    assert "onnx on cpu" in out and "batches of exactly" not in out
     labels = tm.read_labels(folder / "selected_tags.csv")
     for p in images:
         check_against_reference(model, labels, rows_by_key(m)[f"local/{p.stem}"], p)
 
 
-def test_jpeg_draft_is_close_and_no_draft_is_exact(tmp_path):
-    model = make_tagger(tmp_path / "model", "convnext", small_labels())
-    yy, xx = np.mgrid[0:300, 0:400]
-    a = np.stack([xx * 255 // 400, yy * 255 // 300, 120 + 100 * np.sin(xx / 15) * np.cos(yy / 20)], -1).astype(np.uint8)
-    p = tmp_path / "images" / "big.jpg"
-    p.parent.mkdir()
-    Image.fromarray(a).save(p, quality=92)
-    drafted = tm.prepare(open_image(p, draft_size=tm.draft_size(SIZE)), SIZE).astype(int)
-    full = tm.prepare(open_image(p), SIZE).astype(int)
-    # DCT-scaled (1/8 here), then the same resize: close, not equal (at 448 px it is ~0.2 levels)
-    assert 0 < np.abs(drafted - full).mean() < 6
-    m = make_manifest(tmp_path / "m.parquet", [p])
-    tag(m, "--model", tmp_path / "model", "--device", "cpu", "--workers", "0", "--no-draft")
-    labels = tm.read_labels(tmp_path / "model" / "selected_tags.csv")
-    check_against_reference(model, labels, rows_by_key(m)["local/big"], p)
-    tag(m, "--model", tmp_path / "model", "--device", "cpu", "--workers", "0", "--general-threshold", "0.3")
-    probs = reference_probs(model, p)
-    index = {n: i for i, n in enumerate(labels.names)}
-    for e in rows_by_key(m)["local/big"]["tagger"]:
-        assert abs(e["score"] - probs[index[e["tag"]]]) < 0.1
+# sd-scripts PR #864 (wd14 tagger --onnx): SmilingWolf/wd-v1-4-convnext-tagger-v2's model.onnx
+# "can only use batch_size=1"; at curate's default batch size onnxruntime refused the batch.
+# (sd-scripts' tag_images_by_wd14_tagger.py now reads the input's dim 0 and uses it likewise.)
+@pytest.mark.parametrize("fixed, args", [(1, ()), (3, ("--batch-size", "8"))])
+def test_onnx_fixed_batch_sets_the_batch_size(tmp_path, fixed, args):
+    model = make_tagger(tmp_path / "src", "vit", small_labels(), seed=3)
+    folder = export_onnx(tmp_path / "onnx", model, batch=fixed)
+    assert tm.load(str(folder)).batch == fixed
+    images = make_images(tmp_path / "images")  # 5 images: with 3, the last batch of 2 is padded
+    m = make_manifest(tmp_path / "m.parquet", images)
+    out = tag(m, "--model", folder, "--device", "cpu", "--workers", "0", *args)
+    assert "5 tagged" in out and "1 failed" in out  # the broken JPEG the manifest holds
+    note = f"the model takes batches of exactly {fixed}: batch size {fixed}"
+    assert out.count(note) == 1 and (("not --batch-size 8" in out) == bool(args))
+    labels = tm.read_labels(folder / "selected_tags.csv")
+    for p in images:
+        check_against_reference(model, labels, rows_by_key(m)[f"local/{p.stem}"], p)
+
+
+def test_onnx_shape_that_cannot_work_is_one_line_before_decoding(tmp_path, capsys):
+    model = make_tagger(tmp_path / "src", "vit", small_labels())
+    folder = export_onnx(tmp_path / "onnx", model, batch=1, nchw=True)  # [1, 3, S, S]: not the WD layout
+    m = make_manifest(tmp_path / "m.parquet", make_images(tmp_path / "images")[:1])
+    code, err = run_main(["tag", m, "--model", folder, "--device", "cpu"], capsys)
+    assert code == 2 and err.startswith("error: ") and "\n" not in err
+    assert "[1, 3, 32, 32] is not the WD layout [N, S, S, 3]" in err
+    assert rows_by_key(m)["local/img0"]["tagger"] is None and rows_by_key(m)["local/broken"]["error"] is None
 
 
 # --- bad models: one line, exit 2 -------------------------------------------------------------------

@@ -96,11 +96,14 @@ def test_wrong_or_missing_token_is_refused(bg, m):
     assert post(bg, {"m": 0, "lines": [{"key": key, "action": "drop"}]}, token=False).status_code == 403
     res = post(bg, {"m": 0, "lines": [{"key": key, "action": "drop"}]}, token=False, **{"X-Curate-Token": "nope"})
     assert res.status_code == 403 and decisions.current(m).dropped == {}
-    # the page sets a strict, http-only cookie; a write still needs the header
+    # no cookie grants access (a host-wide cookie reaches every port of 127.0.0.1): the page
+    # sets none and deletes an older version's
     page = get(bg, "/")
-    assert page.status_code == 200 and "HttpOnly" in page.headers["set-cookie"] and "SameSite=strict" in page.headers["set-cookie"]
+    assert page.status_code == 200 and 'curate_review=""' in page.headers["set-cookie"]
+    assert "max-age=0" in page.headers["set-cookie"].lower()
     cookies = {"curate_review": bg.review.token}
-    assert requests.get(base(bg) + "/api/state", cookies=cookies, timeout=30).status_code == 200
+    assert requests.get(base(bg) + "/api/state", cookies=cookies, timeout=30).status_code == 403
+    assert requests.get(base(bg) + "/thumb?m=0&key=" + quote(key), cookies=cookies, timeout=30).status_code == 403
     r = requests.post(base(bg) + "/api/decide", json={"m": 0, "lines": [{"key": key, "action": "drop"}]},
                       cookies=cookies, timeout=30)
     assert r.status_code == 403 and decisions.current(m).dropped == {}

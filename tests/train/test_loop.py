@@ -471,15 +471,6 @@ def test_unloadable_pretrained_is_a_one_line_error(tmp_path):
         assert str(tmp_path / pretrained) in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-def test_fp16_without_gpu_is_a_one_line_error(tmp_path):
-    write_images_manifest(tmp_path, "t", SIZES[:2])
-    config = write_config(tmp_path / "c.toml", [{"manifest": "t.parquet"}], mixed_precision="fp16")
-    r = subprocess.run([CURATE, "train", str(config)], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: mixed_precision = \"fp16\" needs a CUDA GPU")
-    assert len(r.stderr.strip().splitlines()) == 1
-
-
 def test_an_unwritable_output_dir_is_a_one_line_error_before_the_model_loads(tmp_path):
     write_images_manifest(tmp_path, "t", SIZES[:2])
     (tmp_path / "afile").write_text("a file where output_dir should go")

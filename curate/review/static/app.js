@@ -21,7 +21,8 @@ function el(tag, props, ...kids) {
   for (const kid of kids) if (kid != null) e.append(kid);
   return e;
 }
-const q = (m, key) => `m=${m}&key=${encodeURIComponent(key)}`;
+// images carry the token in their query: no cookie may (another port of this host would get it)
+const q = (m, key) => `m=${m}&key=${encodeURIComponent(key)}&token=${encodeURIComponent(TOKEN)}`;
 function toast(text) { const t = $("toast"); t.textContent = text; t.style.display = "block"; clearTimeout(t._h); t._h = setTimeout(() => t.style.display = "none", 2500); }
 
 async function api(path, body) {
@@ -214,10 +215,12 @@ function showBucket(b) {
     const r = cur(); if (r && !drag) r.decidedBucket = res.bucket;
   }, 30);
 }
+const MIN_BOX = 16;  // decisions.MIN_BOX
 function clampBox(b, r) {
   let [l, t, rr, bb] = b.map(v => Math.round(v));
-  l = Math.max(0, Math.min(l, r.w - 1)); t = Math.max(0, Math.min(t, r.h - 1));
-  rr = Math.max(l + 1, Math.min(rr, r.w)); bb = Math.max(t + 1, Math.min(bb, r.h));
+  const mw = Math.min(MIN_BOX, r.w), mh = Math.min(MIN_BOX, r.h);  // the server's smallest box
+  l = Math.max(0, Math.min(l, r.w - mw)); t = Math.max(0, Math.min(t, r.h - mh));
+  rr = Math.max(l + mw, Math.min(rr, r.w)); bb = Math.max(t + mh, Math.min(bb, r.h));
   return [l, t, rr, bb];
 }
 let drag = null;
