@@ -5,7 +5,7 @@ writes need the header). No cookie carries it: a browser sends a cookie for 127.
 every port of that host, so another local service would receive it, and two review
 servers would overwrite each other's. The page keeps the token from its URL and sends it
 itself (the header for the API, the query for images). The page's own code
-(/static/app.js, app.css) is served without it. Host must be the address we
+(/static/app.js, app.css, judge.js) is served without it. Host must be the address we
 listen on (no DNS rebinding), a foreign Origin or a cross-site fetch is refused, and
 files are served only by (manifest, key): the path comes from the manifest row,
 never from the request. The page builds its DOM from text nodes only.
@@ -34,7 +34,7 @@ from curate.review import judgement
 
 STATIC = Path(__file__).with_name("static")
 COOKIE = "curate_review"  # set by older versions; now only ever deleted
-PUBLIC = {"/static/app.js", "/static/app.css"}  # the page's code: no secret in it
+PUBLIC = {"/static/app.js", "/static/app.css", "/static/judge.js"}  # the page's code: no secret in it
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
