@@ -141,6 +141,10 @@ def _run_query(query: Path, source: str, out: Optional[Path], kind: str, seed: O
         quota = "all" if r.quota is None else str(r.quota)
         short = "  (fewer than the quota: took all)" if r.quota is not None and r.selected < r.quota else ""
         typer.echo(f"  {r.name:<24} {quota:>8} {r.eligible:>10} {r.selected:>9}{short}")
+    for name, shift in sel.tag_shift.items():  # match_tags_of subsets (issue 27)
+        typer.echo(f"  {name}: share of its rows carrying the training set's overfitting tags, before -> after matching:")
+        for d in shift:
+            typer.echo(f"    {d['tag']:<28} {d['before']:>6.1%} -> {d['after']:>6.1%}   (training set {d['training']:.0%})")
     for r in sel.subsets:
         for old, new, n in r.renamed_artists:
             typer.echo(f"  artist {old!r} is now {new!r} (alias): {n} posts")
@@ -224,12 +228,21 @@ _query_command("build-reg", "reg", """Build a regularization set: like fetch, an
 def inspect(
     manifest: Path = typer.Argument(..., help="Manifest (Parquet)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    tags: bool = typer.Option(False, "--tags", help="List the tags that will overfit: on many times more of the training images than of Danbooru at large (or of the reg set)."),
+    reg: Optional[Path] = typer.Option(None, "--reg", help="With --tags: the reg manifest the run balances with."),
+    counts: Optional[Path] = typer.Option(None, "--counts", help="With --tags: a tagger's selected_tags.csv (Danbooru post counts); default: the tagger's that tagged the manifest, when on disk."),
 ) -> None:
     """Show what a manifest holds: rows per subset, stages done, failures, provenance."""
     import json
 
-    from curate.report.inspect import inspect as run_inspect, render
+    from curate.report.inspect import inspect as run_inspect, render, render_tags
 
+    if tags:
+        from curate.common.overfit import report
+
+        info = report(manifest, reg, counts)
+        typer.echo(json.dumps(info, indent=1, default=str) if as_json else render_tags(manifest, info))
+        return
     info = run_inspect(manifest)
     typer.echo(json.dumps(info, indent=1, default=str) if as_json else render(info))
 
@@ -247,14 +260,25 @@ def artists(
     base_url: Optional[str] = _BASE_URL,
     user_agent: Optional[str] = _USER_AGENT,
     tag_limit: Optional[int] = _TAG_LIMIT,
+    like: Optional[Path] = typer.Option(None, "--like", help="A CG manifest: rank the artists by how much a sample of their posts looks like it (needs --model)."),
+    model: Optional[str] = typer.Option(None, "--model", help="With --like: image-embedding model, a local folder or a hub id (CLIP vision; see docs/judgement.md)."),
+    sample: int = typer.Option(8, "--sample", callback=_range(1), help="With --like: posts embedded per artist (chosen by --seed)."),
+    seed: int = typer.Option(0, "--seed", help="With --like: which posts are sampled."),
+    images: Optional[Path] = typer.Option(None, "--images", help="With --like: image folder to reuse (download's <md5[:2]>/<md5>.<ext> layout)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="With --like: where images and embeddings are cached (default: .curate_artists_like beside the CG manifest)."),
+    max_requests: Optional[int] = typer.Option(None, "--max-requests", callback=_range(0), help="With --like: at most this many image requests (a re-run goes on from the cache)."),
 ) -> None:
-    """Rank artists by well-favourited posts in a copyright (or tag set)."""
+    """Rank artists by well-favourited posts in a copyright (or tag set); with --like, by likeness to a CG set."""
     from curate.metadata.artists import rank_artists, write_artists_file
 
     tag_list = [t.strip() for t in tags.split(",") if t.strip()] if tags else []
     if not copyright and not tag_list:
         raise CurateError("give --copyright or --tags (ranking every artist on the site is rarely what you want)")
     src = _source(source, **_live(rate, user_agent, tag_limit, base_url=base_url))
+    if like is not None:
+        _artists_like(like, src, model, copyright, tag_list, fav_count, min_posts, top, sample, seed, images, cache,
+                      max_requests, out)
+        return
     with _bar("artists") as bar:
         rows = rank_artists(src, copyright, tag_list, fav_count, min_posts, top, progress=bar.update)
     typer.echo(f"{len(rows)} artists with >= {min_posts} posts (fav_count {fav_count}) in "
@@ -267,6 +291,30 @@ def artists(
         header = (f"curate artists --source {src.describe()} --copyright {copyright or ''} "
                   f"--tags {','.join(tag_list)} --fav-count '{fav_count}' --min-posts {min_posts}")
         typer.echo(f"  written: {write_artists_file(rows, out, header)}")
+
+
+def _artists_like(like, src, model, copyright, tag_list, fav_count, min_posts, top, sample, seed, images, cache,
+                  max_requests, out) -> None:
+    from curate.metadata.artists_like import rank_like, write_like_file, write_like_page
+
+    if not model:
+        raise CurateError("--like needs --model (an image-embedding model: folder or hub id)")
+    s = rank_like(like, src, model, copyright, tag_list, fav_count, min_posts, top, sample, seed, images, cache,
+                  max_requests)
+    typer.echo(f"{len(s.rows)} artists ranked by likeness to {like} ({s.cg_images} CG images) from {src.describe()}")
+    typer.echo(f"  images: {s.on_disk} on disk, {s.fetched} fetched, {s.missing} unreadable; "
+               f"embeddings: {s.embedded} new, {s.cached} cached")
+    for r in s.rows[:20]:
+        typer.echo(f"  {r.artist:<40} like {r.score:.3f}  ({len(r.sample)} of {r.posts} posts)")
+    if len(s.rows) > 20:
+        typer.echo(f"  ... {len(s.rows) - 20} more")
+    if out is not None:
+        header = (f"curate artists --like {like} --model {model} --source {src.describe()} --copyright "
+                  f"{copyright or ''} --tags {','.join(tag_list)} --fav-count '{fav_count}' --min-posts {min_posts} "
+                  f"--sample {sample} --seed {seed}")
+        typer.echo(f"  written: {write_like_file(s.rows, out, header)}")
+        page = write_like_page(s.rows, s.cg_files, Path(out).with_suffix(".html"), f"artists like {Path(like).stem}")
+        typer.echo(f"  samples beside scores: {page}")
 
 
 @app.command()
@@ -347,6 +395,7 @@ def dedupe(
     engine: str = _ENGINE,
     ray_address: Optional[str] = _RAY_ADDRESS,
     shard_rows: int = _SHARD_ROWS,
+    keep_mirrors: bool = typer.Option(False, "--keep-mirrors", help="A horizontally flipped copy is not a duplicate (for training without flip augmentation)."),
 ) -> None:
     """Mark exact and near duplicates (dup_of); the best copy of each cluster is kept.
 
@@ -355,19 +404,23 @@ def dedupe(
     detected borders so a letterboxed frame matches its clean twin. Keeper: most
     content pixels (inside borders), then colour over greyscale, lossless over lossy,
     higher JPEG quality or more bytes per pixel, an original over a derivative, no
-    bars, key order; the column keeper_reason says which decided.
+    bars, key order; the column keeper_reason says which decided. Mirror images match
+    too (dup_reason "mirrored copy"); an upscaled copy loses to its original
+    ("upscaled copy"); among frames alike in size and quality the sharpest is kept.
     """
     from curate import engine as eng
     from curate.dataset.dedupe import DEFAULT_THRESHOLD, run
 
     t = DEFAULT_THRESHOLD if threshold is None else threshold
-    s = run(manifest, against or [], t, workers, ray=eng.options(engine, ray_address, shard_rows))
+    s = run(manifest, against or [], t, workers, ray=eng.options(engine, ray_address, shard_rows),
+            mirrors=not keep_mirrors)
     typer.echo(f"dedupe: {s.rows} rows: {s.hashed} hashed, {s.reused} hashes reused, {s.failed} failed, "
                f"{s.skipped} skipped (error or no file)")
     typer.echo(f"  exact pairs: {s.exact_bytes} same bytes, {s.exact_pixels} same pixels; "
                f"near pairs (<= {s.threshold} bits): {s.near_pairs}")
     typer.echo(f"  {s.duplicates} rows marked dup_of in {s.clusters} clusters"
                + (f"; {s.against} of them duplicate rows of --against ({s.against_rows} rows)" if against else ""))
+    typer.echo(f"  mirrored copies: {s.mirrored} marked" if s.mirrors else "  mirrored copies: kept apart (--keep-mirrors)")
     if s.reasons:
         typer.echo("  keepers by what decided: " + ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items(), key=lambda kv: -kv[1])))
     _show_errors(s.errors)
@@ -508,6 +561,36 @@ def tag(
         typer.echo(line)
     if s.interrupted:
         raise typer.Exit(130)
+
+
+@app.command()
+def score(
+    manifest: Path = typer.Argument(..., help="Manifest whose images to score (written back in place)."),
+    model: str = typer.Option(..., "--model", help="Quality predictor: a local folder or a hub id holding a CLIP vision backbone and a small head (curate_score.json; see docs/judgement.md)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", callback=_range(1), help="Images per batch \\[default: 64 on cuda, 8 on cpu]."),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | auto (cuda when present)."),
+    min_aesthetic: Optional[float] = typer.Option(None, "--min-aesthetic", help="Leave rows scoring under this out of training: a review decision 'drop' each (by 'curate score'), which every stage obeys and a person can undo."),
+    engine: str = _ENGINE,
+    ray_address: Optional[str] = _RAY_ADDRESS,
+    shard_rows: int = _SHARD_ROWS,
+) -> None:
+    """Score each image's aesthetic quality into the `aesthetic` column (float; higher is better).
+
+    Rows with an error or without a path are skipped. Resumable: a re-run with the same
+    model scores only rows without a score. Review sorts and thresholds by it; the
+    report shows its histogram.
+    """
+    from curate import engine as eng
+    from curate.dataset.score import drop_below, run
+
+    with _bar("score", "image") as bar:
+        s = run(manifest, model, batch_size=batch_size, device=device, progress=bar.update,
+                ray=eng.options(engine, ray_address, shard_rows))
+    if min_aesthetic is not None:
+        drop_below(manifest, min_aesthetic, s)
+    for line in s.lines():
+        typer.echo(line)
+    _show_errors(s.errors)
 
 
 # --- training (issue 9) -------------------------------------------------------------

@@ -35,9 +35,10 @@ import pyarrow.compute as pc
 
 from curate.dataset import borders
 from curate.errors import CurateError
-from curate.dataset.hamming_index import clusters, hamming, pairs_within
+from curate.dataset.hamming_index import clusters, hamming, pairs_across, pairs_within
 from curate.common.decode import ImageError, jpeg_tables, open_image, probe, sniff
-from curate.dataset.keeper import choose_keeper
+from curate.dataset.keeper import CONTENT_TIE, choose_keeper
+from curate.dataset.sharpness import effective_pixels, sharpness
 from curate.pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
 # Measured with benchmarks/bench_dedupe_quality.py (its threshold sweep): at 10 bits
@@ -50,6 +51,11 @@ COLOUR_CONFIRM = 48  # ... and its mean colour within this per channel (flat ima
                      # share one phash: a white page is no duplicate of a green one)
 EXACT_RADIUS = 6     # same-size pairs this close get a full-decode pixel comparison
 MAX_THRESHOLD = 24
+# Mirror images are searched within min(threshold, this): a flipped copy's phash is within
+# 0-2 bits of the mirrored hash (re-encoded at q70, halved, brightened), 2-6 bits with a
+# 3% crop (12 drawn scenes, docs/judgement.md); at 6 bits the search costs
+# ~1/5 of the direct one at 100k hashes (benchmarks/bench_judgement.py), at 10 about as much.
+MIRROR_THRESHOLD = 6
 DRAFT = (128, 128)   # JPEG draft decode target: ~1/8 scale for CG-sized images
 HASH_SIDE = 256      # other images are box-reduced to about this before hashing
 HASH_VERSION = "phash8+dhash8+colour/borders2/draft128+reduce256/v2"  # bump when hashes change meaning
@@ -79,10 +85,25 @@ def from_hex(v) -> int | None:
     return u - (1 << 64) if u >= 1 << 63 else u
 
 
+# imagehash.phash's DCT-II (scipy.fftpack's, unnormalized) of a 32x32 greyscale copy, its
+# 8x8 lowest frequencies as one matrix product: the same bits, no scipy in the worker.
+_N = np.arange(32)
+_DCT8 = 2 * np.cos(np.pi * np.arange(8)[:, None] * (2 * _N[None, :] + 1) / 64)
+# A horizontal flip multiplies the coefficient of horizontal frequency v by (-1)^v: the
+# mirrored picture's phash comes from the same DCT, no second decode or resize.
+_MIRROR = np.where(np.arange(8) % 2, -1.0, 1.0)[None, :]
+
+
+def _grid_bits(grid: np.ndarray) -> int:
+    """An 8x8 bool grid -> signed int64 (row-major, first bit highest), as _bits."""
+    v = int.from_bytes(np.packbits(grid.flatten()).tobytes(), "big")
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
 def image_hashes(im) -> dict:
-    """phash, dhash, mean colour 0xRRGGBB of what lies inside the image's flat borders;
+    """phash, dhash (imagehash's, bit for bit), the same of the mirrored picture, mean colour
+    0xRRGGBB of what lies inside the image's flat borders, and its sharpness;
     `content`: the share of the picture inside them; `grey`: no colour in it."""
-    import imagehash
     from PIL import Image
 
     box = borders.detect(im)
@@ -92,9 +113,15 @@ def image_hashes(im) -> dict:
     a = np.asarray(im.resize((64, 64), Image.Resampling.BOX)).astype(np.int16)  # averages JPEG chroma noise
     spread = a.max(axis=2) - a.min(axis=2)
     r, g, b = a.reshape(-1, 3).mean(axis=0).round()
-    return {"phash": _bits(imagehash.phash(im)), "dhash": _bits(imagehash.dhash(im)),
+    grey = im.convert("L")
+    low = _DCT8 @ np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), np.float64) @ _DCT8.T
+    mirrored = low * _MIRROR
+    d = np.asarray(grey.resize((9, 8), Image.Resampling.LANCZOS), np.int16)
+    dm = d[:, ::-1]
+    return {"phash": _grid_bits(low > np.median(low)), "dhash": _grid_bits(d[:, 1:] > d[:, :-1]),
+            "phash_mirror": _grid_bits(mirrored > np.median(mirrored)), "dhash_mirror": _grid_bits(dm[:, 1:] > dm[:, :-1]),
             "colour": int(r) << 16 | int(g) << 8 | int(b), "content": content,
-            "grey": bool((spread <= GREY_SPREAD).mean() >= GREY_SHARE)}
+            "grey": bool((spread <= GREY_SPREAD).mean() >= GREY_SHARE), "sharpness": sharpness(np.asarray(grey))}
 
 
 # IJG's luminance table (libjpeg, quality 50): JPEG quality is estimated against it.
@@ -150,6 +177,22 @@ def hash_file(path: str) -> dict:
     return {"sha256": digest, **found, "content_px": int(round(content * w * h)), "file_px": w * h, **facts}
 
 
+_warm = False
+
+
+def warm() -> None:
+    """Load once, in the process that forks the hashing pool, what hashing a file loads on
+    first use (every Pillow plugin: curate.common.decode registers them all; numpy's lazy
+    parts): each worker inherits it instead of paying ~0.1-0.2 s of imports at its start."""
+    global _warm
+    if not _warm:
+        from PIL import Image
+
+        Image.init()
+        image_hashes(Image.new("RGB", (64, 48), (90, 120, 200)))
+        _warm = True
+
+
 def pixel_digest(path: str) -> str | None:
     """Worker: digest of the fully decoded RGB pixels (same picture, other encoding)."""
     try:
@@ -177,6 +220,9 @@ class Summary:
     against: int = 0
     threshold: int = DEFAULT_THRESHOLD
     against_rows: int = 0
+    mirrored: int = 0      # rows marked dup_of as a mirror image of their keeper
+    mirror_pairs: int = 0  # pairs only the mirrored hashes found
+    mirrors: bool = True
     reasons: dict = field(default_factory=dict)  # keeper_reason -> clusters it decided
     errors: list = field(default_factory=list)
 
@@ -184,8 +230,9 @@ class Summary:
 # Stored per hashed row. phash/dhash as 16 hex digits (to_hex); in memory signed int64.
 HASH_COLUMNS = {"phash": pa.string(), "dhash": pa.string(), "colour": pa.int32(), "sha256": pa.string(),
                 "content_px": pa.int64(), "file_px": pa.int64(), "grey": pa.bool_(), "lossless": pa.bool_(),
-                "jpeg_quality": pa.int16(), "file_bytes": pa.int64()}
-HEX_COLUMNS = ("phash", "dhash")
+                "jpeg_quality": pa.int16(), "file_bytes": pa.int64(),
+                "phash_mirror": pa.string(), "dhash_mirror": pa.string(), "sharpness": pa.float32()}
+HEX_COLUMNS = ("phash", "dhash", "phash_mirror", "dhash_mirror")
 OPTIONAL = ("jpeg_quality",)  # null for every file but a JPEG: no sign of a row left to hash
 
 
@@ -237,6 +284,8 @@ def hash_rows(rows: pa.Table, base: Path, cached: bool, workers: int = 1,
             if f and not (cached and all(h[c][k] is not None for c in HASH_COLUMNS if c not in OPTIONAL))]
     stats = {"hashed": 0, "reused": sum(1 for f in files if f) - len(todo)}
     new_errors = [None] * len(files)
+    if todo:
+        warm()
     try:
         results, stopped = parallel_map(hash_file, [files[k] for k in todo], workers, desc), None
     except PoolStopped as exc:  # a worker was killed: keep what finished (the caller checkpoints it)
@@ -306,8 +355,10 @@ def _exact_pairs(usable, own, sha, files, pixels, i, j, dist, workers, s: Summar
     return np.array(ei, np.int64), np.array(ej, np.int64)
 
 
-def confirm(dhash: np.ndarray, colour: np.ndarray, i: np.ndarray, j: np.ndarray, grey=None) -> np.ndarray:
+def confirm(dhash: np.ndarray, colour: np.ndarray, i: np.ndarray, j: np.ndarray, grey=None,
+            dhash_j: np.ndarray | None = None) -> np.ndarray:
     """Which phash-close pairs (i, j) the second hash and the mean colour agree with.
+    `dhash_j`: the hashes j is compared by (the mirrored ones for a mirror pair).
 
     A pair with a greyscale side compares mean brightness instead: a greyscale copy of
     a colour CG is the same picture (and the keeper then takes the colour one).
@@ -319,7 +370,51 @@ def confirm(dhash: np.ndarray, colour: np.ndarray, i: np.ndarray, j: np.ndarray,
         luma = np.array([0.299, 0.587, 0.114])
         either = grey[i] | grey[j]
         off = np.where(either, np.abs((ca - cb) @ luma), off)
-    return (hamming(dhash[i], dhash[j]) <= DHASH_CONFIRM) & (off <= COLOUR_CONFIRM)
+    other = dhash if dhash_j is None else dhash_j
+    return (hamming(dhash[i], other[j]) <= DHASH_CONFIRM) & (off <= COLOUR_CONFIRM)
+
+
+def _mirror_pairs(ph, phm, dh, dhm, colour, grey, own, threshold: int):
+    """Pairs (i < j) where one picture is the other's horizontal mirror image: i's phash
+    against j's mirrored phash, confirmed as near pairs are; pairs the direct search
+    already found are left to it."""
+    a, b = pairs_across(ph, phm, threshold)
+    keep = (a != b) & ((own[a] == 0) | (own[b] == 0)) & (hamming(ph[a], ph[b]) > threshold)
+    a, b = a[keep], b[keep]
+    ok = confirm(dh, colour, a, b, grey, dhm)
+    a, b = a[ok], b[ok]
+    code = np.unique(np.minimum(a, b) * len(ph) + np.maximum(a, b))
+    return code // max(1, len(ph)), code % max(1, len(ph))
+
+
+def _effective(labels, usable, h, files, stored, workers) -> list:
+    """effective_px per row (curate.dataset.sharpness): measured (a full decode) only for
+    rows in clusters whose copies differ in content pixels, reused when stored; None elsewhere."""
+    eff = list(stored)
+    order = np.argsort(labels, kind="stable")
+    need = []
+    for group in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
+        rows = [int(usable[g]) for g in group]
+        px = [h["content_px"][r] or 0 for r in rows]
+        if len(rows) > 1 and min(px) < max(px) * (1 - CONTENT_TIE):
+            need += [r for r in rows if eff[r] is None]
+    for r, v in zip(need, parallel_map(effective_pixels, [files[r] for r in need], workers, "effective resolution")
+                    if need else []):
+        eff[r] = v
+    return eff
+
+
+_ALL = (1 << 64) - 1
+
+
+def _dup_reason(r: int, keeper: int, h: dict) -> str:
+    """How a duplicate row matches its keeper."""
+    if h["sha256"][r] == h["sha256"][keeper]:
+        return "exact copy"
+    ph, k, km = h["phash"][r], h["phash"][keeper], h["phash_mirror"][keeper]
+    if km is not None and ((ph ^ km) & _ALL).bit_count() < ((ph ^ k) & _ALL).bit_count():
+        return "mirrored copy"
+    return "near copy"
 
 
 def dedupe(
@@ -330,8 +425,10 @@ def dedupe(
     threshold: int = DEFAULT_THRESHOLD,
     workers: int | None = None,
     shards=None,
+    mirrors: bool = True,
 ) -> tuple[pa.Table, Summary]:
     """Fill the hash columns and dup_of. `base` is the manifest's folder.
+    `mirrors`: a horizontally flipped copy is a duplicate (False: kept apart, for no-flip training).
 
     `shards(fn, rows, name)`: hash on another engine (curate.engine's Ray.map); the
     clustering below always runs here, on every hash at once.
@@ -342,7 +439,8 @@ def dedupe(
         raise CurateError(f"--threshold must be between 0 and {MAX_THRESHOLD} bits, got {threshold}")
     workers = workers or default_workers()
     n = table.num_rows
-    s = Summary(rows=n, threshold=threshold)
+    s = Summary(rows=n, threshold=threshold, mirrors=mirrors)
+    stored_sha, stored_eff = _column(table, "sha256"), _column(table, "effective_px")
     files, h, new_err = _hash_rows(table, base, _stored_hash_ok(meta), workers, "hashing", s,
                                    shards and partial(shards, name="dedupe"))
     mine = {c: list(v) for c, v in h.items()}  # what gets written back
@@ -360,6 +458,8 @@ def dedupe(
         for c in HASH_COLUMNS:
             h[c] += oh[c]
         keys += _column(other, "key")
+        stored_sha += _column(other, "sha256")
+        stored_eff += _column(other, "effective_px")
         owner += [num] * other.num_rows
         pixels += [(w or 0) * (ht or 0) for w, ht in zip(_column(other, "width"), _column(other, "height"))]
         s.against_rows += other.num_rows
@@ -376,13 +476,22 @@ def dedupe(
     near = (dist <= threshold) & confirm(dh, colour, i, j, grey)
     s.near_pairs = int(near.sum())
     ei, ej = _exact_pairs(usable, own, h["sha256"], files, pixels, i, j, dist, workers, s)
-    labels = clusters(len(usable), np.concatenate([i[near], ei]), np.concatenate([j[near], ej]))
+    mi = mj = np.empty(0, np.int64)
+    if mirrors:
+        phm, dhm = (np.array([h[c][k] for k in usable], np.int64) for c in ("phash_mirror", "dhash_mirror"))
+        mi, mj = _mirror_pairs(ph, phm, dh, dhm, colour, grey, own, min(threshold, MIRROR_THRESHOLD))
+    s.mirror_pairs = len(mi)
+    labels = clusters(len(usable), np.concatenate([i[near], ei, mi]), np.concatenate([j[near], ej, mj]))
+    # a stored effective resolution holds while the file is the same (its digest)
+    stored_eff = [e if a == b else None for e, a, b in zip(stored_eff, stored_sha, h["sha256"])]
+    eff = _effective(labels, usable, h, files, stored_eff, workers)
 
     # Keeper per cluster: the best copy (choose_keeper); a row of another manifest
     # wins over ours, so ours point at theirs.
-    dup_of, reason = [None] * n, [None] * n
-    facts = {**{c: h[c] for c in ("content_px", "file_px", "file_bytes", "grey", "lossless", "jpeg_quality")},
-             "derived": derived}
+    dup_of, reason, how = [None] * n, [None] * n, [None] * n
+    facts = {**{c: h[c] for c in ("content_px", "file_px", "file_bytes", "grey", "lossless", "jpeg_quality",
+                                  "sharpness")},
+             "derived": derived, "effective_px": eff}
     order = np.argsort(labels, kind="stable")
     for group in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
         if len(group) < 2:
@@ -398,6 +507,8 @@ def dedupe(
             s.against += len(marked) if theirs else 0
             for r in marked:
                 dup_of[r] = keys[keeper]
+                how[r] = _dup_reason(r, keeper, h)
+                s.mirrored += how[r] == "mirrored copy"
             for r in marked + ([keeper] if owner[keeper] == 0 else []):
                 reason[r] = why  # on the keeper and its duplicates: the keeper may be in another manifest
 
@@ -407,6 +518,8 @@ def dedupe(
         table = with_column(table, c, _hash_array(c, mine[c]))
     table = with_column(table, "dup_of", dup_of)
     table = with_column(table, "keeper_reason", pa.array(reason, pa.string()))
+    table = with_column(table, "dup_reason", pa.array(how, pa.string()))
+    table = with_column(table, "effective_px", pa.array(eff[:n], pa.int64()))
     return table, s
 
 
@@ -428,7 +541,7 @@ def _reviewed_reasons(table: pa.Table, before: list) -> pa.Table:
 
 
 def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRESHOLD,
-        workers: int | None = None, ray=None) -> Summary:
+        workers: int | None = None, ray=None, mirrors: bool = True) -> Summary:
     """Read the manifest (and the others), dedupe, write it back atomically.
 
     `ray`: curate.engine.RayOptions to hash on Ray (None: here, in a process pool).
@@ -449,7 +562,7 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
         others.append((ot, Path(other).parent, ometa))
     if ray is None:
         try:
-            table, s = dedupe(table, manifest.parent, meta, others, threshold, workers)
+            table, s = dedupe(table, manifest.parent, meta, others, threshold, workers, mirrors=mirrors)
         except PoolStopped as exc:  # keep the hashes that finished: the re-run reuses them
             part = getattr(exc, "hashes", None)
             if part is not None and part.column("key").equals(table.column("key")):  # ours, not --against's
@@ -466,13 +579,13 @@ def run(manifest: Path, against: list[Path] = (), threshold: int = DEFAULT_THRES
                 out, stats = cluster.map(fn, rows, engine.work_dir(manifest, name), desc=name)
                 return out, engine.sum_stats(stats) or {"hashed": 0, "reused": 0}
 
-            table, s = dedupe(table, manifest.parent, meta, others, threshold, workers, shards)
+            table, s = dedupe(table, manifest.parent, meta, others, threshold, workers, shards, mirrors)
     meta.get("checkpoints", {}).pop("dedupe", None)
     before = table.column("dup_of").to_pylist()
     table = decisions.current(manifest).applied(table)  # a person's keepers and splits win
     table = _reviewed_reasons(table, before)
     mf.record_stage(meta, "dedupe", hash=HASH_VERSION, threshold=threshold,
-                    dhash_confirm=DHASH_CONFIRM, against=[str(p) for p in against])
+                    dhash_confirm=DHASH_CONFIRM, against=[str(p) for p in against], mirrors=mirrors)
     mf.write(table, manifest, meta)
     if ray is not None:
         engine.clean(manifest, "dedupe")

@@ -126,6 +126,48 @@ def pairs_within(hashes, threshold: int, workers: int = 1) -> tuple[np.ndarray, 
     return code // n, code % n
 
 
+def _band_cross(a: np.ndarray, b: np.ndarray, lo: int, width: int, masks: np.ndarray, threshold: int) -> np.ndarray:
+    """Pairs (coded i * len(b) + j) of a[i], b[j] found through one band: b's band values
+    in a counting-sorted table, a's looked up at each neighbour mask."""
+    sel = np.uint64((1 << width) - 1)
+    va = ((a >> np.uint64(lo)) & sel).astype(np.int32)
+    vb = ((b >> np.uint64(lo)) & sel).astype(np.int32)
+    order = np.argsort(vb, kind="stable")
+    hb = b[order]
+    counts = np.bincount(vb, minlength=1 << width).astype(np.int32)
+    starts = (np.cumsum(counts) - counts).astype(np.int32)
+    found = []
+    for mask in masks:
+        q = va ^ np.int32(mask)
+        cnt = counts[q]
+        idx = np.flatnonzero(cnt)
+        if not idx.size:
+            continue
+        cnt = cnt[idx].astype(np.int64)
+        first = np.cumsum(cnt) - cnt
+        qj = np.repeat(starts[q[idx]] - first, cnt) + np.arange(int(first[-1] + cnt[-1]))
+        qi = np.repeat(idx, cnt)
+        ok = popcount(a[qi] ^ hb[qj]) <= threshold
+        found.append(qi[ok] * len(b) + order[qj[ok]])
+    return np.concatenate(found) if found else np.empty(0, np.int64)
+
+
+def pairs_across(a, b, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (i, j) with a[i] and b[j] within threshold bits (i == j included): the same
+    multi-index search as pairs_within, between two lists (hashes vs mirrored hashes)."""
+    a = np.ascontiguousarray(np.asarray(a).astype(np.int64).view(np.uint64))
+    b = np.ascontiguousarray(np.asarray(b).astype(np.int64).view(np.uint64))
+    if not len(a) or not len(b):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    widths, r = _plan(max(len(a), len(b)), threshold)
+    found, lo = [], 0
+    for width in widths:
+        found.append(_band_cross(a, b, lo, width, _flip_masks(width, r), threshold))
+        lo += width
+    code = np.unique(np.concatenate(found))
+    return code // len(b), code % len(b)
+
+
 def hamming(a, b) -> np.ndarray:
     """Bits that differ between the int64 hashes a and b (elementwise)."""
     a = np.asarray(a).astype(np.int64).view(np.uint64)

@@ -8,8 +8,10 @@ only ranks them, so the order of preference lives in one place.
 from __future__ import annotations
 
 CONTENT_TIE = 0.02   # content pixel counts this close are a tie (borders are found on a ~256 px copy)
+SHARP_TIE = 0.33     # sharpness this close is a tie: blur costs 3x and more, a subtitle line ~13%
+                     # (curate.dataset.sharpness)
 # What settles a cluster's keeper, in this order (choose_keeper); the reason is the one that decided.
-REASONS = ("more content pixels", "colour", "lossless", "higher quality", "original", "no bars", "key order",
+REASONS = ("more content pixels", "upscaled copy", "colour", "lossless", "higher quality", "sharper", "original", "no bars", "key order",
            "other manifest",  # the one row of an --against manifest in the cluster
            "review")          # a person chose the keeper or split the cluster (curate review)
 
@@ -21,9 +23,21 @@ def choose_keeper(rows: list[int], facts: dict[str, list], keys: list[str]) -> t
     CONTENT_TIE of the most count as a tie) and passes them on; the reason is the
     last step that left one row (or "key order" when several are alike to the end).
     `facts` holds per row: content_px, file_px, file_bytes, grey, lossless,
-    jpeg_quality, derived.
+    jpeg_quality, derived; optional: effective_px (the resolution the picture was drawn at,
+    curate.dataset.sharpness), sharpness.
+    Content pixels count at the effective resolution, and among copies alike in that the
+    least enlarged wins: when that passes over a copy with more pixels (an upscale), the
+    reason is "upscaled copy", whatever settles the rest.
     """
     f = facts
+    eff = f.get("effective_px") or [None] * (max(rows) + 1)
+    sharp = f.get("sharpness") or [None] * (max(rows) + 1)
+
+    def content(r, effective=True):
+        px = f["content_px"][r] or 0
+        if effective and eff[r] and f["file_px"][r]:
+            px *= min(1.0, eff[r] / f["file_px"][r])
+        return px
 
     def quality(r):  # lossy copies: JPEG quality when all are JPEGs, then bytes per content pixel
         if f["lossless"][r]:
@@ -32,20 +46,28 @@ def choose_keeper(rows: list[int], facts: dict[str, list], keys: list[str]) -> t
         return q, (f["file_bytes"][r] or 0) / max(1, f["content_px"][r] or 0)
 
     steps = [
-        ("more content pixels", lambda r: f["content_px"][r] or 0, CONTENT_TIE),
+        ("more content pixels", content, CONTENT_TIE),
+        ("upscaled copy", lambda r: min(1.0, (eff[r] or f["file_px"][r] or 1) / (f["file_px"][r] or 1)),
+         CONTENT_TIE),
         ("colour", lambda r: not f["grey"][r], 0),
         ("lossless", lambda r: bool(f["lossless"][r]), 0),
         ("higher quality", quality, 0),
+        ("sharper", lambda r: sharp[r] or 0.0, SHARP_TIE),
         ("original", lambda r: not f["derived"][r], 0),
         ("no bars", lambda r: (f["content_px"][r] or 0) / max(1, f["file_px"][r] or 0), CONTENT_TIE),
     ]
     cands = list(rows)
+    upscaled = False
     for reason, key, tie in steps:
         if len(cands) < 2:
             break
         values = {r: key(r) for r in cands}
         best = max(values.values())
-        cands = [r for r in cands if (values[r] >= best * (1 - tie) if tie else values[r] == best)]
+        kept = [r for r in cands if (values[r] >= best * (1 - tie) if tie else values[r] == best)]
+        if reason in ("more content pixels", "upscaled copy"):  # a copy with more pixels passed over?
+            raw = max(content(r, False) for r in kept)
+            upscaled |= any(content(r, False) > raw * (1 + tie) for r in cands if r not in kept)
+        cands = kept
         if len(cands) == 1:
-            return cands[0], reason
-    return min(cands, key=lambda r: keys[r]), "key order"
+            return cands[0], "upscaled copy" if upscaled else reason
+    return min(cands, key=lambda r: keys[r]), "upscaled copy" if upscaled else "key order"

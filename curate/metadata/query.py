@@ -33,6 +33,7 @@ FILTER_KEYS = {
     "rating", "orientation", "min_width", "min_height", "min_pixels", "created_after",
     "created_before", "file_ext", "max_per_artist", "order", "include_deleted",
     "include_banned", "caption", "count",
+    "match_tags_of", "match_tags_share",  # issue 27: curate.metadata.match_tags
 }
 TOP_KEYS = {"name", "seed", "class_token", "description", "subsets"} | FILTER_KEYS
 SUBSET_KEYS = {"name", "count"} | FILTER_KEYS
@@ -108,6 +109,9 @@ class Subset:
     include_deleted: bool = False
     include_banned: bool = False
     caption: dict = field(default_factory=dict)
+    match_tags_of: str | None = None  # a training manifest: draw part of the quota from its overfitting tags
+    match_tags_share: float = 0.3
+    match_shares: tuple = ()          # (tag -> share, rows) of that manifest, read at load
 
     @property
     def exts(self) -> tuple[str, ...]:
@@ -224,7 +228,24 @@ def _subset(d: dict, where: str, base_dir: Path, default_name: str, outside_file
             setattr(s, key, _typed(d[key], bool, f"{where}.{key}"))
     if "caption" in d:
         s.caption = _typed(d["caption"], dict, f"{where}.caption")
+    if "match_tags_of" in d or "match_tags_share" in d:
+        _match_tags(s, d, where, base_dir)
     return s
+
+
+def _match_tags(s: Subset, d: dict, where: str, base_dir: Path) -> None:
+    from curate.metadata.match_tags import load_shares
+
+    if "match_tags_of" not in d:
+        raise CurateError(f"{where}.match_tags_share: needs match_tags_of (the training manifest)")
+    rel = _typed(d["match_tags_of"], str, f"{where}.match_tags_of")
+    path = next((p for p in (base_dir / rel, Path(rel)) if p.is_file()), None)  # beside the query, or from here
+    if path is None:
+        raise CurateError(f"{where}.match_tags_of: manifest not found: {rel}")
+    share = d.get("match_tags_share", s.match_tags_share)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise CurateError(f"{where}.match_tags_share: expected a number from 0 to 1, got {share!r}")
+    s.match_tags_of, s.match_tags_share, s.match_shares = rel, float(share), load_shares(path)
 
 
 def read_artists_file(path: Path) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.metadata import match_tags
 from curate.metadata.query import Query, Subset
 from curate.schema import RATINGS
 from curate.metadata.store import CATEGORY_CODE, FLAG_BANNED, FLAG_DELETED, NULL_I32, NULL_I64, Store, rating_codes
@@ -220,6 +221,8 @@ def top(cols, rows: np.ndarray, s: Subset, seed: int, limit: int | None) -> np.n
         rows = rows[primary <= cut]  # ties at the cut stay; lexsort settles them
     order, _ = rank_keys(cols, rows, s, seed)
     rows = rows[order]
+    if s.match_tags_of:  # part of the quota from the training set's overfitting tags
+        rows = match_tags.reorder(cols, rows, s)
     return rows if limit is None else rows[:limit]
 
 
@@ -242,6 +245,7 @@ class Selection:
     table: pa.Table  # POST_SCHEMA + key + subset, in manifest order
     subsets: list[SubsetResult]
     skipped: Counter = field(default_factory=Counter)
+    tag_shift: dict = field(default_factory=dict)  # match_tags_of subsets: curate.metadata.match_tags.record
 
 
 def candidate_limits(query: Query) -> list[int | None]:
@@ -249,7 +253,7 @@ def candidate_limits(query: Query) -> list[int | None]:
     subsets take theirs, its quota can still be filled."""
     limits, taken_before = [], 0
     for s in query.subsets:
-        if s.count is None or s.max_per_artist is not None or taken_before is None:
+        if s.count is None or s.max_per_artist is not None or taken_before is None or s.match_tags_of:
             limits.append(None)
         else:
             limits.append(s.count + taken_before)
@@ -276,8 +280,11 @@ def select(query: Query, source, aliases: dict[str, str] | None = None, progress
         aliases.update(source.aliases_for(query_tags(query)))
     excluded = np.unique(np.asarray(list(exclude_ids or ()), dtype=np.int64))
     if store is not None:
-        return _select_store(query, store, aliases, excluded)
-    return _select_stream(query, source, aliases, progress, excluded)
+        sel = _select_store(query, store, aliases, excluded)
+    else:
+        sel = _select_stream(query, source, aliases, progress, excluded)
+    match_tags.record(query, sel)
+    return sel
 
 
 def _eligible_rows(cols, s: Subset, aliases, excluded: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from curate import manifest
 from curate.errors import CurateError
+from curate.report import judgement
 from curate.report.inspect import reason_of
 from curate.pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 from curate.common import decisions
@@ -33,7 +34,8 @@ from curate.common.thumbs import Thumbs
 
 FILES = "\x00files/"  # placeholder for the thumbnails folder in image URLs
 COLUMNS = ["key", "subset", "width", "height", "path", "source_path", "error", "dup_of", "keeper_reason", "crop",
-           "tagger", "caption", "tags_general", "tags_character", "tags_copyright"]
+           "tagger", "caption", "tags_general", "tags_character", "tags_copyright",
+           *judgement.COLUMNS[:3], judgement.COLUMNS[5]]  # issue 27: how a copy matched, sharpness, resolution, score
 ASPECT_BINS = [  # (upper bound of width/height, label)
     (0.58, "taller than 9:16"), (0.7, "9:16 .. 2:3"), (0.85, "2:3 .. 4:5"), (1.18, "about square"),
     (1.45, "5:4 .. 3:2"), (1.85, "3:2 .. 16:9"), (float("inf"), "wider than 16:9")]
@@ -141,6 +143,8 @@ def build(paths: list[str | Path], out: str | Path, title: str | None = None, co
         ("duplicates", "Duplicate clusters", _dups_html(clusters, thumbs, metas)),
         ("crops", "Crop boxes", _crops_html(cropped, rows, thumbs)),
         ("tags", "Top tags per subset", _tags_html(by_subset)),
+        ("overfit", "Tags that will overfit", judgement.overfit_html(paths, metas)),
+        ("aesthetic", "Aesthetic scores", judgement.aesthetic_html(by_subset, _bars)),
         ("aspect", "Aspect ratios and buckets", _aspect_html(by_subset, buckets)),
         ("captions", "Caption examples", _captions_html(captions, thumbs)),
     ]
@@ -296,13 +300,15 @@ def _dups_html(clusters, thumbs, metas) -> str:
             where = f" ({metas[keeper.m]['name']})"
             out.append(f'<figure class="keeper">{_img(keeper.data.get("_orig"), keeper.data["key"])}'
                        f'<figcaption><b>KEEP</b> {e(_short(keeper.data["key"]))}{e(where)}<br>{e(_name(keeper))}{why}'
+                       f'{judgement.copy_facts(keeper.data)}'
                        f'</figcaption></figure>')
         else:
             out.append(f'<figure class="keeper"><div class="noimg">keeper {e(dups[0].data["dup_of"])}<br>'
                        f'is in a manifest not in this report</div><figcaption><b>KEEP</b>{why}</figcaption></figure>')
         for r in dups:
             out.append(f'<figure class="dup">{_img(r.data.get("_orig"), r.data["key"])}'
-                       f'<figcaption>duplicate {e(_short(r.data["key"]))}<br>{e(_name(r))}</figcaption></figure>')
+                       f'<figcaption>duplicate {e(_short(r.data["key"]))}<br>{e(_name(r))}'
+                       f'{judgement.copy_facts(r.data)}</figcaption></figure>')
         out.append("</div>")
     out.append("</div>")
     if len(clusters) > 300:
@@ -398,7 +404,7 @@ table.counts td:first-child{text-align:left}
 .clusters{display:flex;flex-wrap:wrap;gap:10px}.cluster{display:flex;gap:8px;align-items:flex-start;border:1px solid #ddd;border-radius:4px;padding:8px}
 .cluster img{height:110px;display:block}.keeper img,.keeper .noimg{outline:4px solid #2e7d32}
 .dup img{outline:3px solid #c62828;opacity:.85}
-.why{color:#2e7d32;font-style:italic}
+.why{color:#2e7d32;font-style:italic}.facts{color:#666}
 .cropwrap{position:relative;display:inline-block}.cropwrap img{height:150px;display:block}
 .box{position:absolute;outline:2px solid #ff1744;outline-offset:-2px;box-shadow:0 0 0 2000px rgba(0,0,0,.45)}.crops figure{overflow:hidden}
 .charts{display:flex;flex-wrap:wrap;gap:24px}.chart{min-width:340px;flex:1}

@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 
 from curate import manifest
 from curate.common import decisions
+from curate.common.overfit import RATIO
 
 # stage -> the column that stage fills
 STAGE_COLUMNS = {"download/ingest": "path", "dedupe": "phash", "crop": "crop", "tag": "tagger", "caption": "caption"}
@@ -73,4 +74,20 @@ def render(info: dict) -> str:
         lines.append("  failures: none")
     r = info["review"]
     lines.append(f"  review: {r['looked_at']} looked at, {r['dropped']} dropped, {r['edited']} edited by a person")
+    return "\n".join(lines)
+
+
+def render_tags(path, info: dict) -> str:
+    """`curate inspect --tags`: the over-represented tags and what they mean for the run."""
+    if info["base"] is None:
+        return f"{path}: {info['rows']} usable rows; {info['note']}"
+    lines = [f"{path}: {info['rows']} usable rows; tags on >= {RATIO:g}x their share in {info['base']}"
+             + (f"; reg set {info['reg_rows']} rows" if info.get("reg_rows") is not None else "")]
+    if not info["flagged"]:
+        lines.append("  none: no tag is over-represented")
+    for d in info["flagged"]:
+        cap = "" if d["caption_share"] is None else f", captions {d['caption_share']:.0%}"
+        reg = "" if d["reg_share"] is None else f", reg {d['reg_share']:.1%}"
+        lines.append(f"  {d['tag']:<28} {d['share']:>5.0%} of rows vs {d['base']:.2%} ({d['ratio']:.0f}x){cap}{reg}")
+        lines.append(f"  {'':<28} -> {d['meaning']}")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ writes need the header). No cookie carries it: a browser sends a cookie for 127.
 every port of that host, so another local service would receive it, and two review
 servers would overwrite each other's. The page keeps the token from its URL and sends it
 itself (the header for the API, the query for images). The page's own code
-(/static/app.js, app.css) is served without it. Host must be the address we
+(/static/app.js, app.css, judge.js) is served without it. Host must be the address we
 listen on (no DNS rebinding), a foreign Origin or a cross-site fetch is refused, and
 files are served only by (manifest, key): the path comes from the manifest row,
 never from the request. The page builds its DOM from text nodes only.
@@ -30,10 +30,11 @@ from curate.errors import CurateError
 from curate.common.buckets import RECIPE_BUCKETS
 from curate.common.thumbs import Thumbs, thumb_job
 from curate.common import decisions
+from curate.review import judgement
 
 STATIC = Path(__file__).with_name("static")
 COOKIE = "curate_review"  # set by older versions; now only ever deleted
-PUBLIC = {"/static/app.js", "/static/app.css"}  # the page's code: no secret in it
+PUBLIC = {"/static/app.js", "/static/app.css", "/static/judge.js"}  # the page's code: no secret in it
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -148,7 +149,15 @@ class Review:
                                                          zip(r["width"], r["height"], r["crop"])]})
             out["decisions"].append(d.state)
         out["vocab"] = list(vocab)
+        out.update(self.judgement())
         return out
+
+    def judgement(self) -> dict:
+        """Issue 27's columns and overfitting tags (static/judge.js; also in the state)."""
+        for s in self.sources:
+            s.fresh()
+        return {"judgement": [judgement.columns(s.table) for s in self.sources],
+                "overfit": judgement.overfit_tags(self.sources)}
 
     def bucket(self, w, h, box=None) -> str | None:
         if box:
@@ -214,7 +223,7 @@ class Review:
 
         def static(request):
             name = request.path_params["name"]
-            if name not in ("app.js", "app.css"):
+            if name not in ("app.js", "app.css", "judge.js"):
                 return PlainTextResponse("not found", 404)
             return FileResponse(STATIC / name)
 
@@ -259,7 +268,14 @@ class Review:
                 return PlainTextResponse("not found", 404)
             return FileResponse(path)
 
+        def judge(request):
+            try:
+                return JSONResponse(self.judgement())
+            except CurateError as exc:
+                return JSONResponse({"error": str(exc)}, 500)
+
         routes = [Route("/", page), Route("/static/{name}", static), Route("/api/state", state),
+                  Route("/api/judgement", judge),
                   Route("/api/decide", decide, methods=["POST"]), Route("/api/bucket", bucket),
                   Route("/thumb", image), Route("/original", image), Route("/image", image)]
         return Guard(Starlette(routes=routes), self)

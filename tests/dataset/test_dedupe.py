@@ -82,8 +82,17 @@ def cg(tmp_path_factory):
     return d
 
 
-BASE_VARIANTS = ["base.png", "base_copy.png", "base.bmp", "base_q70.jpg", "base_small.jpg",
+BASE_VARIANTS = ["base.png", "base_copy.png", "base.bmp", "base_q70.jpg", "base_small.jpg", "base_big.png",
                  "base_letterbox.jpg", "base_subtitle.png", "base_bright.png", "base_crop.png"]
+# lossless at the original size, alike in sharpness (a subtitle, +8% brightness): one is kept, by key order
+ORIGINALS = ("base.png", "base_copy.png", "base.bmp", "base_bright.png", "base_subtitle.png")
+
+
+def base_keeper(rows) -> dict:
+    """The kept copy of the base scene: an original, not base_big.png (a 1.5x upscale)."""
+    kept = [rows[n] for n in ORIGINALS if rows[n]["dup_of"] is None]
+    assert len(kept) == 1, [(n, rows[n]["dup_of"]) for n in ORIGINALS]
+    return kept[0]
 SINGLES = ["third.png", "grey.png", "alpha.png", "dark.png", "white.png", "one.png", "strip.png"]
 
 
@@ -100,13 +109,15 @@ def deduped(cg):
     return m, r.stdout
 
 
-def test_dedupe_marks_variants_and_keeps_the_largest(deduped):
+def test_dedupe_marks_variants_and_keeps_the_original_over_its_upscale(deduped):
     m, out = deduped
     rows = rows_by_name(m)
-    keeper = rows["base_big.png"]
-    assert keeper["dup_of"] is None
+    keeper = base_keeper(rows)
     for name in BASE_VARIANTS:
-        assert rows[name]["dup_of"] == keeper["key"], name
+        assert rows[name]["dup_of"] in (None, keeper["key"]), name
+    assert rows["base_big.png"]["dup_of"] == keeper["key"]
+    assert keeper["keeper_reason"] == "upscaled copy"  # base_big.png has more pixels, not more picture
+    assert rows["base_big.png"]["effective_px"] == keeper["effective_px"] == 640 * 360
     assert rows["other.png"]["dup_of"] is None
     assert rows["other_q80.jpg"]["dup_of"] == rows["other.png"]["key"]
     for name in SINGLES:
@@ -114,7 +125,7 @@ def test_dedupe_marks_variants_and_keeps_the_largest(deduped):
         assert rows[name]["phash"] is not None and rows[name]["error"] is None, name
     assert rows["broken.jpg"]["error"] and rows["broken.jpg"]["phash"] is None
     assert "1 same bytes" in out and "same pixels" in out
-    assert f"{len(BASE_VARIANTS) + 1} rows marked dup_of in 2 clusters" in out
+    assert f"{len(BASE_VARIANTS)} rows marked dup_of in 2 clusters" in out
 
 
 def test_exact_pixels_found_even_at_threshold_zero(cg, tmp_path):
@@ -154,7 +165,7 @@ def test_against_marks_rows_found_in_another_manifest(cg, tmp_path):
     reg_key = rows_by_name(reg_m)["same_as_other.jpg"]["key"]
     assert rows["other.png"]["dup_of"] == reg_key
     assert rows["other_q80.jpg"]["dup_of"] == reg_key
-    assert rows["base_q70.jpg"]["dup_of"] == rows["base_big.png"]["key"]
+    assert rows["base_q70.jpg"]["dup_of"] == base_keeper(rows)["key"]
     assert reg_m.read_bytes() == reg_bytes  # the other manifest is only read
 
 
@@ -189,7 +200,7 @@ def test_killed_worker_keeps_finished_hashes_and_a_rerun_finishes(cg, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"{hashed} hashes reused" in r.stdout
     rows = rows_by_name(m)
-    assert rows["base_q70.jpg"]["dup_of"] == rows["base_big.png"]["key"]
+    assert rows["base_q70.jpg"]["dup_of"] == base_keeper(rows)["key"]
 
 
 # --- the keeper: the best copy for training, and why ------------------------------------
