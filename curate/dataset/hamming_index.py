@@ -15,7 +15,6 @@ import os
 
 import numpy as np
 
-
 if hasattr(np, "bitwise_count"):  # numpy >= 2
     popcount = np.bitwise_count
 else:  # pragma: no cover - numpy 1.x
@@ -49,6 +48,24 @@ def _flip_masks(width: int, r: int) -> np.ndarray:
     return np.array(masks, dtype=np.int64)
 
 
+def _table(vals: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counting-sort table of band values: how many of each, and where each run starts."""
+    counts = np.bincount(vals, minlength=1 << width).astype(np.int32)  # int32: cache-friendly
+    return counts, (np.cumsum(counts) - counts).astype(np.int32)
+
+
+def _lookup(q: np.ndarray, counts: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (query index, table index) pair whose table band value equals the query's q."""
+    cnt = counts[q]
+    idx = np.flatnonzero(cnt)
+    if not idx.size:
+        return idx, idx
+    cnt = cnt[idx].astype(np.int64)
+    first = np.cumsum(cnt) - cnt
+    qj = np.repeat(starts[q[idx]] - first, cnt) + np.arange(int(first[-1] + cnt[-1]))
+    return np.repeat(idx, cnt), qj
+
+
 def _band_pairs(h: np.ndarray, lo: int, width: int, masks: np.ndarray, threshold: int) -> np.ndarray:
     """Pairs (coded i * n + j, i < j) found through one band and some neighbour masks.
 
@@ -59,19 +76,10 @@ def _band_pairs(h: np.ndarray, lo: int, width: int, masks: np.ndarray, threshold
     vals = ((h >> np.uint64(lo)) & np.uint64((1 << width) - 1)).astype(np.int32)
     order = np.argsort(vals, kind="stable")
     vals, hs = vals[order], h[order]
-    counts = np.bincount(vals, minlength=1 << width).astype(np.int32)  # int32: cache-friendly
-    starts = (np.cumsum(counts) - counts).astype(np.int32)
+    counts, starts = _table(vals, width)
     found = []
     for mask in masks:
-        q = vals ^ np.int32(mask)
-        cnt = counts[q]
-        idx = np.flatnonzero(cnt)
-        if not idx.size:
-            continue
-        cnt = cnt[idx].astype(np.int64)
-        first = np.cumsum(cnt) - cnt
-        qj = np.repeat(starts[q[idx]] - first, cnt) + np.arange(int(first[-1] + cnt[-1]))
-        qi = np.repeat(idx, cnt)
+        qi, qj = _lookup(vals ^ np.int32(mask), counts, starts)
         keep = qi < qj  # each unordered pair once per mask (and never itself)
         qi, qj = qi[keep], qj[keep]
         ok = popcount(hs[qi] ^ hs[qj]) <= threshold
@@ -134,19 +142,10 @@ def _band_cross(a: np.ndarray, b: np.ndarray, lo: int, width: int, masks: np.nda
     vb = ((b >> np.uint64(lo)) & sel).astype(np.int32)
     order = np.argsort(vb, kind="stable")
     hb = b[order]
-    counts = np.bincount(vb, minlength=1 << width).astype(np.int32)
-    starts = (np.cumsum(counts) - counts).astype(np.int32)
+    counts, starts = _table(vb, width)
     found = []
     for mask in masks:
-        q = va ^ np.int32(mask)
-        cnt = counts[q]
-        idx = np.flatnonzero(cnt)
-        if not idx.size:
-            continue
-        cnt = cnt[idx].astype(np.int64)
-        first = np.cumsum(cnt) - cnt
-        qj = np.repeat(starts[q[idx]] - first, cnt) + np.arange(int(first[-1] + cnt[-1]))
-        qi = np.repeat(idx, cnt)
+        qi, qj = _lookup(va ^ np.int32(mask), counts, starts)
         ok = popcount(a[qi] ^ hb[qj]) <= threshold
         found.append(qi[ok] * len(b) + order[qj[ok]])
     return np.concatenate(found) if found else np.empty(0, np.int64)
