@@ -284,8 +284,9 @@ print(json.dumps({"wall": time.perf_counter() - t0, "cpu": cpu() - c0, "ok": n, 
 
 def build_archives(work: Path, members: int, shards: int) -> tuple[Path, list[dict]]:
     """`members` unique ~100 kB JPEGs in original/data-0XXX.tar (+ .json index), cached on disk."""
-    import numpy as np
     import tarfile
+
+    import numpy as np
     from PIL import Image
 
     root = work / f"archives-{members}-{shards}"

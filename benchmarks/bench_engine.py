@@ -28,9 +28,8 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_dedupe_synth import scene  # noqa: E402
 
-from curate.dataset import dedupe  # noqa: E402
-
 from curate import engine
+from curate.dataset import dedupe  # noqa: E402
 
 SIZES = [(1920, 1080), (1200, 1600)]
 

@@ -28,9 +28,8 @@ import pyarrow as pa
 from PIL import Image
 
 from curate import manifest
-
-from curate.report import html as report
 from curate.common import decisions
+from curate.report import html as report
 from curate.review.server import Background
 
 

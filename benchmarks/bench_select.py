@@ -29,11 +29,11 @@ import pyarrow.compute as pc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from curate.demo.synthetic import HAKU_TYPE, HAKUBOORU_SCHEMA  # noqa: E402
 from curate.metadata.query import load  # noqa: E402
-from curate.schema import POST_SCHEMA  # noqa: E402
 from curate.metadata.select import keyed_hash  # noqa: E402
 from curate.metadata.store import TagDict, store_rows, write_generation  # noqa: E402
-from curate.demo.synthetic import HAKUBOORU_SCHEMA, HAKU_TYPE  # noqa: E402
+from curate.schema import POST_SCHEMA  # noqa: E402
 
 QUERY = ROOT / "queries" / "baxl_v3_reg.toml"
 N_GENERAL, N_ARTIST, N_CHARACTER, N_COPYRIGHT = 200_000, 60_000, 20_000, 4_000
@@ -251,9 +251,9 @@ def measure(kind: str, path: Path, repeats: int) -> dict:
 
 
 def bench_sync(work: Path, n: int) -> dict:
+    from curate.demo.synthetic import make_posts, write_hakubooru_db
     from curate.metadata.sources import open_source
     from curate.metadata.sync import sync
-    from curate.demo.synthetic import make_posts, write_hakubooru_db
 
     dump, db = work / f"sync_{n}.jsonl", work / f"sync_{n}.db"
     if not dump.exists() or not db.exists():

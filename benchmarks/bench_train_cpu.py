@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from curate import manifest  # noqa: E402
-
 from curate.common import train_config
 from curate.train.loop import train  # noqa: E402
 

@@ -59,11 +59,9 @@ def child(args) -> None:
     """One variant: build the model, train --steps, print one JSON line."""
     import torch
 
-    from curate.train import sdxl
-
     from curate.common import train_config
-
     from curate.train import memory as train_memory
+    from curate.train import sdxl
     from curate.train.loop import train
 
     smoke = args.smoke

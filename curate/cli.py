@@ -235,7 +235,8 @@ def inspect(
     """Show what a manifest holds: rows per subset, stages done, failures, provenance."""
     import json
 
-    from curate.report.inspect import inspect as run_inspect, render, render_tags
+    from curate.report.inspect import inspect as run_inspect
+    from curate.report.inspect import render, render_tags
 
     if tags:
         from curate.common.overfit import report
@@ -616,7 +617,9 @@ def train(
     import json
 
     from curate.common import train_config
-    from curate.train.loop import dry_run as plan_run, render, train as run_train
+    from curate.train.loop import dry_run as plan_run
+    from curate.train.loop import render
+    from curate.train.loop import train as run_train
 
     if checkpoint is not None and not resume:
         raise CurateError("a checkpoint path goes with --resume: curate train CONFIG --resume PATH")

@@ -16,13 +16,12 @@ ray = pytest.importorskip("ray")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from curate.dataset import dedupe  # noqa: E402
-
 from curate import engine
 from curate import manifest as mf  # noqa: E402
 from curate.cli import app  # noqa: E402
-from curate.images.download import download_manifest  # noqa: E402
+from curate.dataset import dedupe  # noqa: E402
 from curate.errors import CurateError  # noqa: E402
+from curate.images.download import download_manifest  # noqa: E402
 from tests.dataset.test_dedupe import letterbox, picture  # noqa: E402
 from tests.images.test_download import FAST, IMG, post, server, write_manifest  # noqa: E402,F401 (server: a fixture)
 
@@ -258,7 +257,12 @@ def test_tag_on_ray_matches_local(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("timm")
     from curate.dataset import tag
-    from tests.dataset.test_tag import make_images, make_manifest, make_tagger, small_labels
+    from tests.dataset.test_tag import (
+        make_images,
+        make_manifest,
+        make_tagger,
+        small_labels,
+    )
 
     model = tmp_path / "model"
     make_tagger(model, "vit", small_labels())

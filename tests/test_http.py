@@ -7,9 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from curate import __version__
-
-from curate import http
+from curate import __version__, http
 
 
 class Server:

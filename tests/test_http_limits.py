@@ -5,9 +5,7 @@ traceback, a hang or memory out of bounds."""
 from __future__ import annotations
 
 import gzip
-import json
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -18,7 +16,6 @@ import pytest
 import requests
 
 from curate import http
-from curate.errors import CurateError
 
 CURATE = str(Path(sys.executable).parent / "curate")
 
@@ -217,7 +214,14 @@ def test_a_download_from_an_unreachable_cdn_ends_the_run_and_keeps_finished_rows
     """gallery-dl #8238 / #1520: each file retried against a host that never answers, for
     minutes, before anything names it. curate: three tries, one line, finished rows kept."""
     from curate.images.download import download_manifest
-    from tests.images.test_download import FAST, IMG, Server, post, rows_by_key, write_manifest
+    from tests.images.test_download import (
+        FAST,
+        IMG,
+        Server,
+        post,
+        rows_by_key,
+        write_manifest,
+    )
 
     monkeypatch.setattr(http, "CONNECT_WAITS", (0.05, 0.05))
     srv = Server()

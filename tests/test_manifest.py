@@ -148,9 +148,16 @@ def test_caption_while_download_runs_loses_neither(tmp_path):
     `curate caption` on the same manifest in another, finishing first."""
     import time
 
-    from tests.images.test_download import FAST, Server, encode, gradient, post, rows_by_key, write_manifest
-
     from curate.images.download import download_manifest
+    from tests.images.test_download import (
+        FAST,
+        Server,
+        encode,
+        gradient,
+        post,
+        rows_by_key,
+        write_manifest,
+    )
 
     server = Server()
     try:

@@ -87,8 +87,8 @@ filtered.
 from __future__ import annotations
 
 import contextlib
-import json
 import hashlib
+import json
 import os
 import re
 from collections import Counter
@@ -97,12 +97,16 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate.common import caption_rules as rules
 from curate import manifest
-from curate.dataset.caption_settings import RECIPES, CaptionConfig, CaptionSettings, load_config  # noqa: F401 (public)
-from curate.errors import CurateError
+from curate.common import caption_rules as rules
 from curate.common import decisions
-
+from curate.dataset.caption_settings import (  # noqa: F401 (public)
+    RECIPES,
+    CaptionConfig,
+    CaptionSettings,
+    load_config,
+)
+from curate.errors import CurateError
 
 # --- one caption ---------------------------------------------------------------
 

@@ -8,8 +8,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curate.common import toml_bounds
 from curate.common import caption_rules as rules
+from curate.common import toml_bounds
 from curate.errors import CurateError
 
 if sys.version_info >= (3, 11):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from curate.common.decisions import box_problem
+from curate.common.decode import ImageError, open_image
 from curate.dataset import borders
 from curate.errors import CurateError
-from curate.common.decode import ImageError, open_image
-from curate.common.decisions import box_problem
 from curate.pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
 JPEG_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".jpe"}

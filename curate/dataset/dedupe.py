@@ -33,12 +33,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.dataset import borders
-from curate.errors import CurateError
-from curate.dataset.hamming_index import clusters, hamming, pairs_across, pairs_within
 from curate.common.decode import ImageError, jpeg_tables, open_image, probe, sniff
+from curate.dataset import borders
+from curate.dataset.hamming_index import clusters, hamming, pairs_across, pairs_within
 from curate.dataset.keeper import CONTENT_TIE, choose_keeper
 from curate.dataset.sharpness import effective_pixels, sharpness
+from curate.errors import CurateError
 from curate.pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
 # Measured with benchmarks/bench_dedupe_quality.py (its threshold sweep): at 10 bits

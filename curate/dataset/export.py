@@ -65,17 +65,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curate import manifest
-
-from curate.common import normalize
-
-from curate.common import reg_balance
-
-from curate.common import train_config
-from curate.errors import CurateError
+from curate.common import changed, decisions, normalize, reg_balance, train_config
 from curate.common.decode import ImageError
-from curate.common import decisions
 from curate.dataset import sd_args, sd_caches
-from curate.common import changed
+from curate.errors import CurateError
 
 MARKER = ".curate-export.json"
 JOURNAL = ".curate-export.journal"
@@ -192,7 +185,7 @@ class ExportSummary:
                        f"kept {self.caches_kept} ({why})")
         out += [f"  warning: {note}" for note in self.review_pending]
         flag = " --weighted_captions" if self.weighted_captions else ""
-        out.append(f"  names.csv: the original file name of each exported image")
+        out.append("  names.csv: the original file name of each exported image")
         out += [f"  note: {n}" for n in self.train_notes]
         where = (lambda name: name) if self.portable else (lambda name: self.out_dir / name)  # noqa: E731
         if self.portable:

@@ -49,8 +49,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from curate.common import changed
-from curate.errors import CurateError
 from curate.common.decode import OPEN_KINDS, ImageError, open_image, probe, sniff
+from curate.errors import CurateError
 from curate.pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
 SIDECARS = (".txt", ".caption")  # a user's caption beside the image (sd-scripts' two defaults)

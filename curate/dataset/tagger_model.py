@@ -232,7 +232,9 @@ def _load_timm(files: ModelFiles, labels: Labels, device: str) -> Tagger:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from timm.data import resolve_data_config
-    from timm.models._hub import load_model_config_from_path  # timm's parser of hub config.json
+    from timm.models._hub import (
+        load_model_config_from_path,  # timm's parser of hub config.json
+    )
 
     where = str(files.model_id)
     if "config.json" not in files.present:

@@ -302,7 +302,9 @@ def make_cg(out: Path, reg: Path | None, seed: int = 7) -> dict:
     counts["broken"] += 1
     repost = _reg_image(reg) if reg else None
     if repost is not None:  # a fan upload of the same art: must not be in both sets
-        from curate.common.decode import open_image  # a downloaded file: through the whitelist and the guard
+        from curate.common.decode import (
+            open_image,  # a downloaded file: through the whitelist and the guard
+        )
 
         open_image(repost).save(out / "fanart_repost.jpg", quality=85)
         counts["reposts"] += 1

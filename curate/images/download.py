@@ -42,10 +42,17 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 
 from curate.common import decode as img
-from curate.images.archive_store import CAN_FORK, NOT_IN_ARCHIVES, ArchiveStore, archive_batch, archive_processes, find_members
-from curate.errors import CurateError
-from curate.images.image_store import ImageStore, Job
 from curate.common.cdn import CDN, cdn_url
+from curate.errors import CurateError
+from curate.images.archive_store import (
+    CAN_FORK,
+    NOT_IN_ARCHIVES,
+    ArchiveStore,
+    archive_batch,
+    archive_processes,
+    find_members,
+)
+from curate.images.image_store import ImageStore, Job
 
 VARIANTS = {"original": "original", "sample": "sample", "720": "720x720"}
 CHECKPOINT_SECONDS = 30
@@ -170,9 +177,7 @@ def _download_on_ray(table, path: Path, opts: Options, ray):
     from dataclasses import replace
     from functools import partial
 
-    from curate import engine
-
-    from curate import http
+    from curate import engine, http
     from curate.manifest import with_column
 
     _check_options(opts)

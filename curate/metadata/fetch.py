@@ -12,11 +12,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from curate import manifest
-
-from curate.metadata import query as query_mod
 from curate.errors import CurateError
-from curate.schema import MANIFEST_SCHEMA, STAGE_FIELDS
+from curate.metadata import query as query_mod
 from curate.metadata.select import Selection, select
+from curate.schema import MANIFEST_SCHEMA, STAGE_FIELDS
 
 
 @dataclass

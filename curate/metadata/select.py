@@ -22,8 +22,16 @@ import pyarrow.compute as pc
 
 from curate.metadata import match_tags
 from curate.metadata.query import Query, Subset
+from curate.metadata.store import (
+    CATEGORY_CODE,
+    FLAG_BANNED,
+    FLAG_DELETED,
+    NULL_I32,
+    NULL_I64,
+    Store,
+    rating_codes,
+)
 from curate.schema import RATINGS
-from curate.metadata.store import CATEGORY_CODE, FLAG_BANNED, FLAG_DELETED, NULL_I32, NULL_I64, Store, rating_codes
 
 _M64 = (1 << 64) - 1
 

@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 
 from curate import __version__
 from curate.errors import CurateError
-from curate.schema import POST_SCHEMA, RATINGS, TAG_CATEGORIES, TAG_COLUMNS
 from curate.metadata.tables import csr_gather, list_parts, lists_from_pairs
+from curate.schema import POST_SCHEMA, RATINGS, TAG_CATEGORIES, TAG_COLUMNS
 
 FORMAT = 1
 NULL_I32 = np.iinfo(np.int32).min

@@ -20,9 +20,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from curate.schema import POST_SCHEMA
-from curate.metadata.store import NULL_I64, Store, TagDict, dedupe_pairs, encode_posts, store_rows, utc_now, write_generation
+from curate.metadata.store import (
+    NULL_I64,
+    Store,
+    TagDict,
+    dedupe_pairs,
+    encode_posts,
+    store_rows,
+    utc_now,
+    write_generation,
+)
 from curate.metadata.tables import list_parts, lists_from_pairs
+from curate.schema import POST_SCHEMA
 
 
 def load_aliases(path: str | os.PathLike) -> dict[str, str]:

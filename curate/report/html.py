@@ -13,9 +13,7 @@ Images are decoded with curate.common.decode.open_image (pixel guard, alpha on w
 
 from __future__ import annotations
 
-import hashlib
 import html
-import json
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -24,13 +22,12 @@ from pathlib import Path
 from urllib.parse import quote
 
 from curate import manifest
-from curate.errors import CurateError
-from curate.report import judgement
-from curate.report.inspect import reason_of
-from curate.pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 from curate.common import decisions
 from curate.common.buckets import RECIPE_BUCKETS
 from curate.common.thumbs import Thumbs
+from curate.errors import CurateError
+from curate.report import judgement
+from curate.report.inspect import reason_of
 
 FILES = "\x00files/"  # placeholder for the thumbnails folder in image URLs
 COLUMNS = ["key", "subset", "width", "height", "path", "source_path", "error", "dup_of", "keeper_reason", "crop",

@@ -26,10 +26,10 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from curate import manifest as mf
-from curate.errors import CurateError
+from curate.common import decisions
 from curate.common.buckets import RECIPE_BUCKETS
 from curate.common.thumbs import Thumbs, thumb_job
-from curate.common import decisions
+from curate.errors import CurateError
 from curate.review import judgement
 
 STATIC = Path(__file__).with_name("static")

@@ -24,18 +24,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curate.common import caption_rules
-
 from curate import manifest
-
-from curate.common import normalize
-
-from curate.common import reg_balance
-from curate.common import decisions
+from curate.common import caption_rules, decisions, normalize, reg_balance
 from curate.common.buckets import Buckets, Placement, resize_and_crop
-from curate.errors import CurateError
 from curate.common.decode import ImageError, open_image, probe
 from curate.common.train_config import DatasetConfig, TrainConfig
+from curate.errors import CurateError
 
 
 @dataclass

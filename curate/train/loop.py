@@ -21,18 +21,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from curate.train import sdxl
-
-from curate.train import data as train_data
-
-from curate.train import memory as train_memory
-from curate.train import logs as train_logs
-from curate.train import precision as train_precision
-from curate.train import sampling
-from curate.train import validation
-from curate.train import lora_file, network
-from curate.errors import CurateError
 from curate.common.train_config import TrainConfig
+from curate.errors import CurateError
+from curate.train import data as train_data
+from curate.train import logs as train_logs
+from curate.train import lora_file, network, sampling, sdxl, validation
+from curate.train import memory as train_memory
+from curate.train import precision as train_precision
 
 BNB_OPTIMIZERS = {"AdamW8bit": "AdamW8bit", "Lion": "Lion", "Lion8bit": "Lion8bit"}
 CHECKPOINTS = "checkpoints"

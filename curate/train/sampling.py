@@ -90,7 +90,11 @@ def prompts(config) -> list[Prompt]:
 
 def scheduler(name: str, v_prediction: bool):
     """The inference scheduler on the training noise schedule (sd-scripts' get_my_scheduler)."""
-    from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
 
     from curate.train import sdxl
 

@@ -13,21 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate.dataset import caption
-
-from curate.dataset import crop
-
-from curate.dataset import dedupe
-
-from curate.dataset import export
-
-from curate.report import inspect
-
 from curate import manifest
-
-from curate.report import html as report
-from curate.errors import CurateError
 from curate.common import decisions
+from curate.dataset import caption, crop, dedupe, export
+from curate.errors import CurateError
+from curate.report import html as report
+from curate.report import inspect
 
 CURATE = str(Path(sys.executable).with_name("curate"))
 HOSTILE = '<img src=x onerror="document.title=\'pwned\'">'  # tag names come from the internet
@@ -280,10 +271,11 @@ def test_export_report_and_inspect_follow_drops(m, tmp_path):
 
 
 def test_train_leaves_dropped_rows_out(m, tmp_path):
-    from curate.train import data as train_data
+    from collections import Counter
+
     from curate.common.buckets import Buckets
     from curate.common.train_config import DatasetConfig
-    from collections import Counter
+    from curate.train import data as train_data
 
     r = rows(m)
     decide(m, {"key": r["c"]["key"], "action": "drop"})

@@ -12,19 +12,13 @@ import pytest
 import tomli_w
 from PIL import Image, features
 
-from curate.dataset import export
-
-from curate.common import decode as images
-
 from curate import manifest
-
-from curate.common import normalize
-
-from curate.common import train_config
-
-from curate.train import data as train_data
+from curate.common import decode as images
+from curate.common import normalize, train_config
 from curate.common.buckets import resize_and_crop
+from curate.dataset import export
 from curate.errors import CurateError
+from curate.train import data as train_data
 
 SD_EXTS = [".png", ".jpg", ".jpeg", ".webp", ".bmp"]
 SD_EXTS += [e.upper() for e in SD_EXTS]

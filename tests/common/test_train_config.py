@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from curate.dataset import export
-
 from curate.common import train_config
+from curate.dataset import export
 from curate.errors import CurateError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,9 +119,8 @@ def test_export_buckets_equal_the_dry_run_buckets(tmp_path, keys):
     from PIL import Image
 
     from curate import manifest
-
-    from curate.train import data as train_data
     from curate.common.buckets import Buckets
+    from curate.train import data as train_data
 
     sizes = [(1920, 1080), (1080, 1920), (1000, 1000), (3000, 1000), (700, 1500)]  # CGs, a banner
     rows = []

@@ -14,9 +14,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from curate import manifest
-from curate.dataset.caption import CaptionSettings, build_caption, choose_caption
-from curate.common.caption_rules import color_theme, format_tag, prune_overlaps, quality_tag
 from curate.cli import app
+from curate.common.caption_rules import (
+    color_theme,
+    format_tag,
+    prune_overlaps,
+    quality_tag,
+)
+from curate.dataset.caption import CaptionSettings, build_caption, choose_caption
 from curate.errors import CurateError
 from curate.schema import MANIFEST_SCHEMA
 
@@ -658,11 +663,9 @@ def test_unescaped_text_reaches_the_tokenizer(booru, tmp_path):
     """The caption's text is what the CLIP tokenizer gets: `(`, never `\\(` tokens."""
     import tomli_w
 
-    from curate.train import sdxl
-
     from curate.common import train_config
-
     from curate.train import data as train_data
+    from curate.train import sdxl
 
     row = post_row(booru[6148686], path="i/a.png")  # asuna_(blue_archive), asuna_(bunny)_(blue_archive)
     m = write_manifest(tmp_path / "m.parquet", [row])

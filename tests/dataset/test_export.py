@@ -22,7 +22,13 @@ from typer.testing import CliRunner
 from curate import manifest
 from curate.cli import app
 from curate.errors import CurateError
-from tests.dataset.test_caption import CURATE, HOSTILE, load_posts, post_row, write_manifest
+from tests.dataset.test_caption import (
+    CURATE,
+    HOSTILE,
+    load_posts,
+    post_row,
+    write_manifest,
+)
 
 # sd-scripts docs/config_README: which key may appear where, and its type.
 NUMBER = (int, float)

@@ -2,7 +2,6 @@
 a direct transformers computation; the hub path (an offline cache) takes the same code."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,11 @@ from tests.dataset.test_dedupe import picture  # noqa: E402
 def make_model(folder, seed=0, activation="relu"):
     """A tiny CLIP vision model with projection, its image processor, and a 2-layer head."""
     from safetensors.torch import save_file
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     torch.manual_seed(seed)
     cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -101,7 +104,6 @@ def test_a_hub_id_loads_through_the_same_code(scored, tmp_path, monkeypatch):
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    from PIL import Image
 
     images = [picture(50, 80, 60), picture(51, 60, 80)]
     hub = embedder.load("someone/tiny-scorer", "cpu", need_head=True)

@@ -23,9 +23,9 @@ from safetensors.torch import save_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from curate import manifest as mf  # noqa: E402
-from curate.dataset import tagger_model as tm  # noqa: E402
 from curate.cli import app  # noqa: E402
 from curate.common.decode import open_image  # noqa: E402
+from curate.dataset import tagger_model as tm  # noqa: E402
 from curate.dataset.tag import Thresholds, mcut, pick  # noqa: E402
 
 SIZE = 32

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from curate import manifest
-
 from curate.common import train_config
-from curate.demo.run import make_corpus
 from curate.demo.devserver import DanbooruServer, read_posts
+from curate.demo.run import make_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parents[1]
@@ -155,8 +154,8 @@ def test_hand_captioned_cgs_survive_the_pipeline(tmp_path):
     keep those images, caption uses the text (no escapes) and never touches the files."""
     from typer.testing import CliRunner
 
-    from curate.common.caption_rules import unescape
     from curate.cli import app
+    from curate.common.caption_rules import unescape
     from curate.demo.run import HAND_CAPTIONS, make_cg
 
     cg, m = tmp_path / "cg", tmp_path / "manifests" / "official_cg.parquet"

@@ -19,13 +19,18 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from curate.common import decode as images
-
 from curate import manifest
+from curate.common import decode as images
 from curate.images.download import Options, download_manifest, download_table
 from curate.schema import MANIFEST_SCHEMA
-from tests.common.test_decode import animated_gif, encode, exif_rotated_jpeg, gradient, palette_png_transparent, png_header_bomb
-
+from tests.common.test_decode import (
+    animated_gif,
+    encode,
+    exif_rotated_jpeg,
+    gradient,
+    palette_png_transparent,
+    png_header_bomb,
+)
 
 # -- a real server with faults ------------------------------------------------------
 

@@ -10,12 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from curate.report import inspect as inspect_mod
-from curate.images.download import download_manifest
 from curate.errors import CurateError
+from curate.images.download import download_manifest
 from curate.images.tars import Archives, residue
-from tests.images.test_download import FAST, Server, make_shard, md5, post, rows_by_key, stored, write_manifest
+from curate.report import inspect as inspect_mod
 from tests.common.test_decode import encode, gradient
+from tests.images.test_download import (
+    FAST,
+    Server,
+    make_shard,
+    md5,
+    post,
+    rows_by_key,
+    stored,
+    write_manifest,
+)
 
 JPG = {i: encode(gradient(40 + i % 7, 30 + i % 5), "JPEG") for i in range(20)}
 

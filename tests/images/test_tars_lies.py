@@ -6,7 +6,14 @@ from __future__ import annotations
 import json
 
 from curate.images.download import download_manifest
-from tests.images.test_download import FAST, md5, post, rows_by_key, stored, write_manifest
+from tests.images.test_download import (
+    FAST,
+    md5,
+    post,
+    rows_by_key,
+    stored,
+    write_manifest,
+)
 from tests.images.test_tars import JPG, make_archive, sha256
 
 

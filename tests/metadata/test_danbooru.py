@@ -24,7 +24,6 @@ from curate.metadata.select import select
 from curate.metadata.sources.danbooru import DanbooruSource, free_metatags
 from curate.metadata.sources.dump import DumpSource
 from curate.metadata.store import Store
-
 from tests.danbooru_server import DanbooruServer  # noqa: E402
 
 FAST = 50.0  # requests/s in most tests

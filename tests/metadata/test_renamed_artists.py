@@ -10,10 +10,16 @@ from typer.testing import CliRunner
 
 from curate.cli import app
 from curate.metadata.fetch import fetch
-from curate.metadata.select import select
 from curate.metadata.query import load
+from curate.metadata.select import select
 from curate.metadata.sources import open_source
-from tests.metadata.test_danbooru import gen_posts, ids_by_subset, live, serve, write_dump  # noqa: F401
+from tests.metadata.test_danbooru import (  # noqa: F401
+    gen_posts,
+    ids_by_subset,
+    live,
+    serve,
+    write_dump,
+)
 
 OLD, NEW = "artist_3", "artist_3_(renamed)"
 

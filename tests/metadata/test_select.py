@@ -7,11 +7,11 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
+from curate.demo.synthetic import make_posts, write_hakubooru_db
 from curate.metadata.query import parse
 from curate.metadata.select import keyed_hash, keyed_hash_one, select
 from curate.metadata.sources import open_source
 from curate.metadata.sync import sync
-from curate.demo.synthetic import make_posts, write_hakubooru_db
 
 POSTS = make_posts(6000, seed=11)
 

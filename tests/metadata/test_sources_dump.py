@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curate.demo.synthetic import make_posts
 from curate.errors import CurateError
 from curate.metadata.sources import open_source
 from curate.metadata.sources.posts import normalize
-from curate.demo.synthetic import make_posts
 
 SAMPLES = ["imgbrd_posts_2020-07.json", "booru-rs_posts_2023-03.json",
            "rust-any2feed_posts_2023-03_limit100.json", "booru.hs_post_9969513_2025-09_with_media_asset.json"]
@@ -196,10 +196,9 @@ def with_real_md5s(tmp_path):
 
 @pytest.mark.parametrize("via", ["dump", "store"])
 def test_2021_era_posts_are_selected_and_downloaded(tmp_path, via):
+    from curate import manifest
     from tests.images.test_download import Server
     from tests.images.test_tars import make_archive
-
-    from curate import manifest
 
     dump, bodies = with_real_md5s(tmp_path)
     (tmp_path / "q.toml").write_bytes(b"\xef\xbb\xbf" + QUERY_2021.replace("\n", "\r\n").encode())

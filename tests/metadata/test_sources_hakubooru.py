@@ -3,9 +3,9 @@ import sqlite3
 import pyarrow as pa
 import pytest
 
+from curate.demo.synthetic import make_posts, write_hakubooru_db
 from curate.errors import CurateError
 from curate.metadata.sources import open_source
-from curate.demo.synthetic import make_posts, write_hakubooru_db
 
 CORE = ["post_id", "md5", "width", "height", "rating", "fav_count", "score", "created_at",
         "tags_general", "tags_character", "tags_copyright", "tags_artist", "tags_meta",

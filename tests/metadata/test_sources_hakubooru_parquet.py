@@ -8,9 +8,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from curate.demo.synthetic import make_posts, write_hakubooru_db
 from curate.errors import CurateError
 from curate.metadata.sources import open_source
-from curate.demo.synthetic import make_posts, write_hakubooru_db
 from tests.metadata.test_sources_hakubooru import CORE
 
 

@@ -2,10 +2,10 @@ import json
 
 import numpy as np
 
+from curate.demo.synthetic import make_posts
 from curate.metadata.sources import open_source
 from curate.metadata.store import Store, _postings
 from curate.metadata.sync import sync
-from curate.demo.synthetic import make_posts
 
 
 def dump(path, posts):

@@ -8,11 +8,11 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from curate.demo.synthetic import make_posts
 from curate.errors import CurateError
 from curate.metadata.sources import open_source
 from curate.metadata.store import Store
 from curate.metadata.sync import load_aliases, resolve_chains, sync
-from curate.demo.synthetic import make_posts
 
 
 def dump(path, posts):

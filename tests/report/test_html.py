@@ -18,8 +18,8 @@ import pyarrow as pa
 import pytest
 
 from curate import manifest
-from curate.demo.run import make_cg, make_corpus, make_tagger
 from curate.demo.devserver import DanbooruServer, read_posts
+from curate.demo.run import make_cg, make_corpus, make_tagger
 from curate.report.html import build
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,19 +9,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from curate.dataset import caption
-
-from curate.dataset import crop
-
-from curate.dataset import dedupe
-
-from curate.dataset import export
 from curate.common import decisions
+from curate.dataset import caption, crop, dedupe, export
+
 pytest.importorskip("starlette", reason="the review extra: pip install -e '.[review]'")
 pytest.importorskip("uvicorn", reason="the review extra: pip install -e '.[review]'")
 from curate.review.server import Background  # noqa: E402
-from tests.report.test_html import chromium
 from tests.common.test_decisions import HOSTILE, make_manifest, rows
+from tests.report.test_html import chromium
 
 
 def wait(fn, timeout=20, what="condition"):

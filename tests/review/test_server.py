@@ -11,6 +11,7 @@ import requests
 
 from curate import manifest
 from curate.common import decisions
+
 pytest.importorskip("starlette", reason="the review extra: pip install -e '.[review]'")
 pytest.importorskip("uvicorn", reason="the review extra: pip install -e '.[review]'")
 from curate.review.server import Background  # noqa: E402

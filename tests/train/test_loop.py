@@ -21,15 +21,10 @@ import torch
 from PIL import Image
 
 from curate import manifest
-
-from curate.common import reg_balance
-
-from curate.train import sdxl
-
-from curate.common import train_config
-
-from curate.train import data as train_data
+from curate.common import reg_balance, train_config
 from curate.errors import CurateError
+from curate.train import data as train_data
+from curate.train import sdxl
 from curate.train.loop import train
 
 CURATE = str(Path(sys.executable).with_name("curate"))

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from curate.common import train_config
-
 from curate.train import memory as train_memory
 from curate.train.memory import GIB, SDXL_PARAMS
 from tests.train.test_loop import write_config, write_images_manifest

@@ -17,7 +17,6 @@ from curate.train import validation
 from curate.train.loop import train
 from tests.train.test_loop import SIZES, losses, write_config, write_images_manifest  # noqa: F401
 
-
 LION = {"optimizer_type": "Lion8bit", "learning_rate": 1e-4}  # the recipe's optimizer for 16-bit weights
 PATHS = {  # every combination _check allows
     "fp32": {},

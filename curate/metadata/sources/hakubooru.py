@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.errors import CurateError
-from curate.schema import POST_SCHEMA
-from curate.metadata.store import rank_of
-from curate.metadata.tables import lists_from_pairs
 from curate.metadata.sources.posts import SIZE_COLUMNS, to_int, to_size
 from curate.metadata.sources.rating_scale import check as check_scale
+from curate.metadata.store import rank_of
+from curate.metadata.tables import lists_from_pairs
+from curate.schema import POST_SCHEMA
 
 TYPE_TO_CATEGORY = {0: "general", 1: "artist", 2: "character", 3: "copyright", 4: "meta"}
 RATINGS = np.array(["g", "s", "q", "e"], dtype=object)

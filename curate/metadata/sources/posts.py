@@ -14,14 +14,13 @@ against the site.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from urllib.parse import urljoin
 
 import pyarrow as pa
 
+from curate.common.cdn import cdn_url
 from curate.schema import POST_SCHEMA, TAG_CATEGORIES
-from curate.common.cdn import CDN, cdn_url  # noqa: F401 (sources use both)
 
 # Before 2022-05-22 Danbooru's rating `s` meant "safe"; it became `g` (general)
 # when the four-level scale arrived and `s` took the meaning "sensitive". The
