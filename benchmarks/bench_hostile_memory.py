@@ -4,7 +4,7 @@
    `images.open_image`, `images.verify` (guard right after the header). Baseline: what
    probing did before (`Image.open` with every plugin, then `getexif()`, which loads a
    PNG's pixels looking for a late eXIf chunk).
-2. A big file hashed for its digest (default 400 MB). curate: `ingest.file_sha256` (in
+2. A big file hashed for its digest (default 400 MB). curate: `common.digest.file_sha256` (in
    chunks). Baseline: `hashlib.sha256(f.read())`.
 
 Each figure is the child process's own peak RSS (VmHWM, Linux), so the parent's size
@@ -51,7 +51,7 @@ print(peak())
 
 HASH_CURATE = PEAK + """
 import sys
-from curate.dataset.ingest import file_sha256
+from curate.common.digest import file_sha256
 file_sha256(sys.argv[1])
 print(peak())
 """

@@ -9,9 +9,10 @@ manifests, downloads: content-addressed by md5) are never flagged.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
+
+from curate.common.digest import file_sha256
 
 COLUMNS = ("source_size", "source_mtime_ns")
 REASON = "image changed since ingest"
@@ -36,8 +37,7 @@ def changed(path: str | os.PathLike, size, mtime_ns, sha256: str | None = None) 
     if now[0] != size or not sha256:
         return True
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest() != sha256
+        return file_sha256(path) != sha256
     except OSError:
         return False
 

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.common.decode import ImageError, jpeg_tables, open_image, probe, sniff
+from curate.common.digest import file_sha256
 from curate.dataset import borders
 from curate.dataset.hamming_index import clusters, hamming, pairs_across, pairs_within
 from curate.dataset.keeper import CONTENT_TIE, choose_keeper
@@ -157,8 +158,7 @@ def encoding(path: str) -> dict:
 def hash_file(path: str) -> dict:
     """Worker: sha256 of the bytes, phash, dhash, mean colour, the keeper's facts; `error` instead on failure."""
     try:
-        with open(path, "rb") as f:  # in chunks: a big file never sits in memory whole
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = file_sha256(path)
     except OSError as exc:
         return {"error": f"dedupe: cannot read file: {exc.strerror or exc}"}
     try:

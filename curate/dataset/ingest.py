@@ -50,6 +50,7 @@ import pyarrow as pa
 
 from curate.common import changed
 from curate.common.decode import OPEN_KINDS, ImageError, open_image, probe, sniff
+from curate.common.digest import file_sha256
 from curate.errors import CurateError
 from curate.pool import UNFINISHED, PoolStopped, default_workers, parallel_map
 
@@ -178,11 +179,6 @@ def find_images(folder: Path, exclude: set[Path], follow_external: bool = False,
 def _in_folder(p: Path, base: Path) -> str:
     """p relative to base through p's real folder, keeping p's own name (a link stays the link)."""
     return os.path.relpath(Path(os.path.realpath(p.parent)) / p.name, base.resolve())
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:  # in chunks: an 800 MB file never sits in memory whole
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_sidecar(image: Path, exts=SIDECARS) -> tuple[str | None, str | None]:

@@ -20,6 +20,8 @@ import hashlib
 import re
 from pathlib import Path
 
+from curate.common.digest import file_sha256
+
 LATENT_FAMILIES = ("sd", "sdxl", "sd3", "flux", "lumina", "hi", "anima")
 TE_SUFFIXES = ("te_outputs", "sd3_te", "flux_te", "lumina_te", "hi_te", "anima_te")
 
@@ -54,8 +56,7 @@ def pixels_hash(source: Path, previous: dict | None) -> tuple[str, str]:
     fp = fingerprint(source)
     if previous and previous.get("source") == fp and previous.get("pixels"):
         return previous["pixels"], fp
-    with open(source, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest(), fp
+    return file_sha256(source), fp
 
 
 def text_hash(text: str) -> str:

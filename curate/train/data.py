@@ -28,6 +28,7 @@ from curate import manifest
 from curate.common import caption_rules, decisions, normalize, reg_balance
 from curate.common.buckets import Buckets, Placement, resize_and_crop
 from curate.common.decode import ImageError, open_image, probe
+from curate.common.digest import file_sha256
 from curate.common.train_config import DatasetConfig, TrainConfig
 from curate.errors import CurateError
 
@@ -446,8 +447,7 @@ def uncached(plan: Plan, cache: LatentCache) -> list[tuple[Sample, bool]]:
     todo = []
     for s in (plan.samples[i] for i in sorted(plan.used_indices())):
         if not s.content_hash:
-            with open(s.path, "rb") as f:  # in chunks: an image may be hundreds of MB
-                s.content_hash = hashlib.file_digest(f, "sha256").hexdigest()
+            s.content_hash = file_sha256(s.path)
         flips = (False, True) if plan.config.datasets[s.dataset].flip_aug else (False,)
         todo += [(s, f) for f in flips if not cache.path(s, f).is_file()]
     return todo
