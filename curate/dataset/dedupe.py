@@ -388,8 +388,9 @@ def _mirror_pairs(ph, phm, dh, dhm, colour, grey, own, threshold: int):
 
 
 def _effective(labels, usable, h, files, stored, workers) -> list:
-    """effective_px per row (curate.dataset.sharpness): measured (a full decode) only for
-    rows in clusters whose copies differ in content pixels, reused when stored; None elsewhere."""
+    """effective_px per row (curate.dataset.sharpness): measured (a JPEG's top rows, else the
+    whole picture) only for rows in clusters whose copies differ in content pixels, reused
+    when stored; None elsewhere."""
     eff = list(stored)
     order = np.argsort(labels, kind="stable")
     need = []

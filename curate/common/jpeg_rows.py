@@ -1,0 +1,108 @@
+"""The top rows of a sequential JPEG at full resolution, without decoding the rest.
+
+A sequential (baseline) JPEG stores its blocks row by row, so the same bytes behind a
+frame header (SOF) that declares fewer rows are a valid JPEG of the picture's top strip:
+libjpeg decodes that strip's blocks and stops. 64 rows of a 6 MP file take ~0.2 ms,
+against ~13 ms for the whole picture and ~2.5 ms for its 1/8 draft. Progressive,
+lossless, arithmetic-coded and multi-scan files give None: their first scan does not
+hold the top rows' pixels. The file passes decode's whitelist and pixel guard first and
+the strip is decoded by the same Pillow JPEG plugin as every other JPEG.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Iterator
+
+from PIL import Image
+
+from curate.common.decode import DEFAULT_MAX_PIXELS, ImageError, open_header
+
+SEQUENTIAL_SOF = (0xC0, 0xC1)       # baseline and extended Huffman; the other SOFn are not row by row
+NO_LENGTH = {0x01, *range(0xD0, 0xD8)}
+HEAD = 1 << 17                       # the first read: headers (EXIF, ICC) and the top of the scan
+
+
+def strip_header(data: bytes, rows: int) -> tuple[bytes, int] | None:
+    """`data` (the file from its start, through the start of scan) with its SOF declaring
+    `rows` rows rounded up to whole MCU rows (at most the picture's), and that count.
+    None: not a sequential single-scan JPEG, or its header is cut off in `data`."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, sof = 2, None
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in NO_LENGTH:
+            i += 2
+            continue
+        if marker in SEQUENTIAL_SOF:
+            count = data[i + 9] if i + 9 < len(data) else 0
+            sampling = data[i + 11: i + 10 + 3 * count: 3]  # each component: id, HV factors, table
+            if count == 0 or len(sampling) < count:
+                return None
+            sof = (i + 5, count, max(1, max(s & 15 for s in sampling)))
+        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return None  # progressive, lossless or arithmetic-coded
+        elif marker == 0xDA:
+            if sof is None or i + 4 >= len(data) or data[i + 4] != sof[1]:
+                return None  # no frame yet, or its components in separate scans
+            at, _, v = sof
+            height, mcu = int.from_bytes(data[at: at + 2], "big"), 8 * v
+            if height == 0:  # height given after the scan (DNL): not worth following
+                return None
+            keep = min(height, -(-rows // mcu) * mcu)
+            return data[:at] + keep.to_bytes(2, "big") + data[at + 2:], keep
+        i += 2 + int.from_bytes(data[i + 2: i + 4], "big")
+    return None
+
+
+def top_strips(path: str | os.PathLike, heights, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Image.Image]:
+    """The top rows of a sequential JPEG, `heights[0]` rows, then `heights[1]`, ... (each
+    rounded up to whole MCU rows; past the picture's height: the whole picture, and the
+    last), each a greyscale image decoded alone from one read of the file. Yields nothing
+    when the file is not a sequential JPEG. ImageError: unreadable, refused by the guard,
+    or broken."""
+    with open_header(path, max_pixels) as im:
+        if im.format not in ("JPEG", "MPO"):
+            return
+        height = im.height
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            data = f.read(HEAD)
+            if strip_header(data, 1) is None and len(data) < size:  # metadata longer than HEAD (bounded by the guard)
+                data += f.read()
+            if strip_header(data, 1) is None:
+                return
+            for rows in heights:
+                kept = strip_header(data, rows)[1]
+                want = len(data) + int(size * kept / height * 2)  # the strip's share of the scan, twice over
+                data += f.read(size - len(data) if kept >= height or want >= size else max(0, want - len(data)))
+                strip = _decode(data, rows) or (_decode(data + f.read(), rows) if len(data) < size else None)
+                if strip is None:
+                    raise ImageError("decode: broken JPEG scan")
+                yield strip
+                if kept >= height:
+                    return
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+
+
+def _decode(data: bytes, rows: int) -> Image.Image | None:
+    """The strip from `data` (the file's first bytes), or None when they end inside it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            strip = Image.open(io.BytesIO(strip_header(data, rows)[0]), formats=["JPEG"])
+            strip.draft("L", None)  # the luma plane only: no colour conversion
+            strip.load()
+        return strip if strip.mode == "L" else strip.convert("L")
+    except Exception:  # cut off (OSError) or junk: PIL raises many types
+        return None
