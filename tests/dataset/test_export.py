@@ -653,13 +653,16 @@ def test_sd_scripts_spellings_in_the_train_config(tmp_path):
             train_config.load(bad)
 
 
+# sdxl_train.py and the library/ modules it imports, verbatim from kohya-ss/sd-scripts
+# (tests/fixtures/README.md: commit, files, licence); SD_SCRIPTS names another checkout.
+SD_SCRIPTS_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "sd-scripts"
+
+
 def test_portable_export_loads_in_sd_scripts_own_reader(project, tmp_path, monkeypatch):
-    """sd-scripts' own argument parser and dataset-config reader on the moved folder. Runs
-    where SD_SCRIPTS names a kohya-ss/sd-scripts checkout whose requirements are importable
-    (voluptuous, imagesize, opencv); elsewhere sd_scripts_dataset above stands in for it."""
-    if not os.environ.get("SD_SCRIPTS"):
-        pytest.skip("SD_SCRIPTS (a kohya-ss/sd-scripts checkout) not set")
-    monkeypatch.syspath_prepend(os.environ["SD_SCRIPTS"])
+    """sd-scripts' own argument parser and dataset-config reader on the moved folder: the
+    vendored copy (or the checkout SD_SCRIPTS names), with its requirements from the test
+    extra (voluptuous, imagesize, opencv) and the ml extra (torch, transformers, diffusers)."""
+    monkeypatch.syspath_prepend(os.environ.get("SD_SCRIPTS") or str(SD_SCRIPTS_FIXTURE))
     transformers = pytest.importorskip("transformers")
     if "CLIPFeatureExtractor" not in dir(transformers):  # gone from newer transformers; sd-scripts imports it
         sys.modules["transformers"].__dict__["CLIPFeatureExtractor"] = transformers.CLIPImageProcessor
