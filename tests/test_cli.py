@@ -23,7 +23,7 @@ def curate(*args, cwd=None):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    posts = make_posts(3000, seed=21)
+    posts = make_posts(1500, seed=21)
     (d / "posts.jsonl").write_text("\n".join(json.dumps(p) for p in posts))
     write_hakubooru_db(posts, d / "haku.db")
     (d / "q.toml").write_text("""
@@ -60,7 +60,7 @@ def test_help_lists_every_command_and_imports_no_torch():
 def test_sync_build_reg_inspect(corpus, tmp_path):
     out = curate("sync", f"hakubooru:{corpus / 'haku.db'}", "--store", tmp_path / "store")
     assert out.returncode == 0, out.stderr
-    assert "3000 new" in out.stdout
+    assert "1500 new" in out.stdout
     m = tmp_path / "reg.parquet"
     out = curate("build-reg", corpus / "q.toml", "--source", f"store:{tmp_path / 'store'}", "--out", m, "--no-images")
     assert out.returncode == 0, out.stderr
