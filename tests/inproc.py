@@ -12,10 +12,34 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import subprocess
 import sys
 import traceback
+import warnings
+
+
+@contextlib.contextmanager
+def _as_a_new_process(err):
+    """What a fresh interpreter prints on stderr that pytest would otherwise take: warnings
+    under Python's default filters, and log records of WARNING and up (logging's last-resort
+    handler: the message alone)."""
+    handler = logging.StreamHandler(err)
+    handler.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        root.addHandler(handler)
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
 
 
 def run_curate(*args, cwd=None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -23,7 +47,8 @@ def run_curate(*args, cwd=None, env: dict | None = None) -> subprocess.Completed
     returncode, stdout and stderr as the command gives them. `env`, when given, is the whole
     environment for the call (as for subprocess); it is restored afterwards, as are the
     working directory and sys.argv. An unexpected exception is printed as the interpreter
-    would print it (a traceback on stderr, exit status 1)."""
+    would print it (a traceback on stderr, exit status 1); warnings and logged warnings reach
+    stderr as in a new process."""
     from curate.cli import main
 
     argv = ["curate", *map(str, args)]
@@ -37,7 +62,7 @@ def run_curate(*args, cwd=None, env: dict | None = None) -> subprocess.Completed
         if env is not None:
             os.environ.clear()
             os.environ.update(env)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _as_a_new_process(err):
             try:
                 main()
             except SystemExit as exc:
