@@ -617,15 +617,16 @@ def train(
     import json
 
     from curate.common import train_config
-    from curate.train.loop import dry_run as plan_run
-    from curate.train.loop import render
-    from curate.train.loop import train as run_train
 
     if checkpoint is not None and not resume:
         raise CurateError("a checkpoint path goes with --resume: curate train CONFIG --resume PATH")
     if as_json and not dry_run:
         raise CurateError("--json goes with --dry-run")
-    cfg = train_config.load(config)
+    cfg = train_config.load(config)  # a bad config is one line before torch is imported
+    from curate.train.loop import dry_run as plan_run
+    from curate.train.loop import render
+    from curate.train.loop import train as run_train
+
     if dry_run:
         summary = plan_run(cfg)
         typer.echo(json.dumps(summary, indent=1) if as_json else "\n".join(render(summary)))

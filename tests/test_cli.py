@@ -1,4 +1,6 @@
-"""The foundation's commands, run as a user runs them (a real subprocess)."""
+"""The foundation's commands, run as a user runs them: `curate --help`, sync and build-reg in a
+real subprocess; the other checks of what a command says and makes run it in
+this process through the same entry point (tests/inproc.py), without an interpreter start each."""
 
 import json
 import subprocess
@@ -9,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.demo.synthetic import make_posts, write_hakubooru_db
+from tests.inproc import run_curate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +23,7 @@ def curate(*args, cwd=None):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    posts = make_posts(3000, seed=21)
+    posts = make_posts(1500, seed=21)
     (d / "posts.jsonl").write_text("\n".join(json.dumps(p) for p in posts))
     write_hakubooru_db(posts, d / "haku.db")
     (d / "q.toml").write_text("""
@@ -49,7 +52,7 @@ def test_help_lists_every_command_and_imports_no_torch():
     assert out.returncode == 0
     for cmd in ("sync", "fetch", "build-reg", "inspect", "artists"):
         assert cmd in out.stdout
-        assert curate(cmd, "--help").returncode == 0
+        assert run_curate(cmd, "--help").returncode == 0
     code = "import sys, curate.cli; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -57,7 +60,7 @@ def test_help_lists_every_command_and_imports_no_torch():
 def test_sync_build_reg_inspect(corpus, tmp_path):
     out = curate("sync", f"hakubooru:{corpus / 'haku.db'}", "--store", tmp_path / "store")
     assert out.returncode == 0, out.stderr
-    assert "3000 new" in out.stdout
+    assert "1500 new" in out.stdout
     m = tmp_path / "reg.parquet"
     out = curate("build-reg", corpus / "q.toml", "--source", f"store:{tmp_path / 'store'}", "--out", m, "--no-images")
     assert out.returncode == 0, out.stderr
@@ -69,26 +72,26 @@ def test_sync_build_reg_inspect(corpus, tmp_path):
     assert table.column("key").to_pylist()[0].startswith("danbooru/")
     # the same query on the dump gives the same rows
     m2 = tmp_path / "reg2.parquet"
-    assert curate("build-reg", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}", "--out", m2, "--no-images").returncode == 0
+    assert run_curate("build-reg", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}", "--out", m2, "--no-images").returncode == 0
     assert pq.read_table(m2).column("key").to_pylist() == table.column("key").to_pylist()
-    info = curate("inspect", m, "--json")
+    info = run_curate("inspect", m, "--json")
     assert info.returncode == 0
     data = json.loads(info.stdout)
     assert data["subsets"]["horizontal"] == 30 and data["provenance"]["class_token"] == "solo"
     assert data["failures"] == {} and data["stages_filled"]["caption"] == 0
-    human = curate("inspect", m)
+    human = run_curate("inspect", m)
     assert "class token: solo" in human.stdout and "quota 30" in human.stdout
 
 
 def test_fetch_default_out_and_seed_override(corpus, tmp_path):
-    out = curate("fetch", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}", "--no-images", "--seed", "9", cwd=tmp_path)
+    out = run_curate("fetch", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}", "--no-images", "--seed", "9", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     meta = json.loads(pq.read_table(tmp_path / "manifests" / "q.parquet").schema.metadata[b"curate"])
     assert meta["seed"] == 9 and meta["kind"] == "fetch"
 
 
 def test_artists_ranks_and_writes_a_usable_file(corpus, tmp_path):
-    out = curate("artists", "--source", f"dump:{corpus / 'posts.jsonl'}", "--copyright", "blue_archive",
+    out = run_curate("artists", "--source", f"dump:{corpus / 'posts.jsonl'}", "--copyright", "blue_archive",
                  "--fav-count", ">3", "--min-posts", "3", "--top", "10", "--out", tmp_path / "a.txt")
     assert out.returncode == 0, out.stderr
     lines = [line for line in (tmp_path / "a.txt").read_text().splitlines() if not line.startswith("#")]
@@ -116,7 +119,7 @@ def test_artists_ranks_and_writes_a_usable_file(corpus, tmp_path):
 def test_user_errors_are_one_line_exit_2(corpus, args, needle):
     (corpus / "bad.toml").write_text('[[subsets]]\nname="a"\nfavcount=">3"\n')
     (corpus / "noart.toml").write_text('class_token="solo"\n[[subsets]]\nname="a"\nartists_file="gone.txt"\n')
-    out = curate(*[a.format(d=corpus) for a in args])
+    out = run_curate(*[a.format(d=corpus) for a in args])
     assert out.returncode == 2
     assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
 
@@ -146,7 +149,7 @@ def test_build_reg_downloads_images_from_a_local_server(tmp_path):
             p["file_url"] = f"http://127.0.0.1:{server.server_port}/{p['id']}.png"
         (tmp_path / "posts.jsonl").write_text("\n".join(json.dumps(p) for p in posts))
         (tmp_path / "q.toml").write_text('name="q"\nclass_token="solo"\ntags=["1girl"]\ncount=5\n')
-        out = curate("build-reg", tmp_path / "q.toml", "--source", f"dump:{tmp_path / 'posts.jsonl'}",
+        out = run_curate("build-reg", tmp_path / "q.toml", "--source", f"dump:{tmp_path / 'posts.jsonl'}",
                      "--out", tmp_path / "m" / "reg.parquet", "--images", tmp_path / "m" / "images")
         assert out.returncode == 0, out.stderr
         rows = pq.read_table(tmp_path / "m" / "reg.parquet").to_pylist()
@@ -163,11 +166,11 @@ def test_rerun_keeps_stage_work_of_rows_selected_again(corpus, tmp_path):
 
     m = tmp_path / "reg.parquet"
     args = ("build-reg", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}", "--out", m, "--no-images")
-    assert curate(*args).returncode == 0
+    assert run_curate(*args).returncode == 0
     table, meta = manifest.read(m)
     table = manifest.with_column(table, "caption", [f"c{i}" for i in range(table.num_rows)])
     manifest.write(table, m, manifest.record_stage(meta, "caption"))
-    assert curate(*args).returncode == 0
+    assert run_curate(*args).returncode == 0
     again, meta2 = manifest.read(m)
     assert again.column("caption").to_pylist() == [f"c{i}" for i in range(table.num_rows)]
     assert "caption" in meta2["stages"]
@@ -175,7 +178,7 @@ def test_rerun_keeps_stage_work_of_rows_selected_again(corpus, tmp_path):
 
 def test_unwritable_out_is_a_one_line_error(corpus, tmp_path):
     (tmp_path / "file").write_text("x")
-    out = curate("build-reg", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}",
+    out = run_curate("build-reg", corpus / "q.toml", "--source", f"dump:{corpus / 'posts.jsonl'}",
                  "--out", tmp_path / "file" / "m.parquet", "--no-images")
     assert out.returncode == 2 and "cannot write manifest" in out.stderr and "Traceback" not in out.stderr
 
@@ -197,7 +200,7 @@ def test_unwritable_out_is_a_one_line_error(corpus, tmp_path):
     (["fetch", "q.toml", "--source", "danbooru", "--tag-limit", "-1"], "--tag-limit must be at least 0"),
 ])
 def test_out_of_range_numbers_are_one_line_errors(tmp_path, args, error):
-    r = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=tmp_path)
+    r = run_curate(*args, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"error: {error}") and r.stderr.count("\n") == 1
     assert list(tmp_path.iterdir()) == []  # nothing was made

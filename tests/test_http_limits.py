@@ -4,20 +4,16 @@ traceback, a hang or memory out of bounds."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from curate import http
-
-CURATE = str(Path(sys.executable).parent / "curate")
 
 
 class Liar:
@@ -67,9 +63,14 @@ def liar():
         s.close()
 
 
+@functools.cache
+def _bomb() -> bytes:
+    return gzip.compress(b"\0" * (80 << 20), compresslevel=9)  # compressed once per process
+
+
 def gzip_bomb(conn, stopped):
     """~80 KB on the wire, 80 MB decompressed: over the default 64 MiB cap."""
-    body = gzip.compress(b"\0" * (80 << 20), compresslevel=9)
+    body = _bomb()
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
@@ -187,25 +188,37 @@ def test_429_and_5xx_keep_the_patient_policy(liar):
 
 
 # --- through the CLI: one line, exit 2, within the bounds ----------------------------
+# (the command's entry point in this process: what it prints and its exit status)
 
 
-def _fetch(tmp_path, url, timeout=280):
+@pytest.fixture
+def own_rates(monkeypatch):
+    """The in-process `curate fetch` sets 127.0.0.1's rate (the danbooru source's --rate):
+    this test's own rule table and limiters, the process's back afterwards."""
+    monkeypatch.setattr(http, "_rules", dict(http._rules))
+    monkeypatch.setattr(http, "_limiters", {})
+
+
+def _fetch(tmp_path, url, monkeypatch):
+    """`curate fetch` through the CLI's entry point, in this process (tests/inproc.py)."""
+    from tests.inproc import run_curate
+
     q = tmp_path / "q.toml"
     q.write_text('tags = ["1girl"]\n')
-    env = {**__import__("os").environ, "CURATE_DANBOORU_URL": url}
-    return subprocess.run([CURATE, "fetch", str(q), "--source", "danbooru", "--no-images", "--out",
-                           str(tmp_path / "m.parquet")], capture_output=True, text=True, env=env, timeout=timeout)
+    monkeypatch.setenv("CURATE_DANBOORU_URL", url)
+    return run_curate("fetch", q, "--source", "danbooru", "--no-images", "--out", tmp_path / "m.parquet")
 
 
-def test_fetch_from_a_refused_port_is_one_line_naming_the_host(tmp_path):
-    r = _fetch(tmp_path, f"http://127.0.0.1:{free_port()}", timeout=120)
+def test_fetch_from_a_refused_port_is_one_line_naming_the_host(tmp_path, monkeypatch, own_rates):
+    monkeypatch.setattr(http, "CONNECT_WAITS", (0.05, 0.05))  # the tries, not the ~8 s between them
+    r = _fetch(tmp_path, f"http://127.0.0.1:{free_port()}", monkeypatch)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: cannot reach 127.0.0.1: connection refused")
 
 
-def test_fetch_from_a_gzip_bomb_is_one_line_naming_the_host(tmp_path, liar):
+def test_fetch_from_a_gzip_bomb_is_one_line_naming_the_host(tmp_path, liar, monkeypatch, own_rates):
     srv = liar(gzip_bomb)
-    r = _fetch(tmp_path, srv.url)
+    r = _fetch(tmp_path, srv.url, monkeypatch)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == "error: 127.0.0.1: response over the 64 MiB cap (decompressed)"
 

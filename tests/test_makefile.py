@@ -73,7 +73,7 @@ def test_make_test_prints_the_pytest_summary_line(tmp_path):
     (pytest's quiet levels: asottile/detect-test-pollution#8; tools parse that line, e.g.
     Dave-London/Pare#1118)."""
     out = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "-o", f"{VENV}/.installed", f"VENV={VENV}",
-                          "test", "PYTEST_ARGS=-n 2 -p no:cacheprovider tests/test_layout.py"],
+                          "test", "PYTEST_ARGS=-n 1 -p no:cacheprovider tests/test_layout.py"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert re.search(r"^\d+ passed", out.stdout, re.M), out.stdout[-2000:]

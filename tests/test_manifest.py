@@ -1,4 +1,6 @@
-"""curate.manifest: real Parquet files, a real second process (the CLI) on the same manifest."""
+"""curate.manifest: real Parquet files, a real second process (the CLI) on the same manifest.
+The one-line error checks run the command in this process (tests/inproc.py): they are about
+what it prints and its exit code, not about a second process."""
 
 import json
 import os
@@ -13,6 +15,7 @@ from PIL import Image
 
 from curate import manifest as mf
 from curate.errors import CurateError
+from tests.inproc import run_curate
 
 
 def curate(*args):
@@ -27,7 +30,7 @@ def local(tmp_path) -> Path:
     for i in range(3):
         Image.new("RGB", (32, 24), (i * 80, 20, 200)).save(d / f"im{i}.png")
     m = tmp_path / "m.parquet"
-    assert curate("ingest", d, "--out", m).returncode == 0
+    assert run_curate("ingest", d, "--out", m).returncode == 0
     return m
 
 
@@ -130,7 +133,7 @@ def test_malformed_manifests_are_one_line_errors_before_any_work(tmp_path, keys,
         mf.read(m)
     before = m.read_bytes()
     for cmd in (["inspect", m], ["caption", m], ["crop", m]):
-        r = curate(*cmd)
+        r = run_curate(*cmd)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and error.split("'")[0] in r.stderr
     assert m.read_bytes() == before
@@ -203,7 +206,7 @@ def test_malformed_hashes_and_crop_boxes_are_one_line_errors(tmp_path, column, v
     with pytest.raises(CurateError, match=error):
         mf.read(m)
     for cmd in (["dedupe", m], ["report", m, "--out", tmp_path / "r.html"]):
-        r = curate(*cmd)
+        r = run_curate(*cmd)
         assert r.returncode == 2 and r.stderr.startswith(f"error: manifest {m}: {error}")
         assert len(r.stderr.strip().splitlines()) == 1
 

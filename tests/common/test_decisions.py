@@ -1,10 +1,13 @@
 """curate/review/decisions.py: the decisions store, and every stage obeying it.
 
-Real images are ingested, deduped, cropped and captioned by the real stages; the
-person's decisions go through the same sidecar the web app writes.
+Real images are ingested, deduped, cropped and captioned by the real stages (once per
+module; each test works on its own copy); the person's decisions go through the same
+sidecar the web app writes. `curate review --apply/--export` runs in this process
+(tests/inproc.py), but for the pipe in and out, which is a real process's stdin and stdout.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +22,7 @@ from curate.dataset import caption, crop, dedupe, export
 from curate.errors import CurateError
 from curate.report import html as report
 from curate.report import inspect
+from tests.inproc import run_curate
 
 CURATE = str(Path(sys.executable).with_name("curate"))
 HOSTILE = '<img src=x onerror="document.title=\'pwned\'">'  # tag names come from the internet
@@ -47,8 +51,7 @@ def make_manifest(root: Path, run_stages: bool = True) -> Path:
     """Ingest, tag (source tags written in), dedupe and crop a small folder of real images."""
     make_images(root / "cg")
     m = root / "m" / "cg.parquet"
-    r = subprocess.run([CURATE, "ingest", root / "cg", "--out", m, "--name", "cg", "--workers", "1"],
-                       capture_output=True, text=True)
+    r = run_curate("ingest", root / "cg", "--out", m, "--name", "cg", "--workers", "1")
     assert r.returncode == 0, r.stderr
     table, meta = manifest.read(m)
     names = [Path(p).stem for p in table.column("path").to_pylist()]
@@ -66,9 +69,24 @@ def rows(m: Path) -> dict[str, dict]:
     return {Path(r["source_path"] or r["path"]).stem: r for r in manifest.read(m)[0].to_pylist()}
 
 
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    """make_manifest's tree, built once for the module."""
+    return make_manifest(tmp_path_factory.mktemp("made"))
+
+
 @pytest.fixture
-def m(tmp_path) -> Path:
-    return make_manifest(tmp_path)
+def m(tmp_path, made) -> Path:
+    """A test's own copy of the made tree (tests change it): images, manifest, crops and
+    caption files at the same places under tmp_path. Row paths are relative; the
+    provenance's folders (ingest's folder, crop's out_dir) are pointed at the copy, as
+    make_manifest(tmp_path) would have recorded them."""
+    root = made.parent.parent
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    m = tmp_path / made.relative_to(root)
+    table, meta = manifest.read(m)
+    manifest.write(table, m, json.loads(json.dumps(meta).replace(str(root), str(tmp_path))))
+    return m
 
 
 def decide(m, *lines, who="tester"):
@@ -159,8 +177,7 @@ def test_apply_export_round_trip_through_the_cli(m, tmp_path):
     ]
     f = tmp_path / "in.jsonl"
     f.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    res = subprocess.run([CURATE, "review", m, "--apply", f, "--export", tmp_path / "out.jsonl"],
-                         capture_output=True, text=True)
+    res = run_curate("review", m, "--apply", f, "--export", tmp_path / "out.jsonl")
     assert res.returncode == 0, res.stderr
     assert "applied 5 decisions" in res.stdout and "exported 5 decisions" in res.stdout
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -172,7 +189,7 @@ def test_apply_export_round_trip_through_the_cli(m, tmp_path):
     assert decisions.current(copy).state == decisions.current(m).state
     # a bad file: one line on stderr, exit 2, nothing applied
     f.write_text(json.dumps({"key": "danbooru/1", "action": "drop"}) + "\n")
-    res = subprocess.run([CURATE, "review", copy, "--apply", f], capture_output=True, text=True)
+    res = run_curate("review", copy, "--apply", f)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "in.jsonl:1: unknown key" in res.stderr
 
 
@@ -191,8 +208,7 @@ def test_apply_from_stdin_with_a_bom_and_export_to_stdout(m, tmp_path):
     assert "applied 1 decisions from -" in res.stderr and "exported 2 decisions to standard output" in res.stderr
     assert not (tmp_path / "-").exists()
     (tmp_path / "afile").write_text("not a folder")
-    res = subprocess.run([CURATE, "review", m, "--export", tmp_path / "afile" / "d.jsonl"], capture_output=True,
-                         text=True)
+    res = run_curate("review", m, "--export", tmp_path / "afile" / "d.jsonl")
     assert res.returncode == 2 and res.stderr.startswith("error: cannot write") and "Traceback" not in res.stderr
 
 

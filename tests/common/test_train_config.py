@@ -9,9 +9,9 @@ import pytest
 from curate.common import train_config
 from curate.dataset import export
 from curate.errors import CurateError
+from tests.inproc import run_curate
 
 REPO = Path(__file__).resolve().parents[2]
-CURATE = str(Path(sys.executable).with_name("curate"))
 MINIMAL = 'pretrained = "tiny-random"\noutput_dir = "run"\nmax_train_steps = 10\n'
 DATASET = '\n[[datasets]]\nmanifest = "m.parquet"\n'
 
@@ -94,7 +94,7 @@ def test_missing_file_is_an_error(tmp_path):
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     path = write(tmp_path, MINIMAL + "warmup = 3\n" + DATASET)
-    r = subprocess.run([CURATE, "train", str(path), "--dry-run"], capture_output=True, text=True)
+    r = run_curate("train", path, "--dry-run")  # the command's entry point, in this process
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {path}: unknown key 'warmup'"]
     assert "Traceback" not in r.stderr

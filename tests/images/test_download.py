@@ -477,17 +477,21 @@ def test_kill_9_mid_run_then_rerun_completes_with_verified_files(server, tmp_pat
 
 
 def test_cli_user_errors_are_one_line(tmp_path):
-    cmd = [sys.executable, "-c", "from curate.cli import main; main()", "download"]
-    r = subprocess.run(cmd + [str(tmp_path / "nope.parquet")], capture_output=True, text=True)
+    from tests.inproc import run_curate  # the command's entry point, in this process
+
+    def download(*args):
+        return run_curate("download", *args)
+
+    r = download(str(tmp_path / "nope.parquet"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: manifest not found: {tmp_path / 'nope.parquet'}"]
     m = write_manifest(tmp_path / "m.parquet", [post(1, b"x", "http://127.0.0.1:9/x.jpg")])
-    r = subprocess.run(cmd + [str(m), "--variant", "huge"], capture_output=True, text=True)
+    r = download(str(m), "--variant", "huge")
     assert r.returncode == 2 and r.stderr.strip() == "error: --variant must be one of original, sample, 720, not 'huge'"
-    r = subprocess.run(cmd + [str(m), "--from-tars", str(tmp_path / "none")], capture_output=True, text=True)
+    r = download(str(m), "--from-tars", str(tmp_path / "none"))
     assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(cmd + [str(m), "--verify", "fast"], capture_output=True, text=True)
+    r = download(str(m), "--verify", "fast")
     assert r.returncode == 2 and r.stderr.strip() == "error: --verify must be digest or decode, not 'fast'"
-    r = subprocess.run(cmd + [str(m), "--tar-index", str(tmp_path)], capture_output=True, text=True)
+    r = download(str(m), "--tar-index", str(tmp_path))
     assert r.returncode == 2 and r.stderr.strip() == "error: --tar-index needs --from-tars"
 
 

@@ -25,6 +25,7 @@ from tests.images.test_download import (
     stored,
     write_manifest,
 )
+from tests.inproc import run_curate
 
 JPG = {i: encode(gradient(40 + i % 7, 30 + i % 5), "JPEG") for i in range(20)}
 
@@ -204,8 +205,7 @@ def test_an_unreadable_index_is_one_line_naming_the_file(d2023, tmp_path, junk, 
     bad = root / "original" / "data-0001.json"
     bad.write_bytes(junk)
     m = write_manifest(tmp_path / "m.parquet", rows)
-    r = subprocess.run([sys.executable, "-c", "from curate.cli import main; main()", "download", str(m),
-                        "--from-tars", str(root)], capture_output=True, text=True)
+    r = run_curate("download", m, "--from-tars", root)  # the command's entry point, in this process
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line, = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert says in line and str(bad) in line

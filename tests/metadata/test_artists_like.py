@@ -5,8 +5,6 @@ import hashlib
 import io
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from curate.metadata.sources import open_source  # noqa: E402
 from tests.dataset.test_dedupe import picture  # noqa: E402
 from tests.dataset.test_score import make_model  # noqa: E402
 from tests.images.test_download import Server  # noqa: E402
+from tests.inproc import run_curate  # noqa: E402
 
 
 def jpeg(im) -> bytes:
@@ -42,8 +41,7 @@ def world(tmp_path_factory):
     for k in range(4):
         picture(70 + k, 160, 120).save(d / "cg" / f"cg{k}.png")
     cg = d / "cg.parquet"
-    assert subprocess.run([sys.executable, "-m", "curate", "ingest", d / "cg", "--out", cg],
-                          capture_output=True).returncode == 0
+    assert run_curate("ingest", d / "cg", "--out", cg).returncode == 0
     srv = Server()
     # imitator: crops of the CG pictures; mixed: half crops, half noise; other: noise only
     crop = lambda k: picture(70 + k % 4, 170, 128).crop((k, k, 160 + k, 120 + k))  # noqa: E731
@@ -97,9 +95,10 @@ def test_seeded_sample_is_source_order_blind():
 def test_cli_writes_the_ranked_artists_file(world):
     d, model, cg, srv, _ = world
     out = d / "artists" / "like.txt"
-    r = subprocess.run([sys.executable, "-m", "curate", "artists", "--like", cg, "--model", model, "--source",
-                        f"dump:{d / 'posts.jsonl'}", "--copyright", "blue_archive", "--sample", "4", "--seed", "9",
-                        "--cache", d / "cache", "--out", out], capture_output=True, text=True)
+    # the command in this process (tests/inproc.py): a new interpreter would import torch again
+    r = run_curate("artists", "--like", cg, "--model", model, "--source",
+                   f"dump:{d / 'posts.jsonl'}", "--copyright", "blue_archive", "--sample", "4", "--seed", "9",
+                   "--cache", d / "cache", "--out", out)
     assert r.returncode == 0, r.stderr
     lines = [x for x in out.read_text().splitlines() if not x.startswith("#")]
     assert [x.split()[0] for x in lines] == ["imitator", "mixed", "other"]
@@ -109,6 +108,5 @@ def test_cli_writes_the_ranked_artists_file(world):
     # (the image on disk under --images is not named here: its cached embedding is used, a placeholder shown)
     assert page.count("<img") + page.count('class="noimg"') == 4 + 3 * 4 and all((out.parent / src).is_file()
                                                    for src in re.findall(r'src="([^"]+)"', page))
-    r = subprocess.run([sys.executable, "-m", "curate", "artists", "--like", cg, "--source",
-                        f"dump:{d / 'posts.jsonl'}", "--copyright", "blue_archive"], capture_output=True, text=True)
+    r = run_curate("artists", "--like", cg, "--source", f"dump:{d / 'posts.jsonl'}", "--copyright", "blue_archive")
     assert r.returncode == 2 and "--like needs --model" in r.stderr

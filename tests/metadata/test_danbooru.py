@@ -25,6 +25,7 @@ from curate.metadata.sources.danbooru import DanbooruSource, free_metatags
 from curate.metadata.sources.dump import DumpSource
 from curate.metadata.store import Store
 from tests.danbooru_server import DanbooruServer  # noqa: E402
+from tests.inproc import run_curate
 
 FAST = 50.0  # requests/s in most tests
 SECRET = "s3cret-API-key-do-not-leak"
@@ -97,6 +98,16 @@ def write_dump(posts: list[dict], path: Path) -> Path:
 
 
 # --- fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def own_rates(monkeypatch):
+    """The sources and the in-process commands set 127.0.0.1's rate (--rate, 2/s by default):
+    each test gets its own rule table and limiters, the process's are back afterwards."""
+    from curate import http
+
+    monkeypatch.setattr(http, "_rules", dict(http._rules))
+    monkeypatch.setattr(http, "_limiters", {})
 
 
 @pytest.fixture
@@ -349,8 +360,8 @@ def test_errors_are_one_line_and_say_what_to_do(serve, monkeypatch, tmp_path):
     with pytest.raises(CurateError, match="401") as exc:
         list(live(srv).batches_for(q))
     assert SECRET not in str(exc.value)
-    r = subprocess.run([CURATE, "fetch", str(_write(tmp_path / "q.toml", 'tags = ["1girl"]\n')), "--source", "danbooru",
-                        "--no-images", "--out", str(tmp_path / "m.parquet")], capture_output=True, text=True)
+    r = run_curate("fetch", _write(tmp_path / "q.toml", 'tags = ["1girl"]\n'), "--source", "danbooru",
+                   "--no-images", "--out", tmp_path / "m.parquet")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: Danbooru rejected")
     assert SECRET not in r.stderr + r.stdout and not (tmp_path / "m.parquet").exists()
     monkeypatch.delenv("DANBOORU_API_KEY")
@@ -477,8 +488,7 @@ def test_a_server_that_ignores_the_cursor_stops_the_crawl(serve, tmp_path):
         list(live(srv).batches_for(parse('tags = ["1girl"]\n')))
     assert "\n" not in str(exc.value)
     assert len(srv.requests()) == 2  # the first page, and the one that brought nothing new
-    r = subprocess.run([CURATE, "sync", "danbooru", "--store", str(tmp_path / "s"), "--rate", str(FAST)],
-                       capture_output=True, text=True, env={**os.environ, "CURATE_DANBOORU_URL": srv.url})
+    r = run_curate("sync", "danbooru", "--store", tmp_path / "s", "--rate", FAST)  # CURATE_DANBOORU_URL: serve()
     assert r.returncode == 2 and r.stderr.startswith("error: /posts.json ignored the id cursor")
     assert r.stderr.count("\n") == 1
     assert len(srv.requests()) == 4

@@ -1,9 +1,8 @@
 """Tags that will overfit (issue 27): flagged for a training manifest, and a reg subset
-(`match_tags_of`) that draws part of its quota from them, on every source."""
+(`match_tags_of`) that draws part of its quota from them, on every source. The commands run
+in this process (tests/inproc.py): the checks are on what they print."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +16,7 @@ from curate.metadata.query import parse
 from curate.metadata.select import select
 from curate.metadata.sources import open_source
 from curate.metadata.sync import sync
+from tests.inproc import run_curate
 
 TAGS_CSV = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "wd-tagger" / "selected_tags_wd-vit-tagger-v3.csv"
 
@@ -86,8 +86,8 @@ def test_match_tags_of_shifts_the_reg_frequencies_on_every_source(world):
 
 def test_build_reg_summary_shows_before_and_after(world):
     q = world / "reg.toml"
-    r = subprocess.run([sys.executable, "-m", "curate", "build-reg", q, "--source", f"store:{world / 'store'}",
-                        "--out", world / "reg.parquet", "--no-images"], capture_output=True, text=True, cwd=world)
+    r = run_curate("build-reg", q, "--source", f"store:{world / 'store'}", "--out", world / "reg.parquet",
+                   "--no-images", cwd=world)
     assert r.returncode == 0, r.stderr
     assert "before -> after matching" in r.stdout
     line = next(x for x in r.stdout.splitlines() if x.strip().startswith("halo"))
@@ -111,8 +111,7 @@ def test_inspect_tags_against_danbooru_counts(world):
         pytest.skip("tests/fixtures/wd-tagger/selected_tags_wd-vit-tagger-v3.csv is missing")
     shares = overfit.danbooru_shares(TAGS_CSV)
     assert shares["halo"] == pytest.approx(171236 / 7182544)
-    r = subprocess.run([sys.executable, "-m", "curate", "inspect", world / "manifests" / "official_cg.parquet",
-                        "--tags", "--counts", TAGS_CSV], capture_output=True, text=True)
+    r = run_curate("inspect", world / "manifests" / "official_cg.parquet", "--tags", "--counts", TAGS_CSV)
     assert r.returncode == 0, r.stderr
     halo = next(x for x in r.stdout.splitlines() if x.strip().startswith("halo "))
     assert "75% of rows vs 2.38% (31x)" in halo

@@ -13,18 +13,22 @@ from curate.metadata.select import keyed_hash, keyed_hash_one, select
 from curate.metadata.sources import open_source
 from curate.metadata.sync import sync
 
-POSTS = make_posts(6000, seed=11)
+
+@pytest.fixture(scope="module")
+def posts():
+    """Built when a test asks (not at import: each xdist worker collects every file)."""
+    return make_posts(3000, seed=11)
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
+def sources(tmp_path_factory, posts):
     d = tmp_path_factory.mktemp("src")
-    (d / "posts.jsonl").write_text("\n".join(json.dumps(p) for p in POSTS))
-    shuffled = POSTS[:]
+    (d / "posts.jsonl").write_text("\n".join(json.dumps(p) for p in posts))
+    shuffled = posts[:]
     random.Random(1).shuffle(shuffled)
     (d / "shuffled.json").write_text(json.dumps(shuffled))
     sync(open_source(f"dump:{d / 'posts.jsonl'}"), d / "store")
-    write_hakubooru_db(POSTS, d / "haku.db")
+    write_hakubooru_db(posts, d / "haku.db")
     return {"dump": f"dump:{d / 'posts.jsonl'}", "shuffled": f"dump:{d / 'shuffled.json'}",
             "store": f"store:{d / 'store'}", "hakubooru": f"hakubooru:{d / 'haku.db'}"}
 
@@ -73,10 +77,10 @@ CASES = [
 
 @pytest.mark.parametrize("spec,rules", CASES)
 @pytest.mark.parametrize("kind", ["dump", "store", "hakubooru"])
-def test_rules_match_reference(sources, spec, rules, kind):
+def test_rules_match_reference(sources, posts, spec, rules, kind):
     q = parse(f'name="t"\nseed=3\n{spec}\n')
     got = select(q, open_source(sources[kind])).table.column("post_id").to_pylist()
-    want = {p["id"] for p in POSTS if reference(p, rules)}
+    want = {p["id"] for p in posts if reference(p, rules)}
     assert len(want) > 0
     assert sorted(got) == sorted(want)
 
@@ -113,7 +117,7 @@ def test_same_manifest_on_every_source_and_source_order_irrelevant(sources):
     assert tables["dump"].to_pylist() == tables["store"].to_pylist() == tables["shuffled"].to_pylist()
 
 
-def test_disjoint_quota_random_and_max_per_artist(sources):
+def test_disjoint_quota_random_and_max_per_artist(sources, posts):
     q = parse(RECIPE)
     sel = select(q, open_source(sources["store"]))
     t = sel.table.to_pylist()
@@ -128,7 +132,7 @@ def test_disjoint_quota_random_and_max_per_artist(sources):
             per_artist[a] = per_artist.get(a, 0) + 1
     assert max(per_artist.values()) <= 3
     # random = the k smallest keyed hashes among eligible posts (no max_per_artist here)
-    eligible = [p["id"] for p in POSTS if reference(p, {"tags": ["1girl", "solo"], "fav_gt": 10, "orientation": "horizontal",
+    eligible = [p["id"] for p in posts if reference(p, {"tags": ["1girl", "solo"], "fav_gt": 10, "orientation": "horizontal",
                                                         "exclude_tags": ["comic", "monochrome"]})]
     want = sorted(eligible, key=lambda i: (keyed_hash_one(20240405, i), i))[:40]
     assert [r["post_id"] for r in t if r["subset"] == "horizontal"] == want
@@ -145,9 +149,9 @@ def test_quota_shortfall_takes_all(sources):
 
 @pytest.mark.parametrize("order,key", [("fav_count", lambda p: (-p["fav_count"], p["id"])),
                                        ("score", lambda p: (-p["score"], p["id"])), ("id", lambda p: p["id"])])
-def test_orders(sources, order, key):
+def test_orders(sources, posts, order, key):
     q = parse(f'name="t"\ntags=["solo"]\norder="{order}"\ncount=25\n')
-    want = [p["id"] for p in sorted((p for p in POSTS if reference(p, {"tags": ["solo"]})), key=key)][:25]
+    want = [p["id"] for p in sorted((p for p in posts if reference(p, {"tags": ["solo"]})), key=key)][:25]
     for kind in ("dump", "store"):
         assert select(q, open_source(sources[kind])).table.column("post_id").to_pylist() == want
 
@@ -159,10 +163,10 @@ def test_seed_changes_sample_and_is_deterministic(sources):
     assert a.equals(b) and a.column("key").to_pylist() != c.column("key").to_pylist()
 
 
-def test_deleted_and_banned_only_when_asked(sources):
+def test_deleted_and_banned_only_when_asked(sources, posts):
     q = parse('name="t"\ninclude_deleted=true\ninclude_banned=true\n')
     got = set(select(q, open_source(sources["store"])).table.column("post_id").to_pylist())
-    deleted = {p["id"] for p in POSTS if p["is_deleted"] and p["file_ext"] in ("jpg", "png", "webp", "gif")}
+    deleted = {p["id"] for p in posts if p["is_deleted"] and p["file_ext"] in ("jpg", "png", "webp", "gif")}
     assert deleted and deleted <= got
 
 

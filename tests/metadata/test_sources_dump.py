@@ -171,11 +171,10 @@ artists_file = "artists.txt"
 
 
 def cli(*args):
-    import subprocess
-    import sys
+    """The command through its entry point, in this process (tests/inproc.py)."""
+    from tests.inproc import run_curate
 
-    return subprocess.run([sys.executable, "-c", "from curate.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True)
+    return run_curate(*args)
 
 
 def with_real_md5s(tmp_path):

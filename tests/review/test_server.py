@@ -1,10 +1,13 @@
 """curate/review/server.py: the API over a real socket, and each safety rule."""
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
-from urllib.parse import quote
+from types import SimpleNamespace
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 import requests
@@ -203,18 +206,74 @@ def test_cli_another_host_warns(m):
 
 
 def test_a_read_only_folder_is_a_one_line_error_not_a_crash(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
     m = make_manifest(tmp_path, run_stages=False)
-    key = manifest.read(m)[0].column("key")[0].as_py()
+    if os.geteuid() == 0:  # root writes into read-only folders: the server runs without that power
+        with _served_without_the_override(m) as b:
+            _read_only_folder_checks(m, b)
+        return
     with Background([m]) as b:
-        m.parent.chmod(0o555)
+        _read_only_folder_checks(m, b)
+
+
+def _read_only_folder_checks(m, b):
+    key = manifest.read(m)[0].column("key")[0].as_py()
+    m.parent.chmod(0o555)
+    try:
+        res = post(b, {"m": 0, "lines": [{"key": key, "action": "drop"}]})
+        assert res.status_code == 400 and res.json()["error"].startswith("cannot write review decisions")
+        assert get(b, f"/thumb?m=0&key={quote(key)}").status_code == 404
+    finally:
+        m.parent.chmod(0o755)
+
+
+# Drop, from the capability bounding set, what lets root ignore file modes (CAP_DAC_OVERRIDE,
+# CAP_DAC_READ_SEARCH, CAP_FOWNER: 1, 2, 3; prctl PR_CAPBSET_DROP = 24), then exec the
+# installed command: a root process then gets no more than the bounding set, so a 0o555
+# folder it owns refuses its writes as it refuses anyone's.
+_NO_OVERRIDE = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "for cap in (1, 2, 3):\n"
+    "    if libc.prctl(24, cap, 0, 0, 0) != 0:\n"
+    "        sys.exit(f'cannot drop capability {cap}: {os.strerror(ctypes.get_errno())}')\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+@contextlib.contextmanager
+def _served_without_the_override(m):
+    """As root (CI): `curate review M --no-browser` in a process that keeps uid 0 but not
+    the capabilities that override file modes. Yields what `get`/`post` take (port, token)."""
+    proc = subprocess.Popen([sys.executable, "-c", _NO_OVERRIDE, CURATE, "review", str(m), "--no-browser"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            if "open http://127.0.0.1:" in line:
+                url = line.split("open ", 1)[1].strip()
+        assert url, f"curate review did not start: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
+        parts = urlsplit(url)
+        b = SimpleNamespace(review=SimpleNamespace(port=parts.port, token=parse_qs(parts.query)["token"][0]))
+        for _ in range(100):  # the URL is printed just before uvicorn serves
+            try:
+                get(b, "/api/state")
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        yield b
+    finally:
+        proc.send_signal(signal.SIGINT)
         try:
-            res = post(b, {"m": 0, "lines": [{"key": key, "action": "drop"}]})
-            assert res.status_code == 400 and res.json()["error"].startswith("cannot write review decisions")
-            assert get(b, f"/thumb?m=0&key={quote(key)}").status_code == 404
-        finally:
-            m.parent.chmod(0o755)
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err
 
 
 def test_a_manifest_removed_while_serving_is_a_clear_error(tmp_path):
