@@ -617,15 +617,14 @@ def train(
     import json
 
     from curate.common import train_config
+    from curate.train.dryrun import dry_run as plan_run
+    from curate.train.dryrun import render
 
     if checkpoint is not None and not resume:
         raise CurateError("a checkpoint path goes with --resume: curate train CONFIG --resume PATH")
     if as_json and not dry_run:
         raise CurateError("--json goes with --dry-run")
     cfg = train_config.load(config)  # a bad config is one line before torch is imported
-    from curate.train.loop import dry_run as plan_run
-    from curate.train.loop import render
-    from curate.train.loop import train as run_train
 
     if dry_run:
         summary = plan_run(cfg)
@@ -633,6 +632,8 @@ def train(
         return
     if overwrite and (resume or checkpoint):
         raise CurateError("--overwrite starts over; --resume continues: use one")
+    from curate.train.loop import train as run_train  # torch, diffusers: not for a dry run
+
     r = run_train(cfg, resume=str(checkpoint) if checkpoint else resume, progress=not quiet, log=typer.echo,
                   overwrite=overwrite)
     if not r["main_process"]:  # accelerate launch: one summary, from the main process

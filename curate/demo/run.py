@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 STILL = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 DONE = ".complete"  # written last: a folder without it is regenerated
+BACKGROUND_SCALE = 4  # draw_scene's blurred background is drawn at 1/4 size
 
 
 # --- drawing ------------------------------------------------------------------------
@@ -43,14 +44,18 @@ def draw_scene(rng: np.random.Generator, w: int, h: int, figures: int = 1) -> Im
     """A flat-celluloid-ish picture: gradient sky, soft blobs, one or more chibi figures."""
     hue = rng.random()
     top, bottom = np.array(_hsv(hue, 0.35, 0.95)), np.array(_hsv(hue + 0.08, 0.55, 0.75))
-    t = np.linspace(0, 1, h)[:, None, None]
-    im = Image.fromarray((top * (1 - t) + bottom * t).repeat(w, 1).astype(np.uint8))
+    # the soft background is drawn and blurred at a quarter of the size, then enlarged: the
+    # same picture (under one grey level off on average) for a third of the time
+    f = BACKGROUND_SCALE
+    sw, sh = -(-w // f), -(-h // f)
+    t = np.linspace(0, 1, sh)[:, None, None]
+    im = Image.fromarray((top * (1 - t) + bottom * t).repeat(sw, 1).astype(np.uint8))
     d = ImageDraw.Draw(im)
     for _ in range(6):  # background shapes
         r = int(rng.integers(min(w, h) // 12, min(w, h) // 4))
         x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
-        d.ellipse([x - r, y - r, x + r, y + r], fill=_hsv(rng.random(), 0.25, 0.98))
-    im = im.filter(ImageFilter.GaussianBlur(max(1, min(w, h) // 60)))
+        d.ellipse([(x - r) / f, (y - r) / f, (x + r) / f, (y + r) / f], fill=_hsv(rng.random(), 0.25, 0.98))
+    im = im.filter(ImageFilter.GaussianBlur(max(1, min(w, h) // 60) / f)).resize((w, h), Image.Resampling.BICUBIC)
     d = ImageDraw.Draw(im)
     for k in range(figures):
         cx = int(w * (k + 1) / (figures + 1) + rng.normal(0, w * 0.03))
@@ -121,29 +126,41 @@ TAGGER_CHARACTERS = ["shiroko_(blue_archive)", "hoshino_(blue_archive)", "aris_(
 
 def make_tagger(folder: Path, seed: int = 0) -> Path:
     """config.json + model.safetensors + selected_tags.csv, as SmilingWolf's repos have them,
-    with a 1-layer ViT: random weights, the real loading and preprocessing path."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
+    with a 1-layer ViT: random weights, the real loading and preprocessing path. The weights
+    are drawn here with numpy as timm initialises a ViT (linear layers and position embedding
+    N(0, 0.02), the patch conv uniform in +-1/sqrt(fan in), layer norms 1 and 0), under
+    timm's own state-dict names: making the tagger imports neither torch nor timm (seconds)."""
+    from safetensors.numpy import save_file
 
     rows = [(9, r) for r in ("general", "sensitive", "questionable", "explicit")]
     rows += [(0, t) for t in TAGGER_TAGS] + [(4, c) for c in TAGGER_CHARACTERS]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "selected_tags.csv").write_text(
         "tag_id,name,category,count\n" + "".join(f"{100 + i},{n},{c},{1000 - i}\n" for i, (c, n) in enumerate(rows)))
-    args = dict(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, class_token=False,
+    size, patch, dim, mlp = 64, 16, 32, 128
+    args = dict(img_size=size, patch_size=patch, embed_dim=dim, depth=1, num_heads=2, class_token=False,
                 global_pool="avg", fc_norm=False, act_layer="gelu_tanh")
-    torch.manual_seed(seed)  # timm's own init, seeded: the features follow the image
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=len(rows), **args).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # a head strong enough that tags differ between images
-        head = model.get_classifier()
-        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 3 / head.weight.shape[1] ** 0.5)
-        head.bias.copy_(torch.randn(len(rows), generator=g) * 0.5 - 1.0)
-    save_file(model.state_dict(), str(folder / "model.safetensors"))
-    config = {"architecture": "vit_base_patch16_224", "num_classes": len(rows), "num_features": model.num_features,
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape: int) -> np.ndarray:  # timm's trunc_normal_(std=0.02): the cut at +-2 never bites
+        return rng.normal(0.0, 0.02, shape)
+
+    fan_in = 3 * patch * patch
+    state = {"patch_embed.proj.weight": rng.uniform(-1, 1, (dim, 3, patch, patch)) / fan_in ** 0.5,
+             "patch_embed.proj.bias": rng.uniform(-1, 1, dim) / fan_in ** 0.5,
+             "pos_embed": normal(1, (size // patch) ** 2, dim)}
+    for name, (n_out, n_in) in {"attn.qkv": (3 * dim, dim), "attn.proj": (dim, dim),
+                                "mlp.fc1": (mlp, dim), "mlp.fc2": (dim, mlp)}.items():
+        state[f"blocks.0.{name}.weight"], state[f"blocks.0.{name}.bias"] = normal(n_out, n_in), np.zeros(n_out)
+    for norm in ("blocks.0.norm1", "blocks.0.norm2", "norm"):
+        state[f"{norm}.weight"], state[f"{norm}.bias"] = np.ones(dim), np.zeros(dim)
+    # a head strong enough that tags differ between images
+    state["head.weight"] = rng.standard_normal((len(rows), dim)) * 3 / dim ** 0.5
+    state["head.bias"] = rng.standard_normal(len(rows)) * 0.5 - 1.0
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, str(folder / "model.safetensors"))
+    config = {"architecture": "vit_base_patch16_224", "num_classes": len(rows), "num_features": dim,
               "global_pool": "avg", "model_args": args,
-              "pretrained_cfg": {"custom_load": False, "input_size": [3, 64, 64], "fixed_input_size": False,
+              "pretrained_cfg": {"custom_load": False, "input_size": [3, size, size], "fixed_input_size": False,
                                  "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
                                  "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": len(rows)}}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -241,7 +258,7 @@ def prepare(demo: Path, n_posts: int, tagger_too: bool = True) -> None:
     else:
         print(f"corpus: {corpus} (already there)")
     tagger = demo / "tagger"
-    if tagger_too and not (tagger / "model.safetensors").exists():  # torch: not in the core install
+    if tagger_too and not (tagger / "model.safetensors").exists():  # safetensors: not in the core install
         make_tagger(tagger)
         print(f"tagger: tiny WD-v3-layout ViT -> {tagger}")
     write_train_config(demo / "train.toml", demo)
@@ -478,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="corpus, tiny tagger, train config")
     p.add_argument("dir", type=Path)
     p.add_argument("--posts", type=int, default=1500)
-    p.add_argument("--no-tagger", action="store_true", help="no tiny tagger (the core install has no torch)")
+    p.add_argument("--no-tagger", action="store_true", help="no tiny tagger (the core install has no torch or safetensors)")
     p = sub.add_parser("cg", help="a generated official-CG folder")
     p.add_argument("dir", type=Path)
     p.add_argument("--reg", type=Path, help="plant a repost of this reg manifest's first image")
