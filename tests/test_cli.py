@@ -143,7 +143,7 @@ def test_build_reg_downloads_images_from_a_local_server(tmp_path):
     handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(files))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         for p in posts:
             p["file_url"] = f"http://127.0.0.1:{server.server_port}/{p['id']}.png"

@@ -80,7 +80,8 @@ class DanbooruServer:
         self.posts = sorted(indexed, key=lambda p: -p.id)
 
     def start(self) -> "DanbooruServer":
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # stop() waits for the loop's next poll: 50 ms, not serve_forever's default half second
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def stop(self) -> None:

@@ -534,7 +534,7 @@ def test_a_page_of_ids_that_are_no_post_ids_is_a_clear_error():
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     try:
         src = DanbooruSource(base_url=f"http://127.0.0.1:{httpd.server_address[1]}", rate=FAST, backoff=0.01,
                              retries=0)
