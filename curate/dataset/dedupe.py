@@ -450,6 +450,7 @@ def dedupe(
     # stored when that manifest was deduped with this hash version, else computed
     # here (in memory: the other manifest is never written).
     keys, owner, derived = _column(table, "key"), [0] * n, _derived(table, base, files)
+    captioned = _column(table, "user_caption")
     pixels = [(w or 0) * (ht or 0) for w, ht in zip(_column(table, "width"), _column(table, "height"))]
     for num, (other, obase, ometa) in enumerate(others, 1):
         of, oh, _ = _hash_rows(other, obase, _stored_hash_ok(ometa), workers, f"hashing --against #{num}",
@@ -461,6 +462,7 @@ def dedupe(
         keys += _column(other, "key")
         stored_sha += _column(other, "sha256")
         stored_eff += _column(other, "effective_px")
+        captioned += _column(other, "user_caption")
         owner += [num] * other.num_rows
         pixels += [(w or 0) * (ht or 0) for w, ht in zip(_column(other, "width"), _column(other, "height"))]
         s.against_rows += other.num_rows
@@ -492,7 +494,7 @@ def dedupe(
     dup_of, reason, how = [None] * n, [None] * n, [None] * n
     facts = {**{c: h[c] for c in ("content_px", "file_px", "file_bytes", "grey", "lossless", "jpeg_quality",
                                   "sharpness")},
-             "derived": derived, "effective_px": eff}
+             "derived": derived, "effective_px": eff, "user_caption": captioned}
     order = np.argsort(labels, kind="stable")
     for group in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
         if len(group) < 2:

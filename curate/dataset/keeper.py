@@ -11,7 +11,9 @@ CONTENT_TIE = 0.02   # content pixel counts this close are a tie (borders are fo
 SHARP_TIE = 0.33     # sharpness this close is a tie: blur costs 3x and more, a subtitle line ~13%
                      # (curate.dataset.sharpness)
 # What settles a cluster's keeper, in this order (choose_keeper); the reason is the one that decided.
-REASONS = ("more content pixels", "upscaled copy", "colour", "lossless", "higher quality", "sharper", "original", "no bars", "key order",
+REASONS = ("more content pixels", "upscaled copy", "colour", "lossless", "higher quality", "sharper", "original", "no bars",
+           "own caption",  # the copy a person captioned (a sidecar read at ingest) over its twins
+           "key order",
            "other manifest",  # the one row of an --against manifest in the cluster
            "review")          # a person chose the keeper or split the cluster (curate review)
 
@@ -24,7 +26,8 @@ def choose_keeper(rows: list[int], facts: dict[str, list], keys: list[str]) -> t
     last step that left one row (or "key order" when several are alike to the end).
     `facts` holds per row: content_px, file_px, file_bytes, grey, lossless,
     jpeg_quality, derived; optional: effective_px (the resolution the picture was drawn at,
-    curate.dataset.sharpness), sharpness.
+    curate.dataset.sharpness), sharpness, user_caption (a person's caption: among copies
+    alike in everything else, theirs is kept rather than lost with its twin).
     Content pixels count at the effective resolution, and among copies alike in that the
     least enlarged wins: when that passes over a copy with more pixels (an upscale), the
     reason is "upscaled copy", whatever settles the rest.
@@ -32,6 +35,7 @@ def choose_keeper(rows: list[int], facts: dict[str, list], keys: list[str]) -> t
     f = facts
     eff = f.get("effective_px") or [None] * (max(rows) + 1)
     sharp = f.get("sharpness") or [None] * (max(rows) + 1)
+    captioned = f.get("user_caption") or [None] * (max(rows) + 1)
 
     def content(r, effective=True):
         px = f["content_px"][r] or 0
@@ -55,6 +59,7 @@ def choose_keeper(rows: list[int], facts: dict[str, list], keys: list[str]) -> t
         ("sharper", lambda r: sharp[r] or 0.0, SHARP_TIE),
         ("original", lambda r: not f["derived"][r], 0),
         ("no bars", lambda r: (f["content_px"][r] or 0) / max(1, f["file_px"][r] or 0), CONTENT_TIE),
+        ("own caption", lambda r: bool(captioned[r]), 0),
     ]
     cands = list(rows)
     upscaled = False

@@ -5,7 +5,7 @@ from curate.dataset import keeper
 
 def test_choose_keeper_order_of_facts():
     base = dict(content_px=1000, file_px=1000, file_bytes=500, grey=False, lossless=True, jpeg_quality=None,
-                derived=False)
+                derived=False, user_caption=None)
 
     def pick(*rows):
         facts = {c: [r.get(c, base[c]) for r in rows] for c in base}
@@ -22,3 +22,32 @@ def test_choose_keeper_order_of_facts():
     assert pick({"derived": True}, {}) == (1, "original")
     assert pick({"file_px": 1400}, {}) == (1, "no bars")
     assert pick({}, {}) == (0, "key order")
+    assert pick({}, {"user_caption": "1girl, smile"}) == (1, "own caption")  # twins: the captioned one
+    assert pick({"content_px": 1100}, {"user_caption": "1girl"}) == (0, "more content pixels")  # only a tie-break
+
+
+# Public reports of the kind: bmaltais/kohya_ss#405 (datasets deduplicated by hand before
+# training, captions kept beside the images) and LAION-AI/project-menu#11 ("dedup per
+# url+caption not by url": the caption is part of what is kept). A person's sidecar caption
+# is not dropped with a twin of its image that won on key order (found by make demo: a copy
+# of a hand-captioned CG under a new name pushed the captioned original out).
+def test_the_captioned_twin_is_kept(tmp_path):
+    import pyarrow.parquet as pq
+
+    from tests.dataset.test_dedupe import picture
+    from tests.inproc import run_curate
+
+    for captioned in ("a.png", "b.png"):
+        d = tmp_path / captioned / "cg"
+        d.mkdir(parents=True)
+        picture(21).save(d / "a.png")
+        (d / "b.png").write_bytes((d / "a.png").read_bytes())
+        (d / captioned).with_suffix(".txt").write_text("1girl, holding flower\n")
+        m = d.parent / "m.parquet"
+        assert run_curate("ingest", d, "--out", m).returncode == 0
+        r = run_curate("dedupe", m)
+        assert r.returncode == 0, r.stderr
+        rows = {row["source_path"].rsplit("/", 1)[-1]: row for row in pq.read_table(m).to_pylist()}
+        kept = rows[captioned]
+        assert kept["dup_of"] is None and kept["user_caption"] == "1girl, holding flower", captioned
+        assert kept["keeper_reason"] == "own caption" and rows[{"a.png": "b.png", "b.png": "a.png"}[captioned]]["dup_of"]
