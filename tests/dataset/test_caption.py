@@ -478,12 +478,12 @@ def hakubooru_db(posts: list[dict], path: Path):
     return db_module
 
 
-@pytest.fixture
-def hakubooru_reference(shared_data, tmp_path):
-    """({post id: make_caption's text}, the database's path)."""
+@pytest.fixture(scope="module")
+def hakubooru_reference(shared_data, tmp_path_factory):
+    """({post id: make_caption's text}, the database's path). Built once: the tests only read it."""
     caption_module = pytest.importorskip("hakubooru.caption")
     posts = real_posts(shared_data)
-    path = tmp_path / "danbooru2023.db"
+    path = tmp_path_factory.mktemp("hakubooru") / "danbooru2023.db"
     db_module = hakubooru_db(posts, path)
     expected = {p["id"]: caption_module.make_caption(db_module.Post.get_by_id(p["id"])) for p in posts}
     db_module.db.close()

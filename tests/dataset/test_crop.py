@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from curate.dataset import borders
+from tests.dataset.inproc import curate as run  # the stage in this process
 
 
 def curate(*args, cwd=None):
@@ -112,7 +113,7 @@ def cg(tmp_path):
     Image.new("RGB", (20000, 100), (90, 40, 140)).save(d / "strip.png")
     (d / "broken.png").write_bytes(b"garbage")
     m = tmp_path / "cg.parquet"
-    assert curate("ingest", d, "--out", m).returncode == 0
+    assert run("ingest", d, "--out", m).returncode == 0
     return d, m
 
 
@@ -127,7 +128,7 @@ def digests(folder):
 def test_crop_trims_and_downscales_into_a_separate_folder(cg, tmp_path):
     d, m = cg
     originals = digests(d)
-    r = curate("crop", m, "--max-pixels", "640x640")
+    r = run("crop", m, "--max-pixels", "640x640")
     assert r.returncode == 0, r.stderr
     assert "1 failed" not in r.stdout and "derived images:" in r.stdout
     assert digests(d) == originals  # originals untouched
@@ -164,13 +165,13 @@ def test_crop_trims_and_downscales_into_a_separate_folder(cg, tmp_path):
 
 def test_rerun_is_idempotent_and_new_settings_redo(cg, tmp_path):
     d, m = cg
-    assert curate("crop", m).returncode == 0
+    assert run("crop", m).returncode == 0
     first = pq.read_table(m).to_pylist()
-    r = curate("crop", m)
+    r = run("crop", m)
     assert r.returncode == 0 and " 0 processed" in r.stdout
     assert pq.read_table(m).to_pylist() == first
 
-    r = curate("crop", m, "--no-trim-borders", "--out-dir", tmp_path / "plain")
+    r = run("crop", m, "--no-trim-borders", "--out-dir", tmp_path / "plain")
     assert r.returncode == 0 and " 0 processed" not in r.stdout
     rows = rows_by_name(m)
     assert rows["letterbox.png"]["crop"] == [0, 0, 800, 600]
@@ -180,9 +181,9 @@ def test_rerun_is_idempotent_and_new_settings_redo(cg, tmp_path):
 def test_duplicates_are_skipped(cg, tmp_path):
     d, m = cg
     framed(picture(1, 800, 450), 0, 75, 0, 75, (0, 0, 0)).save(d / "letterbox_again.jpg", quality=80)
-    assert curate("ingest", d, "--out", m).returncode == 0
-    assert curate("dedupe", m).returncode == 0
-    r = curate("crop", m)
+    assert run("ingest", d, "--out", m).returncode == 0
+    assert run("dedupe", m).returncode == 0
+    r = run("crop", m)
     assert r.returncode == 0 and "2 duplicates" in r.stdout  # the pillarbox holds the same picture
     rows = rows_by_name(m)
     trio = [rows[n] for n in ("letterbox.png", "letterbox_again.jpg", "pillarbox.jpg")]

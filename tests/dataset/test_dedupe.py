@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from curate.dataset import dedupe
 from curate.dataset.keeper import REASONS
+from tests.dataset.inproc import curate as run  # the stage in this process
 
 
 def curate(*args, cwd=None):
@@ -103,8 +104,8 @@ def rows_by_name(path):
 @pytest.fixture(scope="module")
 def deduped(cg):
     m = cg.parent / "m" / "cg.parquet"
-    assert curate("ingest", cg, "--out", m).returncode == 0
-    r = curate("dedupe", m)
+    assert run("ingest", cg, "--out", m).returncode == 0
+    r = run("dedupe", m)
     assert r.returncode == 0, r.stderr
     return m, r.stdout
 
@@ -130,8 +131,8 @@ def test_dedupe_marks_variants_and_keeps_the_original_over_its_upscale(deduped):
 
 def test_exact_pixels_found_even_at_threshold_zero(cg, tmp_path):
     m = tmp_path / "m.parquet"
-    assert curate("ingest", cg, "--out", m).returncode == 0
-    r = curate("dedupe", m, "--threshold", "0")
+    assert run("ingest", cg, "--out", m).returncode == 0
+    r = run("dedupe", m, "--threshold", "0")
     assert r.returncode == 0, r.stderr
     assert "1 same bytes, 2 same pixels" in r.stdout  # the BMP holds base.png's pixels
     rows = rows_by_name(m)
@@ -143,7 +144,7 @@ def test_exact_pixels_found_even_at_threshold_zero(cg, tmp_path):
 def test_rerun_reuses_hashes_and_is_stable(deduped):
     m, _ = deduped
     before = pq.read_table(m).to_pylist()
-    r = curate("dedupe", m)
+    r = run("dedupe", m)
     assert r.returncode == 0 and " 0 hashed" in r.stdout
     assert pq.read_table(m).to_pylist() == before
 
@@ -154,11 +155,11 @@ def test_against_marks_rows_found_in_another_manifest(cg, tmp_path):
     picture(2).resize((800, 450)).save(reg / "same_as_other.jpg", quality=88)
     picture(77).save(reg / "unrelated.png")
     reg_m = tmp_path / "reg.parquet"
-    assert curate("ingest", reg, "--out", reg_m).returncode == 0
+    assert run("ingest", reg, "--out", reg_m).returncode == 0
     reg_bytes = reg_m.read_bytes()
     m = tmp_path / "cg.parquet"
-    assert curate("ingest", cg, "--out", m).returncode == 0
-    r = curate("dedupe", m, "--against", reg_m)
+    assert run("ingest", cg, "--out", m).returncode == 0
+    r = run("dedupe", m, "--against", reg_m)
     assert r.returncode == 0, r.stderr
     assert "duplicate rows of --against" in r.stdout
     rows = rows_by_name(m)
@@ -170,7 +171,7 @@ def test_against_marks_rows_found_in_another_manifest(cg, tmp_path):
 
 
 def test_help_states_the_measured_default():
-    r = curate("dedupe", "--help")
+    r = run("dedupe", "--help")
     text = " ".join(r.stdout.replace("│", " ").split())  # rich draws a box around options
     assert r.returncode == 0 and f"default: {dedupe.DEFAULT_THRESHOLD}," in text
 
@@ -188,7 +189,7 @@ def test_bad_input_is_one_line_error(deduped, tmp_path):
 
 def test_killed_worker_keeps_finished_hashes_and_a_rerun_finishes(cg, tmp_path):
     m = tmp_path / "cg.parquet"
-    assert curate("ingest", cg, "--out", m).returncode == 0
+    assert run("ingest", cg, "--out", m).returncode == 0
     env = {**os.environ, "CURATE_POOL_KILL": "12"}
     r = subprocess.run([sys.executable, "-m", "curate", "dedupe", m, "--workers", "2"],
                        capture_output=True, text=True, env=env)
@@ -239,8 +240,8 @@ def keepers(tmp_path_factory):
     picture(600).save(d / "copy_a.png")
     (d / "copy_b.png").write_bytes((d / "copy_a.png").read_bytes())
     m = d.parent / "k.parquet"
-    assert curate("ingest", d, "--out", m).returncode == 0
-    r = curate("dedupe", m)
+    assert run("ingest", d, "--out", m).returncode == 0
+    r = run("dedupe", m)
     assert r.returncode == 0, r.stderr
     assert "keepers by what decided: lossless 6, colour 2" in r.stdout  # the summary counts the reasons
     return m

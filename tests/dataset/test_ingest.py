@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
+from tests.dataset.inproc import curate as run  # the stage in this process
+
 
 def curate(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "curate", *map(str, args)],
@@ -60,7 +62,7 @@ IMAGES = 13  # files above that are images (or claim to be), hidden folder exclu
 
 def test_ingest_every_kind_of_file(cg_folder, tmp_path):
     out = tmp_path / "manifests" / "cg.parquet"
-    r = curate("ingest", cg_folder, "--out", out)
+    r = run("ingest", cg_folder, "--out", out)
     assert r.returncode == 0, r.stderr
     assert f"{IMAGES} image files" in r.stdout and "2 unreadable" in r.stdout
     t = pq.read_table(out).to_pylist()
@@ -89,7 +91,7 @@ def test_ingest_every_kind_of_file(cg_folder, tmp_path):
 
 def test_reingest_adds_only_new_files_and_keeps_rows(cg_folder, tmp_path):
     out = tmp_path / "cg.parquet"
-    assert curate("ingest", cg_folder, "--out", out, "--name", "ba_cg").returncode == 0
+    assert run("ingest", cg_folder, "--out", out, "--name", "ba_cg").returncode == 0
     from curate import manifest
 
     table, meta = manifest.read(out)  # a later stage's work on the rows must survive
@@ -98,7 +100,7 @@ def test_reingest_adds_only_new_files_and_keeps_rows(cg_folder, tmp_path):
     before = pq.read_table(out).to_pylist()
 
     picture(42).save(cg_folder / "event" / "new.png")
-    r = curate("ingest", cg_folder, "--out", out, "--name", "ba_cg")
+    r = run("ingest", cg_folder, "--out", out, "--name", "ba_cg")
     assert r.returncode == 0, r.stderr
     assert "1 added" in r.stdout and f"{IMAGES} already in the manifest" in r.stdout
     after = pq.read_table(out).to_pylist()
@@ -109,7 +111,7 @@ def test_reingest_adds_only_new_files_and_keeps_rows(cg_folder, tmp_path):
 
 
 def test_default_manifest_goes_to_manifests_folder(cg_folder, tmp_path):
-    r = curate("ingest", cg_folder, "--name", "ba", cwd=tmp_path)
+    r = run("ingest", cg_folder, "--name", "ba", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = pq.read_table(tmp_path / "manifests" / "ba.parquet").to_pylist()
     assert len(rows) == IMAGES and rows[0]["path"].startswith("../official_cg/")
@@ -117,8 +119,8 @@ def test_default_manifest_goes_to_manifests_folder(cg_folder, tmp_path):
 
 def test_manifest_inside_the_folder_is_not_ingested(cg_folder):
     out = cg_folder / "cg.parquet"
-    assert curate("ingest", cg_folder, "--out", out).returncode == 0
-    r = curate("ingest", cg_folder, "--out", out)
+    assert run("ingest", cg_folder, "--out", out).returncode == 0
+    r = run("ingest", cg_folder, "--out", out)
     assert r.returncode == 0 and "0 added" in r.stdout
     assert all(not x["path"].endswith(".parquet") for x in pq.read_table(out).to_pylist())
 
@@ -144,7 +146,7 @@ def test_postscript_in_the_folder_is_an_unsupported_format_row(tmp_path):
     (d / "renamed.jpg").write_bytes(ps)
     (d / "no_suffix_ps").write_bytes(ps)
     out = tmp_path / "m.parquet"
-    r = curate("ingest", d, "--out", out)
+    r = run("ingest", d, "--out", out)
     assert r.returncode == 0, r.stderr
     rows = {Path(x["path"]).name: x for x in pq.read_table(out).to_pylist()}
     assert rows["a.png"]["error"] is None
@@ -175,7 +177,7 @@ def linked(tmp_path):
 def test_symlinks_record_the_in_folder_path_and_outside_links_are_refused(linked, tmp_path):
     d, outside = linked
     out = tmp_path / "m.parquet"
-    r = curate("ingest", d, "--out", out)
+    r = run("ingest", d, "--out", out)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     rows = {x["path"]: x for x in pq.read_table(out).to_pylist()}
@@ -193,14 +195,14 @@ def test_symlinks_record_the_in_folder_path_and_outside_links_are_refused(linked
     keys = [x["key"] for x in rows.values()]
     assert len(set(keys)) == len(keys)
     # nothing beside the outside files after captioning the manifest
-    assert curate("caption", out).returncode == 0
+    assert run("caption", out).returncode == 0
     assert sorted(p.name for p in outside.iterdir()) == ["outside.png", "secret.jpg"]
 
 
 def test_follow_external_links_reads_them_under_the_in_folder_path(linked, tmp_path):
     d, outside = linked
     out = tmp_path / "m.parquet"
-    r = curate("ingest", d, "--out", out, "--follow-external-links")
+    r = run("ingest", d, "--out", out, "--follow-external-links")
     assert r.returncode == 0, r.stderr
     rows = {x["path"]: x for x in pq.read_table(out).to_pylist()}
     assert rows["cg/sub/out_link.png"]["error"] is None and rows["cg/sub/out_link.png"]["width"] == 320
@@ -234,7 +236,7 @@ def test_sidecar_captions_read_as_the_users_with_or_without_bom(tmp_path):
     (d / "e.txt").write_text("  \n", encoding="utf-8")                 # empty: no caption
     before = {p.name: p.read_bytes() for p in d.iterdir()}
     out = tmp_path / "m.parquet"
-    proc = curate("ingest", d, "--out", out)
+    proc = run("ingest", d, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "2 images have the user's own caption" in proc.stdout
     assert "d.txt: caption file is not UTF-8" in proc.stdout
@@ -244,10 +246,10 @@ def test_sidecar_captions_read_as_the_users_with_or_without_bom(tmp_path):
                      "c.png": None, "d.png": None, "e.png": None}
     # a caption written after the first ingest is read on the next one; files never change
     (d / "c.txt").write_text("later", encoding="utf-8")
-    assert curate("ingest", d, "--out", out).returncode == 0
+    assert run("ingest", d, "--out", out).returncode == 0
     assert {Path(r["path"]).name: r["user_caption"] for r in pq.read_table(out).to_pylist()}["c.png"] == "later"
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != "c.txt"} == before
-    assert "<stem>.caption" in curate("ingest", "--help").stdout  # a new user learns it from --help
+    assert "<stem>.caption" in run("ingest", "--help").stdout  # a new user learns it from --help
 
 
 # The layout mbrrg/synology-thumbgen (PR #11) documents: Synology keeps
@@ -265,14 +267,14 @@ def test_housekeeping_folders_are_skipped_and_counted(tmp_path):
     (d / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 thumbnail cache")
     (d / "desktop.ini").write_text("[.ShellClassInfo]\n", encoding="utf-8")
     out = tmp_path / "m.parquet"
-    r = curate("ingest", d, "--out", out)
+    r = run("ingest", d, "--out", out)
     assert r.returncode == 0, r.stderr
     assert [Path(p).name for p in pq.read_table(out).column("path").to_pylist()] == ["a.png"]
     assert ("skipped housekeeping files (--include-housekeeping reads them): #recycle 2, $RECYCLE.BIN 1, "
             "@eaDir 2, System Volume Information 1, Thumbs.db 1, Trash-<uid> 1, __MACOSX 1, desktop.ini 1") in r.stdout
     assert "non-image files ignored" not in r.stdout
     # on request they are the user's images after all
-    r = curate("ingest", d, "--out", tmp_path / "all.parquet", "--include-housekeeping")
+    r = run("ingest", d, "--out", tmp_path / "all.parquet", "--include-housekeeping")
     assert r.returncode == 0, r.stderr
     names = sorted(Path(p).parent.name + "/" + Path(p).name for p in pq.read_table(tmp_path / "all.parquet").column("path").to_pylist())
     assert len(names) == 8 and "#recycle/deleted_cg.png" in names and "a.png/SYNOPHOTO_THUMB_SM.jpg" in names
@@ -291,7 +293,7 @@ def test_paired_sidecars_are_all_kept(tmp_path):
     (d / "b.caption").write_text("a cat on a roof", encoding="utf-8")
     (d / "c.tags").write_text("cat, roof", encoding="utf-8")
     out = tmp_path / "m.parquet"
-    r = curate("ingest", d, "--out", out, "--caption-ext", "tags")
+    r = run("ingest", d, "--out", out, "--caption-ext", "tags")
     assert r.returncode == 0, r.stderr
     rows = {Path(x["path"]).name: x for x in pq.read_table(out).to_pylist()}
     assert rows["a.png"]["user_sidecars"] == [{"ext": ".txt", "text": "1girl, rain, umbrella"},

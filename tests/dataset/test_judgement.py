@@ -13,7 +13,8 @@ import pytest
 from PIL import Image, ImageFilter, ImageOps
 
 from curate.dataset import dedupe
-from tests.dataset.test_dedupe import curate, picture, rows_by_name
+from tests.dataset.inproc import curate  # the commands in this process
+from tests.dataset.test_dedupe import picture, rows_by_name
 
 
 @pytest.fixture(scope="module")

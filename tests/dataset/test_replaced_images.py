@@ -4,20 +4,18 @@ under the old facts; the next ingest reads the file again and clears what stages
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from PIL import Image
 
 from curate import manifest
 from curate.dataset import export
-
-CURATE = str(Path(sys.executable).parent / "curate")
+from tests.dataset.inproc import curate as run
 
 
 def curate(*args):
-    r = subprocess.run([CURATE, *map(str, args)], capture_output=True, text=True)
+    """The command in this process (the test is about the manifest, not the process): its stdout."""
+    r = run(*args)
     assert r.returncode == 0, r.stderr
     return r.stdout
 

@@ -13,6 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from typer.testing import CliRunner  # noqa: E402
+
+from curate.cli import app  # noqa: E402
 from curate.common import embedder  # noqa: E402
 from curate.errors import CurateError  # noqa: E402
 from tests.dataset.test_dedupe import picture  # noqa: E402
@@ -62,11 +65,15 @@ def scored(tmp_path_factory):
         picture(40 + k, 96 + 8 * k, 64).save(imgs / f"p{k}.png")
     (imgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n nope")
     m = d / "m.parquet"
-    assert subprocess.run([sys.executable, "-m", "curate", "ingest", imgs, "--out", m], capture_output=True).returncode == 0
-    r = subprocess.run([sys.executable, "-m", "curate", "score", m, "--model", model, "--batch-size", "2"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert invoke("ingest", imgs, "--out", m).exit_code == 0
+    r = invoke("score", m, "--model", model, "--batch-size", "2")
+    assert r.exit_code == 0, (r.output, r.exception)
     return d, model, head, m, r.stdout
+
+
+def invoke(*args):
+    """The command in this process (these tests are about its output, not its process)."""
+    return CliRunner().invoke(app, [*map(str, args)])
 
 
 def test_scores_equal_a_direct_transformers_computation(scored):
@@ -83,9 +90,8 @@ def test_scores_equal_a_direct_transformers_computation(scored):
 def test_rerun_with_the_same_model_scores_nothing_new(scored):
     d, model, head, m, _ = scored
     before = pq.read_table(m).column("aesthetic").to_pylist()
-    r = subprocess.run([sys.executable, "-m", "curate", "score", m, "--model", model],
-                       capture_output=True, text=True)
-    assert r.returncode == 0 and " 0 scored" in r.stdout and "5 kept from an earlier run" in r.stdout
+    r = invoke("score", m, "--model", model)
+    assert r.exit_code == 0 and " 0 scored" in r.stdout and "5 kept from an earlier run" in r.stdout
     assert pq.read_table(m).column("aesthetic").to_pylist() == before
 
 
@@ -134,10 +140,9 @@ def test_min_aesthetic_drops_through_review_decisions(scored, tmp_path):
     shutil.copy(m2, m)
     values = sorted(v for v in pq.read_table(m).column("aesthetic").to_pylist() if v is not None)
     mid = (values[1] + values[2]) / 2  # two rows under it
-    run = lambda t: subprocess.run([sys.executable, "-m", "curate", "score", m, "--model", model,  # noqa: E731
-                                    "--min-aesthetic", str(t)], capture_output=True, text=True)
+    run = lambda t: invoke("score", m, "--model", model, "--min-aesthetic", t)  # noqa: E731
     r = run(mid)
-    assert r.returncode == 0 and "2 rows dropped, 0 restored" in r.stdout, r.stdout + r.stderr
+    assert r.exit_code == 0 and "2 rows dropped, 0 restored" in r.stdout, (r.output, r.exception)
     dropped = decisions.current(m).dropped
     assert len(dropped) == 2 and all(v.startswith("aesthetic ") for v in dropped.values())
     person = sorted(dropped)[0]

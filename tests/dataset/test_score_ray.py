@@ -1,8 +1,6 @@
 """`curate score --engine ray`: a real local Ray (2 CPUs) gives the scores the local engine gives."""
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +9,10 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("transformers")
 
+from typer.testing import CliRunner  # noqa: E402
+
 from curate import engine  # noqa: E402
+from curate.cli import app  # noqa: E402
 from curate.dataset import score  # noqa: E402
 from tests.dataset.test_dedupe import picture  # noqa: E402
 from tests.dataset.test_score import make_model  # noqa: E402
@@ -25,8 +26,8 @@ def test_score_on_ray_matches_local(tmp_path):
     for k in range(5):
         picture(90 + k, 96, 72).save(tmp_path / "cg" / f"p{k}.png")
     local = tmp_path / "local" / "m.parquet"
-    assert subprocess.run([sys.executable, "-m", "curate", "ingest", tmp_path / "cg", "--out", local],
-                          capture_output=True).returncode == 0
+    r = CliRunner().invoke(app, ["ingest", str(tmp_path / "cg"), "--out", str(local)])
+    assert r.exit_code == 0, (r.output, r.exception)
     on_ray = tmp_path / "ray" / "m.parquet"
     on_ray.parent.mkdir()
     shutil.copy(local, on_ray)

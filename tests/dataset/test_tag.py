@@ -447,7 +447,7 @@ def curate(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def test_missing_model_and_hub_cache(tmp_path):
+def test_missing_model_and_hub_cache(tmp_path, monkeypatch):
     m = make_manifest(tmp_path / "m.parquet", make_images(tmp_path / "images")[:1])
     out = curate("tag", m, "--model", tmp_path / "no" / "such" / "folder", "--device", "cpu")
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
@@ -460,9 +460,15 @@ def test_missing_model_and_hub_cache(tmp_path):
     (cache / "models--tiny--wd-test-tagger" / "refs").mkdir()
     (cache / "models--tiny--wd-test-tagger" / "refs" / "main").write_text("a" * 40)
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    out = curate("tag", m, "--model", "tiny/wd-test-tagger", "--device", "cpu", "--workers", "0", env=env)
-    assert out.returncode == 0, out.stderr
-    assert "1 tagged" in out.stdout and "tiny/wd-test-tagger@aaaaaaaaaa" in out.stdout
+    with monkeypatch.context() as mp:  # in this process: huggingface_hub read its settings at import
+        import huggingface_hub.constants as c
+
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.setattr(c, "HF_HUB_CACHE", str(cache))
+        mp.setattr(c, "HF_HUB_OFFLINE", True)
+        out = tag(m, "--model", "tiny/wd-test-tagger", "--device", "cpu", "--workers", "0")
+    assert "1 tagged" in out and "tiny/wd-test-tagger@aaaaaaaaaa" in out
     info = provenance(m)["stages"]["tag"]
     assert (info["model"], info["revision"]) == ("tiny/wd-test-tagger", "a" * 40)
 

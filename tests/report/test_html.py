@@ -3,7 +3,7 @@
 The manifests come from the demo's generators run through the CLI: a generated corpus
 served over HTTP by the Danbooru look-alike (build-reg + download), and a generated CG
 folder (ingest, dedupe --against the reg set, crop, tag with the demo's tiny tagger,
-caption).
+caption). The fixture `manifests` is in tests/report/conftest.py (built once per session).
 """
 
 import os
@@ -18,11 +18,8 @@ import pyarrow as pa
 import pytest
 
 from curate import manifest
-from curate.demo.devserver import DanbooruServer, read_posts
-from curate.demo.run import make_cg, make_corpus, make_tagger
 from curate.report.html import build
 
-ROOT = Path(__file__).resolve().parents[2]
 CURATE = str(Path(sys.executable).with_name("curate"))
 SECTIONS = ["summary", "contact-sheets", "duplicates", "crops", "tags", "overfit", "aesthetic", "aspect", "captions"]
 
@@ -32,31 +29,6 @@ def curate(*args, env=None, check=True):
     if check:
         assert r.returncode == 0, r.stderr
     return r
-
-
-@pytest.fixture(scope="module")
-def manifests(tmp_path_factory):
-    """(cg manifest, reg manifest), every stage run on them."""
-    root = tmp_path_factory.mktemp("report")
-    (root / "corpus").mkdir()
-    make_corpus(root / "corpus", 300)
-    srv = DanbooruServer(read_posts(root / "corpus" / "posts.jsonl"), files=root / "corpus" / "files").start()
-    reg = root / "m" / "reg.parquet"
-    try:
-        env = {**os.environ, "CURATE_DANBOORU_URL": srv.url}
-        curate("build-reg", ROOT / "queries" / "demo_reg.toml", "--source", "danbooru", "--out", reg, "--rate", "50", env=env)
-    finally:
-        srv.stop()
-    curate("caption", reg)
-    make_cg(root / "cg", reg)
-    cg = root / "m" / "official_cg.parquet"
-    curate("ingest", root / "cg", "--out", cg, "--name", "official_cg", "--workers", "1")
-    curate("dedupe", cg, "--against", reg, "--workers", "1")
-    curate("crop", cg, "--max-pixels", "384x384", "--workers", "1")
-    curate("tag", cg, "--model", make_tagger(root / "tagger"), "--device", "cpu", "--workers", "0",
-           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    curate("caption", cg)
-    return cg, reg
 
 
 def test_report_content(manifests, tmp_path):

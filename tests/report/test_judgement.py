@@ -2,27 +2,26 @@
 tiny model: per-copy facts under duplicates, the aesthetic histogram, tags that will overfit."""
 
 import re
-import subprocess
-import sys
 
 import pytest
 
 from curate import manifest
 from curate.common import overfit
 from curate.report.html import build
-from tests.report.test_html import manifests  # noqa: F401  (the fixture: every stage run)
+from tests.report.conftest import invoke
 
 
-@pytest.fixture(scope="module")
-def scored(manifests, tmp_path_factory):  # noqa: F811
+@pytest.fixture
+def scored(copy_manifests, tmp_path):
+    """The shared manifests (tests/report/conftest.py: every stage run), copied, the cg one scored."""
     pytest.importorskip("transformers")
     from tests.dataset.test_score import make_model
 
-    cg, reg = manifests
-    model = tmp_path_factory.mktemp("scorer")
+    cg, reg = copy_manifests
+    model = tmp_path / "scorer"
+    model.mkdir()
     make_model(model)
-    r = subprocess.run([sys.executable, "-m", "curate", "score", cg, "--model", model], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    invoke("score", cg, "--model", model)
     return cg, reg
 
 

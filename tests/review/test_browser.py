@@ -15,8 +15,9 @@ from curate.dataset import caption, crop, dedupe, export
 pytest.importorskip("starlette", reason="the review extra: pip install -e '.[review]'")
 pytest.importorskip("uvicorn", reason="the review extra: pip install -e '.[review]'")
 from curate.review.server import Background  # noqa: E402
-from tests.common.test_decisions import HOSTILE, make_manifest, rows
+from tests.common.test_decisions import HOSTILE, rows
 from tests.report.test_html import chromium
+from tests.review.conftest import copy_of
 
 
 def wait(fn, timeout=20, what="condition"):
@@ -41,8 +42,8 @@ def last(m, action):
 
 
 @pytest.fixture
-def session(tmp_path):
-    m = make_manifest(tmp_path)
+def session(tmp_path, staged_manifest):
+    m = copy_of(staged_manifest, tmp_path / "built")  # make_manifest(), made once per session
     browser = chromium(tmp_path / "profile")
     with Background([m]) as bg:
         try:

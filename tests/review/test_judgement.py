@@ -10,21 +10,21 @@ from curate import manifest
 pytest.importorskip("starlette", reason="the review extra: pip install -e '.[review]'")
 pytest.importorskip("uvicorn", reason="the review extra: pip install -e '.[review]'")
 from curate.review.server import Background  # noqa: E402
-from tests.common.test_decisions import make_manifest  # noqa: E402
+from tests.review.conftest import copy_of  # noqa: E402
 from tests.review.test_browser import wait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def m(tmp_path_factory):
+def m(tmp_path_factory, staged_manifest):
     """The review test manifest, with scores (a stand-in column: the score stage has its own
     test) and a reg manifest of plain 1girl/solo posts, so the other tags are over-represented."""
     root = tmp_path_factory.mktemp("judge-review")
-    m = make_manifest(root)
+    m = copy_of(staged_manifest, root / "built")  # make_manifest(), made once per session
     table, meta = manifest.read(m)
     n = table.num_rows
     table = manifest.with_column(table, "aesthetic", [float(k) / 2 for k in range(n)])
     manifest.write(table, m, meta)
-    reg = root / "m" / "reg.parquet"
+    reg = m.parent / "reg.parquet"
     import pyarrow as pa
 
     rt = pa.table({"key": [f"danbooru/{k}" for k in range(40)], "subset": ["reg"] * 40,

@@ -19,11 +19,12 @@ pytest.importorskip("starlette", reason="the review extra: pip install -e '.[rev
 pytest.importorskip("uvicorn", reason="the review extra: pip install -e '.[review]'")
 from curate.review.server import Background  # noqa: E402
 from tests.common.test_decisions import CURATE, HOSTILE, make_manifest, rows
+from tests.review.conftest import copy_of
 
 
 @pytest.fixture(scope="module")
-def m(tmp_path_factory):
-    return make_manifest(tmp_path_factory.mktemp("review"))
+def m(tmp_path_factory, staged_manifest):
+    return copy_of(staged_manifest, tmp_path_factory.mktemp("review") / "built")  # make_manifest()
 
 
 @pytest.fixture
@@ -146,8 +147,8 @@ def test_no_file_outside_the_manifests(bg, m, tmp_path):
         assert res.status_code == 404 and b"not for you" not in res.content, path
 
 
-def test_a_manifest_row_pointing_at_a_non_image_is_not_served(tmp_path):
-    m = make_manifest(tmp_path, run_stages=False)
+def test_a_manifest_row_pointing_at_a_non_image_is_not_served(tmp_path, ingested_manifest):
+    m = copy_of(ingested_manifest, tmp_path / "built")  # make_manifest(run_stages=False)
     table, meta = manifest.read(m)
     key = table.column("key")[0].as_py()
     paths = table.column("path").to_pylist()
@@ -276,8 +277,8 @@ def _served_without_the_override(m):
     assert "Traceback" not in err, err
 
 
-def test_a_manifest_removed_while_serving_is_a_clear_error(tmp_path):
-    m = make_manifest(tmp_path, run_stages=False)
+def test_a_manifest_removed_while_serving_is_a_clear_error(tmp_path, ingested_manifest):
+    m = copy_of(ingested_manifest, tmp_path / "built")  # make_manifest(run_stages=False)
     with Background([m]) as b:
         m.unlink()
         res = get(b, "/api/state")
