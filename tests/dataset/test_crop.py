@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from curate.dataset import borders
-from tests.dataset.inproc import curate as run  # the stage in this process
+from tests.inproc import run_curate as run  # the stage in this process
 
 
 def curate(*args, cwd=None):

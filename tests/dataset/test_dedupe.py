@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from curate.dataset import dedupe
 from curate.dataset.keeper import REASONS
-from tests.dataset.inproc import curate as run  # the stage in this process
+from tests.inproc import run_curate as run  # the stage in this process
 
 
 def curate(*args, cwd=None):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.dataset.inproc import curate as run  # the stage in this process
+from tests.inproc import run_curate as run  # the stage in this process
 
 
 def curate(*args, cwd=None):

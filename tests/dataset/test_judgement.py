@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFilter, ImageOps
 
 from curate.dataset import dedupe
-from tests.dataset.inproc import curate  # the commands in this process
+from tests.inproc import run_curate as curate  # the commands in this process
 from tests.dataset.test_dedupe import picture, rows_by_name
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from curate import manifest
 from curate.dataset import export
-from tests.dataset.inproc import curate as run
+from tests.inproc import run_curate as run
 
 
 def curate(*args):
