@@ -632,7 +632,9 @@ def train(
         return
     if overwrite and (resume or checkpoint):
         raise CurateError("--overwrite starts over; --resume continues: use one")
-    from curate.train.loop import train as run_train  # torch, diffusers: not for a dry run
+    from curate.train.loop import (
+        train as run_train,  # torch, diffusers: not for a dry run
+    )
 
     r = run_train(cfg, resume=str(checkpoint) if checkpoint else resume, progress=not quiet, log=typer.echo,
                   overwrite=overwrite)

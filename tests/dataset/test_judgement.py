@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageFilter, ImageOps
 
 from curate.dataset import dedupe
-from tests.inproc import run_curate as curate  # the commands in this process
 from tests.dataset.test_dedupe import picture, rows_by_name
+from tests.inproc import run_curate as curate  # the commands in this process
 
 
 @pytest.fixture(scope="module")
