@@ -25,10 +25,10 @@ NO_LENGTH = {0x01, *range(0xD0, 0xD8)}
 HEAD = 1 << 17                       # the first read: headers (EXIF, ICC) and the top of the scan
 
 
-def strip_header(data: bytes, rows: int) -> tuple[bytes, int] | None:
-    """`data` (the file from its start, through the start of scan) with its SOF declaring
-    `rows` rows rounded up to whole MCU rows (at most the picture's), and that count.
-    None: not a sequential single-scan JPEG, or its header is cut off in `data`."""
+def frame(data: bytes) -> tuple[int, int, int] | None:
+    """Where the frame header (SOF) declares the height, the MCU height, and the height, of
+    `data` (the file from its start, through the start of scan). None: not a sequential
+    single-scan JPEG, or its header is cut off in `data`."""
     if data[:2] != b"\xff\xd8":
         return None
     i, sof = 2, None
@@ -53,54 +53,66 @@ def strip_header(data: bytes, rows: int) -> tuple[bytes, int] | None:
         elif marker == 0xDA:
             if sof is None or i + 4 >= len(data) or data[i + 4] != sof[1]:
                 return None  # no frame yet, or its components in separate scans
-            at, _, v = sof
-            height, mcu = int.from_bytes(data[at: at + 2], "big"), 8 * v
-            if height == 0:  # height given after the scan (DNL): not worth following
-                return None
-            keep = min(height, -(-rows // mcu) * mcu)
-            return data[:at] + keep.to_bytes(2, "big") + data[at + 2:], keep
+            height = int.from_bytes(data[sof[0]: sof[0] + 2], "big")
+            return (sof[0], 8 * sof[2], height) if height else None  # 0: height after the scan (DNL)
         i += 2 + int.from_bytes(data[i + 2: i + 4], "big")
     return None
 
 
-def top_strips(path: str | os.PathLike, heights, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Image.Image]:
+def strip_header(data: bytes, rows: int, found: tuple[int, int, int] | None = None) -> tuple[bytes, int] | None:
+    """`data` with its SOF declaring `rows` rows rounded up to whole MCU rows (at most the
+    picture's), and that count; None where `frame` is None."""
+    found = found or frame(data)
+    if found is None:
+        return None
+    at, mcu, height = found
+    keep = min(height, -(-rows // mcu) * mcu)
+    return data[:at] + keep.to_bytes(2, "big") + data[at + 2:], keep
+
+
+def top_strips(path: str | os.PathLike, heights, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[Image.Image, int]]:
     """The top rows of a sequential JPEG, `heights[0]` rows, then `heights[1]`, ... (each
     rounded up to whole MCU rows; past the picture's height: the whole picture, and the
-    last), each a greyscale image decoded alone from one read of the file. Yields nothing
-    when the file is not a sequential JPEG. ImageError: unreadable, refused by the guard,
-    or broken."""
+    last), each a greyscale image decoded alone from one read of the file, with the
+    picture's height. Yields nothing when the file is not a sequential JPEG. ImageError:
+    unreadable, refused by the guard, or broken."""
     with open_header(path, max_pixels) as im:
         if im.format not in ("JPEG", "MPO"):
             return
-        height = im.height
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             data = f.read(HEAD)
-            if strip_header(data, 1) is None and len(data) < size:  # metadata longer than HEAD (bounded by the guard)
+            found = frame(data)
+            if found is None and len(data) < size:  # metadata longer than HEAD (bounded by the guard)
                 data += f.read()
-            if strip_header(data, 1) is None:
+                found = frame(data)
+            if found is None:
                 return
+            height = found[2]
             for rows in heights:
-                kept = strip_header(data, rows)[1]
+                kept = strip_header(data, rows, found)[1]
                 want = len(data) + int(size * kept / height * 2)  # the strip's share of the scan, twice over
                 data += f.read(size - len(data) if kept >= height or want >= size else max(0, want - len(data)))
-                strip = _decode(data, rows) or (_decode(data + f.read(), rows) if len(data) < size else None)
+                strip = _decode(data, rows, found)
+                if strip is None and len(data) < size:
+                    data += f.read()
+                    strip = _decode(data, rows, found)
                 if strip is None:
                     raise ImageError("decode: broken JPEG scan")
-                yield strip
+                yield strip, height
                 if kept >= height:
                     return
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
 
 
-def _decode(data: bytes, rows: int) -> Image.Image | None:
+def _decode(data: bytes, rows: int, found) -> Image.Image | None:
     """The strip from `data` (the file's first bytes), or None when they end inside it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            strip = Image.open(io.BytesIO(strip_header(data, rows)[0]), formats=["JPEG"])
+            strip = Image.open(io.BytesIO(strip_header(data, rows, found)[0]), formats=["JPEG"])
             strip.draft("L", None)  # the luma plane only: no colour conversion
             strip.load()
         return strip if strip.mode == "L" else strip.convert("L")

@@ -37,6 +37,7 @@ SEGMENT = 256          # samples per spectrum piece (a multiple of the 8-px JPEG
 ROWS = 16              # rows sampled per measure, spread over what was decoded
 FLAT_BELOW = 1.0       # grey levels (RMS) above 1/REF_SCALE: less is too flat to judge
 STRIPS = (64, 512)     # a JPEG's top rows tried in turn before the whole picture
+EVERY_ROW = 1 << 16    # past any JPEG's height (65535 at most): the whole picture
 
 
 def sharpness(grey: np.ndarray) -> float:
@@ -105,17 +106,17 @@ def upscale_factor(im) -> float:
 def effective_pixels(path: str) -> int | None:
     """Worker: the file's pixel count divided by its upscale factor squared (None: unreadable).
     A sequential JPEG's top rows may show it genuine; any other verdict is the whole picture's."""
-    from curate.common.decode import ImageError, open_header, open_image
+    from curate.common.decode import ImageError, open_image
     from curate.common.jpeg_rows import top_strips
 
     try:
-        with open_header(path) as im:
-            w, h = im.size
-        for strip in top_strips(path, (*STRIPS, h)):
-            if strip.height >= h:  # the whole picture
-                return int(round(w * h / upscale_factor(strip) ** 2))
+        for strip, height in top_strips(path, (*STRIPS, EVERY_ROW)):
+            px = strip.width * height
+            if strip.height >= height:  # the whole picture
+                return int(round(px / upscale_factor(strip) ** 2))
             if measured_factor(sampled_rows(strip), genuine_only=True) == 1.0:
-                return w * h
-        return int(round(w * h / upscale_factor(open_image(path)) ** 2))  # not a sequential JPEG
+                return px
+        im = open_image(path)  # not a sequential JPEG
+        return int(round(im.width * im.height / upscale_factor(im) ** 2))
     except (ImageError, OSError):
         return None

@@ -31,7 +31,7 @@ def test_strips_are_the_top_rows_of_the_whole_decode(tmp_path, subsampling, mcu)
     p = tmp_path / "a.jpg"
     busy(1).save(p, quality=90, subsampling=subsampling)
     full = whole_grey(p)
-    strips = list(top_strips(p, (20, 100, 10_000, 20_000)))
+    strips = [s for s, height in top_strips(p, (20, 100, 10_000, 20_000)) if height == 480]
     assert [s.height for s in strips] == [-(-20 // mcu) * mcu, -(-100 // mcu) * mcu, 480]  # stops at the whole
     for s in strips:
         assert s.mode == "L" and s.width == 640
@@ -55,7 +55,7 @@ def test_a_header_longer_than_the_first_read(tmp_path):
     hundreds of KB) push the frame header past the first read."""
     p = tmp_path / "meta.jpg"
     busy(3).save(p, quality=90, icc_profile=b"\0" * (HEAD + 50_000))
-    (strip,) = top_strips(p, (64,))
+    ((strip, _),) = top_strips(p, (64,))
     assert strip.height == 64 and np.abs(np.asarray(strip, np.int16) - whole_grey(p)[:64]).max() <= 1
 
 
@@ -65,7 +65,7 @@ def test_a_cut_off_scan_gives_its_top_then_a_clear_error(tmp_path):
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
     strips = top_strips(p, (32, 10_000))
-    assert next(strips).height == 32  # the top rows are all there
+    assert next(strips)[0].height == 32  # the top rows are all there
     with pytest.raises(ImageError, match="broken JPEG scan"):
         next(strips)
 

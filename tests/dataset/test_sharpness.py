@@ -68,9 +68,9 @@ def record_strips(monkeypatch) -> list:
     seen, real = [], jpeg_rows.top_strips
 
     def spy(*args, **kwargs):
-        for strip in real(*args, **kwargs):
+        for strip, height in real(*args, **kwargs):
             seen.append(strip.height)
-            yield strip
+            yield strip, height
     monkeypatch.setattr(jpeg_rows, "top_strips", spy)
     return seen
 
