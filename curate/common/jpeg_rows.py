@@ -70,7 +70,8 @@ def strip_header(data: bytes, rows: int, found: tuple[int, int, int] | None = No
     return data[:at] + keep.to_bytes(2, "big") + data[at + 2:], keep
 
 
-def top_strips(path: str | os.PathLike, heights, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[Image.Image, int]]:
+def top_strips(path: str | os.PathLike, heights,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[Image.Image, int]]:
     """The top rows of a sequential JPEG, `heights[0]` rows, then `heights[1]`, ... (each
     rounded up to whole MCU rows; past the picture's height: the whole picture, and the
     last), each a greyscale image decoded alone from one read of the file, with the

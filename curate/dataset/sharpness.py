@@ -58,7 +58,8 @@ def sharpness(grey: np.ndarray) -> float:
 
 
 _WINDOW = np.hanning(SEGMENT).astype(np.float32)
-_GRID = [b + d for b in range(SEGMENT // 8, SEGMENT // 2 + 1, SEGMENT // 8) for d in (-1, 0, 1) if b + d <= SEGMENT // 2]
+_GRID = [b + d for b in range(SEGMENT // 8, SEGMENT // 2 + 1, SEGMENT // 8)  # the 8-px grid's harmonics
+         for d in (-1, 0, 1) if b + d <= SEGMENT // 2]
 
 
 def measured_factor(grey: np.ndarray, genuine_only: bool = False) -> float | None:

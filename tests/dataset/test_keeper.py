@@ -50,4 +50,5 @@ def test_the_captioned_twin_is_kept(tmp_path):
         rows = {row["source_path"].rsplit("/", 1)[-1]: row for row in pq.read_table(m).to_pylist()}
         kept = rows[captioned]
         assert kept["dup_of"] is None and kept["user_caption"] == "1girl, holding flower", captioned
-        assert kept["keeper_reason"] == "own caption" and rows[{"a.png": "b.png", "b.png": "a.png"}[captioned]]["dup_of"]
+        twin = {"a.png": "b.png", "b.png": "a.png"}[captioned]
+        assert kept["keeper_reason"] == "own caption" and rows[twin]["dup_of"] == kept["key"]
