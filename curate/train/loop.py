@@ -54,6 +54,11 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
           model: sdxl.SDXL | None = None, log=print, save_final: bool = True, overwrite: bool = False) -> dict:
     """Run (or continue) training; returns a summary. Benchmarks pass `model` in and
     skip the final checkpoint and export (`save_final=False`)."""
+    out_dir = Path(config.output_dir)
+    try:  # before minutes of model loading (and seconds of imports): a typo in output_dir is a one-line error now
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CurateError(f"cannot write output_dir {out_dir}: {exc.strerror or exc}") from None
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -64,11 +69,6 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
     main = accelerator.is_main_process
     device = accelerator.device
     precision = train_precision.Precision(config, device)
-    out_dir = Path(config.output_dir)
-    try:  # before minutes of model loading: a typo in output_dir is a one-line error now
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CurateError(f"cannot write output_dir {out_dir}: {exc.strerror or exc}") from None
     plan = train_data.plan(config, accelerator.num_processes)
     resume_from = _find_checkpoint(out_dir, resume) if resume else None
     saved = json.loads((resume_from / "curate.json").read_text()) if resume_from else {"step": 0}

@@ -19,8 +19,10 @@ import pytest
 import tomli_w
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from curate import manifest
+from curate.cli import app
 from curate.common import reg_balance, train_config
 from curate.errors import CurateError
 from curate.train import data as train_data
@@ -278,8 +280,9 @@ def test_dry_run_cli_text_and_json(tmp_path):
     write_images_manifest(tmp_path, "r", SIZES * 3, reg=True, seed=1)
     config = write_config(tmp_path / "c.toml", [{"manifest": "t.parquet", "num_repeats": 2}, {"manifest": "r.parquet"}],
                           gradient_accumulation_steps=4, max_train_epochs=3, pretrained="models/none.safetensors")
-    r = subprocess.run([CURATE, "train", str(config), "--dry-run", "--json"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    # the command's output, in-process (the installed command's process: the --resume and error tests)
+    r = CliRunner().invoke(app, ["train", str(config), "--dry-run", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
     s = json.loads(r.stdout)
     assert (s["train_samples"], s["reg_samples"], s["reg_images_used"], s["reg_images_available"]) == (12, 12, 18, 18)
     assert s["predefined_buckets"] == len(train_data.Buckets((64, 64), 32, 128, 32).predefined)
@@ -289,8 +292,8 @@ def test_dry_run_cli_text_and_json(tmp_path):
     assert s["total_optimizer_steps"] == 3 * s["steps_per_epoch"] and s["epochs"] == 3
     assert s["warnings"] == [f"pretrained model not found: {(Path.cwd() / 'models/none.safetensors').resolve()}"]
     assert s["reg_subsets"] == {"main": {"available": 18, "per_epoch": [12, 12], "used_over_run": 18}}
-    text = subprocess.run([CURATE, "train", str(config), "--dry-run"], capture_output=True, text=True)
-    assert text.returncode == 0 and "buckets:" in text.stdout
+    text = CliRunner().invoke(app, ["train", str(config), "--dry-run"], catch_exceptions=False)
+    assert text.exit_code == 0 and "buckets:" in text.stdout
     assert "reg subset main: 12 per epoch, 18 of 18 over 3 epochs" in text.stdout
     assert f"total: {s['total_optimizer_steps']} optimizer steps over 3 epochs" in text.stdout
     for b in s["buckets"]:
@@ -426,8 +429,9 @@ def test_overfit_on_four_images_lowers_loss(tmp_path):
     assert after < 0.5 * before, (before, after)
 
 
-def test_cli_short_run_with_recipe_options(tmp_path):
-    """Lion8bit (bitsandbytes), v-prediction, min-SNR, EMA, uncached pixels through a loader worker."""
+def test_cli_short_run_with_recipe_options(tmp_path, monkeypatch):
+    """Lion8bit (bitsandbytes), v-prediction, min-SNR, EMA, uncached pixels through a loader worker.
+    The command in-process (CliRunner): its output and files are the point, not the process."""
     write_images_manifest(tmp_path, "t", SIZES[:4])
     config = write_config(tmp_path / "c.toml", [{"manifest": "t.parquet", "flip_aug": True}],
                           optimizer_type="Lion8bit", optimizer_args={"weight_decay": 0.1, "betas": [0.9, 0.95]},
@@ -435,8 +439,9 @@ def test_cli_short_run_with_recipe_options(tmp_path):
                           cache_latents=False, max_data_loader_n_workers=1, gradient_checkpointing=True,
                           output_name="demo", sample_every_n_steps=2, sample_prompts=["1girl, solo"],
                           sample_steps=2)
-    r = subprocess.run([CURATE, "train", str(config)], capture_output=True, text=True, cwd=tmp_path, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["train", str(config)], catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
     assert "train: 2 optimizer steps" in r.stdout and "demo.safetensors" in r.stdout
     assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
     assert (tmp_path / "run" / "diffusers" / "unet" / "config.json").is_file()

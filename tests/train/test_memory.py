@@ -1,17 +1,17 @@
 """The --dry-run peak-memory estimate: parameter counts of the real architecture, the
 recipe's figures part by part, and the card table."""
 
-import subprocess
-import sys
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from curate.cli import app
 from curate.common import train_config
 from curate.train import memory as train_memory
 from curate.train.memory import GIB, SDXL_PARAMS
 from tests.train.test_loop import write_config, write_images_manifest
 
 REPO = Path(__file__).resolve().parents[2]
-CURATE = str(Path(sys.executable).with_name("curate"))
 
 
 def test_parameter_counts_are_the_sdxl_architecture():
@@ -51,8 +51,8 @@ def test_other_optimizers_and_trained_text_encoders():
 def test_dry_run_prints_the_estimate_beside_the_cards(tmp_path):
     write_images_manifest(tmp_path, "t", [(64, 64)] * 2)
     config = write_config(tmp_path / "c.toml", [{"manifest": "t.parquet"}], gradient_checkpointing=True)
-    r = subprocess.run([CURATE, "train", str(config), "--dry-run"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(app, ["train", str(config), "--dry-run"], catch_exceptions=False)  # the output, in-process
+    assert r.exit_code == 0, r.stderr
     est = train_memory.estimate(train_config.load(config))
     assert f"= {est['total']:.1f} GiB (with gradient checkpointing; without: {est['total_other_checkpointing']:.1f})" in r.stdout
     assert "    fits: 12 GB " in r.stdout and " 80 GB yes" in r.stdout
