@@ -152,6 +152,13 @@ def check_pixels(w: int, h: int, kind: str | None, max_pixels: int = DEFAULT_MAX
                          f"over the {budget / 2**30:.2f} GiB one worker may take)")
 
 
+def metadata_guard(segments: int, size: int) -> None:
+    """The limit on a JPEG's metadata segments (APPn, COM) counted so far."""
+    if segments > MAX_METADATA_SEGMENTS or size > MAX_METADATA_BYTES:
+        raise ImageError(f"decode: too much metadata (over {MAX_METADATA_SEGMENTS} segments "
+                         f"or {MAX_METADATA_BYTES >> 20} MiB before the image data)")
+
+
 def check_jpeg_metadata(path: str | os.PathLike) -> None:
     """Count and measure a JPEG's metadata segments before Pillow parses any (its EXIF
     handling is quadratic in their number: 1,000 segments cost a minute of CPU)."""
@@ -180,9 +187,7 @@ def check_jpeg_metadata(path: str | os.PathLike) -> None:
                 if b"\xe0" <= marker <= b"\xef" or marker == b"\xfe":
                     count += 1
                     size += length
-                    if count > MAX_METADATA_SEGMENTS or size > MAX_METADATA_BYTES:
-                        raise ImageError(f"decode: too much metadata (over {MAX_METADATA_SEGMENTS} segments "
-                                         f"or {MAX_METADATA_BYTES >> 20} MiB before the image data)")
+                    metadata_guard(count, size)
                 f.seek(max(0, length - 2), os.SEEK_CUR)
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None

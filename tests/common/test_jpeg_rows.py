@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from curate.common.decode import ImageError
-from curate.common.jpeg_rows import HEAD, strip_header, top_strips
+from curate.common.decode import MAX_METADATA_SEGMENTS, ImageError
+from curate.common.jpeg_rows import HEAD, frame, strip_header, top_strips
 
 
 def busy(seed: int, w: int = 640, h: int = 480) -> Image.Image:
@@ -70,8 +70,16 @@ def test_a_cut_off_scan_gives_its_top_then_a_clear_error(tmp_path):
         next(strips)
 
 
-def test_the_pixel_guard_comes_first(tmp_path):
+def test_decodes_guards_come_first(tmp_path):
+    """The pixel guard and the metadata guard (curate.common.decode) run in the header walk,
+    before Pillow parses or decodes anything."""
     p = tmp_path / "big.jpg"
     busy(5).save(p, quality=90)
     with pytest.raises(ImageError, match="too many pixels"):
         list(top_strips(p, (64,), max_pixels=1000))
+    data = p.read_bytes()
+    comments = b"".join(b"\xff\xfe\x00\x04hi" for _ in range(MAX_METADATA_SEGMENTS + 1))
+    (tmp_path / "meta.jpg").write_bytes(data[:2] + comments + data[2:])
+    with pytest.raises(ImageError, match="too much metadata"):
+        list(top_strips(tmp_path / "meta.jpg", (64,)))
+    assert frame(data[:100]) == ()  # a header cut off: read on
