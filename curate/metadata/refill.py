@@ -6,7 +6,8 @@ whose corrected size breaks its subset's size rules (a portrait image in
 `horizontal`, a min_width it no longer meets) is marked with an error
 (`orientation changed: ...` / `size changed: ...`; the file stays, later stages skip
 the row), and, where a source is at hand, the subset's quota is refilled with the
-next eligible posts in the subset's own order, none already in the manifest.
+next eligible posts in the subset's own order, none already in the manifest
+(max_per_artist counts the rows that stay).
 
     recheck_sizes(manifest, source=None) -> SizeCheck   (the new rows have no images
     yet: the caller downloads them and checks again)
@@ -76,6 +77,19 @@ def open_recorded_source(meta: dict):
         return None
 
 
+def _artists_kept(table: pa.Table, errors: list) -> dict[str, Counter]:
+    """Subset -> posts per artist among the rows that stay (no error): a refill's picks
+    count against max_per_artist together with them."""
+    if "tags_artist" not in table.column_names:
+        return {}
+    kept: dict[str, Counter] = {}
+    subsets, artists_of = table.column("subset").to_pylist(), table.column("tags_artist").to_pylist()
+    for name, artists, error in zip(subsets, artists_of, errors):
+        if not error and artists:
+            kept.setdefault(name, Counter()).update(artists)
+    return kept
+
+
 def recheck_sizes(path, source=None, aliases=None) -> SizeCheck:
     """`source`: where to refill from; "recorded": the one the manifest's provenance names."""
     path = Path(path)
@@ -124,7 +138,8 @@ def recheck_sizes(path, source=None, aliases=None) -> SizeCheck:
         from curate.metadata.select import select
 
         sel = select(dataclasses.replace(q, subsets=wanted), source, aliases=aliases,
-                     exclude_ids=table.column("post_id").to_pylist())
+                     exclude_ids=table.column("post_id").to_pylist(),
+                     artists_taken=_artists_kept(table, errors))
         added = sel.table
         check.refilled.update(added.column("subset").to_pylist())
         if added.num_rows < sum(need.values()):

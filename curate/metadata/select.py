@@ -276,10 +276,12 @@ def query_tags(query: Query) -> list[str]:
 
 
 def select(query: Query, source, aliases: dict[str, str] | None = None, progress=None,
-           exclude_ids=None) -> Selection:
+           exclude_ids=None, artists_taken: dict[str, Counter] | None = None) -> Selection:
     """`aliases`: antecedent -> consequent (--aliases); the store's alias table and the
     live site's active aliases of the query's tags are added (these win).
-    `exclude_ids`: post ids no subset may take (a refill: the manifest's own rows)."""
+    `exclude_ids`: post ids no subset may take (a refill: the manifest's own rows).
+    `artists_taken`: subset -> posts per artist it holds already (a refill: max_per_artist
+    counts the manifest's rows too)."""
     store = getattr(source, "store", None)
     aliases = dict(aliases or {})
     if store is not None:
@@ -288,9 +290,9 @@ def select(query: Query, source, aliases: dict[str, str] | None = None, progress
         aliases.update(source.aliases_for(query_tags(query)))
     excluded = np.unique(np.asarray(list(exclude_ids or ()), dtype=np.int64))
     if store is not None:
-        sel = _select_store(query, store, aliases, excluded)
+        sel = _select_store(query, store, aliases, excluded, artists_taken)
     else:
-        sel = _select_stream(query, source, aliases, progress, excluded)
+        sel = _select_stream(query, source, aliases, progress, excluded, artists_taken)
     match_tags.record(query, sel)
     return sel
 
@@ -300,7 +302,8 @@ def _eligible_rows(cols, s: Subset, aliases, excluded: np.ndarray) -> np.ndarray
     return rows[~np.isin(cols.post_id[rows], excluded)] if len(excluded) else rows
 
 
-def _select_store(query: Query, store: Store, aliases, excluded=np.empty(0, np.int64)) -> Selection:
+def _select_store(query: Query, store: Store, aliases, excluded=np.empty(0, np.int64),
+                  artists_taken=None) -> Selection:
     cols = StoreColumns(store)
     results, ranked = [], []
     for s, limit in zip(query.subsets, candidate_limits(query)):
@@ -311,7 +314,7 @@ def _select_store(query: Query, store: Store, aliases, excluded=np.empty(0, np.i
         ranked.append((rows, cols.post_id[rows], cols.artists(rows) if s.max_per_artist is not None else None))
         res = results[-1]
         _report_artists(res, s.file_artists, aliases, lambda name: _store_has_artist(store, name))
-    picks = _assign(query, ranked, results)
+    picks = _assign(query, ranked, results, artists_taken)
     tables = [store.take(rows[p]) for (rows, _, _), p in zip(ranked, picks)]
     return Selection(_label(query, tables), results)
 
@@ -342,7 +345,8 @@ def _report_artists(res: SubsetResult, names, aliases, in_source) -> None:
             res.unmatched_artists.append(a)
 
 
-def _select_stream(query: Query, source, aliases, progress, excluded=np.empty(0, np.int64)) -> Selection:
+def _select_stream(query: Query, source, aliases, progress, excluded=np.empty(0, np.int64),
+                   artists_taken=None) -> Selection:
     limits = candidate_limits(query)
     pools: list[list[pa.Table]] = [[] for _ in query.subsets]
     sizes = [0] * len(query.subsets)
@@ -379,7 +383,7 @@ def _select_stream(query: Query, source, aliases, progress, excluded=np.empty(0,
         ranked.append((table, cols.post_id, cols.artists(everything) if s.max_per_artist is not None else None))
     for s, res in zip(query.subsets, results):
         _report_artists(res, s.file_artists, aliases, seen_artists.__contains__)
-    picks = _assign(query, ranked, results)
+    picks = _assign(query, ranked, results, artists_taken)
     tables = [t.take(pa.array(p)) if t is not None else None for (t, _, _), p in zip(ranked, picks)]
     return Selection(_label(query, tables), results, Counter(getattr(source, "skipped", {})))
 
@@ -389,13 +393,13 @@ def _best(table: pa.Table, s: Subset, seed: int, limit: int | None) -> pa.Table:
     return table.take(pa.array(top(cols, np.arange(table.num_rows), s, seed, limit)))
 
 
-def _assign(query: Query, ranked, results) -> list[np.ndarray]:
+def _assign(query: Query, ranked, results, artists_taken=None) -> list[np.ndarray]:
     """Walk each subset's ranked candidates: skip posts an earlier subset took and
-    artists at their max_per_artist; stop at the quota."""
+    artists at their max_per_artist (counting `artists_taken`); stop at the quota."""
     taken: set[int] = set()
     picks = []
     for s, (_, post_ids, artists), res in zip(query.subsets, ranked, results):
-        chosen, per_artist = [], Counter()
+        chosen, per_artist = [], Counter((artists_taken or {}).get(s.name, {}))
         for j, pid in enumerate(post_ids.tolist()):
             if s.count is not None and len(chosen) >= s.count:
                 break

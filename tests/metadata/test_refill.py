@@ -97,3 +97,21 @@ def test_a_fetch_rerun_keeps_the_subset_full(server, tmp_path):  # noqa: F811
     table, _ = manifest.read(out)
     usable = sorted(x["post_id"] for x in table.to_pylist() if x["subset"] == "horizontal" and not x["error"])
     assert usable == [1, 3, 4]
+
+
+def test_the_refill_counts_max_per_artist_with_the_rows_kept(server, tmp_path):  # noqa: F811
+    """max_per_artist = 1: the first refill candidate (post 4) is by the artist of post 1, which
+    stays in the subset, so post 5 refills it (before: post 4, two posts of one artist)."""
+    src = dump(server, tmp_path)
+    posts = json.loads(src.read_text())
+    for post in posts:
+        post["tag_string_artist"] = {1: "x", 2: "y", 3: "z", 4: "x", 5: "w", 10: "v"}[post["id"]]
+    src.write_text(json.dumps(posts))
+    (tmp_path / "q.toml").write_text(QUERY.replace('count = 3\n', 'count = 3\nmax_per_artist = 1\n', 1))
+    out = tmp_path / "m.parquet"
+    r = CliRunner().invoke(app, ["fetch", str(tmp_path / "q.toml"), "--source", f"dump:{src}", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "horizontal: 1 marked, 1 refilled" in r.output
+    rows = manifest.read(out)[0].to_pylist()
+    usable = sorted(x["post_id"] for x in rows if x["subset"] == "horizontal" and not x["error"])
+    assert usable == [1, 3, 5], r.output
