@@ -5,7 +5,7 @@ of CPU each time).
 
 For tests about what a command says and does. Tests about the process itself (kill -9,
 signals, two processes on one manifest, the installed script, a new shell, what a fresh
-interpreter imports) keep a real subprocess.
+interpreter imports) keep a real subprocess: `in_new_process` runs the same command so.
 """
 
 from __future__ import annotations
@@ -81,3 +81,10 @@ def run_curate(*args, cwd=None, env: dict | None = None) -> subprocess.Completed
             os.environ.clear()
             os.environ.update(saved_env)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def in_new_process(*args, cwd=None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m curate ARGS` in a new interpreter, output captured as text; `env`: variables
+    set on top of this process's environment."""
+    return subprocess.run([sys.executable, "-m", "curate", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **env} if env else None)

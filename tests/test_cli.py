@@ -11,13 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.demo.synthetic import make_posts, write_hakubooru_db
+from tests.inproc import in_new_process as curate  # the command in a new interpreter
 from tests.inproc import run_curate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def curate(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "curate", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

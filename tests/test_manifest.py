@@ -15,11 +15,8 @@ from PIL import Image
 
 from curate import manifest as mf
 from curate.errors import CurateError
+from tests.inproc import in_new_process as curate  # the command in a new interpreter
 from tests.inproc import run_curate
-
-
-def curate(*args):
-    return subprocess.run([sys.executable, "-m", "curate", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture

@@ -13,12 +13,8 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from curate.dataset import dedupe
 from curate.dataset.keeper import REASONS
+from tests.inproc import in_new_process as curate  # the command in a new interpreter
 from tests.inproc import run_curate as run  # the stage in this process
-
-
-def curate(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "curate", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd)
 
 
 def picture(seed: int, w: int = 640, h: int = 360) -> Image.Image:

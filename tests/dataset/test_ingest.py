@@ -12,12 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
+from tests.inproc import in_new_process as curate  # the command in a new interpreter
 from tests.inproc import run_curate as run  # the stage in this process
-
-
-def curate(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "curate", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd)
 
 
 def picture(seed: int, w: int = 320, h: int = 180) -> Image.Image:

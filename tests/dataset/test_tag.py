@@ -7,7 +7,6 @@ sigmoid), computed here independently of curate's code.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from curate.cli import app  # noqa: E402
 from curate.common.decode import open_image  # noqa: E402
 from curate.dataset import tagger_model as tm  # noqa: E402
 from curate.dataset.tag import Thresholds, mcut, pick  # noqa: E402
+from tests.inproc import in_new_process as curate  # the command in a new interpreter
 
 SIZE = 32
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -440,11 +440,6 @@ def test_broken_model_folders(tmp_path, capsys):
         code, err = run_main(["tag", m, "--model", good, "--device", "cuda"], capsys)
         assert code == 2 and "no CUDA device" in err
     assert rows_by_key(m)["local/img0"]["tagger"] is None  # nothing written by a failed start
-
-
-def curate(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "curate", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
 
 
 def test_missing_model_and_hub_cache(tmp_path, monkeypatch):
