@@ -281,12 +281,6 @@ def _open(path: str | os.PathLike, max_pixels: int, formats: list[str] = OPEN_FO
     return im
 
 
-def open_header(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The file opened header only, through the whitelist and the pixel guard (for readers
-    that decode part of a file themselves, e.g. curate.common.jpeg_rows)."""
-    return _open(path, max_pixels)
-
-
 def open_image(
     path: str | os.PathLike,
     max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -77,9 +77,14 @@ def strip_header(data: bytes, rows: int, found: tuple | None = None) -> tuple[by
     found = found or frame(data)
     if not found:
         return None
-    at, mcu, height, _ = found
-    keep = min(height, -(-rows // mcu) * mcu)
+    at, keep = found[0], _kept(found, rows)
     return data[:at] + keep.to_bytes(2, "big") + data[at + 2:], keep
+
+
+def _kept(found: tuple, rows: int) -> int:
+    """`rows` rounded up to whole MCU rows, at most the picture's height."""
+    _, mcu, height, _ = found
+    return min(height, -(-rows // mcu) * mcu)
 
 
 def top_strips(path: str | os.PathLike, heights,
@@ -102,7 +107,7 @@ def top_strips(path: str | os.PathLike, heights,
             check_pixels(found[3], found[2], "jpg", max_pixels)
             height = found[2]
             for rows in heights:
-                kept = strip_header(data, rows, found)[1]
+                kept = _kept(found, rows)
                 want = len(data) + int(size * kept / height * 2)  # the strip's share of the scan, twice over
                 data += f.read(size - len(data) if kept >= height or want >= size else max(0, want - len(data)))
                 strip = _decode(data, rows, found)

@@ -26,11 +26,11 @@ def dry_run(config: TrainConfig) -> dict:
         summary["warnings"].append(f"pretrained model not found: {config.pretrained}")
     summary["validation"] = _validation_cost(config, plan)
     summary["sample_prompts"] = len(sampling.prompts(config))
-    summary["warnings"] += _contradictions(config, plan)
+    summary["warnings"] += contradictions(config, plan)
     return summary
 
 
-def _text_encoder_stop(config: TrainConfig, total: int) -> float:
+def text_encoder_stop(config: TrainConfig, total: int) -> float:
     """The step after which the text encoders stop training (inf: never)."""
     stop = config.stop_text_encoder_training
     if not stop or not (config.learning_rate_te1 or config.learning_rate_te2):
@@ -49,7 +49,7 @@ def _validation_cost(config: TrainConfig, plan) -> dict:
             "share_of_training": count * passes / train_passes if plan.val else 0.0}
 
 
-def _contradictions(config: TrainConfig, plan) -> list[str]:
+def contradictions(config: TrainConfig, plan) -> list[str]:
     """Settings that contradict each other: the run would do something other than meant."""
     out = []
     total = plan.total_steps
@@ -64,7 +64,7 @@ def _contradictions(config: TrainConfig, plan) -> list[str]:
     if config.full_fp16 and config.optimizer_type == "AdamW" and not config.stochastic_rounding:
         out.append("full_fp16 with AdamW: its fp16 state underflows (eps 1e-8 is 0 in fp16) and the loss turns "
                    "NaN; use Lion8bit/AdamW8bit, or stochastic_rounding = true (fp32 update math)")
-    stop = _text_encoder_stop(config, total)
+    stop = text_encoder_stop(config, total)
     if stop != math.inf and stop >= total:
         out.append(f"stop_text_encoder_training ({stop}) is not before the end of the run ({total} steps)")
     buckets = [b for b, n in plan.bucket_sizes().items() if n]

@@ -27,7 +27,7 @@ from curate.train import data as train_data
 from curate.train import logs as train_logs
 from curate.train import lora_file, network, sampling, sdxl, validation
 from curate.train import precision as train_precision
-from curate.train.dryrun import _contradictions, _text_encoder_stop, dry_run, render  # noqa: F401 (dry_run, render: the loop's API)
+from curate.train.dryrun import contradictions, text_encoder_stop
 
 BNB_OPTIMIZERS = {"AdamW8bit": "AdamW8bit", "Lion": "Lion", "Lion8bit": "Lion8bit"}
 CHECKPOINTS = "checkpoints"
@@ -83,7 +83,7 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
     if not resume_from:
         _claim(out_dir, overwrite, main)
     accelerator.wait_for_everyone()
-    for warning in plan.summary()["warnings"] + _contradictions(config, plan) if main else []:
+    for warning in plan.summary()["warnings"] + contradictions(config, plan) if main else []:
         log(f"warning: {warning}")
     sampling.prompts(config)  # a bad prompt line fails here, not at the first sample
 
@@ -129,7 +129,7 @@ def train(config: TrainConfig, resume: str | bool | None = None, progress: bool 
         trained[name] = wrapped
     optimizer = prepared[-1]
     unet = trained.get("unet", model.unet)
-    te_stop = _text_encoder_stop(config, plan.total_steps)
+    te_stop = text_encoder_stop(config, plan.total_steps)
     if start_step >= te_stop:  # the checkpoint's optimizer holds no text-encoder state any more
         _stop_text_encoders(model, trained, optimizer, list(trained))
     ema = None

@@ -10,7 +10,8 @@ from safetensors import safe_open
 from curate.common import train_config
 from curate.errors import CurateError
 from curate.train import lora_file, network, sdxl
-from curate.train.loop import dry_run, train
+from curate.train.dryrun import dry_run
+from curate.train.loop import train
 from tests.train.test_loop import SIZES, losses, write_config, write_images_manifest
 
 LORA = dict(network="lora", network_dim=4, network_alpha=2.0, conv_dim=2, conv_alpha=1.0, learning_rate=1e-2,
@@ -206,7 +207,7 @@ def test_dry_run_shows_how_much_less_a_lora_needs(tmp_path):
 
 
 def dry_run_lines(cfg):
-    from curate.train.loop import render
+    from curate.train.dryrun import render
 
     return render(dry_run(cfg))
 

@@ -11,7 +11,8 @@ from curate.common import train_config
 from curate.errors import CurateError
 from curate.train import data as train_data
 from curate.train import sdxl, validation
-from curate.train.loop import dry_run, render, train
+from curate.train.dryrun import dry_run, render
+from curate.train.loop import train
 from tests.train.test_loop import SIZES, write_config, write_images_manifest  # noqa: F401
 
 
