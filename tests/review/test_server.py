@@ -170,23 +170,32 @@ def test_hostile_text_is_data_not_html(bg, m):
     assert "<script>" not in page and 'src="/static/app.js"' in page
 
 
+def served_url(proc) -> str | None:
+    """The URL a `curate review` process prints, once it answers (None: it exited, or
+    printed none within a minute)."""
+    url, deadline = None, time.monotonic() + 60
+    while url is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            return None
+        if "open http://127.0.0.1:" in line:
+            url = line.split("open ", 1)[1].strip()
+    for _ in range(100 if url else 0):  # the URL is printed just before uvicorn serves
+        try:
+            requests.get(url, timeout=5)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    return url
+
+
 def test_cli_prints_the_url_serves_and_stops_on_ctrl_c(m):
     proc = subprocess.Popen([CURATE, "review", str(m), "--no-browser"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        url = None
-        deadline = time.monotonic() + 60
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if "open http://127.0.0.1:" in line:
-                url = line.split("open ", 1)[1].strip()
+        url = served_url(proc)
         assert url and "token=" in url
-        for _ in range(100):
-            try:
-                res = requests.get(url, timeout=5)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+        res = requests.get(url, timeout=5)
         assert res.status_code == 200 and "curate review" in res.text
         assert requests.get(url.split("?")[0] + "api/state", timeout=5).status_code == 403
     finally:
@@ -248,24 +257,10 @@ def _served_without_the_override(m):
     proc = subprocess.Popen([sys.executable, "-c", _NO_OVERRIDE, CURATE, "review", str(m), "--no-browser"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        url = None
-        deadline = time.monotonic() + 60
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            if "open http://127.0.0.1:" in line:
-                url = line.split("open ", 1)[1].strip()
+        url = served_url(proc)
         assert url, f"curate review did not start: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
         parts = urlsplit(url)
-        b = SimpleNamespace(review=SimpleNamespace(port=parts.port, token=parse_qs(parts.query)["token"][0]))
-        for _ in range(100):  # the URL is printed just before uvicorn serves
-            try:
-                get(b, "/api/state")
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        yield b
+        yield SimpleNamespace(review=SimpleNamespace(port=parts.port, token=parse_qs(parts.query)["token"][0]))
     finally:
         proc.send_signal(signal.SIGINT)
         try:
