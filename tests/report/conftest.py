@@ -2,7 +2,7 @@
 
 A generated corpus served over HTTP by the Danbooru look-alike (build-reg + download), and a
 generated CG folder (ingest, dedupe --against the reg set, crop, tag with the demo's tiny
-tagger, caption). The stages run in this process through the CLI (`curate.cli.app`): these
+tagger, caption). The stages run in this process through the CLI (tests/inproc.run_curate): these
 tests are about the report, not the stages' processes (tests/report/test_html.py keeps the
 installed `curate report` command's exit codes). Built once per session; under pytest-xdist
 once per run, by whichever worker asks first (a file lock in the run's shared temp folder).
@@ -16,17 +16,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+
+from tests.inproc import run_curate
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def invoke(*args) -> str:
-    from curate.cli import app
-
-    r = CliRunner().invoke(app, [*map(str, args)])
-    assert r.exit_code == 0, (args[0], r.output, r.exception)
-    return r.output
+    r = run_curate(*args)
+    assert r.returncode == 0, (args[0], r.stdout, r.stderr)
+    return r.stdout
 
 
 def build_manifests(root: Path) -> tuple[Path, Path]:
