@@ -658,6 +658,10 @@ def test_sd_scripts_spellings_in_the_train_config(tmp_path):
 SD_SCRIPTS_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "sd-scripts"
 
 
+# Public reports of the kind: bmaltais/kohya_ss#988 ("No caption file found for 66 images":
+# sd-scripts read none of the captions beside the images) and Linaqruf/kohya-trainer#174 (the
+# image count sd-scripts finds is lower than the folder holds): its own reader, on the moved
+# export, must count every exported image and read each one's caption.
 def test_portable_export_loads_in_sd_scripts_own_reader(project, tmp_path, monkeypatch):
     """sd-scripts' own argument parser and dataset-config reader on the moved folder: the
     vendored copy (or the checkout SD_SCRIPTS names), with its requirements from the test
